@@ -1,0 +1,87 @@
+"""Every error the project raises, under one root.
+
+    WatcherError
+    ├── ConfigError          the configuration is invalid (CLI exit 78)
+    ├── StateError           the state file cannot be opened, migrated or written
+    ├── ConvertrError        the Convertr API did not give what was asked
+    │   ├── AuthError        login refused, or the password has expired: fatal, never retried
+    │   ├── TransientError   connection trouble, timeouts, 429, 502/503/504: retried with backoff
+    │   │   ├── RateLimited  429: carries the server's Retry-After
+    │   │   └── MalformedResponse  a 2xx whose body is not the JSON document expected
+    │   └── ApiError         any other non-2xx answer: not retried
+    └── DeliveryError        one delivery attempt failed: retried on the sink's schedule
+        ├── Throttled        429 (or 503) with Retry-After: the next attempt waits at least that long
+        └── SinkGone         410, or a permanent Slack error: the sink is disabled, its events kept
+
+Retry decisions branch on these classes, never on status codes elsewhere in the code.
+Messages never carry secrets: translate at the boundary with what the operator needs (status,
+path, reason) and nothing else.
+"""
+
+from __future__ import annotations
+
+
+class WatcherError(Exception):
+    """Root of every error raised on purpose by convertr-watcher."""
+
+
+class ConfigError(WatcherError):
+    """The configuration is invalid; the message starts with the key path."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class StateError(WatcherError):
+    """The SQLite state file cannot be opened, migrated or written."""
+
+
+class ConvertrError(WatcherError):
+    """The Convertr API did not answer as asked."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class AuthError(ConvertrError):
+    """Login was refused or the password has expired; retrying cannot help."""
+
+
+class TransientError(ConvertrError):
+    """A failure that may pass by itself: retried with backoff."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class RateLimited(TransientError):
+    """Convertr answered 429; `retry_after` holds its wait in seconds when it gave one."""
+
+
+class MalformedResponse(TransientError):
+    """A successful status with a body that is not the expected JSON document."""
+
+
+class ApiError(ConvertrError):
+    """A non-2xx answer that retrying will not change (400, 403, 404, ...)."""
+
+
+class DeliveryError(WatcherError):
+    """One delivery attempt to a sink failed; the outbox schedules the next one."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class Throttled(DeliveryError):
+    """The receiver asked us to slow down (429, or 503 with Retry-After)."""
+
+
+class SinkGone(DeliveryError):
+    """The receiver said it will never accept these events (410, revoked Slack hook): disable the sink."""
