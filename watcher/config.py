@@ -1,0 +1,686 @@
+"""The TOML configuration, parsed once into frozen records.
+
+Durations and secrets are resolved here and nowhere else: after `load_config` returns, no code
+reads a raw dict or the environment. Every problem becomes one `ConfigError` whose message starts
+with the key path (`sinks[1].url`) and never carries a secret value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal, cast
+from urllib.parse import SplitResult, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from watcher.errors import ConfigError
+from watcher.events import EVENT_TYPES
+
+MINUTE = 60.0
+HOUR = 3600.0
+DAY = 86400.0
+
+DEFAULT_TRACK: tuple[str, ...] = (
+    "qaResult",
+    "leadFlag",
+    "processrStatus",
+    "score",
+    "maxScore",
+    "hardfail",
+    "advertiserBillable",
+    "publisherBillable",
+    "advertiserPayout",
+    "publisherPayout",
+    "baseCurrencyAdvertiserPayout",
+    "baseCurrencyPublisherPayout",
+    "visible",
+    "firstName",
+    "lastName",
+    "email",
+    "telephone",
+    "addressLine1",
+    "addressLine2",
+    "addressLine3",
+    "addressLine4",
+    "postcode",
+    "leadData",
+)
+
+# 5s, 5m, 30m, 2h, 5h, 10h, 14h, 20h, 24h: about 3.1 days of waits, so the 3-day max_age ends it first.
+DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+
+SinkType = Literal["webhook", "slack"]
+
+
+@dataclass(frozen=True)
+class ConvertrConfig:
+    base_url: str  # scheme://host[:port], no trailing slash
+    username: str
+    password: str = field(repr=False)
+    items_per_page: int = 100
+    timeout: float = 30.0
+    timezone: str = "Europe/London"  # the server's zone: filter values are its wall-clock time
+    max_in_flight: int = 4
+    request_budget: int = 2000  # per rolling 5 minutes; Convertr cuts off at 3000
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    path: Path
+    delivered_retention: float = 7 * DAY
+    attempt_log_retention: float = 14 * DAY
+
+
+@dataclass(frozen=True)
+class LeadsConfig:
+    enabled: bool = True
+    interval: float = 60.0
+    lookback: float = 600.0
+    updates: bool = True
+    campaign_ids: tuple[int, ...] = ()
+    start: datetime | None = None  # None: baseline at "now"; otherwise an aware UTC datetime
+    track: tuple[str, ...] = DEFAULT_TRACK
+    recheck_window: float = 7 * DAY
+    recheck_interval: float = 15 * MINUTE
+    snapshot_retention: float = 90 * DAY
+    safety_lag: float = 2.0
+
+
+@dataclass(frozen=True)
+class CampaignsConfig:
+    enabled: bool = True
+    interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """One delivery target. The loader fills `include_pii` and `concurrency` by type (webhook: True, 4;
+    slack: False, 1); the defaults below are the webhook ones, for code that builds records by hand."""
+
+    name: str
+    type: SinkType
+    url: str = field(repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    events: frozenset[str] = frozenset(EVENT_TYPES)
+    campaign_ids: tuple[int, ...] = ()
+    timeout: float = 15.0
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    max_age: float = 3 * DAY
+    include_pii: bool = True
+    concurrency: int = 4
+    enabled: bool = True
+    url_is_secret: bool = field(default=False, repr=False)  # given as url_env / url_file
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    convertr: ConvertrConfig
+    state: StateConfig
+    leads: LeadsConfig = LeadsConfig()
+    campaigns: CampaignsConfig = CampaignsConfig()
+    sinks: tuple[SinkConfig, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret string the log redactor must hide."""
+        values = [self.convertr.password]
+        for sink in self.sinks:
+            if sink.type == "slack" or sink.url_is_secret:
+                values.append(sink.url)
+            for key in sink.secrets:
+                # Also the bare base64, in case something logs the key without its prefix.
+                values.extend((key, key.removeprefix("whsec_")))
+        return tuple(dict.fromkeys(v for v in values if v))
+
+    def sink(self, name: str) -> SinkConfig:
+        for sink in self.sinks:
+            if sink.name == name:
+                return sink
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the TOML file at `path`; raise ConfigError on the first problem."""
+    shown = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(shown, "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(shown, "is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(shown, f"cannot read file: {_strerror(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(shown, "invalid TOML: the file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(shown, f"invalid TOML: {_one_line(str(exc))}") from None
+    config_path = Path(path).absolute()
+    ctx = _Context(environ=os.environ if environ is None else environ, folder=config_path.parent)
+    return _build(raw, config_path, ctx)
+
+
+@dataclass(frozen=True)
+class _Context:
+    environ: Mapping[str, str]
+    folder: Path
+
+
+_TOP_KEYS = ("convertr", "state", "leads", "campaigns", "sinks", "metrics", "log")
+_CONVERTR_KEYS = (
+    *("base_url", "username", "password", "password_env", "password_file", "items_per_page", "timeout"),
+    *("timezone", "max_in_flight", "request_budget"),
+)
+_LEADS_KEYS = (
+    *("enabled", "interval", "lookback", "updates", "campaign_ids", "start", "track", "recheck_window"),
+    *("recheck_interval", "snapshot_retention", "safety_lag"),
+)
+_SINK_KEYS = (
+    *("name", "type", "url", "url_env", "url_file", "secret", "secret_env", "secret_file", "events"),
+    *("campaign_ids", "timeout", "retry_schedule", "max_age", "include_pii", "concurrency", "enabled"),
+)
+
+
+def _build(raw: dict[str, object], config_path: Path, ctx: _Context) -> Config:
+    top = _Table(raw, "", _TOP_KEYS)
+    convertr = _convertr(top.table("convertr", required=True), ctx)
+    state = _state(top.table("state", required=True), ctx)
+    leads = _leads(top.table("leads"))
+    campaigns = _campaigns(top.table("campaigns"))
+    sinks = _sinks(top, ctx)
+    metrics = _metrics(top.table("metrics"))
+    log = _log(top.table("log"))
+    return Config(config_path, convertr, state, leads, campaigns, sinks, metrics, log)
+
+
+def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
+    t.check_keys(_CONVERTR_KEYS)
+    base_url = _base_url(t.require("base_url"), t.key("base_url"))
+    username = _nonempty_str(t.require("username"), t.key("username"))
+    password, _, _ = _secret(t, "password", ctx)
+    return ConvertrConfig(
+        base_url=base_url,
+        username=username,
+        password=password,
+        items_per_page=t.integer("items_per_page", 100, 1, 100),
+        timeout=t.duration("timeout", 30.0),
+        timezone=_timezone(t.get("timezone", "Europe/London"), t.key("timezone")),
+        max_in_flight=t.integer("max_in_flight", 4, 1, 10),
+        request_budget=t.integer("request_budget", 2000, 1, 2900),
+    )
+
+
+def _state(t: _Table, ctx: _Context) -> StateConfig:
+    t.check_keys(("path", "delivered_retention", "attempt_log_retention"))
+    relative = _nonempty_str(t.require("path"), t.key("path"))
+    return StateConfig(
+        path=ctx.folder / relative,
+        delivered_retention=t.duration("delivered_retention", 7 * DAY),
+        attempt_log_retention=t.duration("attempt_log_retention", 14 * DAY),
+    )
+
+
+def _leads(t: _Table) -> LeadsConfig:
+    t.check_keys(_LEADS_KEYS)
+    return LeadsConfig(
+        enabled=t.boolean("enabled", True),
+        interval=t.duration("interval", 60.0, minimum=1.0),
+        lookback=t.duration("lookback", 600.0, minimum=0.0),
+        updates=t.boolean("updates", True),
+        campaign_ids=_campaign_ids(t.get("campaign_ids", []), t.key("campaign_ids")),
+        start=_start(t.get("start", "now"), t.key("start")),
+        track=_track(t.get("track", list(DEFAULT_TRACK)), t.key("track")),
+        recheck_window=t.duration("recheck_window", 7 * DAY),
+        recheck_interval=t.duration("recheck_interval", 15 * MINUTE, minimum=1.0),
+        snapshot_retention=t.duration("snapshot_retention", 90 * DAY),
+        safety_lag=t.duration("safety_lag", 2.0, minimum=0.0),
+    )
+
+
+def _campaigns(t: _Table) -> CampaignsConfig:
+    t.check_keys(("enabled", "interval"))
+    return CampaignsConfig(enabled=t.boolean("enabled", True), interval=t.duration("interval", 300.0, 1.0))
+
+
+def _sinks(top: _Table, ctx: _Context) -> tuple[SinkConfig, ...]:
+    raw = top.get("sinks", [])
+    if not isinstance(raw, list):
+        raise ConfigError("sinks", "must be an array of tables ([[sinks]])")
+    sinks: list[SinkConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"sinks[{index}]", "must be a table ([[sinks]])")
+        sink = _sink(_Table(cast(dict[str, object], item), f"sinks[{index}]"), ctx)
+        if sink.name in seen:
+            raise ConfigError(f"sinks[{index}].name", f"duplicate sink name {_quote(sink.name)}")
+        seen.add(sink.name)
+        sinks.append(sink)
+    return tuple(sinks)
+
+
+_SINK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _sink(t: _Table, ctx: _Context) -> SinkConfig:
+    t.check_keys(_SINK_KEYS)
+    name = t.require("name")
+    if not isinstance(name, str) or not _SINK_NAME.fullmatch(name):
+        raise ConfigError(t.key("name"), "must be 1 to 64 letters, digits, '-' or '_'")
+    type_ = t.require("type")
+    if type_ not in ("webhook", "slack"):
+        raise ConfigError(t.key("type"), 'must be "webhook" or "slack"')
+    kind: SinkType = "webhook" if type_ == "webhook" else "slack"
+    url, url_key, url_is_secret = _secret(t, "url", ctx)
+    if not _is_http_url(url):
+        raise ConfigError(url_key, "must be an http(s) URL")
+    secrets: tuple[str, ...] = ()
+    if kind == "slack":
+        for key in _secret_keys("secret"):
+            if key in t.data:
+                raise ConfigError(t.key(key), "slack sinks take no secret")
+    else:
+        if not any(key in t.data for key in _secret_keys("secret")):
+            raise ConfigError(
+                t.key("secret"), "required for webhook sinks (secret, secret_env or secret_file)"
+            )
+        value, secret_key, _ = _secret(t, "secret", ctx)
+        secrets = _webhook_keys(value, secret_key)
+    webhook = kind == "webhook"
+    return SinkConfig(
+        name=name,
+        type=kind,
+        url=url,
+        secrets=secrets,
+        events=_events(t.get("events", list(EVENT_TYPES)), t.key("events")),
+        campaign_ids=_campaign_ids(t.get("campaign_ids", []), t.key("campaign_ids")),
+        timeout=t.duration("timeout", 15.0),
+        retry_schedule=_retry_schedule(
+            t.get("retry_schedule", list(DEFAULT_RETRY_SCHEDULE)), t.key("retry_schedule")
+        ),
+        max_age=t.duration("max_age", 3 * DAY),
+        include_pii=t.boolean("include_pii", webhook),
+        concurrency=t.integer("concurrency", 4 if webhook else 1, 1, 32),
+        enabled=t.boolean("enabled", True),
+        url_is_secret=url_is_secret,
+    )
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    t.check_keys(("listen",))
+    value = t.get("listen", None)
+    if value is None:
+        return MetricsConfig()
+    return MetricsConfig(listen=_listen(value, t.key("listen")))
+
+
+def _log(t: _Table) -> LogConfig:
+    t.check_keys(("level", "format"))
+    level = t.get("level", "info")
+    if not isinstance(level, str) or level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(t.key("level"), 'must be one of "debug", "info", "warning", "error"')
+    fmt = t.get("format", "auto")
+    if not isinstance(fmt, str) or fmt.lower() not in ("auto", "json", "console"):
+        raise ConfigError(t.key("format"), 'must be one of "auto", "json", "console"')
+    return LogConfig(level=level.lower(), format=fmt.lower())
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+_MISSING = object()
+
+
+class _Table:
+    """A TOML table with its key path, read one key at a time."""
+
+    def __init__(self, data: dict[str, object], path: str, allowed: Iterable[str] | None = None) -> None:
+        self.data = data
+        self.path = path
+        if allowed is not None:
+            self.check_keys(tuple(allowed))
+
+    def key(self, name: str) -> str:
+        shown = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _quote(name)
+        return f"{self.path}.{shown}" if self.path else shown
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for name in self.data:
+            if name not in allowed:
+                raise ConfigError(self.key(name), "unknown key")
+
+    def get(self, name: str, default: object) -> object:
+        return self.data.get(name, default)
+
+    def require(self, name: str) -> object:
+        if name not in self.data:
+            raise ConfigError(self.key(name), "missing required key")
+        return self.data[name]
+
+    def table(self, name: str, *, required: bool = False) -> _Table:
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING:
+            if required:
+                raise ConfigError(self.key(name), f"missing required table [{name}]")
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(self.key(name), "must be a table")
+        return _Table(cast(dict[str, object], value), self.key(name))
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), "must be true or false")
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(self.key(name), f"must be an integer from {low} to {high}")
+        return value
+
+    def duration(self, name: str, default: float, minimum: float | None = None) -> float:
+        return _bounded_duration(self.get(name, default), self.key(name), minimum)
+
+
+# ------------------------------------------------------------------------------------------ values
+
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"d": DAY, "h": HOUR, "m": MINUTE, "s": 1.0, "ms": 0.001}
+_UNIT_ORDER = ("d", "h", "m", "s", "ms")
+_DURATION_HELP = (
+    'must be a duration: a number of seconds or a string such as "90s", "5m", "2h", "1d", "1h30m"'
+)
+
+
+def parse_duration(value: object, path: str) -> float:
+    """Seconds from an int/float number of seconds or a string like "90s", "5m", "2h", "1d", "1h30m"."""
+    if isinstance(value, bool):
+        raise ConfigError(path, _DURATION_HELP)
+    if isinstance(value, int | float):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer too large for a float
+            seconds = math.inf
+    elif isinstance(value, str):
+        seconds = _duration_string(value.strip(), path)
+    else:
+        raise ConfigError(path, _DURATION_HELP)
+    if not math.isfinite(seconds):
+        raise ConfigError(path, "must be a finite duration")
+    if seconds < 0:
+        raise ConfigError(path, "must not be negative")
+    return seconds
+
+
+def _duration_string(text: str, path: str) -> float:
+    total = 0.0
+    position = 0
+    last_unit = -1
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
+            raise ConfigError(path, _DURATION_HELP)
+        # Units must come largest first, each once: "1h30m" is clear, "30m1h" or "5m5m" is a typo.
+        unit = _UNIT_ORDER.index(match.group(2))
+        if unit <= last_unit:
+            raise ConfigError(path, _DURATION_HELP)
+        last_unit = unit
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if position == 0:
+        raise ConfigError(path, _DURATION_HELP)
+    return total
+
+
+def _bounded_duration(value: object, path: str, minimum: float | None) -> float:
+    """A duration that must be positive (minimum None) or at least `minimum` seconds."""
+    seconds = parse_duration(value, path)
+    if minimum is None and seconds <= 0:
+        raise ConfigError(path, "must be a positive duration")
+    if minimum is not None and seconds < minimum:
+        raise ConfigError(path, f"must be at least {minimum:g}s")
+    return seconds
+
+
+def _retry_schedule(value: object, path: str) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(path, "must be a non-empty list of durations")
+    return tuple(_bounded_duration(item, f"{path}[{i}]", None) for i, item in enumerate(value))
+
+
+def _nonempty_str(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, "must be a non-empty string")
+    return value
+
+
+def _base_url(value: object, path: str) -> str:
+    problem = "must be an http(s) URL with no path"
+    if not isinstance(value, str):
+        raise ConfigError(path, problem)
+    parts = _http_parts(value)
+    if parts is None or parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(path, problem)
+    if value.rstrip("/").endswith(("?", "#")):
+        raise ConfigError(path, problem)
+    return f"{parts.scheme.lower()}://{parts.netloc}"
+
+
+def _is_http_url(value: str) -> bool:
+    return _http_parts(value) is not None
+
+
+def _http_parts(value: str) -> SplitResult | None:
+    if not value or any(ch.isspace() for ch in value):
+        return None
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
+
+
+def _timezone(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, 'must be an IANA time zone name such as "Europe/London"')
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(path, f"unknown time zone {_quote(value)}") from None
+    return value
+
+
+def _campaign_ids(value: object, path: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, "must be a list of campaign ids")
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise ConfigError(f"{path}[{index}]", "must be a positive integer")
+    return tuple(dict.fromkeys(cast(list[int], value)))
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _start(value: object, path: str) -> datetime | None:
+    problem = 'must be "now" or an RFC 3339 time with an offset, such as "2024-01-31T00:00:00Z"'
+    if value == "now":
+        return None
+    if isinstance(value, datetime):  # an unquoted TOML date-time
+        if value.tzinfo is None:
+            raise ConfigError(path, problem)
+        return value.astimezone(UTC)
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ConfigError(path, problem)
+    try:
+        parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00").replace(" ", "T"))
+    except ValueError:
+        raise ConfigError(path, problem) from None
+    return parsed.astimezone(UTC)
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[^\s.][^\s]*)?")
+
+
+def _track(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of lead field names")
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not _FIELD_NAME.fullmatch(item):
+            raise ConfigError(f"{path}[{index}]", 'must be a lead field name such as "qaResult"')
+    return tuple(dict.fromkeys(cast(list[str], value)))
+
+
+def _events(value: object, path: str) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of event types")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{path}[{index}]", "must be an event type string")
+        if item not in EVENT_TYPES:
+            raise ConfigError(f"{path}[{index}]", f"unknown event type {_quote(item)}")
+    return frozenset(cast(list[str], value))
+
+
+def _listen(value: object, path: str) -> tuple[str, int]:
+    problem = 'must be "host:port", such as "127.0.0.1:9464" or "[::1]:9464"'
+    if not isinstance(value, str):
+        raise ConfigError(path, problem)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", value)
+    if match is None:
+        raise ConfigError(path, problem)
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigError(path, "port must be from 0 to 65535")
+    return host, port
+
+
+# ----------------------------------------------------------------------------------------- secrets
+
+
+def _secret_keys(name: str) -> tuple[str, str, str]:
+    return name, f"{name}_env", f"{name}_file"
+
+
+def _secret(t: _Table, name: str, ctx: _Context) -> tuple[str, str, bool]:
+    """The value of secret `name` from its one given form: (value, key path used, came from env/file)."""
+    given = [key for key in _secret_keys(name) if key in t.data]
+    if len(given) > 1:
+        raise ConfigError(t.key(name), f"give only one of {', '.join(_secret_keys(name))}")
+    if not given:
+        raise ConfigError(t.key(name), f"missing required key (give {', '.join(_secret_keys(name))})")
+    key = given[0]
+    path = t.key(key)
+    raw = t.data[key]
+    if key == name:
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(path, "must be a non-empty string")
+        return raw, path, False
+    if not isinstance(raw, str) or not raw.strip():
+        what = "an environment variable name" if key.endswith("_env") else "a file path"
+        raise ConfigError(path, f"must be {what}")
+    if key.endswith("_env"):
+        if raw not in ctx.environ:
+            raise ConfigError(path, f"{_env_name(raw)} is not set")
+        value = ctx.environ[raw]
+        if not value:
+            raise ConfigError(path, f"{_env_name(raw)} is empty")
+        return value, path, True
+    return _read_secret_file(ctx.folder / raw, path), path, True
+
+
+def _read_secret_file(file: Path, path: str) -> str:
+    # The file name is not repeated: operators sometimes paste the secret itself where a path belongs.
+    try:
+        text = file.read_bytes().decode("utf-8").strip()
+    except IsADirectoryError:
+        raise ConfigError(path, "cannot read the file: it is a directory") from None
+    except OSError as exc:
+        raise ConfigError(
+            path, f"cannot read the file: {_strerror(exc)} (relative to the config folder)"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "the file is not UTF-8 text") from None
+    if not text:
+        raise ConfigError(path, "the file is empty")
+    return text
+
+
+def _webhook_keys(value: str, path: str) -> tuple[str, ...]:
+    keys = tuple(value.split())
+    for number, key in enumerate(keys, start=1):
+        if not 24 <= len(_whsec_bytes(key)) <= 64:
+            raise ConfigError(
+                path, f'key {number} must be "whsec_" followed by the base64 of 24 to 64 random bytes'
+            )
+    return keys
+
+
+def _whsec_bytes(key: str) -> bytes:
+    """The HMAC key a `whsec_<base64>` string stands for; empty when it is malformed."""
+    if not key.startswith("whsec_"):
+        return b""
+    body = key.removeprefix("whsec_")
+    try:
+        # Standard Webhooks libraries accept unpadded base64, so we do too.
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _quote(value: str, limit: int = 80) -> str:
+    """A non-secret value shown in an error, quoted and escaped so the message stays one line."""
+    if len(value) > limit:
+        value = value[:limit] + "…"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _env_name(name: str) -> str:
+    """How an `X_env` value is named in an error: by name only when it looks like one (upper case),
+    since a lower-case or punctuated value may be the secret itself pasted in the wrong key."""
+    if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", name):
+        return f"environment variable {name}"
+    return "the environment variable it names"
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text[:1].lower() + text[1:]
+
+
+def _strerror(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
