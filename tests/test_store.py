@@ -1,0 +1,171 @@
+"""The state file: migrations, one-transaction page commits, due ordering, replay and pruning."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from watcher.errors import StateError
+from watcher.events import Event
+from watcher.store import DEAD, DELIVERED, MIGRATIONS, PENDING, LeadState, Outcome, PageCommit, Store
+
+
+def _event(n: int, resource: str = "lead:1") -> Event:
+    return Event(id=f"evt_{n}", type="lead.created", timestamp="t", data={"n": n}, resource=resource)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def test_open_sets_wal_and_schema_version(tmp_path: Path) -> None:
+    """A new file is in WAL mode at the newest schema version, and reopening is a no-op."""
+    Store.open(tmp_path / "s.db").close()
+    s = Store.open(tmp_path / "s.db")
+    assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    s.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A file written by a newer release is not touched."""
+    path = tmp_path / "s.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StateError, match="newer than this release"):
+        Store.open(path)
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    """Opening a state file in a folder that does not exist names the folder."""
+    with pytest.raises(StateError, match="does not exist"):
+        Store.open(tmp_path / "nope" / "s.db")
+
+
+def test_commit_page_is_idempotent_per_event_id(store: Store) -> None:
+    """Committing the same change twice keeps one event and one delivery per sink."""
+    page = PageCommit("leads.created", 100.0, cursor="c1", cursor_ts=1.0, events=[(_event(1), ["a", "b"])])
+    assert [e.id for e in store.commit_page(page)] == ["evt_1"]
+    again = PageCommit("leads.created", 101.0, cursor="c2", cursor_ts=2.0, events=[(_event(1), ["a", "b"])])
+    assert store.commit_page(again) == []
+    assert len(store.deliveries()) == 2
+    cursor = store.cursor("leads.created")
+    assert cursor is not None and cursor.cursor == "c2"
+
+
+def test_failed_commit_moves_nothing(store: Store) -> None:
+    """When a page's transaction fails, neither the cursor nor any row moves."""
+    store.commit_page(PageCommit("s", 1.0, cursor="before", cursor_ts=1.0))
+    bad = PageCommit(
+        "s",
+        2.0,
+        cursor="after",
+        cursor_ts=2.0,
+        leads=[LeadState(1, 1.0, None, {}), LeadState(2, 1.0, None, {"x": object()})],  # not JSON
+        events=[(_event(9), ["a"])],
+    )
+    with pytest.raises(TypeError):
+        store.commit_page(bad)
+    cursor = store.cursor("s")
+    assert cursor is not None and cursor.cursor == "before"
+    assert store.leads([1, 2]) == {}
+    assert store.deliveries() == []
+
+
+def test_due_keeps_resource_order(store: Store) -> None:
+    """A later event about the same resource waits until the earlier one is delivered or dead."""
+    store.commit_page(
+        PageCommit(
+            "s",
+            10.0,
+            events=[(_event(1, "lead:1"), ["a"]), (_event(2, "lead:1"), ["a"]), (_event(3, "lead:2"), ["a"])],
+        )
+    )
+    due = store.due("a", 10.0, 10)
+    assert [d.event_id for d in due] == ["evt_1", "evt_3"]
+    store.record_outcomes(
+        "a",
+        [Outcome(due[0].seq, "evt_1", DEAD, 1, 10.0, "x")],
+        now=10.0,
+        status_code=500,
+        duration=0.1,
+        success=False,
+    )
+    assert [d.event_id for d in store.due("a", 10.0, 10)] == ["evt_2", "evt_3"]
+    assert [d.event_id for d in store.due("a", 10.0, 10, busy=frozenset({due[1].seq}))] == ["evt_2"]
+
+
+def test_due_respects_next_attempt_time(store: Store) -> None:
+    """A delivery scheduled for later is not due yet."""
+    store.commit_page(PageCommit("s", 10.0, events=[(_event(1), ["a"])]))
+    seq = store.due("a", 10.0, 1)[0].seq
+    store.record_outcomes(
+        "a",
+        [Outcome(seq, "evt_1", PENDING, 1, 50.0, "boom")],
+        now=10.0,
+        status_code=500,
+        duration=0.1,
+        success=False,
+    )
+    assert store.due("a", 49.0, 10) == []
+    assert store.next_due_at("a") == 50.0
+    assert [d.attempts for d in store.due("a", 50.0, 10)] == [1]
+
+
+def test_replay_by_sink_id_and_time(store: Store) -> None:
+    """Dead deliveries are re-queued by sink, by event id and by detection time; ids are kept."""
+    store.commit_page(PageCommit("s", 10.0, events=[(_event(1, "lead:1"), ["a", "b"])]))
+    store.commit_page(PageCommit("s", 20.0, events=[(_event(2, "lead:2"), ["a"])]))
+    for sink in ("a", "b"):
+        for d in store.due(sink, 30.0, 10):
+            store.record_outcomes(
+                sink,
+                [Outcome(d.seq, d.event_id, DEAD, 9, 30.0, "gone")],
+                now=30.0,
+                status_code=500,
+                duration=0.0,
+                success=False,
+            )
+    assert store.replay(40.0, sinks=["b"]) == 1
+    assert store.replay(40.0, event_ids=["evt_2"]) == 1
+    assert store.replay(40.0, since=5.0, until=15.0) == 1  # evt_1 on sink a
+    assert {(d["sink"], d["event_id"], d["status"]) for d in store.deliveries()} == {
+        ("a", "evt_1", PENDING),
+        ("b", "evt_1", PENDING),
+        ("a", "evt_2", PENDING),
+    }
+    assert all(d["attempts"] == 0 for d in store.deliveries())
+
+
+def test_prune_drops_old_delivered_rows_and_snapshots(store: Store) -> None:
+    """Delivered rows, attempts and stale snapshots past their retention are removed."""
+    store.commit_page(
+        PageCommit("s", 0.0, leads=[LeadState(1, 0.0, None, {"a": 1})], events=[(_event(1), ["a"])])
+    )
+    seq = store.due("a", 0.0, 1)[0].seq
+    store.record_outcomes(
+        "a",
+        [Outcome(seq, "evt_1", DELIVERED, 1, 0.0, None)],
+        now=0.0,
+        status_code=200,
+        duration=0.1,
+        success=True,
+    )
+    counts = store.prune(1000.0, delivered_retention=500, attempt_retention=500, snapshot_retention=500)
+    assert counts == {"deliveries": 1, "attempts": 1, "snapshots": 1}
+    assert store.events() == []
+    assert store.integrity_check() == "ok"
+
+
+def test_disabled_sink_reenabled_by_config_change(store: Store) -> None:
+    """A disabled sink stays disabled until its configuration changes."""
+    assert store.sync_sink("a", "f1") is False
+    store.disable_sink("a", 1.0, "410")
+    assert store.sync_sink("a", "f1") is True
+    assert store.sync_sink("a", "f2") is False

@@ -1,0 +1,228 @@
+"""Change detection as pure functions: cursor arithmetic, snapshots, diffs and the events they make.
+
+Nothing here does I/O or reads a clock; the poller passes in what the API returned and what the
+store knew, and gets back values to commit.
+
+Time filters on Convertr compare wall-clock digits in the server's zone with the offset dropped
+(API Platform binds a DateTime to a `datetime` column). Two consequences drive `filter_bound`:
+the lookback is subtracted from the cursor's own digits (so `+01:00` and `+00:00` never mix), and
+when the zone falls back (end of summer time) digits repeat an hour, so a bound whose window
+contains a fall-back is lowered by the size of the jump — otherwise rows written in the repeated
+hour would sort before the bound and be missed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from watcher.events import (
+    CAMPAIGN_CREATED,
+    CAMPAIGN_STATUS_CHANGED,
+    LEAD_CREATED,
+    LEAD_UPDATED,
+    Event,
+    campaign_id_of,
+    dumps,
+    event_id,
+)
+
+# --- timestamps and cursors -----------------------------------------------------------------
+
+
+def parse_ts(raw: str) -> datetime:
+    """An API timestamp (`2018-06-21T08:52:48+00:00`) as an aware datetime; naive ones are taken as UTC."""
+    value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def format_in_zone(instant: float, zone: ZoneInfo) -> str:
+    """Unix seconds written the way the API writes timestamps: second precision, the zone's offset."""
+    return datetime.fromtimestamp(int(instant), zone).isoformat(timespec="seconds")
+
+
+def fallback_shift(start: datetime, until: datetime, zone: ZoneInfo) -> timedelta:
+    """How far the zone's offset drops at some moment between `start` and `until` (zero if it never does)."""
+    base = start.astimezone(zone).utcoffset() or timedelta()
+    lowest = base
+    step = timedelta(minutes=30)  # shorter than any gap between two transitions of a real zone
+    t = start
+    while t < until:
+        t = min(t + step, until)
+        offset = t.astimezone(zone).utcoffset() or timedelta()
+        lowest = min(lowest, offset)
+    return base - lowest
+
+
+def filter_bound(cursor: str, lookback: float, zone: ZoneInfo, until: datetime) -> str:
+    """The `[strictly_after]` value for a walk: the cursor less the lookback, in the cursor's own offset.
+
+    When the server's zone falls back between that moment and `until`, the bound is lowered by
+    the jump, so rows whose wall-clock digits repeat an earlier hour are still read (and then
+    recognised as already seen).
+    """
+    start = parse_ts(cursor) - timedelta(seconds=lookback)
+    shift = fallback_shift(start, max(until, start), zone)
+    return (start - shift).isoformat(timespec="seconds")
+
+
+def bound_for_instant(instant: float, zone: ZoneInfo, until: datetime) -> str:
+    """The filter bound for a walk from a moment we chose ourselves (baseline, backfill start)."""
+    return filter_bound(format_in_zone(instant, zone), 0.0, zone, until)
+
+
+def next_cursor(
+    current: str | None, newest: str | None, signpost: float, zone: ZoneInfo
+) -> tuple[str, float] | None:
+    """The cursor after a page: the newest timestamp read, never past the signpost, never backwards.
+
+    The signpost is the server's time at the start of the walk less a safety lag: a row written
+    while the walk is under way can carry an earlier timestamp than rows already read, and the
+    next walk must still reach it.
+    """
+    candidates: list[tuple[float, str]] = []
+    if newest is not None:
+        t = parse_ts(newest).timestamp()
+        candidates.append((t, newest) if t <= signpost else (signpost, format_in_zone(signpost, zone)))
+    if current is not None:
+        candidates.append((parse_ts(current).timestamp(), current))
+    if not candidates:
+        return None
+    ts, raw = max(candidates, key=lambda c: c[0])
+    return raw, ts
+
+
+def newest(raws: Sequence[str | None], start: str | None = None) -> str | None:
+    """The latest of some API timestamps by instant (digits alone mislead across an offset change)."""
+    best = start
+    best_ts = parse_ts(start).timestamp() if start else None
+    for raw in raws:
+        if not raw:
+            continue
+        ts = parse_ts(raw).timestamp()
+        if best_ts is None or ts > best_ts:
+            best, best_ts = raw, ts
+    return best
+
+
+# --- lead snapshots and diffs ---------------------------------------------------------------
+
+
+def without_context(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "@context"}
+
+
+def snapshot(lead: Mapping[str, Any], track: Sequence[str]) -> dict[str, Any]:
+    """The tracked fields of a lead, flat: `leadData` entries become `leadData.<name>`.
+
+    Fields the document does not carry are left out (not set to null), so an API response with
+    a missing field is never reported as a change.
+    """
+    out: dict[str, Any] = {}
+    wanted = set(track)
+    for name in track:
+        if name == "leadData" or name.startswith("leadData."):
+            continue
+        if name in lead:
+            out[name] = lead[name]
+    entries = lead.get("leadData")
+    if isinstance(entries, list) and ("leadData" in wanted or any(t.startswith("leadData.") for t in wanted)):
+        for entry in entries:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+                continue
+            key = f"leadData.{entry['name']}"
+            if "leadData" in wanted or key in wanted:
+                out[key] = entry.get("value")
+    return out
+
+
+def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """`{"field": {"from": old, "to": new}}` for every tracked field whose value moved.
+
+    A field missing from `new` is not a change; a leadData entry that vanished while leadData
+    itself was present is (its `to` is null).
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    lead_data_present = any(k.startswith("leadData.") for k in new)
+    for key in sorted(set(old) | set(new)):
+        if key not in new:
+            if key.startswith("leadData.") and lead_data_present:
+                changes[key] = {"from": old[key], "to": None}
+            continue
+        if key not in old or old[key] != new[key]:
+            if key not in old and new[key] is None:
+                continue
+            changes[key] = {"from": old.get(key), "to": new[key]}
+    return changes
+
+
+def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot after a change: fields the document lacked keep their last known value."""
+    lead_data_present = any(k.startswith("leadData.") for k in new)
+    kept = {
+        k: v for k, v in old.items() if k not in new and not (lead_data_present and k.startswith("leadData."))
+    }
+    return {**kept, **new}
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def lead_created(lead: Mapping[str, Any], detected_at: str) -> Event:
+    lead_id = lead["id"]
+    resource = f"lead:{lead_id}"
+    return Event(
+        id=event_id(LEAD_CREATED, resource, ""),
+        type=LEAD_CREATED,
+        timestamp=detected_at,
+        data={"lead": without_context(lead)},
+        resource=resource,
+        campaign_id=campaign_id_of(lead.get("campaign")),
+    )
+
+
+def lead_updated(lead: Mapping[str, Any], changes: Mapping[str, Any], detected_at: str) -> Event:
+    lead_id = lead["id"]
+    resource = f"lead:{lead_id}"
+    # updatedTs alone is not enough: two edits within one second share it. The changes themselves
+    # make the version unique, and stay identical when the same change is read again.
+    fingerprint = hashlib.sha256(dumps(changes).encode()).hexdigest()[:16]
+    version = f"{lead.get('updatedTs')}:{fingerprint}"
+    return Event(
+        id=event_id(LEAD_UPDATED, resource, version),
+        type=LEAD_UPDATED,
+        timestamp=detected_at,
+        data={"lead": without_context(lead), "changes": dict(changes)},
+        resource=resource,
+        campaign_id=campaign_id_of(lead.get("campaign")),
+    )
+
+
+def campaign_created(campaign: Mapping[str, Any], detected_at: str) -> Event:
+    resource = f"campaign:{campaign['id']}"
+    return Event(
+        id=event_id(CAMPAIGN_CREATED, resource, ""),
+        type=CAMPAIGN_CREATED,
+        timestamp=detected_at,
+        data={"campaign": without_context(campaign)},
+        resource=resource,
+        campaign_id=campaign["id"],
+    )
+
+
+def campaign_status_changed(
+    campaign: Mapping[str, Any], old: str, new: str, transition: int, detected_at: str
+) -> Event:
+    """`transition` counts this campaign's status changes: A→B, B→A, A→B are three distinct ids."""
+    resource = f"campaign:{campaign['id']}"
+    return Event(
+        id=event_id(CAMPAIGN_STATUS_CHANGED, resource, f"{transition}:{old}->{new}"),
+        type=CAMPAIGN_STATUS_CHANGED,
+        timestamp=detected_at,
+        data={"campaign": without_context(campaign), "from": old, "to": new},
+        resource=resource,
+        campaign_id=campaign["id"],
+    )

@@ -1,0 +1,577 @@
+"""The SQLite state file: cursors, lead snapshots, campaign statuses, the outbox and its attempt log.
+
+This is the only module that holds SQL. Every state change is one `BEGIN IMMEDIATE` transaction,
+and none of them awaits anything, so a cancelled task can never leave half a change behind.
+
+The outbox is two tables: `events` (one row per detected change, its id unique, the body sent)
+and `deliveries` (one row per event and matching sink: status, attempts, next attempt time, last
+error, created and delivered times). Storing the body once keeps the file small with many sinks.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from watcher.errors import StateError
+from watcher.events import Event, dumps
+
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+
+# Each entry moves the schema one version forward; PRAGMA user_version records how far a file has come.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE cursors (
+        stream TEXT PRIMARY KEY,
+        cursor TEXT,                 -- the newest timestamp exactly as the API wrote it
+        cursor_ts REAL,              -- the same instant in Unix seconds (lag metrics)
+        walk_from TEXT,              -- filter bound of a walk in progress: a crash resumes from here
+        baseline_until REAL,         -- during a first walk: leads created up to here are the baseline
+        last_poll_at REAL,
+        last_success_at REAL,
+        last_error TEXT,
+        polls INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE leads (
+        id INTEGER PRIMARY KEY,
+        created_ts REAL NOT NULL,
+        version TEXT,                -- updatedTs of the snapshot
+        snapshot TEXT NOT NULL,      -- tracked fields only, compact JSON
+        changed_at REAL NOT NULL     -- when the snapshot last changed: pruning age
+    );
+    CREATE INDEX leads_changed ON leads(changed_at);
+    CREATE TABLE campaigns (
+        id INTEGER PRIMARY KEY,
+        status TEXT NOT NULL,
+        transitions INTEGER NOT NULL DEFAULT 0,
+        seen_at REAL NOT NULL
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        campaign_id INTEGER,
+        payload TEXT NOT NULL,       -- {"type", "timestamp", "data"} as detected, before per-sink filtering
+        detected_at REAL NOT NULL
+    );
+    CREATE TABLE deliveries (
+        event_seq INTEGER NOT NULL REFERENCES events(seq) ON DELETE CASCADE,
+        sink TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        delivered_at REAL,
+        PRIMARY KEY (sink, event_seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries(sink, status, next_attempt_at);
+    CREATE INDEX deliveries_resource ON deliveries(sink, resource, status, event_seq);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        sink TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        status_code INTEGER,
+        duration REAL NOT NULL,
+        error TEXT,
+        at REAL NOT NULL
+    );
+    CREATE INDEX attempts_at ON attempts(at);
+    CREATE TABLE sinks (
+        name TEXT PRIMARY KEY,
+        fingerprint TEXT,
+        disabled_at REAL,
+        disabled_reason TEXT,
+        failing_since REAL,
+        last_success_at REAL,
+        last_failure_at REAL
+    );
+    """,
+)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    stream: str
+    cursor: str | None
+    cursor_ts: float | None
+    walk_from: str | None
+    baseline_until: float | None
+    last_poll_at: float | None
+    last_success_at: float | None
+    last_error: str | None
+    polls: int
+
+
+@dataclass(frozen=True)
+class LeadState:
+    id: int
+    created_ts: float
+    version: str | None
+    snapshot: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CampaignState:
+    id: int
+    status: str
+    transitions: int
+
+
+@dataclass
+class PageCommit:
+    """Everything one page of a walk changes, committed together or not at all."""
+
+    stream: str
+    now: float
+    cursor: str | None = None  # None keeps the stored cursor
+    cursor_ts: float | None = None
+    walk_from: str | None = None
+    set_walk_from: bool = False  # walk_from is written only when this is true (None clears it)
+    baseline_until: float | None = None  # written with walk_from
+    leads: list[LeadState] = field(default_factory=list)
+    campaigns: list[CampaignState] = field(default_factory=list)
+    events: list[tuple[Event, Sequence[str]]] = field(default_factory=list)  # (event, sink names)
+    finished: bool = False  # the walk ended: record a successful poll
+
+
+@dataclass(frozen=True)
+class Due:
+    """A pending delivery whose time has come."""
+
+    seq: int
+    sink: str
+    event_id: str
+    type: str
+    resource: str
+    campaign_id: int | None
+    payload: str
+    attempts: int
+    created_at: float
+
+    def event(self) -> Event:
+        body = json.loads(self.payload)
+        return Event(
+            id=self.event_id,
+            type=self.type,
+            timestamp=body["timestamp"],
+            data=body["data"],
+            resource=self.resource,
+            campaign_id=self.campaign_id,
+        )
+
+
+@dataclass(frozen=True)
+class SinkState:
+    name: str
+    disabled_at: float | None
+    disabled_reason: str | None
+    failing_since: float | None
+    last_success_at: float | None
+    pending: int
+    dead: int
+    delivered: int
+    oldest_pending_at: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt did to one delivery; decided by the outbox, written here."""
+
+    seq: int
+    event_id: str
+    status: str  # pending / delivered / dead
+    attempts: int
+    next_attempt_at: float
+    error: str | None
+
+
+class Store:
+    """The state file. Open with `Store.open`; close with `close()`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        if not path.parent.is_dir():
+            raise StateError(f"state directory {path.parent} does not exist")
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a read-then-write
+            # transaction can never fail half-way with SQLITE_BUSY_SNAPSHOT.
+            conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed cursor must never outlive its outbox rows, not even after a power cut.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            store = cls(conn, path)
+            store._migrate()
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open state file {path}: {exc}") from None
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StateError(
+                f"state file {self.path} has schema version {version}, newer than this release knows "
+                f"({len(MIGRATIONS)}): upgrade convertr-watcher or restore a matching backup"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            cur = self.conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read state file {self.path}: {exc}") from None
+        cur.row_factory = sqlite3.Row
+        return cur.fetchall()
+
+    # --- cursors -----------------------------------------------------------------------------
+
+    def cursor(self, stream: str) -> Cursor | None:
+        rows = self._rows("SELECT * FROM cursors WHERE stream = ?", (stream,))
+        return Cursor(**dict(rows[0])) if rows else None
+
+    def cursors(self) -> list[Cursor]:
+        return [Cursor(**dict(r)) for r in self._rows("SELECT * FROM cursors ORDER BY stream")]
+
+    def poll_failed(self, stream: str, now: float, error: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO cursors (stream, last_poll_at, last_error) VALUES (?, ?, ?) "
+                "ON CONFLICT(stream) DO UPDATE SET last_poll_at = excluded.last_poll_at, "
+                "last_error = excluded.last_error",
+                (stream, now, error),
+            )
+
+    # --- leads and campaigns ------------------------------------------------------------------
+
+    def leads(self, ids: Iterable[int]) -> dict[int, LeadState]:
+        wanted = list(ids)
+        found: dict[int, LeadState] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._rows(
+                f"SELECT id, created_ts, version, snapshot FROM leads WHERE id IN ({marks})", chunk
+            ):
+                found[row["id"]] = LeadState(
+                    row["id"], row["created_ts"], row["version"], json.loads(row["snapshot"])
+                )
+        return found
+
+    def campaigns(self) -> dict[int, CampaignState]:
+        return {
+            r["id"]: CampaignState(r["id"], r["status"], r["transitions"])
+            for r in self._rows("SELECT id, status, transitions FROM campaigns")
+        }
+
+    def lead_count(self) -> int:
+        return int(self._rows("SELECT count(*) FROM leads")[0][0])
+
+    # --- the one write path of a poll ---------------------------------------------------------
+
+    def commit_page(self, page: PageCommit) -> list[Event]:
+        """Write a page's state, outbox rows and cursor in one transaction; return the events that were new."""
+        fresh: list[Event] = []
+        with self.transaction() as c:
+            if page.leads:
+                c.executemany(
+                    "INSERT INTO leads (id, created_ts, version, snapshot, changed_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET version = excluded.version, snapshot = excluded.snapshot, "
+                    "changed_at = excluded.changed_at",
+                    [(s.id, s.created_ts, s.version, dumps(s.snapshot), page.now) for s in page.leads],
+                )
+            if page.campaigns:
+                c.executemany(
+                    "INSERT INTO campaigns (id, status, transitions, seen_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET status = excluded.status, "
+                    "transitions = excluded.transitions, seen_at = excluded.seen_at",
+                    [(s.id, s.status, s.transitions, page.now) for s in page.campaigns],
+                )
+            for event, sinks in page.events:
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO events (id, type, resource, campaign_id, payload, detected_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        event.id,
+                        event.type,
+                        event.resource,
+                        event.campaign_id,
+                        dumps(event.envelope()),
+                        page.now,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    continue  # the same change was committed before: its deliveries exist already
+                fresh.append(event)
+                c.executemany(
+                    "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
+                    "VALUES (?, ?, ?, 'pending', ?, ?)",
+                    [(cur.lastrowid, sink, event.resource, page.now, page.now) for sink in sinks],
+                )
+            c.execute("INSERT OR IGNORE INTO cursors (stream) VALUES (?)", (page.stream,))
+            if page.cursor is not None:
+                c.execute(
+                    "UPDATE cursors SET cursor = ?, cursor_ts = ? WHERE stream = ?",
+                    (page.cursor, page.cursor_ts, page.stream),
+                )
+            if page.set_walk_from:
+                c.execute(
+                    "UPDATE cursors SET walk_from = ?, baseline_until = ? WHERE stream = ?",
+                    (page.walk_from, page.baseline_until, page.stream),
+                )
+            if page.finished:
+                c.execute(
+                    "UPDATE cursors SET last_poll_at = ?, last_success_at = ?, last_error = NULL, "
+                    "polls = polls + 1 WHERE stream = ?",
+                    (page.now, page.now, page.stream),
+                )
+        return fresh
+
+    # --- delivery -----------------------------------------------------------------------------
+
+    def due(self, sink: str, now: float, limit: int, busy: frozenset[int] = frozenset()) -> list[Due]:
+        """Pending deliveries of `sink` that are due, oldest first, at most one per resource.
+
+        A delivery waits while an earlier one about the same resource is still pending, so each
+        receiver sees a lead's or a campaign's events in the order they were detected.
+        """
+        rows = self._rows(
+            """
+            SELECT d.event_seq AS seq, d.sink, e.id AS event_id, e.type, d.resource, e.campaign_id,
+                   e.payload, d.attempts, d.created_at
+            FROM deliveries d JOIN events e ON e.seq = d.event_seq
+            WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
+              AND NOT EXISTS (
+                SELECT 1 FROM deliveries p
+                WHERE p.sink = d.sink AND p.resource = d.resource AND p.status = 'pending'
+                  AND p.event_seq < d.event_seq)
+            ORDER BY d.event_seq
+            LIMIT ?
+            """,
+            (sink, now, limit + len(busy)),
+        )
+        return [Due(**dict(r)) for r in rows if r["seq"] not in busy][:limit]
+
+    def next_due_at(self, sink: str) -> float | None:
+        row = self._rows(
+            "SELECT min(next_attempt_at) FROM deliveries WHERE sink = ? AND status = 'pending'", (sink,)
+        )[0]
+        return float(row[0]) if row[0] is not None else None
+
+    def record_outcomes(
+        self,
+        sink: str,
+        outcomes: Sequence[Outcome],
+        *,
+        now: float,
+        status_code: int | None,
+        duration: float,
+        success: bool,
+    ) -> None:
+        """Write what an attempt did to its deliveries, the attempt log and the sink's health, together."""
+        with self.transaction() as c:
+            for o in outcomes:
+                c.execute(
+                    "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
+                    "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
+                    "WHERE sink = ? AND event_seq = ?",
+                    (o.status, o.attempts, o.next_attempt_at, o.error, o.status, now, sink, o.seq),
+                )
+                c.execute(
+                    "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (sink, o.event_id, o.attempts, status_code, duration, o.error, now),
+                )
+            c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
+            if success:
+                c.execute(
+                    "UPDATE sinks SET last_success_at = ?, failing_since = NULL WHERE name = ?", (now, sink)
+                )
+            else:
+                c.execute(
+                    "UPDATE sinks SET last_failure_at = ?, failing_since = coalesce(failing_since, ?) "
+                    "WHERE name = ?",
+                    (now, now, sink),
+                )
+
+    def disable_sink(self, sink: str, now: float, reason: str) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
+            c.execute(
+                "UPDATE sinks SET disabled_at = ?, disabled_reason = ? WHERE name = ?", (now, reason, sink)
+            )
+
+    def sync_sink(self, sink: str, fingerprint: str) -> bool:
+        """Record a sink's configuration; a changed one is re-enabled. Returns whether it is disabled."""
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO sinks (name, fingerprint) VALUES (?, ?)", (sink, fingerprint))
+            row = c.execute("SELECT fingerprint, disabled_at FROM sinks WHERE name = ?", (sink,)).fetchone()
+            if row[0] != fingerprint:
+                c.execute(
+                    "UPDATE sinks SET fingerprint = ?, disabled_at = NULL, disabled_reason = NULL WHERE name = ?",
+                    (fingerprint, sink),
+                )
+                return False
+            return row[1] is not None
+
+    def sink_states(self, names: Iterable[str]) -> list[SinkState]:
+        known = {r["name"]: r for r in self._rows("SELECT * FROM sinks")}
+        counts: dict[str, dict[str, Any]] = {}
+        for r in self._rows(
+            "SELECT sink, status, count(*) AS n, min(created_at) AS oldest FROM deliveries GROUP BY sink, status"
+        ):
+            counts.setdefault(r["sink"], {})[r["status"]] = (r["n"], r["oldest"])
+        states = []
+        for name in sorted(set(names) | set(counts)):
+            row = known.get(name)
+            c = counts.get(name, {})
+            states.append(
+                SinkState(
+                    name=name,
+                    disabled_at=row["disabled_at"] if row else None,
+                    disabled_reason=row["disabled_reason"] if row else None,
+                    failing_since=row["failing_since"] if row else None,
+                    last_success_at=row["last_success_at"] if row else None,
+                    pending=c.get(PENDING, (0, None))[0],
+                    dead=c.get(DEAD, (0, None))[0],
+                    delivered=c.get(DELIVERED, (0, None))[0],
+                    oldest_pending_at=c.get(PENDING, (0, None))[1],
+                )
+            )
+        return states
+
+    def replay(
+        self,
+        now: float,
+        *,
+        sinks: Sequence[str] = (),
+        event_ids: Sequence[str] = (),
+        since: float | None = None,
+        until: float | None = None,
+        statuses: Sequence[str] = (DEAD,),
+    ) -> int:
+        """Re-queue matching dead or delivered deliveries; they keep their event id. Returns how many."""
+        where = [f"d.status IN ({','.join('?' * len(statuses))})"]
+        params: list[Any] = list(statuses)
+        if sinks:
+            where.append(f"d.sink IN ({','.join('?' * len(sinks))})")
+            params += sinks
+        if event_ids:
+            where.append(f"e.id IN ({','.join('?' * len(event_ids))})")
+            params += event_ids
+        if since is not None:
+            where.append("e.detected_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("e.detected_at < ?")
+            params.append(until)
+        with self.transaction() as c:
+            # A replayed delivery starts a fresh schedule: its age for max_age counts from now.
+            cur = c.execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?, "
+                "delivered_at = NULL WHERE (sink, event_seq) IN (SELECT d.sink, d.event_seq FROM deliveries d "
+                f"JOIN events e ON e.seq = d.event_seq WHERE {' AND '.join(where)})",
+                [now, now, *params],
+            )
+            for sink in sinks:
+                c.execute(
+                    "UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,)
+                )
+            return cur.rowcount
+
+    def enable_sink(self, sink: str) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,))
+
+    def deliveries(self, sink: str | None = None) -> list[dict[str, Any]]:
+        """Every delivery with its event id and type (status output, tests)."""
+        sql = (
+            "SELECT d.sink, e.id AS event_id, e.type, d.resource, d.status, d.attempts, d.next_attempt_at, "
+            "d.last_error, d.created_at, d.delivered_at FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+        )
+        params: tuple[Any, ...] = ()
+        if sink is not None:
+            sql += " WHERE d.sink = ?"
+            params = (sink,)
+        return [dict(r) for r in self._rows(sql + " ORDER BY d.event_seq", params)]
+
+    def attempts(self, sink: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM attempts"
+        params: tuple[Any, ...] = ()
+        if sink is not None:
+            sql += " WHERE sink = ?"
+            params = (sink,)
+        return [dict(r) for r in self._rows(sql + " ORDER BY id", params)]
+
+    def events(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._rows("SELECT id, type, resource, payload FROM events ORDER BY seq")]
+
+    # --- housekeeping -------------------------------------------------------------------------
+
+    def prune(
+        self,
+        now: float,
+        *,
+        delivered_retention: float,
+        attempt_retention: float,
+        snapshot_retention: float,
+    ) -> dict[str, int]:
+        """Drop delivered rows, old attempts and stale snapshots so the file stays bounded."""
+        with self.transaction() as c:
+            delivered = c.execute(
+                "DELETE FROM deliveries WHERE status = 'delivered' AND delivered_at < ?",
+                (now - delivered_retention,),
+            ).rowcount
+            c.execute("DELETE FROM events WHERE seq NOT IN (SELECT event_seq FROM deliveries)")
+            attempts = c.execute("DELETE FROM attempts WHERE at < ?", (now - attempt_retention,)).rowcount
+            snapshots = c.execute(
+                "DELETE FROM leads WHERE changed_at < ?", (now - snapshot_retention,)
+            ).rowcount
+        return {"deliveries": delivered, "attempts": attempts, "snapshots": snapshots}
+
+    def integrity_check(self) -> str:
+        return str(self._rows("PRAGMA integrity_check")[0][0])
