@@ -145,9 +145,7 @@ def test_replay_by_sink_id_and_time(store: Store) -> None:
 
 def test_prune_drops_old_delivered_rows_and_snapshots(store: Store) -> None:
     """Delivered rows, attempts and stale snapshots past their retention are removed."""
-    store.commit_page(
-        PageCommit("s", 0.0, leads=[LeadState(1, 0.0, None, {"a": 1})], events=[(_event(1), ["a"])])
-    )
+    store.commit_page(PageCommit("s", 0.0, leads=[LeadState(1, 0.0, None, {"a": 1})], events=[(_event(1), ["a"])]))
     seq = store.due("a", 0.0, 1)[0].seq
     store.record_outcomes(
         "a",

@@ -74,9 +74,7 @@ def bound_for_instant(instant: float, zone: ZoneInfo, until: datetime) -> str:
     return filter_bound(format_in_zone(instant, zone), 0.0, zone, until)
 
 
-def next_cursor(
-    current: str | None, newest: str | None, signpost: float, zone: ZoneInfo
-) -> tuple[str, float] | None:
+def next_cursor(current: str | None, newest: str | None, signpost: float, zone: ZoneInfo) -> tuple[str, float] | None:
     """The cursor after a page: the newest timestamp read, never past the signpost, never backwards.
 
     The signpost is the server's time at the start of the walk less a safety lag: a row written
@@ -162,9 +160,7 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, 
 def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The snapshot after a change: fields the document lacked keep their last known value."""
     lead_data_present = any(k.startswith("leadData.") for k in new)
-    kept = {
-        k: v for k, v in old.items() if k not in new and not (lead_data_present and k.startswith("leadData."))
-    }
+    kept = {k: v for k, v in old.items() if k not in new and not (lead_data_present and k.startswith("leadData."))}
     return {**kept, **new}
 
 

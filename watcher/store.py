@@ -294,12 +294,8 @@ class Store:
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._rows(
-                f"SELECT id, created_ts, version, snapshot FROM leads WHERE id IN ({marks})", chunk
-            ):
-                found[row["id"]] = LeadState(
-                    row["id"], row["created_ts"], row["version"], json.loads(row["snapshot"])
-                )
+            for row in self._rows(f"SELECT id, created_ts, version, snapshot FROM leads WHERE id IN ({marks})", chunk):
+                found[row["id"]] = LeadState(row["id"], row["created_ts"], row["version"], json.loads(row["snapshot"]))
         return found
 
     def campaigns(self) -> dict[int, CampaignState]:
@@ -397,9 +393,9 @@ class Store:
         return [Due(**dict(r)) for r in rows if r["seq"] not in busy][:limit]
 
     def next_due_at(self, sink: str) -> float | None:
-        row = self._rows(
-            "SELECT min(next_attempt_at) FROM deliveries WHERE sink = ? AND status = 'pending'", (sink,)
-        )[0]
+        row = self._rows("SELECT min(next_attempt_at) FROM deliveries WHERE sink = ? AND status = 'pending'", (sink,))[
+            0
+        ]
         return float(row[0]) if row[0] is not None else None
 
     def record_outcomes(
@@ -428,22 +424,17 @@ class Store:
                 )
             c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
             if success:
-                c.execute(
-                    "UPDATE sinks SET last_success_at = ?, failing_since = NULL WHERE name = ?", (now, sink)
-                )
+                c.execute("UPDATE sinks SET last_success_at = ?, failing_since = NULL WHERE name = ?", (now, sink))
             else:
                 c.execute(
-                    "UPDATE sinks SET last_failure_at = ?, failing_since = coalesce(failing_since, ?) "
-                    "WHERE name = ?",
+                    "UPDATE sinks SET last_failure_at = ?, failing_since = coalesce(failing_since, ?) WHERE name = ?",
                     (now, now, sink),
                 )
 
     def disable_sink(self, sink: str, now: float, reason: str) -> None:
         with self.transaction() as c:
             c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
-            c.execute(
-                "UPDATE sinks SET disabled_at = ?, disabled_reason = ? WHERE name = ?", (now, reason, sink)
-            )
+            c.execute("UPDATE sinks SET disabled_at = ?, disabled_reason = ? WHERE name = ?", (now, reason, sink))
 
     def sync_sink(self, sink: str, fingerprint: str) -> bool:
         """Record a sink's configuration; a changed one is re-enabled. Returns whether it is disabled."""
@@ -518,9 +509,7 @@ class Store:
                 [now, now, *params],
             )
             for sink in sinks:
-                c.execute(
-                    "UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,)
-                )
+                c.execute("UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,))
             return cur.rowcount
 
     def enable_sink(self, sink: str) -> None:
@@ -568,9 +557,7 @@ class Store:
             ).rowcount
             c.execute("DELETE FROM events WHERE seq NOT IN (SELECT event_seq FROM deliveries)")
             attempts = c.execute("DELETE FROM attempts WHERE at < ?", (now - attempt_retention,)).rowcount
-            snapshots = c.execute(
-                "DELETE FROM leads WHERE changed_at < ?", (now - snapshot_retention,)
-            ).rowcount
+            snapshots = c.execute("DELETE FROM leads WHERE changed_at < ?", (now - snapshot_retention,)).rowcount
         return {"deliveries": delivered, "attempts": attempts, "snapshots": snapshots}
 
     def integrity_check(self) -> str:
