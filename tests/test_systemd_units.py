@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
+MAX_EXPOSURE = 1.2
+# (shipped file, the unit name it is checked under: templates need an instance)
+UNITS = [
+    ("convertr-watcher.service", "convertr-watcher.service"),
+    ("convertr-watcher@.service", "convertr-watcher@acme.service"),
+]
+BINARY = "/opt/convertr-watcher/bin/convertr-watcher"
+
+
+def analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    assert path is not None, "systemd-analyze is required for these tests (apt-get install systemd)"
+    return path
+
+
+def checkable_copy(shipped: str, name: str, tmp_path: Path) -> Path:
+    """The unit under its instance name, with ExecStart pointing at a binary that exists here."""
+    text = (SYSTEMD_DIR / shipped).read_text()
+    assert f"ExecStart={BINARY} " in text
+    copy = tmp_path / name
+    copy.write_text(text.replace(f"ExecStart={BINARY} ", f"ExecStart={sys.executable} "))
+    return copy
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [analyze(), "--no-pager", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def service_section(shipped: str) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    # Repeated keys (LoadCredential=, Environment=) are legal in units; keep the last for lookups.
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((SYSTEMD_DIR / shipped).read_text())
+    return parser
+
+
+@pytest.mark.parametrize(("shipped", "name"), UNITS)
+def test_security_exposure_is_at_most_1_2(shipped: str, name: str, tmp_path: Path) -> None:
+    """`systemd-analyze security --offline` rates each unit 1.2 or better."""
+    unit = checkable_copy(shipped, name, tmp_path)
+    result = run("security", "--offline=true", str(unit))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
+    assert match is not None, output
+    assert float(match.group(1)) <= MAX_EXPOSURE, output
+
+
+@pytest.mark.parametrize(("shipped", "name"), UNITS)
+def test_verify_reports_nothing(shipped: str, name: str, tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the unit without a single remark."""
+    unit = checkable_copy(shipped, name, tmp_path)
+    result = run("verify", "--man=no", str(unit))
+    output = (result.stdout + result.stderr).strip()
+    about_us = [line for line in output.splitlines() if "convertr-watcher" in line or str(tmp_path) in line]
+    assert about_us == [], output
+    assert result.returncode == 0, output
+
+
+@pytest.mark.parametrize(
+    ("shipped", "config", "state", "creds"),
+    [
+        (
+            "convertr-watcher.service",
+            "/etc/convertr-watcher/config.toml",
+            "convertr-watcher",
+            "/run/credentials/convertr-watcher.service/",
+        ),
+        (
+            "convertr-watcher@.service",
+            "/etc/convertr-watcher/%i.toml",
+            "convertr-watcher/%i",
+            "/run/credentials/convertr-watcher@acme.service/",
+        ),
+    ],
+)
+def test_unit_runs_the_daemon_as_a_watched_notify_service(
+    shipped: str, config: str, state: str, creds: str
+) -> None:
+    """The daemon's contract with systemd: notify, watchdog, restarts, exit 78, directories, secrets."""
+    service = service_section(shipped)["Service"]
+    assert service["ExecStart"] == f"{BINARY} run -c {config}"
+    assert service["Type"] == "notify"
+    assert service["WatchdogSec"]
+    assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "78"
+    assert service["DynamicUser"] == "yes"
+    assert service["StateDirectory"] == state
+    assert service["ConfigurationDirectory"] == "convertr-watcher"
+    assert service["TimeoutStopSec"]
+    text = (SYSTEMD_DIR / shipped).read_text()
+    assert "Environment=PYTHONUNBUFFERED=1" in text
+    credentials = re.findall(r"^LoadCredential=([\w-]+):", text, re.M)
+    assert credentials, "secrets come in through LoadCredential="
+    for credential in credentials:
+        assert f"{creds}{credential}" in text, f"the header must document where {credential} appears"
