@@ -1,0 +1,177 @@
+"""Where events go: the Sink protocol, the attempt record, and the HTTP plumbing sinks share.
+
+A sink turns one attempt into either an `Attempt` (the receiver has the events) or one of the
+delivery errors (`DeliveryError`, `Throttled`, `SinkGone`); the outbox decides what happens next.
+Sink URLs may themselves be secrets (Slack hooks are), so nothing here ever puts a URL, or
+anything derived from one, into a message or an excerpt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+
+from watcher.clock import Clock
+from watcher.config import SinkConfig
+from watcher.errors import DeliveryError
+from watcher.events import Event
+from watcher.pii import strip_pii
+
+EXCERPT_LIMIT = 512
+# A refused connection right after a receiver restart often succeeds a moment later; anything
+# longer than this blip is the outbox's job, on the sink's schedule.
+CONNECT_RETRY_WAIT = 0.2
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one successful delivery attempt looked like, for the attempt log."""
+
+    status: int | None
+    duration: float
+    response_excerpt: str  # at most EXCERPT_LIMIT characters, with the sink URL redacted
+
+
+class Sink(Protocol):
+    name: str
+    config: SinkConfig
+    max_batch: int  # events per deliver() call: 1 for webhooks, more for a Slack digest
+    min_interval: float  # seconds to leave between two sends to this sink
+
+    async def deliver(self, events: Sequence[Event]) -> Attempt:
+        """Send the events once; raise DeliveryError, Throttled or SinkGone on failure."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def render_data(event: Event, config: SinkConfig) -> Mapping[str, Any]:
+    """The `data` this sink may see: personal fields removed unless `include_pii`."""
+    return event.data if config.include_pii else strip_pii(event.data)
+
+
+def build_sink(config: SinkConfig, *, client: httpx.AsyncClient | None = None, clock: Clock, version: str) -> Sink:
+    """The sink for `config.type`; a passed client is shared (and not closed by the sink)."""
+    # Imported here: both sink modules import this one for Attempt and the HTTP helpers.
+    if config.type == "webhook":
+        from watcher.sinks.webhook import WebhookSink
+
+        return WebhookSink(config, client=client, clock=clock, version=version)
+    if config.type == "slack":
+        from watcher.sinks.slack import SlackSink
+
+        return SlackSink(config, client=client, clock=clock, version=version)
+    raise ValueError(f"unknown sink type {config.type!r}")
+
+
+def excerpt(text: str, secret_url: str, limit: int = EXCERPT_LIMIT) -> str:
+    """A response body fit for the attempt log: the URL and its parts redacted, at most `limit` chars."""
+    needles = [secret_url]
+    try:
+        url = httpx.URL(secret_url)
+        needles += [url.raw_path.decode("ascii", "replace"), url.path, url.query.decode("ascii", "replace")]
+    except httpx.InvalidURL:
+        pass
+    redacted = text
+    # Longest first, so the full URL is replaced before its parts; "/" alone is not worth hiding.
+    for needle in sorted({n for n in needles if len(n) > 1}, key=len, reverse=True):
+        redacted = redacted.replace(needle, "[redacted]")
+    return redacted if len(redacted) <= limit else redacted[: limit - 1] + "…"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _root_os_error(exc: BaseException) -> OSError | None:
+    """The innermost OSError under an httpx error (anyio wraps the real one in a generic OSError)."""
+    found: OSError | None = None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
+
+
+_ERRNO_TEXT = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by the receiver",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EHOSTUNREACH: "host unreachable",
+}
+
+
+def _describe_transport_error(exc: httpx.TransportError, timeout: float) -> str:
+    # Messages are built from the exception's class and errno, never its text: httpx and the OS
+    # may quote the host or URL, and a URL can be a secret.
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"connect timed out after {_seconds(timeout)}"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out after {_seconds(timeout)}"
+    root = _root_os_error(exc)
+    if isinstance(root, socket.gaierror):
+        return "host name did not resolve"
+    if isinstance(root, ssl.SSLError):
+        return "TLS handshake failed"
+    if root is not None and root.errno in _ERRNO_TEXT:
+        return _ERRNO_TEXT[root.errno]
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "receiver closed the connection without a valid response"
+    if isinstance(exc, httpx.ProxyError):
+        return "proxy error"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection failed"
+    return f"transport error ({type(exc).__name__})"
+
+
+async def post(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    build: Callable[[], tuple[bytes, dict[str, str]]],
+    timeout: float,
+    clock: Clock,
+) -> tuple[httpx.Response, float]:
+    """POST `build()` -> (body, headers) to `url`; (response, seconds taken) or DeliveryError(status=None).
+
+    `build` is called per try so each try carries its own timestamp and signature.
+    """
+    started = clock.monotonic()
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(httpx.ConnectError),
+            stop=stop_after_attempt(2),
+            wait=wait_fixed(CONNECT_RETRY_WAIT),
+            sleep=clock.sleep,
+            reraise=True,
+        ):
+            with attempt:
+                body, headers = build()
+                # httpx's timeout is per phase (a trickling receiver resets the read timer), so the
+                # whole exchange is bounded too.
+                async with asyncio.timeout(timeout):
+                    response = await client.post(
+                        url,
+                        content=body,
+                        headers=headers,
+                        timeout=httpx.Timeout(timeout),
+                        follow_redirects=False,
+                    )
+    except TimeoutError:
+        raise DeliveryError(f"timed out after {_seconds(timeout)}") from None
+    except httpx.TransportError as exc:
+        raise DeliveryError(_describe_transport_error(exc, timeout)) from None
+    except httpx.InvalidURL:
+        raise DeliveryError("sink URL is not a valid http(s) URL") from None
+    return response, clock.monotonic() - started

@@ -1,0 +1,81 @@
+"""The Standard Webhooks sink: one signed POST per event, classified by the answer's status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+
+from watcher.clock import Clock
+from watcher.config import SinkConfig
+from watcher.errors import DeliveryError, SinkGone, Throttled
+from watcher.events import Event
+from watcher.schedule import retry_after_seconds
+from watcher.signing import decode_secret, webhook_headers
+from watcher.sinks import Attempt, excerpt, post, render_data
+
+# Longest Retry-After honoured as given; the outbox clamps it further against the schedule.
+RETRY_AFTER_CAP = 86_400.0
+
+
+def classify(response: httpx.Response, *, now: float) -> DeliveryError | None:
+    """None for a 2xx; otherwise the error the outbox should see (Standard Webhooks status rules)."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    retry_after = retry_after_seconds(response.headers.get("retry-after"), now, RETRY_AFTER_CAP)
+    # The receiver's body stays out of the message: it may echo the payload's personal data back,
+    # and these messages end up in logs and the attempt log.
+    what = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
+    if 300 <= status < 400:
+        # The Location is not quoted: it may carry the same secrets as the configured URL.
+        return DeliveryError(f"{what}: redirects are not followed; update the sink URL", status=status)
+    if status == 410:
+        return SinkGone(f"{what}: the receiver has gone away", status=status)
+    if status == 429 or (status == 503 and retry_after is not None):
+        return Throttled(what, status=status, retry_after=retry_after)
+    return DeliveryError(what, status=status, retry_after=retry_after)
+
+
+class WebhookSink:
+    """POSTs one event at a time, signed with every configured key."""
+
+    max_batch = 1
+    min_interval = 0.0
+
+    def __init__(self, config: SinkConfig, *, client: httpx.AsyncClient | None, clock: Clock, version: str) -> None:
+        self.name = config.name
+        self.config = config
+        self._clock = clock
+        self._version = version
+        self._keys = tuple(decode_secret(s) for s in config.secrets)
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(follow_redirects=False, timeout=config.timeout)
+
+    async def deliver(self, events: Sequence[Event]) -> Attempt:
+        """POST the single event; the body is rendered once and signed exactly as sent."""
+        if len(events) != 1:
+            raise ValueError(f"a webhook sink delivers one event at a time, got {len(events)}")
+        event = events[0]
+        body = event.body(render_data(event, self.config))
+
+        def build() -> tuple[bytes, dict[str, str]]:
+            # The timestamp is per attempt (the spec's replay window), the id and body are not.
+            stamp = int(self._clock.now())
+            return body, webhook_headers(event.id, stamp, body, self._keys, self._version)
+
+        response, duration = await post(
+            self._client, self.config.url, build=build, timeout=self.config.timeout, clock=self._clock
+        )
+        error = classify(response, now=self._clock.now())
+        if error is not None:
+            raise error
+        return Attempt(
+            status=response.status_code,
+            duration=duration,
+            response_excerpt=excerpt(response.text, self.config.url),
+        )
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._client.aclose()
