@@ -1,0 +1,517 @@
+"""The async Convertr API v4 client: login, paged collection reads, retries and the request budget.
+
+Every httpx failure is translated here into the `watcher.errors` tree, so nothing above this
+module sees httpx exceptions. Error texts carry the status, the path (never the query string,
+which may hold filter values) and a short reason from the body; never a token or the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from watcher import __version__
+from watcher.clock import Clock, SystemClock
+from watcher.config import ConvertrConfig
+from watcher.errors import ApiError, AuthError, MalformedResponse, RateLimited, TransientError
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+LOGIN_PATH = "/api/login"
+COLLECTION_PREFIX = "/api/v4/"
+
+WINDOW_SECONDS = 300.0
+LOGINS_PER_WINDOW = 20  # Convertr allows 100; a healthy daemon needs about one an hour
+RETRY_ATTEMPTS = 5
+RETRY_TOTAL_SECONDS = 120.0
+RETRY_AFTER_CAP = 60.0
+BACKOFF = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
+
+# Status codes that may pass by themselves. 500 is included on purpose: API Platform masks every
+# unhandled exception as a bare 500 (deadlocks, lost DB connections, upstream timeouts look the
+# same), and every request we retry is an idempotent read or a login that only mints a new token,
+# so one more try is safe and the attempt cap keeps a persistent 500 from looping.
+TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+
+_COLLECTION_NAME = re.compile(r"[a-z][a-z0-9-]*")
+_RESERVED_PARAMS = frozenset({"page", "itemsPerPage", "access_token"})
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a collection as the server sent it."""
+
+    number: int
+    members: list[dict[str, Any]]
+    total: int | None
+    last_page: int | None
+    server_date: datetime | None
+    search_variables: frozenset[str]
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or HTTP date), capped; None if absent."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+def parse_http_date(value: str | None) -> datetime | None:
+    """An HTTP Date header as an aware UTC datetime, or None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
+
+
+def page_of(iri: object) -> int | None:
+    """The `page` query parameter of a hydra view IRI."""
+    if not isinstance(iri, str):
+        return None
+    values = parse_qs(urlsplit(iri).query).get("page")
+    if not values:
+        return None
+    try:
+        return int(values[-1])
+    except ValueError:
+        return None
+
+
+def template_variables(search: object) -> frozenset[str]:
+    """The variable names of a hydra:search IRI template such as `/api/v4/leads{?id,id[]}`."""
+    if not isinstance(search, dict):
+        return frozenset()
+    template = search.get("hydra:template", search.get("template"))
+    if not isinstance(template, str):
+        return frozenset()
+    match = re.search(r"\{\?([^}]*)\}", template)
+    if not match:
+        return frozenset()
+    return frozenset(name.strip() for name in match.group(1).split(",") if name.strip())
+
+
+def _pick(body: Mapping[str, Any], name: str) -> Any:
+    """A Hydra key, prefixed or not (API Platform 4 may drop the `hydra:` prefix)."""
+    prefixed = f"hydra:{name}"
+    return body[prefixed] if prefixed in body else body.get(name)
+
+
+def parse_collection(
+    body: object, number: int, items_per_page: int, server_date: datetime | None, endpoint: str
+) -> tuple[Page, bool]:
+    """A collection document as a `Page`, plus whether it carried a view; raises MalformedResponse."""
+    if not isinstance(body, dict):
+        raise MalformedResponse(f"Convertr GET {endpoint}: the body is not a JSON object", status=200)
+    members = _pick(body, "member")
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise MalformedResponse(f"Convertr GET {endpoint}: no member list in the collection", status=200)
+    raw_total = _pick(body, "totalItems")
+    total = raw_total if isinstance(raw_total, int) and not isinstance(raw_total, bool) else None
+    view = _pick(body, "view")
+    has_view = isinstance(view, dict)
+    last_page = page_of(_pick(view, "last")) if isinstance(view, dict) else None
+    if last_page is None and total is not None and items_per_page > 0:
+        last_page = max(1, math.ceil(total / items_per_page))
+    page = Page(
+        number=number,
+        members=members,
+        total=total,
+        last_page=last_page,
+        server_date=server_date,
+        search_variables=template_variables(_pick(body, "search")),
+    )
+    return page, has_view
+
+
+def is_last(page: Page, has_view: bool, items_per_page: int) -> bool:
+    """Whether a walk ends after this page; `hydra:next` is ignored because old servers emit it forever."""
+    if not page.members:
+        return True
+    if page.last_page is not None and page.number >= page.last_page:
+        return True
+    return not has_view and len(page.members) < items_per_page
+
+
+def query_pairs(params: Mapping[str, str | Sequence[str]] | None) -> list[tuple[str, str]]:
+    """Filter params as ordered pairs, a list value becoming repeated keys (`campaign.id[]`)."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in (params or {}).items():
+        if key in _RESERVED_PARAMS:
+            raise ValueError(f"{key} is set by the client, not by the caller")
+        if isinstance(value, str):
+            pairs.append((key, value))
+        else:
+            pairs.extend((key, str(item)) for item in value)
+    return pairs
+
+
+def body_reason(response: httpx.Response, secrets: Sequence[str]) -> str:
+    """A one-line reason from an error body (`hydra:description`, `error`, ...), secrets masked."""
+    reason = ""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        parts = [
+            body[key]
+            for key in ("hydra:description", "description", "detail", "error", "error_description")
+            if isinstance(body.get(key), str) and body[key]
+        ]
+        reason = ": ".join(dict.fromkeys(parts))
+    if not reason:
+        reason = response.reason_phrase or ""
+    for secret in secrets:
+        if secret:
+            reason = reason.replace(secret, "***")
+    return " ".join(reason.split())[:200]
+
+
+class RollingWindow:
+    """At most `limit` events in any `window` seconds of the injected monotonic clock."""
+
+    def __init__(self, limit: int, window: float, clock: Clock) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._times: deque[float] = deque()
+
+    def delay(self, now: float) -> float:
+        """Seconds until one more event fits (0 when it fits now)."""
+        while self._times and self._times[0] <= now - self.window:
+            self._times.popleft()
+        if len(self._times) < self.limit:
+            return 0.0
+        return self._times[0] + self.window - now
+
+    async def acquire(self) -> None:
+        """Take a slot, sleeping through the clock until one frees."""
+        while True:
+            now = self._clock.monotonic()
+            wait = self.delay(now)
+            if wait <= 0:
+                self._times.append(now)
+                return
+            log.debug("convertr.budget_wait", seconds=round(wait, 3), limit=self.limit)
+            await self._clock.sleep(wait)
+
+
+# ---------------------------------------------------------------- the client
+
+
+class ConvertrClient:
+    """One long-lived HTTP client for one Convertr enterprise; use as an async context manager."""
+
+    def __init__(
+        self,
+        config: ConvertrConfig,
+        *,
+        clock: Clock | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_response: Callable[[str, int | None, float], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._clock: Clock = clock or SystemClock()
+        self._on_response = on_response
+        self._http = httpx.AsyncClient(
+            base_url=config.base_url.rstrip("/"),
+            transport=transport,
+            timeout=httpx.Timeout(config.timeout),
+            follow_redirects=False,
+            headers={"Accept": "application/ld+json", "User-Agent": f"convertr-watcher/{__version__}"},
+        )
+        self._token: str | None = None
+        self._refresh_at = 0.0  # monotonic time after which the token is renewed before use
+        self._login_lock = asyncio.Lock()
+        self._in_flight = asyncio.Semaphore(max(1, config.max_in_flight))
+        self._budget = RollingWindow(config.request_budget, WINDOW_SECONDS, self._clock)
+        self._login_budget = RollingWindow(LOGINS_PER_WINDOW, WINDOW_SECONDS, self._clock)
+        self.request_count = 0
+
+    async def __aenter__(self) -> ConvertrClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    # -- public reads
+
+    async def login(self) -> None:
+        """Log in now (with retries on transient failures); raises AuthError when refused."""
+        await self._retrying(self._login_shared, None)
+
+    async def pages(
+        self,
+        collection: str,
+        params: Mapping[str, str | Sequence[str]] | None = None,
+        *,
+        start_page: int = 1,
+    ) -> AsyncIterator[Page]:
+        """Walk a collection page by page, holding one page at a time."""
+        pairs = query_pairs(params)
+        size = self._config.items_per_page
+        number = max(1, start_page)
+        while True:
+            page, has_view = await self._fetch(collection, pairs, number, size)
+            yield page
+            if is_last(page, has_view, size):
+                return
+            number += 1
+
+    async def first_page(
+        self,
+        collection: str,
+        params: Mapping[str, str | Sequence[str]] | None = None,
+        items_per_page: int | None = None,
+    ) -> Page:
+        """Page 1 only: one request, e.g. `itemsPerPage=1` to read hydra:search or the newest id."""
+        size = self._config.items_per_page if items_per_page is None else items_per_page
+        page, _ = await self._fetch(collection, query_pairs(params), 1, size)
+        return page
+
+    async def server_time(self, collection: str = "leads") -> datetime:
+        """The server's clock, from the Date header of a one-item read."""
+        page = await self.first_page(collection, items_per_page=1)
+        if page.server_date is None:
+            raise MalformedResponse(f"Convertr GET {COLLECTION_PREFIX}{collection}: no Date header")
+        return page.server_date
+
+    # -- paging
+
+    async def _fetch(self, collection: str, pairs: list[tuple[str, str]], number: int, size: int) -> tuple[Page, bool]:
+        if not _COLLECTION_NAME.fullmatch(collection):
+            raise ValueError(f"not a collection name: {collection!r}")
+        path = f"{COLLECTION_PREFIX}{collection}"
+        query = [*pairs, ("itemsPerPage", str(size)), ("page", str(number))]
+
+        async def attempt() -> tuple[Page, bool]:
+            response = await self._authed_get(path, query)
+            body = self._json(response, "GET", path)
+            return parse_collection(body, number, size, parse_http_date(response.headers.get("Date")), path)
+
+        return await self._retrying(attempt, path)
+
+    # -- retries
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], path: str | None) -> T:
+        started = self._clock.monotonic()
+
+        # Stop before a sleep would cross the total bound: waiting only to give up helps nobody.
+        def stop(state: RetryCallState) -> bool:
+            elapsed = self._clock.monotonic() - started
+            return state.attempt_number >= RETRY_ATTEMPTS or elapsed + state.upcoming_sleep > RETRY_TOTAL_SECONDS
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            # The server said when its window reopens; jitter only matters for our own guesses.
+            if isinstance(error, TransientError) and error.retry_after is not None:
+                return min(max(error.retry_after, 0.0), RETRY_AFTER_CAP)
+            return float(BACKOFF(state))
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.debug(
+                "convertr.retry",
+                endpoint=path or LOGIN_PATH,
+                attempt=state.attempt_number,
+                wait=round(state.upcoming_sleep, 3),
+                error=str(error),
+            )
+
+        retrying = AsyncRetrying(
+            sleep=self._clock.sleep,
+            stop=stop,
+            wait=wait,
+            retry=retry_if_exception_type(TransientError),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        result: T = await retrying(attempt)
+        return result
+
+    # -- authentication
+
+    async def _login_shared(self) -> None:
+        async with self._login_lock:
+            await self._login_once()
+
+    async def _token_for_request(self) -> str:
+        token = self._token
+        if token is not None and self._clock.monotonic() < self._refresh_at:
+            return token
+        # Concurrent callers queue on the lock and find the token the first one fetched.
+        async with self._login_lock:
+            if self._token is None or self._clock.monotonic() >= self._refresh_at:
+                await self._login_once()
+            return self._current_token()
+
+    async def _token_after_401(self, rejected: str) -> str:
+        async with self._login_lock:
+            if self._token is None or self._token == rejected:
+                self._token = None
+                await self._login_once()
+            return self._current_token()
+
+    def _current_token(self) -> str:
+        if self._token is None:  # _login_once either sets it or raises
+            raise AuthError("Convertr login produced no token")
+        return self._token
+
+    async def _login_once(self) -> None:
+        username = self._config.username
+        await self._login_budget.acquire()
+        sent_at = self._clock.monotonic()
+        response = await self._send("POST", LOGIN_PATH, data={"username": username, "password": self._config.password})
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = None
+        status = response.status_code
+        if isinstance(body, dict) and (body.get("mfa_token") or str(body.get("error", "")).lower() == "mfa required"):
+            raise AuthError(
+                f"Convertr asks for multi-factor authentication for {username}, which the watcher cannot "
+                "answer: use an API user without MFA",
+                status=status,
+            )
+        if status in (400, 401, 403):
+            code = body.get("error") if isinstance(body, dict) else None
+            if not (isinstance(code, str) and re.fullmatch(r"[A-Za-z_ ]{1,40}", code)):
+                code = "invalid_grant" if status != 403 else "forbidden"
+            raise AuthError(f"Convertr refused the login for {username}: {code}", status=status)
+        self._raise_for_status(response, "POST", LOGIN_PATH)
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"Convertr POST {LOGIN_PATH}: the body is not a JSON object", status=status)
+        token = body.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise MalformedResponse(f"Convertr POST {LOGIN_PATH}: no access_token in the answer", status=status)
+        if body.get("password_expired") is True:
+            raise AuthError(
+                f"The Convertr password of {username} has expired: change it in Convertr, "
+                "then update the watcher's convertr password setting",
+                status=status,
+            )
+        raw_lifetime = body.get("expires_in")
+        lifetime = (
+            float(raw_lifetime)
+            if isinstance(raw_lifetime, int | float) and not isinstance(raw_lifetime, bool) and raw_lifetime > 0
+            else 3600.0
+        )
+        self._token = token
+        # Renew a little early so a token never expires between our check and the server's.
+        self._refresh_at = sent_at + lifetime - min(60.0, 0.1 * lifetime)
+        log.debug("convertr.logged_in", expires_in=lifetime)
+
+    # -- one HTTP exchange
+
+    async def _authed_get(self, path: str, query: list[tuple[str, str]]) -> httpx.Response:
+        token = await self._token_for_request()
+        response = await self._send("GET", path, params=query, token=token)
+        if response.status_code == 401:
+            token = await self._token_after_401(token)
+            response = await self._send("GET", path, params=query, token=token)
+            if response.status_code == 401:
+                reason = body_reason(response, self._secrets())
+                raise AuthError(f"Convertr GET {path}: 401 even with a fresh token ({reason})", status=401)
+        self._raise_for_status(response, "GET", path)
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: list[tuple[str, str]] | None = None,
+        data: dict[str, str] | None = None,
+        token: str | None = None,
+    ) -> httpx.Response:
+        await self._budget.acquire()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with self._in_flight:
+            self.request_count += 1
+            started = self._clock.monotonic()
+            status: int | None = None
+            try:
+                # httpx timeouts are per socket operation; this bounds the whole exchange.
+                async with asyncio.timeout(self._config.timeout):
+                    response = await self._http.request(
+                        method,
+                        path,
+                        params=tuple(params) if params else None,
+                        data=data,
+                        headers=headers,
+                    )
+                status = response.status_code
+            except (TimeoutError, httpx.TimeoutException) as exc:
+                raise TransientError(f"Convertr {method} {path}: timed out") from exc
+            except httpx.UnsupportedProtocol as exc:
+                raise ApiError(f"Convertr {method} {path}: unsupported URL scheme in base_url") from exc
+            except httpx.RequestError as exc:
+                raise TransientError(f"Convertr {method} {path}: {type(exc).__name__}") from exc
+            finally:
+                if self._on_response is not None:
+                    self._on_response(path, status, self._clock.monotonic() - started)
+        log.debug("convertr.response", method=method, endpoint=path, status=status)
+        return response
+
+    def _raise_for_status(self, response: httpx.Response, method: str, path: str) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        reason = body_reason(response, self._secrets())
+        message = f"Convertr {method} {path}: {status} {reason}".rstrip()
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock.now())
+        if status == 429:
+            raise RateLimited(message, status=status, retry_after=retry_after)
+        if status in TRANSIENT_STATUSES:
+            raise TransientError(message, status=status, retry_after=retry_after)
+        raise ApiError(message, status=status)
+
+    def _json(self, response: httpx.Response, method: str, path: str) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise MalformedResponse(
+                f"Convertr {method} {path}: {response.status_code} with a body that is not JSON",
+                status=response.status_code,
+            ) from exc
+
+    def _secrets(self) -> list[str]:
+        return [s for s in (self._token, self._config.password) if s]
