@@ -109,8 +109,13 @@ def newest(raws: Sequence[str | None], start: str | None = None) -> str | None:
 # --- lead snapshots and diffs ---------------------------------------------------------------
 
 
-def without_context(doc: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k != "@context"}
+# Campaign documents carry credentials of their own (the intake webhook key, a Facebook token):
+# they are never forwarded to receivers.
+CAMPAIGN_SECRETS = frozenset({"apiKey", "facebookSystemUserAccessToken"})
+
+
+def without_context(doc: Mapping[str, Any], drop: frozenset[str] = frozenset()) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k != "@context" and k not in drop}
 
 
 def snapshot(lead: Mapping[str, Any], track: Sequence[str]) -> dict[str, Any]:
@@ -203,7 +208,7 @@ def campaign_created(campaign: Mapping[str, Any], detected_at: str) -> Event:
         id=event_id(CAMPAIGN_CREATED, resource, ""),
         type=CAMPAIGN_CREATED,
         timestamp=detected_at,
-        data={"campaign": without_context(campaign)},
+        data={"campaign": without_context(campaign, CAMPAIGN_SECRETS)},
         resource=resource,
         campaign_id=campaign["id"],
     )
@@ -218,7 +223,7 @@ def campaign_status_changed(
         id=event_id(CAMPAIGN_STATUS_CHANGED, resource, f"{transition}:{old}->{new}"),
         type=CAMPAIGN_STATUS_CHANGED,
         timestamp=detected_at,
-        data={"campaign": without_context(campaign), "from": old, "to": new},
+        data={"campaign": without_context(campaign, CAMPAIGN_SECRETS), "from": old, "to": new},
         resource=resource,
         campaign_id=campaign["id"],
     )

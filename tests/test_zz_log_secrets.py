@@ -1,0 +1,32 @@
+"""The log-secrets scan: no line the suite emitted carries a password, token, key or hook URL.
+
+Collected last, so it reads the lines of every earlier test (subprocesses included, through the
+capture file set in conftest.py).
+"""
+
+from __future__ import annotations
+
+import base64
+
+from tests.conftest import CAPTURE
+from tests.support.daemon import PASSWORD, WEBHOOK_KEY, WEBHOOK_KEY_2
+
+
+def _forms(secret: str) -> set[str]:
+    forms = {secret}
+    if secret.startswith("whsec_"):
+        forms.add(secret.removeprefix("whsec_"))
+        forms.add(base64.b64decode(secret.removeprefix("whsec_")).decode(errors="ignore"))
+    return {f for f in forms if len(f) >= 8}
+
+
+def test_no_secret_in_any_log_line() -> None:
+    """Every captured log line is free of the suite's passwords, webhook keys and Slack hook paths."""
+    assert CAPTURE.exists(), "no log line was captured: the capture hook is not wired"
+    text = CAPTURE.read_text()
+    assert text.count("\n") > 50, "suspiciously few log lines captured"
+    secrets = set()
+    for secret in (PASSWORD, WEBHOOK_KEY, WEBHOOK_KEY_2, "T0FAKE000/B0FAKE000/abcdefghijklmnopqrstuvwx"):
+        secrets |= _forms(secret)
+    leaks = [s for s in secrets if s in text]
+    assert leaks == [], f"secrets found in logs: {len(leaks)} distinct values"

@@ -1,0 +1,331 @@
+"""The `convertr-watcher` command line.
+
+Exit codes: 0 ok, 1 runtime failure, 78 configuration error (EX_CONFIG: systemd's
+RestartPreventExitStatus keeps a bad config from restart-looping). A user mistake prints one
+line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from watcher import __version__
+from watcher.clock import SystemClock
+from watcher.config import Config, load_config
+from watcher.errors import AuthError, ConfigError, StateError, WatcherError
+from watcher.logs import configure_logging
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
+PROG = "convertr-watcher"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    configure_logging(config.log.level, config.log.format, secrets=config.secret_values())
+    return config
+
+
+def _ts(value: float | None) -> str:
+    return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds") if value else "-"
+
+
+def _age(now: float, value: float | None) -> str:
+    if not value:
+        return "-"
+    seconds = int(now - value)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _time_arg(text: str) -> float:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from watcher.daemon import run_daemon
+    from watcher.notify import Notifier
+
+    config = _load(args)
+    return asyncio.run(run_daemon(config, SystemClock(), Notifier.from_environ(os.environ)))
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    from watcher.daemon import run_once
+
+    config = _load(args)
+    progress = _progress_bar() if sys.stderr.isatty() else None
+    return asyncio.run(run_once(config, SystemClock(), progress=progress))
+
+
+def _progress_bar() -> Any:
+    def show(done: int, total: int | None) -> None:
+        if total:
+            width = 30
+            filled = min(width, int(width * done / max(total, 1)))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} leads")
+        else:
+            sys.stderr.write(f"\r{done} leads")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{args.config}: valid")
+    print(f"  convertr: {config.convertr.base_url} as {config.convertr.username}")
+    for sink in config.sinks:
+        state = "enabled" if sink.enabled else "disabled in config"
+        print(f"  sink {sink.name}: {sink.type}, {len(sink.events)} event types, {state}")
+    if not config.sinks:
+        print("  warning: no sinks configured; events are detected and kept, but go nowhere")
+    if args.connect:
+        from watcher.convertr import ConvertrClient
+
+        async def connect() -> None:
+            async with ConvertrClient(config.convertr, clock=SystemClock()) as client:
+                await client.login()
+                await client.first_page("leads", {}, items_per_page=1)
+
+        try:
+            asyncio.run(connect())
+        except AuthError as exc:
+            return _fail(f"convertr: {exc}", EXIT_CONFIG)
+        except WatcherError as exc:
+            return _fail(f"convertr: cannot reach the API: {exc}", EXIT_FAILURE)
+        print("  login: ok; leads readable")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from watcher.outbox import FAILING_ALERT_AFTER
+    from watcher.store import Store
+
+    config = _load(args)
+    store = Store.open(config.state.path)
+    now = SystemClock().now()
+    try:
+        streams = [
+            {
+                "stream": c.stream,
+                "cursor": c.cursor,
+                "last_poll_at": _ts(c.last_poll_at) if c.last_poll_at else None,
+                "last_success_at": _ts(c.last_success_at) if c.last_success_at else None,
+                "last_poll_age_s": round(now - c.last_poll_at, 1) if c.last_poll_at else None,
+                "last_error": c.last_error,
+                "polls": c.polls,
+            }
+            for c in store.cursors()
+        ]
+        sinks: list[dict[str, Any]] = []
+        for s in store.sink_states([s.name for s in config.sinks]):
+            failing = s.failing_since is not None and now - s.failing_since >= FAILING_ALERT_AFTER
+            sinks.append(
+                {
+                    "sink": s.name,
+                    "configured": any(c.name == s.name for c in config.sinks),
+                    "pending": s.pending,
+                    "dead": s.dead,
+                    "delivered": s.delivered,
+                    "oldest_pending_age_s": round(now - s.oldest_pending_at, 1) if s.oldest_pending_at else None,
+                    "last_success_at": _ts(s.last_success_at) if s.last_success_at else None,
+                    "disabled": s.disabled_at is not None,
+                    "disabled_reason": s.disabled_reason,
+                    "failing_since": _ts(s.failing_since) if s.failing_since else None,
+                    "failing": failing,
+                }
+            )
+        leads = store.lead_count()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"streams": streams, "sinks": sinks, "tracked_leads": leads}, indent=2))
+        return EXIT_OK
+    print(f"{'STREAM':<16} {'CURSOR':<26} {'LAST POLL':<10} {'POLLS':>6}  ERROR")
+    for st in streams:
+        age = f"{int(st['last_poll_age_s'])}s ago" if st["last_poll_age_s"] is not None else "never"
+        print(f"{st['stream']:<16} {st['cursor'] or '-':<26} {age:<10} {st['polls']:>6}  {st['last_error'] or ''}")
+    print()
+    print(f"{'SINK':<16} {'PENDING':>8} {'DEAD':>6} {'OLDEST':>7}  {'LAST SUCCESS':<26} STATE")
+    for sk in sinks:
+        state = "disabled" if sk["disabled"] else ("FAILING" if sk["failing"] else "ok")
+        if not sk["configured"]:
+            state += " (not in config)"
+        oldest = f"{int(sk['oldest_pending_age_s'])}s" if sk["oldest_pending_age_s"] is not None else "-"
+        print(
+            f"{sk['sink']:<16} {sk['pending']:>8} {sk['dead']:>6} {oldest:>7}  "
+            f"{sk['last_success_at'] or '-':<26} {state}"
+        )
+    print(f"\n{leads} leads tracked")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from watcher.store import DEAD, DELIVERED, Store
+
+    config = _load(args)
+    for name in args.sink or []:
+        if name not in {s.name for s in config.sinks}:
+            return _fail(f"--sink: no sink named {name!r} in {args.config}", EXIT_CONFIG)
+    if not (args.sink or args.event or args.since is not None or args.until is not None or args.all):
+        return _fail("replay: say what to re-queue: --sink, --event, --since/--until, or --all", 2)
+    statuses = [DEAD, DELIVERED] if args.delivered else [DEAD]
+    store = Store.open(config.state.path)
+    try:
+        count = store.replay(
+            SystemClock().now(),
+            sinks=args.sink or (),
+            event_ids=args.event or (),
+            since=args.since,
+            until=args.until,
+            statuses=statuses,
+        )
+    finally:
+        store.close()
+    print(f"re-queued {count} deliveries")
+    return EXIT_OK
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    from watcher.sendtest import send_test
+
+    config = _load(args)
+    try:
+        sink = config.sink(args.sink)
+    except KeyError:
+        return _fail(f"--sink: no sink named {args.sink!r} in {args.config}", EXIT_CONFIG)
+    ok, line = asyncio.run(send_test(sink, SystemClock()))
+    print(line)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from watcher.simulator import run_simulator
+
+    print(f"Convertr API simulator on http://127.0.0.1:{args.port} (login {args.username} / {args.password})")
+    run_simulator(
+        args.port,
+        args.seed,
+        args.username,
+        args.password,
+        campaigns=args.campaigns,
+        leads=args.leads,
+        rate_limit=not args.no_rate_limit,
+        timezone=args.timezone,
+    )
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from watcher.demo import run_demo
+
+    return run_demo(duration=args.duration, seed=args.seed, rate=args.rate)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from watcher.simulator import DEFAULT_PASSWORD, DEFAULT_PORT, DEFAULT_USERNAME
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Watch a Convertr enterprise for new and changed leads and campaign status changes, "
+        "and deliver each change as a signed webhook or a Slack message.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="the TOML configuration file")
+        return p
+
+    p = with_config("run", "run the daemon: poll and deliver until SIGTERM/SIGINT, then exit 0")
+    p.set_defaults(func=cmd_run)
+    p = with_config("once", "poll every enabled stream once, make one delivery pass, exit (0 when all succeeded)")
+    p.set_defaults(func=cmd_once)
+    p = with_config("check", "validate the configuration (exit 0 valid, 78 invalid)")
+    p.add_argument("--connect", action="store_true", help="also log in to Convertr and read one lead")
+    p.set_defaults(func=cmd_check)
+    p = with_config("status", "show cursors, last polls and per-sink outbox counts")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(func=cmd_status)
+    p = with_config("replay", "re-queue dead (or delivered) events; they keep their webhook-id")
+    p.add_argument("--sink", action="append", metavar="NAME", help="only this sink (repeatable); also re-enables it")
+    p.add_argument("--event", action="append", metavar="ID", help="only this event id (repeatable)")
+    p.add_argument("--since", type=_time_arg, metavar="TIME", help="events detected at or after this RFC 3339 time")
+    p.add_argument("--until", type=_time_arg, metavar="TIME", help="events detected before this RFC 3339 time")
+    p.add_argument("--all", action="store_true", help="every dead event of every sink")
+    p.add_argument("--delivered", action="store_true", help="also re-queue events already delivered")
+    p.set_defaults(func=cmd_replay)
+    p = with_config("send-test", "send a watcher.test event through the real delivery path (exit 0 on a 2xx)")
+    p.add_argument("--sink", required=True, metavar="NAME", help="the sink to test")
+    p.set_defaults(func=cmd_send_test)
+
+    p = sub.add_parser(
+        "simulate",
+        help="run the built-in Convertr API simulator on 127.0.0.1",
+        description="Run the built-in Convertr API v4 simulator on 127.0.0.1 (for trying the daemon and "
+        "building receivers without Convertr access).",
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("--seed", type=int, default=0, help="seed for the generated data (default 0)")
+    p.add_argument("--username", default=DEFAULT_USERNAME, help=f"login accepted (default {DEFAULT_USERNAME})")
+    p.add_argument("--password", default=DEFAULT_PASSWORD, help=f"password accepted (default {DEFAULT_PASSWORD})")
+    p.add_argument("--campaigns", type=int, default=5, help="campaigns to generate (default 5)")
+    p.add_argument("--leads", type=int, default=50, help="leads to generate (default 50)")
+    p.add_argument("--timezone", default="Europe/London", help="server time zone (default Europe/London)")
+    p.add_argument("--no-rate-limit", action="store_true", help="turn off Convertr's rolling rate limit")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "demo",
+        help="simulator + daemon + a verifying receiver on loopback; exit 0 when no event is missing",
+        description="Run the simulator, the daemon and a signature-verifying receiver on loopback for "
+        "--duration seconds, print each verified event, then a summary. Exit 0 when no event is missing.",
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the simulated data (default 0)")
+    p.add_argument("--rate", type=float, default=4.0, help="new leads per second (default 4)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        return _fail(f"{getattr(args, 'config', '')}: {exc}", EXIT_CONFIG)
+    except AuthError as exc:
+        return _fail(f"convertr: {exc}", EXIT_CONFIG)
+    except StateError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except WatcherError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return 130

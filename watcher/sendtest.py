@@ -1,0 +1,35 @@
+"""`send-test`: one `watcher.test` event through the sink's real delivery path."""
+
+from __future__ import annotations
+
+from watcher import __version__
+from watcher.clock import Clock, rfc3339
+from watcher.config import SinkConfig
+from watcher.errors import DeliveryError
+from watcher.events import WATCHER_TEST, Event, event_id
+from watcher.sinks import build_sink
+
+
+def test_event(sink: SinkConfig, now: float) -> Event:
+    resource = f"sink:{sink.name}"
+    return Event(
+        id=event_id(WATCHER_TEST, resource, repr(now)),
+        type=WATCHER_TEST,
+        timestamp=rfc3339(now),
+        data={"sink": sink.name},
+        resource=resource,
+    )
+
+
+async def send_test(sink_config: SinkConfig, clock: Clock) -> tuple[bool, str]:
+    """Deliver a test event; return whether it was accepted and a line describing the answer."""
+    event = test_event(sink_config, clock.now())
+    sink = build_sink(sink_config, clock=clock, version=__version__)
+    try:
+        attempt = await sink.deliver([event])
+    except DeliveryError as exc:
+        status = f"HTTP {exc.status}" if exc.status is not None else "no answer"
+        return False, f"{sink_config.name}: {status}: {exc} (event {event.id})"
+    finally:
+        await sink.aclose()
+    return True, f"{sink_config.name}: HTTP {attempt.status} in {attempt.duration:.3f}s (event {event.id})"
