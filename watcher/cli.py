@@ -223,9 +223,11 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from watcher.simulator import run_simulator
+    from watcher.simulator import DEFAULT_PASSWORD, run_simulator
 
-    print(f"Convertr API simulator on http://127.0.0.1:{args.port} (login {args.username} / {args.password})")
+    # The default login is public test data; a password the user chose is theirs and is not echoed.
+    shown = args.password if args.password == DEFAULT_PASSWORD else "the password given"
+    print(f"Convertr API simulator on http://127.0.0.1:{args.port} (login {args.username} / {shown})", flush=True)
     run_simulator(
         args.port,
         args.seed,

@@ -1,0 +1,182 @@
+"""Loopback-only `/_sim/` endpoints that drive the simulator from outside the process
+(the demo, receivers under test, benchmarks): JSON in, JSON out."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from watcher.simulator.api import Request, Response, json_response
+from watcher.simulator.model import Simulator
+
+_LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+Handler = Callable[[Simulator, dict[str, Any], int | None], tuple[int, Any]]
+
+
+def _when(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("timestamps must be ISO 8601 strings")
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("campaign_id must be an integer")
+    return value
+
+
+def _add_lead(sim: Simulator, body: dict[str, Any], _: int | None) -> tuple[int, Any]:
+    campaign_id = _optional_int(body.pop("campaign_id", None))
+    created = _when(body.pop("created", None))
+    visible = bool(body.pop("visible", True))
+    return 201, sim.add_lead(campaign_id, created=created, visible=visible, **body)
+
+
+def _bulk(sim: Simulator, body: dict[str, Any], _: int | None) -> tuple[int, Any]:
+    count = body.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError("count must be a positive integer")
+    ids = sim.add_leads(count, _optional_int(body.get("campaign_id")), created=_when(body.get("created")))
+    return 201, {"count": len(ids), "first_id": ids[0], "last_id": ids[-1]}
+
+
+def _update_lead(sim: Simulator, body: dict[str, Any], lead_id: int | None) -> tuple[int, Any]:
+    assert lead_id is not None
+    return 200, sim.update_lead(lead_id, **body)
+
+
+def _reveal(sim: Simulator, _: dict[str, Any], lead_id: int | None) -> tuple[int, Any]:
+    assert lead_id is not None
+    sim.reveal_lead(lead_id)
+    return 200, sim.lead(lead_id)
+
+
+def _get_lead(sim: Simulator, _: dict[str, Any], lead_id: int | None) -> tuple[int, Any]:
+    assert lead_id is not None
+    return 200, sim.lead(lead_id)
+
+
+def _add_campaign(sim: Simulator, body: dict[str, Any], _: int | None) -> tuple[int, Any]:
+    return 201, sim.add_campaign(**body)
+
+
+def _update_campaign(sim: Simulator, body: dict[str, Any], campaign_id: int | None) -> tuple[int, Any]:
+    assert campaign_id is not None
+    return 200, sim.update_campaign(campaign_id, **body)
+
+
+def _pause(sim: Simulator, _: dict[str, Any], campaign_id: int | None) -> tuple[int, Any]:
+    assert campaign_id is not None
+    return 200, sim.pause_campaign(campaign_id)
+
+
+def _resume(sim: Simulator, _: dict[str, Any], campaign_id: int | None) -> tuple[int, Any]:
+    assert campaign_id is not None
+    return 200, sim.resume_campaign(campaign_id)
+
+
+def _clock(sim: Simulator, body: dict[str, Any], _: int | None) -> tuple[int, Any]:
+    advance = body.get("advance", 0)
+    if isinstance(advance, bool) or not isinstance(advance, int | float) or advance < 0:
+        raise ValueError("advance must be a non-negative number of seconds")
+    sim.advance(advance)
+    return 200, {"now": sim.now().isoformat()}
+
+
+def _now(sim: Simulator, _: dict[str, Any], __: int | None) -> tuple[int, Any]:
+    return 200, {"now": sim.now().isoformat()}
+
+
+def _faults(sim: Simulator, body: dict[str, Any], _: int | None) -> tuple[int, Any]:
+    with sim.lock:
+        sim.faults.update(body)
+        return 200, sim.faults.as_dict()
+
+
+def _get_faults(sim: Simulator, _: dict[str, Any], __: int | None) -> tuple[int, Any]:
+    return 200, sim.faults.as_dict()
+
+
+def _expire(sim: Simulator, _: dict[str, Any], __: int | None) -> tuple[int, Any]:
+    sim.expire_tokens()
+    return 200, {"expired": True}
+
+
+def _password_expired(sim: Simulator, body: dict[str, Any], _: int | None) -> tuple[int, Any]:
+    value = body.get("expired")
+    if not isinstance(value, bool):
+        raise ValueError("expired must be a boolean")
+    sim.password_expired = value
+    return 200, {"password_expired": value}
+
+
+def _stats(sim: Simulator, _: dict[str, Any], __: int | None) -> tuple[int, Any]:
+    return 200, sim.stats()
+
+
+def _requests(sim: Simulator, _: dict[str, Any], __: int | None) -> tuple[int, Any]:
+    with sim.lock:
+        return 200, [asdict(r) for r in sim.requests]
+
+
+_ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
+    ("POST", re.compile(r"^/_sim/leads$"), _add_lead),
+    ("POST", re.compile(r"^/_sim/leads/bulk$"), _bulk),
+    ("GET", re.compile(r"^/_sim/leads/(\d+)$"), _get_lead),
+    ("PATCH", re.compile(r"^/_sim/leads/(\d+)$"), _update_lead),
+    ("POST", re.compile(r"^/_sim/leads/(\d+)/reveal$"), _reveal),
+    ("POST", re.compile(r"^/_sim/campaigns$"), _add_campaign),
+    ("PATCH", re.compile(r"^/_sim/campaigns/(\d+)$"), _update_campaign),
+    ("POST", re.compile(r"^/_sim/campaigns/(\d+)/pause$"), _pause),
+    ("POST", re.compile(r"^/_sim/campaigns/(\d+)/resume$"), _resume),
+    ("GET", re.compile(r"^/_sim/clock$"), _now),
+    ("POST", re.compile(r"^/_sim/clock$"), _clock),
+    ("GET", re.compile(r"^/_sim/faults$"), _get_faults),
+    ("POST", re.compile(r"^/_sim/faults$"), _faults),
+    ("POST", re.compile(r"^/_sim/expire-tokens$"), _expire),
+    ("POST", re.compile(r"^/_sim/password-expired$"), _password_expired),
+    ("GET", re.compile(r"^/_sim/stats$"), _stats),
+    ("GET", re.compile(r"^/_sim/requests$"), _requests),
+]
+
+
+def _reply(status: int, data: Any) -> Response:
+    return json_response(status, data, "application/json")
+
+
+def handle_admin(sim: Simulator, request: Request) -> Response:
+    """Answer one `/_sim/` request; refuses anything but loopback clients."""
+    if request.client not in _LOOPBACK:
+        return _reply(403, {"error": "the simulator admin API answers loopback clients only"})
+    allowed = []
+    for method, pattern, handler in _ROUTES:
+        match = pattern.match(request.path)
+        if match is None:
+            continue
+        if method != request.method:
+            allowed.append(method)
+            continue
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            return _reply(400, {"error": "the body must be JSON"})
+        if not isinstance(body, dict):
+            return _reply(400, {"error": "the body must be a JSON object"})
+        try:
+            status, data = handler(sim, body, int(match.group(1)) if match.groups() else None)
+        except KeyError as exc:
+            return _reply(404, {"error": str(exc.args[0]) if exc.args else "not found"})
+        except (ValueError, TypeError) as exc:
+            return _reply(400, {"error": str(exc)})
+        return _reply(status, data)
+    if allowed:
+        return Response(405, b"", {"Allow": ", ".join(allowed)})
+    return _reply(404, {"error": f"no simulator endpoint {request.path}"})
