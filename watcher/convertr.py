@@ -26,6 +26,7 @@ from watcher import __version__
 from watcher.clock import Clock, SystemClock
 from watcher.config import ConvertrConfig
 from watcher.errors import ApiError, AuthError, MalformedResponse, RateLimited, TransientError
+from watcher.events import loads
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -285,16 +286,24 @@ class ConvertrClient:
         *,
         start_page: int = 1,
     ) -> AsyncIterator[Page]:
-        """Walk a collection page by page, holding one page at a time."""
+        """Walk a collection page by page, holding at most the page in hand and the next one."""
         pairs = query_pairs(params)
         size = self._config.items_per_page
         number = max(1, start_page)
-        while True:
-            page, has_view = await self._fetch(collection, pairs, number, size)
-            yield page
-            if is_last(page, has_view, size):
-                return
+        page, has_view = await self._fetch(collection, pairs, number, size)
+        while not is_last(page, has_view, size):
+            # Ask for the next page before handing this one over: Convertr prepares it while the
+            # caller detects and commits, so a walk costs about the larger of the two, not the sum.
+            ahead = asyncio.create_task(self._fetch(collection, pairs, number + 1, size))
+            ahead.add_done_callback(_consume)
+            try:
+                await asyncio.sleep(0)  # one turn of the loop puts the request on the wire
+                yield page
+                page, has_view = await ahead
+            finally:
+                ahead.cancel()  # the caller stopped early: the page asked for ahead is not wanted
             number += 1
+        yield page
 
     async def first_page(
         self,
@@ -506,7 +515,7 @@ class ConvertrClient:
 
     def _json(self, response: httpx.Response, method: str, path: str) -> Any:
         try:
-            return response.json()
+            return loads(response.content)  # orjson.JSONDecodeError is a ValueError
         except ValueError as exc:
             raise MalformedResponse(
                 f"Convertr {method} {path}: {response.status_code} with a body that is not JSON",
@@ -515,3 +524,9 @@ class ConvertrClient:
 
     def _secrets(self) -> list[str]:
         return [s for s in (self._token, self._config.password) if s]
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve a prefetch's outcome so an abandoned one never warns "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 LEAD_CREATED = "lead.created"
 LEAD_UPDATED = "lead.updated"
 CAMPAIGN_CREATED = "campaign.created"
@@ -27,23 +29,28 @@ EVENT_TYPES: tuple[str, ...] = (
     WATCHER_TEST,
 )
 
-_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-
 
 def event_id(type_: str, resource: str, version: str) -> str:
-    """`evt_` and 26 base-36 characters of SHA-256 over the change's identity."""
-    digest = hashlib.sha256(f"{type_}\x1f{resource}\x1f{version}".encode()).digest()
-    n = int.from_bytes(digest[:17], "big")
-    chars = []
-    for _ in range(26):
-        n, r = divmod(n, 36)
-        chars.append(_ALPHABET[r])
-    return "evt_" + "".join(chars)
+    """`evt_` and 32 hex digits (128 bits) of SHA-256 over the change's identity."""
+    return "evt_" + hashlib.sha256(f"{type_}\x1f{resource}\x1f{version}".encode()).hexdigest()[:32]
 
 
 def dumps(value: Any) -> str:
     """Compact, key-order-preserving JSON: the exact text that gets signed and sent."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return encode(value).decode()
+
+
+def encode(value: Any) -> bytes:
+    """`dumps` as UTF-8 bytes. orjson writes the same compact JSON as the standard library, several
+    times faster; integers beyond 64 bits (which it refuses) fall back to the standard library."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(text: str | bytes) -> Any:
+    return orjson.loads(text)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class Event:
 
     def body(self, data: Mapping[str, Any] | None = None) -> bytes:
         """The request body: `{"type", "timestamp", "data"}` as compact UTF-8 JSON."""
-        return dumps(self.envelope(data)).encode()
+        return encode(self.envelope(data))
 
 
 def campaign_id_of(iri_or_doc: object) -> int | None:

@@ -312,6 +312,18 @@ def _fault_or_limit(sim: Simulator, request: Request) -> Response | None:
     return None
 
 
+def _drift(body: bytes) -> bytes:
+    """A newer or older Convertr: some lead fields missing, an unknown one added."""
+    doc = json.loads(body)
+    members = doc.get("hydra:member", doc) if isinstance(doc, dict) else doc
+    for lead in members if isinstance(members, list) else [doc]:
+        if isinstance(lead, dict) and "id" in lead:
+            lead.pop("score", None)
+            lead.pop("leadFlag", None)
+            lead["futureField"] = {"introduced": "later"}
+    return json.dumps(doc).encode()
+
+
 def handle(sim: Simulator, request: Request) -> Response:
     """Answer one API request (not `/_sim/`), recording it."""
     with sim.lock:
@@ -320,6 +332,8 @@ def handle(sim: Simulator, request: Request) -> Response:
             if request.path == "/api/login" and request.method == "POST":
                 sim.logins += 1
             response = _route(sim, request)
+            if sim.faults.schema_drift and response.status == 200 and request.path.startswith("/api/v4/leads"):
+                response.body = _drift(response.body)
             malformed = sim.faults.malformed_rate
             if response.status == 200 and malformed > 0 and sim.fault_rng.random() < malformed:
                 response.body = response.body[: len(response.body) // 2]

@@ -53,6 +53,7 @@ class Faults:
     legacy_next: bool = False
     hang: bool = False
     drop_updated_ts_filter: bool = False
+    schema_drift: bool = False  # lead documents lose `score` and `leadFlag` and gain an unknown field
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Set fields by name, checking names and types (for the admin endpoint)."""
