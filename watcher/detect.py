@@ -4,18 +4,19 @@ Nothing here does I/O or reads a clock; the poller passes in what the API return
 store knew, and gets back values to commit.
 
 Time filters on Convertr compare wall-clock digits in the server's zone with the offset dropped
-(API Platform binds a DateTime to a `datetime` column). Two consequences drive `filter_bound`:
-the lookback is subtracted from the cursor's own digits (so `+01:00` and `+00:00` never mix), and
-when the zone falls back (end of summer time) digits repeat an hour, so a bound whose window
-contains a fall-back is lowered by the size of the jump — otherwise rows written in the repeated
-hour would sort before the bound and be missed.
+(API Platform binds a DateTime to a `datetime` column). A row written at instant t therefore
+matches `[strictly_after]=B` when t plus the zone's offset at t reads later than B's digits. For
+every row after the instant S = cursor − lookback to match, B must read S plus the *lowest*
+offset the zone takes between S and the end of the walk: when the zone falls back (end of summer
+time) the repeated hour reads earlier than S in the old offset, and when S lies before a spring
+change while the cursor lies after it, the cursor's own offset is an hour too high for S.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -44,29 +45,30 @@ def format_in_zone(instant: float, zone: ZoneInfo) -> str:
     return datetime.fromtimestamp(int(instant), zone).isoformat(timespec="seconds")
 
 
-def fallback_shift(start: datetime, until: datetime, zone: ZoneInfo) -> timedelta:
-    """How far the zone's offset drops at some moment between `start` and `until` (zero if it never does)."""
-    base = start.astimezone(zone).utcoffset() or timedelta()
-    lowest = base
+def lowest_offset(start: datetime, until: datetime, zone: ZoneInfo) -> timedelta:
+    """The lowest UTC offset `zone` takes at any moment from `start` to `until`."""
+    lowest = start.astimezone(zone).utcoffset() or timedelta()
     step = timedelta(minutes=30)  # shorter than any gap between two transitions of a real zone
     t = start
     while t < until:
         t = min(t + step, until)
-        offset = t.astimezone(zone).utcoffset() or timedelta()
-        lowest = min(lowest, offset)
-    return base - lowest
+        lowest = min(lowest, t.astimezone(zone).utcoffset() or timedelta())
+    return lowest
 
 
 def filter_bound(cursor: str, lookback: float, zone: ZoneInfo, until: datetime) -> str:
-    """The `[strictly_after]` value for a walk: the cursor less the lookback, in the cursor's own offset.
+    """The `[strictly_after]` value for a walk: the instant cursor − lookback, written so its digits
+    sort before every row written from then until `until` (the server's time during the walk).
 
-    When the server's zone falls back between that moment and `until`, the bound is lowered by
-    the jump, so rows whose wall-clock digits repeat an earlier hour are still read (and then
-    recognised as already seen).
+    The offset written is the lowest the zone takes in that window, and never above the cursor's
+    own offset (what the server really wrote, should the configured zone be wrong): the digits
+    then stay at or below those of every later row, and a server that did honour the offset
+    would read the exact instant.
     """
-    start = parse_ts(cursor) - timedelta(seconds=lookback)
-    shift = fallback_shift(start, max(until, start), zone)
-    return (start - shift).isoformat(timespec="seconds")
+    at = parse_ts(cursor)
+    start = at - timedelta(seconds=lookback)
+    offset = min(lowest_offset(start, max(until, start), zone), at.utcoffset() or timedelta())
+    return start.astimezone(timezone(offset)).isoformat(timespec="seconds")
 
 
 def bound_for_instant(instant: float, zone: ZoneInfo, until: datetime) -> str:
@@ -145,20 +147,22 @@ def snapshot(lead: Mapping[str, Any], track: Sequence[str]) -> dict[str, Any]:
 def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """`{"field": {"from": old, "to": new}}` for every tracked field whose value moved.
 
-    A field missing from `new` is not a change; a leadData entry that vanished while leadData
-    itself was present is (its `to` is null).
+    Only a value we knew can move: a field missing from either side (an API response without
+    it, a field newly added to `track`) is learnt silently, never reported. leadData entries
+    are the exception, because the whole list comes with every document: an entry that appears
+    or vanishes while the lead had leadData before is a change (null on the missing side).
     """
     changes: dict[str, dict[str, Any]] = {}
-    lead_data_present = any(k.startswith("leadData.") for k in new)
+    had_lead_data = any(k.startswith("leadData.") for k in old)
+    has_lead_data = any(k.startswith("leadData.") for k in new)
     for key in sorted(set(old) | set(new)):
-        if key not in new:
-            if key.startswith("leadData.") and lead_data_present:
-                changes[key] = {"from": old[key], "to": None}
-            continue
-        if key not in old or old[key] != new[key]:
-            if key not in old and new[key] is None:
-                continue
-            changes[key] = {"from": old.get(key), "to": new[key]}
+        if key in old and key in new:
+            if old[key] != new[key]:
+                changes[key] = {"from": old[key], "to": new[key]}
+        elif key.startswith("leadData.") and had_lead_data and has_lead_data:
+            before, after = old.get(key), new.get(key)
+            if before != after:
+                changes[key] = {"from": before, "to": after}
     return changes
 
 
@@ -185,13 +189,17 @@ def lead_created(lead: Mapping[str, Any], detected_at: str) -> Event:
     )
 
 
-def lead_updated(lead: Mapping[str, Any], changes: Mapping[str, Any], detected_at: str) -> Event:
+def lead_updated(
+    lead: Mapping[str, Any], changes: Mapping[str, Any], detected_at: str, previous: str | None = None
+) -> Event:
+    """`previous` is the updatedTs of the snapshot the lead was compared with."""
     lead_id = lead["id"]
     resource = f"lead:{lead_id}"
-    # updatedTs alone is not enough: two edits within one second share it. The changes themselves
-    # make the version unique, and stay identical when the same change is read again.
+    # updatedTs alone is not enough: two edits within one second share it. The changes and the
+    # version compared with make the id unique (A→B, B→A, A→B in one second are three ids) and
+    # stay identical when the same change is read again before it was committed.
     fingerprint = hashlib.sha256(dumps(changes).encode()).hexdigest()[:16]
-    version = f"{lead.get('updatedTs')}:{fingerprint}"
+    version = f"{previous}>{lead.get('updatedTs')}:{fingerprint}"
     return Event(
         id=event_id(LEAD_UPDATED, resource, version),
         type=LEAD_UPDATED,

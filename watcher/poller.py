@@ -7,12 +7,16 @@ time, because a status can change with no write at all).
 A walk records where it started (`walk_from`) in its first page's transaction and forgets it in
 its last: if the daemon dies half-way, the next walk starts from the same bound, so a lead on an
 unread page can never fall behind an advanced cursor.
+
+Every time decision about the data (the baseline, the signpost, how far ahead a clock change can
+matter, the recheck window) is taken on the server's clock, read from its `Date` header; the
+local clock only paces our own work. The two can differ by more than the lookback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
@@ -21,9 +25,11 @@ import structlog
 
 from watcher import detect
 from watcher.clock import Clock, rfc3339
-from watcher.config import Config
+from watcher.config import Config, SinkConfig
 from watcher.convertr import ConvertrClient, Page
-from watcher.events import Event
+from watcher.errors import MalformedResponse
+from watcher.events import LEAD_UPDATED, Event
+from watcher.pii import is_personal_field
 from watcher.store import CampaignState, LeadState, PageCommit, Store
 
 log = structlog.get_logger("watcher.poller")
@@ -52,7 +58,6 @@ class PollResult:
     cursor_after: str | None = None
     duration: float = 0.0
     skipped: bool = False
-    event_ids: list[str] = field(default_factory=list)
 
 
 class Poller:
@@ -78,6 +83,8 @@ class Poller:
         self.should_stop = should_stop
         self.progress = progress
         self.updates_filter: bool | None = None  # learnt from hydra:search on the first leads poll
+        self._server_skew: float | None = None  # the server's clock less ours, from the last Date header
+        self._lead_search: frozenset[str] | None = None  # the leads collection's hydra:search variables
 
     # --- public entry points ------------------------------------------------------------------
 
@@ -130,8 +137,8 @@ class Poller:
         return result
 
     async def _learn_filters(self) -> None:
-        page = await self.client.first_page("leads", {}, items_per_page=1)
-        self.updates_filter = UPDATED_FILTER in page.search_variables
+        search = self._lead_search if self._lead_search is not None else (await self._probe()).search_variables
+        self.updates_filter = UPDATED_FILTER in search
         if not self.updates_filter:
             log.warning(
                 "updatedTs filtering is not offered by this Convertr; re-reading the last "
@@ -146,9 +153,23 @@ class Poller:
             return True
         return self.clock.now() >= state.last_success_at + self.config.leads.recheck_interval
 
-    def _until(self) -> datetime:
-        # How far ahead a fall-back could matter: the next walk, give or take an hour.
-        return datetime.fromtimestamp(self.clock.now() + 3600, UTC)
+    async def _probe(self) -> Page:
+        """A one-lead read: the server's clock (Date) and the filters it offers (hydra:search)."""
+        page = await self.client.first_page("leads", {}, items_per_page=1)
+        self._observe(page)
+        self._lead_search = page.search_variables
+        return page
+
+    async def _server_time(self) -> float:
+        """A fresh reading of the server's clock, for a baseline, where the exact second matters."""
+        page = await self._probe()
+        if page.server_date is None:
+            raise MalformedResponse("Convertr GET /api/v4/leads: no Date header")
+        return page.server_date.timestamp()
+
+    async def _until(self) -> datetime:
+        # How far ahead a clock change can matter: to the end of this walk, with an hour to spare.
+        return datetime.fromtimestamp(await self._server_now() + 3600, UTC)
 
     def _lead_params(self, key: str, bound: str) -> dict[str, str | Sequence[str]]:
         params: dict[str, str | Sequence[str]] = {key: bound, "order[id]": "asc"}
@@ -157,16 +178,11 @@ class Poller:
         return params
 
     def _sinks_for(self, event: Event) -> list[str]:
-        return [
-            s.name
-            for s in self.config.sinks
-            if event.type in s.events and (not s.campaign_ids or event.campaign_id in s.campaign_ids)
-        ]
+        return [s.name for s in self.config.sinks if wants(s, event)]
 
     def _commit(self, page: PageCommit, result: PollResult) -> None:
         fresh = self.store.commit_page(page)
         result.events += len(fresh)
-        result.event_ids += [e.id for e in fresh]
         if fresh:
             if self.metrics is not None:
                 for event in fresh:
@@ -174,8 +190,21 @@ class Poller:
             self.on_events()
 
     def _signpost(self, page: Page) -> float:
-        server_now = page.server_date.timestamp() if page.server_date else self.clock.now()
+        self._observe(page)
+        server_now = page.server_date.timestamp() if page.server_date else self.clock.now() + (self._server_skew or 0.0)
         return server_now - self.config.leads.safety_lag
+
+    def _observe(self, page: Page) -> None:
+        if page.server_date is not None:
+            self._server_skew = page.server_date.timestamp() - self.clock.now()
+
+    async def _server_now(self) -> float:
+        """The server's time: one read per process, then kept up by every page's Date header."""
+        if self._server_skew is None:
+            await self._probe()
+        if self._server_skew is None:  # a server that sends no Date leaves our clock as the only one
+            self._server_skew = 0.0
+        return self.clock.now() + self._server_skew
 
     def _now_text(self) -> str:
         return rfc3339(self.clock.now())
@@ -195,18 +224,18 @@ class Poller:
             if leads.start is None:
                 # Baseline: what exists now is recorded as seen, and only leads created after
                 # this moment (by the server's clock) become events.
-                server_now = (await self.client.server_time()).timestamp()
+                server_now = await self._server_time()
                 emit_after = baseline_until = server_now
                 current = detect.format_in_zone(server_now - leads.safety_lag, self.zone)
-                bound = detect.bound_for_instant(server_now - leads.lookback, self.zone, self._until())
+                bound = detect.bound_for_instant(server_now - leads.lookback, self.zone, await self._until())
             else:
                 start = leads.start.timestamp()
                 emit_after = start - 1
                 current = detect.format_in_zone(start - 1, self.zone)
-                bound = detect.bound_for_instant(start - 1, self.zone, self._until())
+                bound = detect.bound_for_instant(start - 1, self.zone, await self._until())
         else:
             bound = (state.walk_from if state else None) or detect.filter_bound(
-                current, leads.lookback, self.zone, self._until()
+                current, leads.lookback, self.zone, await self._until()
             )
         signpost: float | None = None
         first = True
@@ -260,12 +289,12 @@ class Poller:
         current = state.cursor if state else None
         result.cursor_before = current
         if current is None:
-            server_now = (await self.client.server_time()).timestamp()
+            server_now = await self._server_time()
             current = detect.format_in_zone(server_now - leads.safety_lag, self.zone)
-            bound = detect.bound_for_instant(server_now - leads.lookback, self.zone, self._until())
+            bound = detect.bound_for_instant(server_now - leads.lookback, self.zone, await self._until())
         else:
             bound = (state.walk_from if state else None) or detect.filter_bound(
-                current, leads.lookback, self.zone, self._until()
+                current, leads.lookback, self.zone, await self._until()
             )
         signpost: float | None = None
         first = True
@@ -286,9 +315,10 @@ class Poller:
         self._finish(UPDATED, current, result)
 
     async def _walk_recheck(self, result: PollResult) -> None:
-        window_start = self.clock.now() - self.config.leads.recheck_window
-        bound = detect.bound_for_instant(window_start, self.zone, self._until())
+        window_start = await self._server_now() - self.config.leads.recheck_window
+        bound = detect.bound_for_instant(window_start, self.zone, await self._until())
         async for page in self.client.pages("leads", self._lead_params("createdTs[strictly_after]", bound)):
+            self._observe(page)
             commit = PageCommit(RECHECK, self.clock.now())
             self._compare_page(page, commit, result)
             self._commit(commit, result)
@@ -324,7 +354,7 @@ class Poller:
             merged = detect.merge(before.snapshot, snap)
             commit.leads.append(LeadState(lead["id"], before.created_ts, lead.get("updatedTs"), merged))
             known[lead["id"]] = commit.leads[-1]
-            event = detect.lead_updated(lead, changes, self._now_text())
+            event = detect.lead_updated(lead, changes, self._now_text(), before.version)
             commit.events.append((event, self._sinks_for(event)))
 
     # --- campaigns ----------------------------------------------------------------------------
@@ -334,6 +364,7 @@ class Poller:
         baseline = state is None or state.polls == 0
         known = self.store.campaigns()
         async for page in self.client.pages("campaigns", {"order[id]": "asc"}):
+            self._observe(page)
             result.pages += 1
             result.fetched += len(page.members)
             commit = PageCommit(CAMPAIGNS, self.clock.now())
@@ -383,3 +414,16 @@ def _instant(raw: object, default: float) -> float:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def wants(sink: SinkConfig, event: Event) -> bool:
+    """Whether an event goes to a sink: its type and campaign filters, and for a sink without
+    personal data, a lead.updated whose every change is personal (it would arrive empty) does not."""
+    if event.type not in sink.events:
+        return False
+    if sink.campaign_ids and event.campaign_id not in sink.campaign_ids:
+        return False
+    if event.type == LEAD_UPDATED and not sink.include_pii:
+        changes = event.data.get("changes") or {}
+        return not changes or not all(is_personal_field(k) for k in changes)
+    return True

@@ -27,6 +27,8 @@ from typing import Any, Self
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from tests.support.schemas import validate_event
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -247,16 +249,18 @@ class Receiver:
         return [r.headers.get("webhook-id", "") for r in self.requests if r.method == "POST"]
 
     def verified_events(self, secret: str, *, check_timestamp: bool = True) -> list[Any]:
-        """Every POST body, each verified by standardwebhooks; AssertionError on the first that fails."""
+        """Every POST body, verified by standardwebhooks and validated against the event schemas."""
         out = []
         for i, request in enumerate(self.requests):
             if request.method != "POST":
                 continue
             try:
-                out.append(verify_request(request, secret, check_timestamp=check_timestamp))
+                body = verify_request(request, secret, check_timestamp=check_timestamp)
             except (WebhookVerificationError, ValueError) as exc:
                 msg_id = request.headers.get("webhook-id")
                 raise AssertionError(f"request #{i} ({msg_id}) failed verification: {exc}") from exc
+            validate_event(body)  # every event a test verifies also matches its shipped JSON Schema
+            out.append(body)
         return out
 
     # -- called from handler threads ------------------------------------------------------
