@@ -1,12 +1,13 @@
 """The dispatcher: takes due deliveries out of the store and hands them to their sinks.
 
-Each sink has its own worker, its own HTTP client and its own concurrency bound, so a receiver
-that hangs or fails never delays another. Within a sink, an event waits while an earlier event
-about the same resource is still pending (the store enforces that), so each receiver sees one
-lead's or one campaign's events in the order they were detected; unrelated events go concurrently.
+Each sink has its own lane: a worker task, its own HTTP client (built with the sink), its own
+concurrency bound, pacing and pause. A receiver that hangs or fails therefore never delays
+another. Within a sink, an event waits while an earlier event about the same resource is still
+pending (the store enforces that), so each receiver sees one lead's or one campaign's events in
+the order they were detected; unrelated events go concurrently.
 
 What happens to a delivery after an attempt is decided by `decide`, a pure function of the
-attempt's error and the sink's schedule.
+attempt's error and the sink's schedule; how due events are grouped into sends by `batches`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
 import structlog
 
 from watcher.clock import Clock
-from watcher.errors import DeliveryError, SinkGone
-from watcher.schedule import next_attempt_at
+from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
+from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks import Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Store
 
@@ -32,8 +33,13 @@ log = structlog.get_logger("watcher.outbox")
 FAILING_ALERT_AFTER = 3600.0
 # More due events than this many seconds of a paced sink's sending turn into one digest message.
 DIGEST_AFTER_SECONDS = 3
-# Longest a worker sleeps without looking at the store (new rows also wake it at once).
-SWEEP_INTERVAL = 5.0
+# Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
+# bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
+SWEEP_INTERVAL = 1.0
+# After the state file refused a read or write: wait this long before touching it (or a receiver) again.
+ERROR_BACKOFF = 5.0
+# Least time between two outbox gauge refreshes for one sink (they count every row).
+REPORT_INTERVAL = 5.0
 
 
 class Metrics(Protocol):
@@ -43,18 +49,18 @@ class Metrics(Protocol):
 
 def decide(due: Due, error: DeliveryError | None, *, now: float, sink: Sink, rng: random.Random) -> Outcome:
     """The state of one delivery after an attempt: delivered, pending with its next time, or dead."""
+    attempt = due.attempts + 1
     if error is None:
-        return Outcome(due.seq, due.event_id, DELIVERED, due.attempts + 1, now, None)
+        return Outcome(due.seq, due.event_id, DELIVERED, attempt, now, None)
     message = str(error)[:500]
     if isinstance(error, SinkGone):
-        # Not the event's fault: it waits, untouched, for the sink to be enabled again.
-        return Outcome(due.seq, due.event_id, PENDING, due.attempts, now, message)
-    attempts = due.attempts + 1
+        # Not the event's fault: it waits, its schedule untouched, for the sink to be enabled again.
+        return Outcome(due.seq, due.event_id, PENDING, due.attempts, now, message, attempt)
     config = sink.config
-    when = next_attempt_at(now, attempts, config.retry_schedule, rng, error.retry_after, due.created_at, config.max_age)
+    when = next_attempt_at(now, attempt, config.retry_schedule, rng, error.retry_after, due.created_at, config.max_age)
     if when is None:
-        return Outcome(due.seq, due.event_id, DEAD, attempts, now, message)
-    return Outcome(due.seq, due.event_id, PENDING, attempts, when, message)
+        return Outcome(due.seq, due.event_id, DEAD, attempt, now, message)
+    return Outcome(due.seq, due.event_id, PENDING, attempt, when, message)
 
 
 def batches(due: Sequence[Due], sink: Sink) -> list[list[Due]]:
@@ -64,11 +70,49 @@ def batches(due: Sequence[Due], sink: Sink) -> list[list[Due]]:
     return [[d] for d in due]
 
 
+def pause_for(error: DeliveryError | None) -> float:
+    """Seconds the whole sink holds back after this error: a receiver's Retry-After on a throttle."""
+    if isinstance(error, Throttled) and error.retry_after is not None:
+        # A rate limit is the endpoint's (Slack's is per URL), so every event waits, not just this one.
+        return min(max(0.0, error.retry_after), RETRY_AFTER_FLOOR_CAP)
+    return 0.0
+
+
 @dataclass
 class PassResult:
     attempted: int = 0
     delivered: int = 0
     failed: int = 0
+
+
+@dataclass
+class _Pace:
+    """When a paced URL was last sent to; shared by every sink posting to that URL (Slack limits per hook)."""
+
+    last_send: float = float("-inf")  # monotonic
+
+
+@dataclass
+class _Lane:
+    """One sink's queue state inside the daemon."""
+
+    sink: Sink
+    kick: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: dict[int, asyncio.Task[bool]] = field(default_factory=dict)  # event seq -> the attempt sending it
+    off: bool = False  # `enabled = false` in the configuration
+    disabled: bool = False  # refused permanently (410, revoked Slack hook) until enabled again
+    pace: _Pace = field(default_factory=_Pace)
+    paused_until: float = float("-inf")  # monotonic: the receiver asked us to wait
+    last_report: float = float("-inf")
+    last_alert: float = float("-inf")
+
+    @property
+    def busy(self) -> frozenset[int]:
+        return frozenset(self.in_flight)
+
+    @property
+    def free(self) -> int:
+        return self.sink.config.concurrency - len(set(self.in_flight.values()))
 
 
 class Dispatcher:
@@ -88,91 +132,124 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.metrics = metrics
         self.on_progress = on_progress
-        self._kicks = {s.name: asyncio.Event() for s in self.sinks}
-        self._disabled: set[str] = set()
-        self._last_alert: dict[str, float] = {}
+        paces: dict[str, _Pace] = {}
+        self._lanes = {
+            s.name: _Lane(s, off=not s.config.enabled, pace=paces.setdefault(s.config.url, _Pace())) for s in self.sinks
+        }
 
     def wake(self) -> None:
         """New rows were committed: every worker looks at the store now."""
-        for kick in self._kicks.values():
-            kick.set()
+        for lane in self._lanes.values():
+            lane.kick.set()
 
     def sync_sinks(self, fingerprints: dict[str, str]) -> None:
         """Remember which sinks are disabled; a sink whose configuration changed is enabled again."""
-        for sink in self.sinks:
-            if not sink.config.enabled or self.store.sync_sink(sink.name, fingerprints[sink.name]):
-                self._disabled.add(sink.name)
+        for lane in self._lanes.values():
+            lane.disabled = self.store.sync_sink(lane.sink.name, fingerprints[lane.sink.name])
+            if lane.disabled and not lane.off:
+                log.error(
+                    "sink is disabled: its events stay queued until its configuration changes "
+                    "or `replay --sink` enables it",
+                    sink=lane.sink.name,
+                )
 
     # --- the daemon's loop --------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event, grace: float = 5.0) -> None:
-        workers = [asyncio.create_task(self._worker(sink, stopping), name=f"sink:{sink.name}") for sink in self.sinks]
+        """Deliver until `stopping` is set; then give attempts in flight `grace` seconds to finish."""
+        workers = [
+            asyncio.create_task(self._worker(lane, stopping, grace), name=f"sink:{name}")
+            for name, lane in self._lanes.items()
+        ]
         if workers:
             await asyncio.gather(*workers)
 
-    async def _worker(self, sink: Sink, stopping: asyncio.Event) -> None:
-        kick = self._kicks[sink.name]
-        in_flight: dict[int, asyncio.Task[bool]] = {}
-        last_send = float("-inf")
+    async def _worker(self, lane: _Lane, stopping: asyncio.Event, grace: float) -> None:
         while not stopping.is_set():
-            kick.clear()
+            lane.kick.clear()
             self.on_progress()
-            free = sink.config.concurrency - len({id(t) for t in in_flight.values()})
-            due: list[Due] = []
-            if sink.name not in self._disabled and free > 0:
-                due = self.store.due(sink.name, self.clock.now(), free * sink.max_batch, frozenset(in_flight))
+            try:
+                wait = self._launch(lane)
+            except Exception as exc:  # a broken state file or a bug must not end this sink's deliveries
+                log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
+                wait = ERROR_BACKOFF
+            await _sleep(lane.kick, stopping, wait)
+            self._report(lane)
+        await self._drain(lane, grace)
+
+    def _launch(self, lane: _Lane) -> float:
+        """Start every send this lane may start now; return how long to sleep before looking again."""
+        sink = lane.sink
+        if lane.off:
+            return SWEEP_INTERVAL
+        if lane.disabled:
+            if self.store.sink_disabled(sink.name):
+                return SWEEP_INTERVAL
+            lane.disabled = False
+            log.warning("sink enabled again; its queued events go out in order", sink=sink.name)
+        paced = sink.min_interval > 0
+        while True:
+            mono = self.clock.monotonic()
+            if lane.paused_until > mono:
+                return min(SWEEP_INTERVAL, lane.paused_until - mono)
+            if lane.free <= 0:
+                return SWEEP_INTERVAL  # a finishing attempt wakes the worker
+            if paced and lane.pace.last_send + sink.min_interval > mono:
+                return lane.pace.last_send + sink.min_interval - mono
+            now = self.clock.now()
+            due = self.store.due(sink.name, now, lane.free * sink.max_batch, lane.busy)
             if not due:
-                await self._idle(sink, kick, stopping)
-                continue
-            for batch in batches(due, sink)[:free]:
-                if sink.min_interval > 0:
-                    wait = last_send + sink.min_interval - self.clock.monotonic()
-                    if wait > 0 and await _wait(stopping, wait):
-                        break
-                    last_send = self.clock.monotonic()
-                task = asyncio.create_task(self._attempt(sink, batch))
-                for d in batch:
-                    in_flight[d.seq] = task
-                task.add_done_callback(partial(self._finished, in_flight, batch, kick))
+                upcoming = self.store.next_due_at(sink.name, lane.busy)
+                if upcoming is None:
+                    return SWEEP_INTERVAL
+                return min(SWEEP_INTERVAL, max(0.01, upcoming - now))
+            # A paced sink sends one message, then looks again: a burst that built up meanwhile
+            # becomes one digest instead of a queue of singles.
+            groups = batches(due, sink)[: 1 if paced else lane.free]
+            for group in groups:
+                task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{sink.name}")
+                for d in group:
+                    lane.in_flight[d.seq] = task
+                task.add_done_callback(partial(self._finished, lane, group))
+            if paced:
+                lane.pace.last_send = self.clock.monotonic()
+
+    def _finished(self, lane: _Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
+        for d in group:
+            lane.in_flight.pop(d.seq, None)
+        lane.kick.set()
+        if not task.cancelled() and task.exception() is not None:
+            # The outcome may not be recorded: the deliveries stay pending and are sent again.
+            log.error("delivery attempt failed unexpectedly", sink=lane.sink.name, error=repr(task.exception())[:300])
+
+    async def _drain(self, lane: _Lane, grace: float) -> None:
         # Stopping: let attempts in flight finish briefly; an interrupted one stays pending and is sent again.
-        pending = set(in_flight.values())
-        if pending:
-            _done, still = await asyncio.wait(pending, timeout=5.0)
-            for task in still:
-                task.cancel()
-
-    def _finished(
-        self, in_flight: dict[int, asyncio.Task[bool]], batch: list[Due], kick: asyncio.Event, _task: object
-    ) -> None:
-        for d in batch:
-            in_flight.pop(d.seq, None)
-        kick.set()
-
-    async def _idle(self, sink: Sink, kick: asyncio.Event, stopping: asyncio.Event) -> None:
-        timeout = SWEEP_INTERVAL
-        if sink.name not in self._disabled:
-            next_due = self.store.next_due_at(sink.name)
-            if next_due is not None:
-                timeout = min(timeout, max(0.01, next_due - self.clock.now()))
-        waiters = [asyncio.ensure_future(kick.wait()), asyncio.ensure_future(stopping.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-        self._report(sink)
-
-    def _report(self, sink: Sink) -> None:
-        if self.metrics is None:
+        pending = set(lane.in_flight.values())
+        if not pending:
             return
-        for state in self.store.sink_states([sink.name]):
-            if state.name == sink.name:
-                age = self.clock.now() - state.oldest_pending_at if state.oldest_pending_at else 0.0
-                self.metrics.set_outbox(sink.name, state.pending, age)
+        _done, late = await asyncio.wait(pending, timeout=grace)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    def _report(self, lane: _Lane) -> None:
+        mono = self.clock.monotonic()
+        if self.metrics is None or mono - lane.last_report < REPORT_INTERVAL:
+            return
+        lane.last_report = mono
+        try:
+            state = self.store.sink_state(lane.sink.name)
+        except WatcherError:
+            return
+        age = self.clock.now() - state.oldest_pending_at if state.oldest_pending_at else 0.0
+        self.metrics.set_outbox(lane.sink.name, state.pending, age)
 
     # --- one attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, sink: Sink, batch: Sequence[Due]) -> bool:
+    async def _attempt(self, lane: _Lane, batch: Sequence[Due]) -> bool:
+        """Send one group once and record what happened; True when the receiver took it."""
+        sink = lane.sink
         events = [d.event() for d in batch]
         started = self.clock.monotonic()
         error: DeliveryError | None = None
@@ -188,21 +265,29 @@ class Dispatcher:
         duration = round(self.clock.monotonic() - started, 4)
         now = self.clock.now()
         outcomes = [decide(d, error, now=now, sink=sink, rng=self.rng) for d in batch]
-        self.store.record_outcomes(
-            sink.name, outcomes, now=now, status_code=status, duration=duration, success=error is None
-        )
-        self._after(sink, batch, outcomes, error, status, duration)
+        try:
+            self.store.record_outcomes(
+                sink.name, outcomes, now=now, status_code=status, duration=duration, success=error is None
+            )
+        except WatcherError as exc:
+            # Nothing was written, so these deliveries are still pending and go again (same ids):
+            # at least once. Holding the lane back keeps a broken disk from hammering the receiver.
+            log.error("cannot record a delivery outcome; it will be sent again", sink=sink.name, error=str(exc)[:300])
+            lane.paused_until = max(lane.paused_until, self.clock.monotonic() + ERROR_BACKOFF)
+            return False
+        self._after(lane, batch, outcomes, error, status, duration)
         return error is None
 
     def _after(
         self,
-        sink: Sink,
+        lane: _Lane,
         batch: Sequence[Due],
         outcomes: Sequence[Outcome],
         error: DeliveryError | None,
         status: int | None,
         duration: float,
     ) -> None:
+        sink = lane.sink
         for due, outcome in zip(batch, outcomes, strict=True):
             kind = {DELIVERED: "success", DEAD: "dead"}.get(outcome.status, "retry")
             if isinstance(error, SinkGone):
@@ -213,7 +298,7 @@ class Dispatcher:
                 sink=sink.name,
                 event_id=due.event_id,
                 type=due.type,
-                attempt=outcome.attempts,
+                attempt=outcome.attempt or outcome.attempts,
                 status=status,
                 duration=duration,
                 outcome=kind,
@@ -224,35 +309,38 @@ class Dispatcher:
                 log.error("delivery dead: schedule or max_age exhausted", error=outcome.error, **fields)
             else:
                 log.warning("delivery failed", error=outcome.error, next_attempt_at=outcome.next_attempt_at, **fields)
+        pause = pause_for(error)
+        if pause > 0:
+            lane.paused_until = max(lane.paused_until, self.clock.monotonic() + pause)
+            log.warning("receiver asked to slow down; sink paused", sink=sink.name, seconds=round(pause, 3))
         if isinstance(error, SinkGone):
-            self._disabled.add(sink.name)
-            self.store.disable_sink(sink.name, self.clock.now(), str(error)[:500])
-            log.error(
-                "sink disabled: the receiver says it will never accept these events; they stay queued "
-                "until the sink is enabled again (change its config, or `replay --sink`)",
-                sink=sink.name,
-                status=status,
-                reason=str(error)[:200],
-            )
-        elif error is not None:
-            self._alert_if_failing(sink)
-
-    def _alert_if_failing(self, sink: Sink) -> None:
-        now = self.clock.now()
-        for state in self.store.sink_states([sink.name]):
-            if state.name != sink.name or state.failing_since is None:
-                continue
-            if now - state.failing_since >= FAILING_ALERT_AFTER and now - self._last_alert.get(sink.name, 0) >= 600:
-                self._last_alert[sink.name] = now
+            if not lane.disabled:
+                lane.disabled = True
+                self.store.disable_sink(sink.name, self.clock.now(), str(error)[:500])
                 log.error(
-                    "sink failing without a success", sink=sink.name, failing_for=round(now - state.failing_since)
+                    "sink disabled: the receiver says it will never accept these events; they stay queued "
+                    "until the sink is enabled again (change its config, or `replay --sink`)",
+                    sink=sink.name,
+                    status=status,
+                    reason=str(error)[:200],
                 )
+        elif error is not None:
+            self._alert_if_failing(lane)
+
+    def _alert_if_failing(self, lane: _Lane) -> None:
+        now = self.clock.now()
+        since = self.store.failing_since(lane.sink.name)
+        if since is None:
+            return
+        if now - since >= FAILING_ALERT_AFTER and now - lane.last_alert >= 600:
+            lane.last_alert = now
+            log.error("sink failing without a success", sink=lane.sink.name, failing_for=round(now - since))
 
     # --- `once` -------------------------------------------------------------------------------
 
     async def deliver_due_once(self) -> PassResult:
         """Attempt every due delivery once (in per-resource order); report what happened."""
-        results = await asyncio.gather(*(self._pass(sink) for sink in self.sinks if sink.name not in self._disabled))
+        results = await asyncio.gather(*(self._pass(lane) for lane in self._lanes.values()))
         total = PassResult()
         for r in results:
             total.attempted += r.attempted
@@ -260,29 +348,27 @@ class Dispatcher:
             total.failed += r.failed
         return total
 
-    async def _pass(self, sink: Sink) -> PassResult:
+    async def _pass(self, lane: _Lane) -> PassResult:
         result = PassResult()
+        sink = lane.sink
         tried: set[int] = set()
-        last_send = float("-inf")
-        while sink.name not in self._disabled:
+        paced = sink.min_interval > 0
+        # A sink that is disabled, or that asked us to wait, is left alone for the rest of the pass.
+        while not (lane.off or lane.disabled or lane.paused_until > self.clock.monotonic()):
             due = self.store.due(
                 sink.name, self.clock.now(), sink.config.concurrency * sink.max_batch, frozenset(tried)
             )
             if not due:
                 break
-            groups = batches(due, sink)
+            groups = batches(due, sink)[: 1 if paced else None]
             for group in groups:
                 tried.update(d.seq for d in group)
-            if sink.min_interval > 0:
-                oks = []
-                for group in groups:
-                    wait = last_send + sink.min_interval - self.clock.monotonic()
-                    if wait > 0:
-                        await self.clock.sleep(wait)
-                    last_send = self.clock.monotonic()
-                    oks.append(await self._attempt(sink, group))
-            else:
-                oks = list(await asyncio.gather(*(self._attempt(sink, g) for g in groups)))
+            if paced:
+                # Checked again after each sleep: another sink posting to the same URL may have sent meanwhile.
+                while (wait := lane.pace.last_send + sink.min_interval - self.clock.monotonic()) > 0:
+                    await self.clock.sleep(wait)
+                lane.pace.last_send = self.clock.monotonic()
+            oks = await asyncio.gather(*(self._attempt(lane, g) for g in groups))
             for group, ok in zip(groups, oks, strict=True):
                 result.attempted += len(group)
                 if ok:
@@ -292,10 +378,13 @@ class Dispatcher:
         return result
 
 
-async def _wait(stopping: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to `seconds`; True when the daemon started stopping meanwhile."""
+async def _sleep(kick: asyncio.Event, stopping: asyncio.Event, seconds: float) -> None:
+    """Wait until kicked, stopping, or `seconds` passed."""
+    if kick.is_set() or stopping.is_set():
+        return
+    waiters = [asyncio.ensure_future(kick.wait()), asyncio.ensure_future(stopping.wait())]
     try:
-        await asyncio.wait_for(stopping.wait(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

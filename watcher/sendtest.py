@@ -28,8 +28,11 @@ async def send_test(sink_config: SinkConfig, clock: Clock) -> tuple[bool, str]:
     try:
         attempt = await sink.deliver([event])
     except DeliveryError as exc:
-        status = f"HTTP {exc.status}" if exc.status is not None else "no answer"
-        return False, f"{sink_config.name}: {status}: {exc} (event {event.id})"
+        # The classified error: status and reason, never the receiver's body or the URL.
+        return False, f"{sink_config.name}: not accepted: {exc} (event {event.id})"
     finally:
         await sink.aclose()
-    return True, f"{sink_config.name}: HTTP {attempt.status} in {attempt.duration:.3f}s (event {event.id})"
+    answer = " ".join(attempt.response_excerpt.split())
+    said = f", answer {answer[:200]!r}" if answer else ""
+    took = f"HTTP {attempt.status} in {attempt.duration:.3f}s"
+    return True, f"{sink_config.name}: accepted: {took}{said} (event {event.id})"

@@ -10,7 +10,6 @@ error, created and delivered times). Storing the body once keeps the file small 
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from typing import Any
 import sqlite_utils
 
 from watcher.errors import StateError
-from watcher.events import Event, dumps
+from watcher.events import Event, dumps, loads
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 
@@ -160,7 +159,7 @@ class Due:
     created_at: float
 
     def event(self) -> Event:
-        body = json.loads(self.payload)
+        body = loads(self.payload)
         return Event(
             id=self.event_id,
             type=self.type,
@@ -191,9 +190,14 @@ class Outcome:
     seq: int
     event_id: str
     status: str  # pending / delivered / dead
-    attempts: int
+    attempts: int  # the delivery's attempt count from now on (what the schedule counts)
     next_attempt_at: float
     error: str | None
+    attempt: int | None = None  # this attempt's number in the attempt log, when it differs from `attempts`
+
+    @property
+    def logged_attempt(self) -> int:
+        return self.attempt if self.attempt is not None else self.attempts
 
 
 class Store:
@@ -295,7 +299,7 @@ class Store:
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for row in self._rows(f"SELECT id, created_ts, version, snapshot FROM leads WHERE id IN ({marks})", chunk):
-                found[row["id"]] = LeadState(row["id"], row["created_ts"], row["version"], json.loads(row["snapshot"]))
+                found[row["id"]] = LeadState(row["id"], row["created_ts"], row["version"], loads(row["snapshot"]))
         return found
 
     def campaigns(self) -> dict[int, CampaignState]:
@@ -327,27 +331,9 @@ class Store:
                     "transitions = excluded.transitions, seen_at = excluded.seen_at",
                     [(s.id, s.status, s.transitions, page.now) for s in page.campaigns],
                 )
-            for event, sinks in page.events:
-                cur = c.execute(
-                    "INSERT OR IGNORE INTO events (id, type, resource, campaign_id, payload, detected_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        event.id,
-                        event.type,
-                        event.resource,
-                        event.campaign_id,
-                        dumps(event.envelope()),
-                        page.now,
-                    ),
-                )
-                if cur.rowcount != 1:
-                    continue  # the same change was committed before: its deliveries exist already
-                fresh.append(event)
-                c.executemany(
-                    "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
-                    "VALUES (?, ?, ?, 'pending', ?, ?)",
-                    [(cur.lastrowid, sink, event.resource, page.now, page.now) for sink in sinks],
-                )
+            wanted = [(event, sinks) for event, sinks in page.events if sinks]  # no sink wants it: nothing to keep
+            if wanted:
+                fresh = self._insert_events(c, wanted, page.now)
             c.execute("INSERT OR IGNORE INTO cursors (stream) VALUES (?)", (page.stream,))
             if page.cursor is not None:
                 c.execute(
@@ -366,6 +352,36 @@ class Store:
                     (page.now, page.now, page.stream),
                 )
         return fresh
+
+    def _insert_events(
+        self, c: sqlite3.Connection, events: list[tuple[Event, Sequence[str]]], now: float
+    ) -> list[Event]:
+        """Insert events not stored before, with a pending delivery per sink; return the new ones.
+
+        An event id already present means the same change was committed before (an overlap
+        re-read, a restart): its deliveries exist, so nothing is added for it.
+        """
+        ids = [e.id for e, _ in events]
+        marks = ",".join("?" * len(ids))
+        known = {row[0] for row in c.execute(f"SELECT id FROM events WHERE id IN ({marks})", ids)}
+        new: dict[str, tuple[Event, Sequence[str]]] = {}
+        for event, sinks in events:
+            if event.id not in known:
+                new.setdefault(event.id, (event, sinks))
+        if not new:
+            return []
+        c.executemany(
+            "INSERT INTO events (id, type, resource, campaign_id, payload, detected_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.id, e.type, e.resource, e.campaign_id, dumps(e.envelope()), now) for e, _ in new.values()],
+        )
+        marks = ",".join("?" * len(new))
+        seqs = dict(c.execute(f"SELECT id, seq FROM events WHERE id IN ({marks})", list(new)).fetchall())
+        c.executemany(
+            "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
+            "VALUES (?, ?, ?, 'pending', ?, ?)",
+            [(seqs[e.id], sink, e.resource, now, now) for e, sinks in new.values() for sink in sinks],
+        )
+        return [e for e, _ in new.values()]
 
     # --- delivery -----------------------------------------------------------------------------
 
@@ -392,10 +408,25 @@ class Store:
         )
         return [Due(**dict(r)) for r in rows if r["seq"] not in busy][:limit]
 
-    def next_due_at(self, sink: str) -> float | None:
-        row = self._rows("SELECT min(next_attempt_at) FROM deliveries WHERE sink = ? AND status = 'pending'", (sink,))[
-            0
-        ]
+    def next_due_at(self, sink: str, busy: frozenset[int] = frozenset()) -> float | None:
+        """When the next delivery `due` could return falls due (None: nothing pending outside `busy`).
+
+        Only the first pending delivery of each resource counts: a later one may be scheduled
+        earlier, but it cannot go before the one ahead of it.
+        """
+        marks = ",".join("?" * len(busy))
+        skip = f"AND d.event_seq NOT IN ({marks})" if busy else ""
+        row = self._rows(
+            f"""
+            SELECT min(d.next_attempt_at) FROM deliveries d
+            WHERE d.sink = ? AND d.status = 'pending' {skip}
+              AND NOT EXISTS (
+                SELECT 1 FROM deliveries p
+                WHERE p.sink = d.sink AND p.resource = d.resource AND p.status = 'pending'
+                  AND p.event_seq < d.event_seq)
+            """,
+            (sink, *sorted(busy)),
+        )[0]
         return float(row[0]) if row[0] is not None else None
 
     def record_outcomes(
@@ -420,7 +451,7 @@ class Store:
                 c.execute(
                     "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (sink, o.event_id, o.attempts, status_code, duration, o.error, now),
+                    (sink, o.event_id, o.logged_attempt, status_code, duration, o.error, now),
                 )
             c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
             if success:
@@ -449,15 +480,47 @@ class Store:
                 return False
             return row[1] is not None
 
-    def sink_states(self, names: Iterable[str]) -> list[SinkState]:
-        known = {r["name"]: r for r in self._rows("SELECT * FROM sinks")}
-        counts: dict[str, dict[str, Any]] = {}
+    def sink_disabled(self, sink: str) -> bool:
+        """Whether the sink is disabled in the state file (another process may have enabled it)."""
+        rows = self._rows("SELECT disabled_at FROM sinks WHERE name = ?", (sink,))
+        return bool(rows) and rows[0][0] is not None
+
+    def failing_since(self, sink: str) -> float | None:
+        """When the sink's current run of failures began (None: its last attempt succeeded)."""
+        rows = self._rows("SELECT failing_since FROM sinks WHERE name = ?", (sink,))
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def sink_state(self, sink: str) -> SinkState:
+        """One sink's counts and health (cheaper than `sink_states` with many sinks)."""
+        return self.sink_states([sink], only=True)[0]
+
+    def sink_states(self, names: Iterable[str], *, only: bool = False) -> list[SinkState]:
+        """Counts and health of `names` and of every sink with deliveries (with `only`: of `names` alone)."""
+        wanted = sorted(set(names))
+        marks = ",".join("?" * len(wanted))
+        params: list[Any] = wanted if only else []
+        known = {
+            r["name"]: r
+            for r in self._rows("SELECT * FROM sinks" + (f" WHERE name IN ({marks})" if only else ""), params)
+        }
+        only_sinks = f" AND sink IN ({marks})" if only else ""
+        # Two queries, not one: the counts come from the covering index alone, which is several
+        # times faster on a large backlog than reading every row for its created_at.
+        counts: dict[str, dict[str, int]] = {}
         for r in self._rows(
-            "SELECT sink, status, count(*) AS n, min(created_at) AS oldest FROM deliveries GROUP BY sink, status"
+            f"SELECT sink, status, count(*) AS n FROM deliveries WHERE 1 {only_sinks} GROUP BY sink, status", params
         ):
-            counts.setdefault(r["sink"], {})[r["status"]] = (r["n"], r["oldest"])
+            counts.setdefault(r["sink"], {})[r["status"]] = r["n"]
+        oldest = {
+            r["sink"]: r["oldest"]
+            for r in self._rows(
+                "SELECT sink, min(created_at) AS oldest FROM deliveries "
+                f"WHERE status = 'pending' {only_sinks} GROUP BY sink",
+                params,
+            )
+        }
         states = []
-        for name in sorted(set(names) | set(counts)):
+        for name in sorted(set(wanted) | set(counts)):
             row = known.get(name)
             c = counts.get(name, {})
             states.append(
@@ -467,10 +530,10 @@ class Store:
                     disabled_reason=row["disabled_reason"] if row else None,
                     failing_since=row["failing_since"] if row else None,
                     last_success_at=row["last_success_at"] if row else None,
-                    pending=c.get(PENDING, (0, None))[0],
-                    dead=c.get(DEAD, (0, None))[0],
-                    delivered=c.get(DELIVERED, (0, None))[0],
-                    oldest_pending_at=c.get(PENDING, (0, None))[1],
+                    pending=c.get(PENDING, 0),
+                    dead=c.get(DEAD, 0),
+                    delivered=c.get(DELIVERED, 0),
+                    oldest_pending_at=oldest.get(name),
                 )
             )
         return states
