@@ -35,9 +35,7 @@ def checkable_copy(shipped: str, name: str, tmp_path: Path) -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [analyze(), "--no-pager", *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    return subprocess.run([analyze(), "--no-pager", *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def service_section(shipped: str) -> configparser.RawConfigParser:
@@ -88,9 +86,7 @@ def test_verify_reports_nothing(shipped: str, name: str, tmp_path: Path) -> None
         ),
     ],
 )
-def test_unit_runs_the_daemon_as_a_watched_notify_service(
-    shipped: str, config: str, state: str, creds: str
-) -> None:
+def test_unit_runs_the_daemon_as_a_watched_notify_service(shipped: str, config: str, state: str, creds: str) -> None:
     """The daemon's contract with systemd: notify, watchdog, restarts, exit 78, directories, secrets."""
     service = service_section(shipped)["Service"]
     assert service["ExecStart"] == f"{BINARY} run -c {config}"

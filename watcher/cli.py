@@ -11,10 +11,12 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from watcher import __version__
 from watcher.clock import SystemClock
@@ -24,6 +26,7 @@ from watcher.logs import configure_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 PROG = "convertr-watcher"
+RESOLVE_TIMEOUT = 5.0
 
 
 def _fail(message: str, code: int) -> int:
@@ -102,22 +105,58 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  sink {sink.name}: {sink.type}, {len(sink.events)} event types, {state}")
     if not config.sinks:
         print("  warning: no sinks configured; events are detected and kept, but go nowhere")
-    if args.connect:
-        from watcher.convertr import ConvertrClient
+    if not args.connect:
+        return EXIT_OK
+    return asyncio.run(_connect(config))
 
-        async def connect() -> None:
-            async with ConvertrClient(config.convertr, clock=SystemClock()) as client:
-                await client.login()
-                await client.first_page("leads", {}, items_per_page=1)
 
-        try:
-            asyncio.run(connect())
-        except AuthError as exc:
-            return _fail(f"convertr: {exc}", EXIT_CONFIG)
-        except WatcherError as exc:
-            return _fail(f"convertr: cannot reach the API: {exc}", EXIT_FAILURE)
+async def _connect(config: Config) -> int:
+    """Log in, read one lead, resolve every enabled sink's host; the exit status for `check --connect`."""
+    from watcher.convertr import ConvertrClient
+
+    code = EXIT_OK
+    try:
+        async with ConvertrClient(config.convertr, clock=SystemClock()) as client:
+            await client.login()
+            await client.first_page("leads", {}, items_per_page=1)
         print("  login: ok; leads readable")
+    except AuthError as exc:
+        print(f"  login: refused ({exc})")
+        code = EXIT_CONFIG
+    except WatcherError as exc:
+        print(f"  login: cannot reach the API ({exc})")
+        code = EXIT_FAILURE
+    for sink in config.sinks:
+        if not sink.enabled:
+            print(f"  sink {sink.name}: disabled in config, not checked")
+            continue
+        # Only the host name is shown: the rest of a sink URL (a Slack hook's path) may be a secret.
+        host, problem = await _resolve(sink.url)
+        if problem is None:
+            print(f"  sink {sink.name}: host {host} resolves")
+        else:
+            print(f"  sink {sink.name}: host {host} does not resolve ({problem})")
+            code = code or EXIT_FAILURE
+    if code == EXIT_CONFIG:
+        return _fail("convertr: login refused: check [convertr] username and password", EXIT_CONFIG)
+    if code:
+        return _fail("check --connect: something cannot be reached (see above)", code)
     return EXIT_OK
+
+
+async def _resolve(url: str) -> tuple[str, str | None]:
+    """(host, None) when the URL's host name resolves, else (host, why not)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        return host, f"no answer in {RESOLVE_TIMEOUT:.0f}s"
+    except (OSError, ValueError) as exc:
+        return host, str(getattr(exc, "strerror", None) or exc)
+    return host, None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -125,6 +164,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from watcher.store import Store
 
     config = _load(args)
+    if not config.state.path.exists():
+        # Opening would create the file, possibly owned by the wrong user: report instead.
+        print(f"{PROG}: no state file at {config.state.path} yet (the daemon has not run)", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"streams": [], "sinks": [], "tracked_leads": 0}, indent=2))
+        return EXIT_OK
     store = Store.open(config.state.path)
     now = SystemClock().now()
     try:
@@ -331,3 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `status | head`: the reader left. Point stdout at /dev/null so the final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE

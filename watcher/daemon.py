@@ -5,6 +5,10 @@ time, missed runs coalesced) and runs the dispatcher beside them, woken whenever
 new outbox rows. On SIGTERM or SIGINT it tells systemd it is stopping, lets the walk in hand
 finish its page (each page is one transaction that never awaits, so a cancellation cannot split
 one), gives deliveries in flight a moment, and exits 0.
+
+The systemd watchdog is fed only while the daemon proves it is moving (see `liveness_problem`):
+a blocked event loop, a poll stuck on an await that never returns, a scheduler that stopped
+firing or a delivery loop that stopped turning all end the pings, and systemd restarts us.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,11 +31,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from watcher import __version__
 from watcher.clock import Clock
 from watcher.config import Config, SinkConfig
-from watcher.convertr import ConvertrClient
-from watcher.errors import AuthError, StateError, WatcherError
+from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
+from watcher.errors import AuthError, ConfigError, StateError, WatcherError
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
-from watcher.outbox import Dispatcher
+from watcher.outbox import SWEEP_INTERVAL, Dispatcher
 from watcher.poller import Poller
 from watcher.sinks import Sink, build_sink
 from watcher.store import Store
@@ -39,11 +44,108 @@ log = structlog.get_logger("watcher.daemon")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 HOUSEKEEPING_INTERVAL = 3600.0
+STOP_GRACE = 5.0  # for a walk to finish its page; TimeoutStopSec= leaves plenty more
+# A healthy delivery worker turns at least every SWEEP_INTERVAL; far past that it is stuck.
+DISPATCH_STALL = max(60.0, 12 * SWEEP_INTERVAL)
+
+# The poll job whose task is running, so an API answer counts as activity for that job only.
+_JOB: ContextVar[str | None] = ContextVar("watcher_job", default=None)
 
 
 def fingerprint(sink: SinkConfig) -> str:
     """Changes when an operator points a sink somewhere else: a disabled sink then gets another chance."""
     return hashlib.sha256(f"{sink.type}\x1f{sink.url}\x1f{sink.enabled}".encode()).hexdigest()[:16]
+
+
+def stall_limit(config: Config) -> float:
+    """The longest a healthy walk can go without any API request finishing.
+
+    The client may wait out a full request-budget window before a request, then one timeout,
+    then a retry pause of at most RETRY_AFTER_CAP before the next; anything longer is a hang.
+    """
+    return WINDOW_SECONDS + RETRY_AFTER_CAP + 2 * config.convertr.timeout
+
+
+def poll_jobs(config: Config) -> dict[str, float]:
+    """The scheduler's poll jobs and their intervals."""
+    jobs = {}
+    if config.leads.enabled:
+        jobs["leads"] = config.leads.interval
+    if config.campaigns.enabled:
+        jobs["campaigns"] = config.campaigns.interval
+    return jobs
+
+
+def health_intervals(config: Config, updates_filter: bool | None) -> dict[str, float]:
+    """Each stream /healthz judges and how often it should succeed.
+
+    `updates_filter` is what the poller learnt from the server: True means `leads.updated` runs on
+    every leads poll, False means the re-read fallback (`leads.recheck`) runs every
+    recheck_interval instead, None means it has not been learnt yet (leads.created covers it).
+    """
+    leads = config.leads
+    intervals: dict[str, float] = {}
+    if leads.enabled:
+        intervals["leads.created"] = leads.interval
+        if leads.updates and updates_filter is True:
+            intervals["leads.updated"] = leads.interval
+        elif leads.updates and updates_filter is False:
+            # The re-read rides on a leads poll once it is due: up to one leads interval late.
+            intervals["leads.recheck"] = leads.recheck_interval + leads.interval
+    if config.campaigns.enabled:
+        intervals["campaigns"] = config.campaigns.interval
+    return intervals
+
+
+@dataclass
+class Liveness:
+    """What the watchdog knows, in monotonic seconds."""
+
+    started: float
+    intervals: Mapping[str, float]  # poll job -> interval
+    stall_limit: float
+    dispatcher_limit: float | None = None  # None: no sinks, no delivery loop to watch
+    progressed: bool = False
+    finished: dict[str, float] = field(default_factory=dict)  # job -> when its last run ended
+    running: dict[str, float] = field(default_factory=dict)  # job -> its start or latest API answer
+    dispatcher_tick: float | None = None
+
+    def begin(self, job: str, now: float) -> None:
+        self.running[job] = now
+
+    def activity(self, job: str | None, now: float) -> None:
+        """An API request finished (answered or failed): the walk in `job` is moving."""
+        self.progressed = True
+        if job is not None and job in self.running:
+            self.running[job] = now
+
+    def end(self, job: str, now: float) -> None:
+        self.progressed = True
+        self.running.pop(job, None)
+        self.finished[job] = now
+
+    def tick(self, now: float) -> None:
+        self.dispatcher_tick = now
+
+
+def liveness_problem(live: Liveness, now: float) -> str | None:
+    """None while the daemon is proven to move (ping the watchdog), else why it is not."""
+    if not live.progressed:
+        return "no poll has made progress yet"
+    for job, interval in sorted(live.intervals.items()):
+        if job in live.running:
+            idle = now - live.running[job]
+            if idle > live.stall_limit:
+                return f"{job} poll: no API request finished for {idle:.0f}s"
+        else:
+            since = now - live.finished.get(job, live.started)
+            if since > interval + live.stall_limit:
+                return f"{job} poll: not run for {since:.0f}s (due every {interval:.0f}s)"
+    if live.dispatcher_limit is not None:
+        since = now - (live.dispatcher_tick if live.dispatcher_tick is not None else live.started)
+        if since > live.dispatcher_limit:
+            return f"delivery loop: no pass for {since:.0f}s"
+    return None
 
 
 @dataclass
@@ -56,8 +158,8 @@ class Runtime:
     dispatcher: Dispatcher
     poller: Poller
     metrics: Metrics
+    liveness: Liveness
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    last_progress: float | None = None
 
 
 @asynccontextmanager
@@ -67,20 +169,34 @@ async def runtime(
     *,
     api_transport: httpx.AsyncBaseTransport | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    stall: float | None = None,
 ) -> AsyncIterator[Runtime]:
     store = Store.open(config.state.path)
-    streams = [s for s, on in (("leads.created", config.leads.enabled), ("campaigns", config.campaigns.enabled)) if on]
+    streams = [
+        s
+        for s, on in (
+            ("leads.created", config.leads.enabled),
+            ("leads.updated", config.leads.enabled and config.leads.updates),
+            ("campaigns", config.campaigns.enabled),
+        )
+        if on
+    ]
     metrics = Metrics(clock.now(), streams=streams, sinks=[s.name for s in config.sinks])
-    client = ConvertrClient(
-        config.convertr,
-        clock=clock,
-        transport=api_transport,
-        on_response=lambda endpoint, status, _seconds: metrics.api_response(endpoint, status),
+    live = Liveness(
+        clock.monotonic(),
+        poll_jobs(config),
+        stall_limit(config) if stall is None else stall,
+        dispatcher_limit=DISPATCH_STALL if config.sinks else None,
     )
+
+    def on_response(endpoint: str, status: int | None, _seconds: float) -> None:
+        metrics.api_response(endpoint, status)
+        live.activity(_JOB.get(), clock.monotonic())
+
+    client = ConvertrClient(config.convertr, clock=clock, transport=api_transport, on_response=on_response)
     sinks = [build_sink(s, clock=clock, version=__version__) for s in config.sinks]
     stopping = asyncio.Event()
-    rt: Runtime
-    dispatcher = Dispatcher(store, sinks, clock, metrics=metrics, on_progress=lambda: _progress(rt))
+    dispatcher = Dispatcher(store, sinks, clock, metrics=metrics, on_progress=lambda: live.tick(clock.monotonic()))
     dispatcher.sync_sinks({s.name: fingerprint(s) for s in config.sinks})
     poller = Poller(
         config,
@@ -92,7 +208,7 @@ async def runtime(
         should_stop=stopping.is_set,
         progress=progress,
     )
-    rt = Runtime(config, clock, store, client, sinks, dispatcher, poller, metrics, stopping)
+    rt = Runtime(config, clock, store, client, sinks, dispatcher, poller, metrics, live, stopping)
     try:
         yield rt
     finally:
@@ -101,10 +217,6 @@ async def runtime(
                 await sink.aclose()
         await client.aclose()
         store.close()
-
-
-def _progress(rt: Runtime) -> None:
-    rt.last_progress = rt.clock.monotonic()
 
 
 # --- once -----------------------------------------------------------------------------------
@@ -122,8 +234,8 @@ async def run_once(config: Config, clock: Clock, **kwargs: Any) -> int:
         for job in jobs:
             try:
                 await job()
-            except AuthError:
-                raise
+            except (AuthError, StateError):
+                raise  # nothing the next stream could do better: the CLI says it in one line
             except WatcherError as exc:
                 log.error("poll failed", error=str(exc))
                 ok = False
@@ -164,10 +276,11 @@ class Daemon:
         task = asyncio.current_task()
         if task is not None:
             self.polls.add(task)
+        token = _JOB.set(name)
+        self.rt.liveness.begin(name, self.rt.clock.monotonic())
         try:
             await poll()
             self.last_poll[name] = self.rt.clock.now()
-            _progress(self.rt)
         except (AuthError, StateError) as exc:
             log.error("fatal", error=str(exc))
             self.fatal = exc
@@ -176,13 +289,25 @@ class Daemon:
             log.error("poll failed; the next one retries from the same cursor", job=name, error=str(exc))
         except Exception:
             log.exception("poll crashed; the next one retries from the same cursor", job=name)
+        except asyncio.CancelledError:
+            if not self.rt.stopping.is_set():
+                raise
+            # Cancelled by the stop: an expected end, not a failure for the scheduler to log.
+            log.info("poll interrupted by the stop; the next start resumes from the same cursor", job=name)
         finally:
+            # A failed poll is progress too: the loop turned, and restarting cannot bring the API back.
+            self.rt.liveness.end(name, self.rt.clock.monotonic())
+            _JOB.reset(token)
             if task is not None:
                 self.polls.discard(task)
         self._status()
 
     def _status(self) -> None:
+        now = self.rt.clock.now()
         states = self.rt.store.sink_states([s.name for s in self.rt.sinks])
+        for s in states:
+            age = now - s.oldest_pending_at if s.oldest_pending_at else 0.0
+            self.rt.metrics.set_outbox(s.name, s.pending, age)
         pending = sum(s.pending for s in states)
         last = max(self.last_poll.values()) if self.last_poll else None
         when = datetime.fromtimestamp(last, UTC).strftime("%H:%M:%S") if last else "never"
@@ -192,14 +317,19 @@ class Daemon:
         interval = self.notifier.watchdog_interval()
         if interval is None:
             return
-        sent_for: float | None = None
+        withheld = False
         while not self.rt.stopping.is_set():
-            # Only proven progress keeps systemd from restarting us: a hung poll or a stalled
-            # scheduler stops the pings even though this task would happily go on.
-            progress = self.rt.last_progress
-            if progress is not None and progress != sent_for:
+            live = self.rt.liveness
+            problem = liveness_problem(live, self.rt.clock.monotonic())
+            if problem is None:
                 self.notifier.watchdog()
-                sent_for = progress
+                if withheld:
+                    withheld = False
+                    log.warning("watchdog pings resumed")
+            elif live.progressed and not withheld:
+                withheld = True
+                log.error("watchdog pings withheld; systemd will restart the daemon", reason=problem)
+                self.notifier.status(f"stalled: {problem}")
             with suppress(TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=interval)
 
@@ -209,42 +339,45 @@ class Daemon:
         except StateError as exc:
             log.error("housekeeping failed", error=str(exc))
 
-    async def run(self) -> int:
+    def _health(self) -> tuple[bool, str]:
+        rt = self.rt
+        return rt.metrics.health(rt.clock.now(), health_intervals(rt.config, rt.poller.updates_filter))
+
+    async def _serve_metrics(self) -> asyncio.Server | None:
+        if self.rt.config.metrics.listen is None:
+            return None
+        host, port = self.rt.config.metrics.listen
+        try:
+            server = await serve(self.rt.metrics, host, port, self._health)
+        except OSError as exc:
+            # Another process holds the port (or the address is not local): the config must change.
+            raise ConfigError("metrics.listen", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        bound = server.sockets[0].getsockname()
+        log.info("metrics endpoint listening", host=bound[0], port=bound[1], paths=["/metrics", "/healthz"])
+        return server
+
+    def _schedule(self) -> AsyncIOScheduler:
         rt, cfg = self.rt, self.rt.config
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
         scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
         )
-        start = datetime.now(UTC)
-        if cfg.leads.enabled:
+        start = datetime.fromtimestamp(rt.clock.now(), UTC)
+        polls = {"leads": rt.poller.poll_leads, "campaigns": rt.poller.poll_campaigns}
+        for name, interval in poll_jobs(cfg).items():
             scheduler.add_job(
-                self._job,
-                IntervalTrigger(seconds=cfg.leads.interval),
-                args=("leads", rt.poller.poll_leads),
-                id="leads",
-                next_run_time=start,
-            )
-        if cfg.campaigns.enabled:
-            scheduler.add_job(
-                self._job,
-                IntervalTrigger(seconds=cfg.campaigns.interval),
-                args=("campaigns", rt.poller.poll_campaigns),
-                id="campaigns",
-                next_run_time=start,
+                self._job, IntervalTrigger(seconds=interval), args=(name, polls[name]), id=name, next_run_time=start
             )
         scheduler.add_job(self._housekeeping, IntervalTrigger(seconds=HOUSEKEEPING_INTERVAL), id="housekeeping")
-        server = None
-        if cfg.metrics.listen is not None:
-            host, port = cfg.metrics.listen
-            intervals = {}
-            if cfg.leads.enabled:
-                intervals["leads.created"] = cfg.leads.interval
-            if cfg.campaigns.enabled:
-                intervals["campaigns"] = cfg.campaigns.interval
-            server = await serve(rt.metrics, host, port, lambda: rt.metrics.health(rt.clock.now(), intervals))
+        return scheduler
+
+    async def run(self) -> int:
+        rt = self.rt
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        server = await self._serve_metrics()
+        scheduler = self._schedule()
         scheduler.start()
         dispatcher = asyncio.create_task(rt.dispatcher.run(rt.stopping), name="dispatcher")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
@@ -252,22 +385,27 @@ class Daemon:
         self._status()
         log.info("started", version=__version__, sinks=[s.name for s in rt.sinks])
         await rt.stopping.wait()
-        self.notifier.stopping()
+        self.notifier.stopping("stopping: finishing the work in hand")
         log.info("stopping")
-        scheduler.shutdown(wait=False)
+        # No new runs; the scheduler's shutdown would cancel the runs in hand at once, so it waits.
+        scheduler.pause()
         if self.polls:
-            # Each walk checks `stopping` after committing a page; give it time to get there.
-            _done, late = await asyncio.wait(set(self.polls), timeout=10.0)
+            # Each walk checks `stopping` after committing a page; give it time to get there. A
+            # cancellation is safe too (a page's transaction never awaits), it only wastes a page.
+            _done, late = await asyncio.wait(set(self.polls), timeout=STOP_GRACE)
             for task in late:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=2.0)
+        scheduler.shutdown(wait=False)
         await dispatcher
         watchdog.cancel()
         if server is not None:
             server.close()
             with suppress(Exception):
                 await server.wait_closed()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         log.info("stopped")
         if isinstance(self.fatal, AuthError):
             raise self.fatal
