@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import json
 import math
 import subprocess
@@ -481,7 +482,7 @@ def test_token_expiring_mid_walk_triggers_one_relogin() -> None:
     assert [len(p.members) for p in pages] == [100, 100, 50]
     tokens = [r.headers["Authorization"][7:11] for r in api.gets()]
     # Each refused GET (a token already expired) is followed by exactly one login and a retry with the new token.
-    refused = sum(1 for a, b in zip(tokens, tokens[1:], strict=False) if a != b)
+    refused = sum(1 for a, b in itertools.pairwise(tokens) if a != b)
     assert refused >= 1
     assert api.logins == 1 + refused
     assert len(tokens) == 3 + refused

@@ -306,9 +306,7 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
                 raise ConfigError(t.key(key), "slack sinks take no secret")
     else:
         if not any(key in t.data for key in _secret_keys("secret")):
-            raise ConfigError(
-                t.key("secret"), "required for webhook sinks (secret, secret_env or secret_file)"
-            )
+            raise ConfigError(t.key("secret"), "required for webhook sinks (secret, secret_env or secret_file)")
         value, secret_key, _ = _secret(t, "secret", ctx)
         secrets = _webhook_keys(value, secret_key)
     webhook = kind == "webhook"
@@ -320,9 +318,7 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
         events=_events(t.get("events", list(EVENT_TYPES)), t.key("events")),
         campaign_ids=_campaign_ids(t.get("campaign_ids", []), t.key("campaign_ids")),
         timeout=t.duration("timeout", 15.0),
-        retry_schedule=_retry_schedule(
-            t.get("retry_schedule", list(DEFAULT_RETRY_SCHEDULE)), t.key("retry_schedule")
-        ),
+        retry_schedule=_retry_schedule(t.get("retry_schedule", list(DEFAULT_RETRY_SCHEDULE)), t.key("retry_schedule")),
         max_age=t.duration("max_age", 3 * DAY),
         include_pii=t.boolean("include_pii", webhook),
         concurrency=t.integer("concurrency", 4 if webhook else 1, 1, 32),
@@ -414,9 +410,7 @@ class _Table:
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"d": DAY, "h": HOUR, "m": MINUTE, "s": 1.0, "ms": 0.001}
 _UNIT_ORDER = ("d", "h", "m", "s", "ms")
-_DURATION_HELP = (
-    'must be a duration: a number of seconds or a string such as "90s", "5m", "2h", "1d", "1h30m"'
-)
+_DURATION_HELP = 'must be a duration: a number of seconds or a string such as "90s", "5m", "2h", "1d", "1h30m"'
 
 
 def parse_duration(value: object, path: str) -> float:
@@ -627,9 +621,7 @@ def _read_secret_file(file: Path, path: str) -> str:
     except IsADirectoryError:
         raise ConfigError(path, "cannot read the file: it is a directory") from None
     except OSError as exc:
-        raise ConfigError(
-            path, f"cannot read the file: {_strerror(exc)} (relative to the config folder)"
-        ) from None
+        raise ConfigError(path, f"cannot read the file: {_strerror(exc)} (relative to the config folder)") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "the file is not UTF-8 text") from None
     if not text:
@@ -641,9 +633,7 @@ def _webhook_keys(value: str, path: str) -> tuple[str, ...]:
     keys = tuple(value.split())
     for number, key in enumerate(keys, start=1):
         if not 24 <= len(_whsec_bytes(key)) <= 64:
-            raise ConfigError(
-                path, f'key {number} must be "whsec_" followed by the base64 of 24 to 64 random bytes'
-            )
+            raise ConfigError(path, f'key {number} must be "whsec_" followed by the base64 of 24 to 64 random bytes')
     return keys
 
 

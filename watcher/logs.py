@@ -176,8 +176,7 @@ def _redact_item(key: str, value: Any, secrets: frozenset[str]) -> Any:
 def redact_event(event_dict: EventDict, secrets: frozenset[str] = frozenset()) -> EventDict:
     """A copy of `event_dict` that is safe to write out; structlog's private keys are left alone."""
     return {
-        key: value if key.startswith("_") else _redact_item(key, value, secrets)
-        for key, value in event_dict.items()
+        key: value if key.startswith("_") else _redact_item(key, value, secrets) for key, value in event_dict.items()
     }
 
 
@@ -197,9 +196,7 @@ def _renderer(fmt: str, stream: IO[str]) -> Processor:
         raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
     isatty = getattr(stream, "isatty", None)
     if fmt == "console" or (fmt == "auto" and isatty is not None and isatty()):
-        return structlog.dev.ConsoleRenderer(
-            colors=fmt == "auto", exception_formatter=structlog.dev.plain_traceback
-        )
+        return structlog.dev.ConsoleRenderer(colors=fmt == "auto", exception_formatter=structlog.dev.plain_traceback)
     return _json_renderer()
 
 
@@ -287,6 +284,4 @@ def configure_logging(
     # each job run at INFO. Warnings and errors still come through.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(
-        number if number <= logging.DEBUG else max(number, logging.WARNING)
-    )
+    logging.getLogger("apscheduler").setLevel(number if number <= logging.DEBUG else max(number, logging.WARNING))

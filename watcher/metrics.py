@@ -60,9 +60,7 @@ class Metrics:
             buckets=POLL_BUCKETS,
             registry=r,
         )
-        self.records_fetched = Counter(
-            "watcher_records_fetched", "Records read from the API.", ["stream"], registry=r
-        )
+        self.records_fetched = Counter("watcher_records_fetched", "Records read from the API.", ["stream"], registry=r)
         self.last_success = Gauge(
             "watcher_last_successful_poll_timestamp_seconds",
             "Unix time of the last successful poll.",
@@ -87,9 +85,7 @@ class Metrics:
         self.deliveries = Counter(
             "watcher_deliveries", "Delivery attempts by sink and outcome.", ["sink", "outcome"], registry=r
         )
-        self.outbox_pending = Gauge(
-            "watcher_outbox_pending", "Events waiting for delivery.", ["sink"], registry=r
-        )
+        self.outbox_pending = Gauge("watcher_outbox_pending", "Events waiting for delivery.", ["sink"], registry=r)
         self.outbox_oldest_age = Gauge(
             "watcher_outbox_oldest_pending_age_seconds",
             "Age of the oldest pending event (0 when none).",
