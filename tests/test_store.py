@@ -9,7 +9,7 @@ import pytest
 
 from watcher.errors import StateError
 from watcher.events import Event
-from watcher.store import DEAD, DELIVERED, MIGRATIONS, PENDING, LeadState, Outcome, PageCommit, Store
+from watcher.store import DEAD, DELIVERED, MIGRATIONS, PENDING, CampaignState, LeadState, Outcome, PageCommit, Store
 
 
 def _event(n: int, resource: str = "lead:1") -> Event:
@@ -167,3 +167,19 @@ def test_disabled_sink_reenabled_by_config_change(store: Store) -> None:
     store.disable_sink("a", 1.0, "410")
     assert store.sync_sink("a", "f1") is True
     assert store.sync_sink("a", "f2") is False
+
+
+def test_migrations_run_by_version(tmp_path: Path) -> None:
+    """A file left at schema version 1 is brought forward step by step, keeping its rows."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO campaigns (id, status, transitions, seen_at) VALUES (601, 'Active', 2, 0)")
+    conn.commit()
+    conn.close()
+    store = Store.open(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 2
+    assert store.campaigns()[601].transitions == 2
+    store.commit_page(PageCommit("campaigns", 1.0, campaigns=[CampaignState(601, "Paused", 3, "Q1")]))
+    assert store.campaign_names() == {601: "Q1"}
+    store.close()

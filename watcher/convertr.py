@@ -31,6 +31,7 @@ from watcher.events import loads
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
+PREFETCH_TURNS = 5
 LOGIN_PATH = "/api/login"
 COLLECTION_PREFIX = "/api/v4/"
 
@@ -297,7 +298,10 @@ class ConvertrClient:
             ahead = asyncio.create_task(self._fetch(collection, pairs, number + 1, size))
             ahead.add_done_callback(_consume)
             try:
-                await asyncio.sleep(0)  # one turn of the loop puts the request on the wire
+                # httpx takes a few turns of the loop (budget, connection pool, write) before the
+                # request is on the wire; after that the prefetch just waits for Convertr.
+                for _ in range(PREFETCH_TURNS):
+                    await asyncio.sleep(0)
                 yield page
                 page, has_view = await ahead
             finally:

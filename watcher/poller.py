@@ -15,6 +15,7 @@ local clock only paces our own work. The two can differ by more than the lookbac
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ UPDATED_FILTER = "updatedTs[strictly_after]"
 
 class Metrics(Protocol):
     def poll_finished(self, stream: str, ok: bool, duration: float, fetched: int, now: float) -> None: ...
-    def event_detected(self, type_: str) -> None: ...
+    def event_detected(self, event_type: str, count: int = 1) -> None: ...
     def set_cursor(self, stream: str, cursor_ts: float, now: float) -> None: ...
 
 
@@ -181,12 +182,14 @@ class Poller:
         return [s.name for s in self.config.sinks if wants(s, event)]
 
     def _commit(self, page: PageCommit, result: PollResult) -> None:
-        fresh = self.store.commit_page(page)
+        self._after_commit(self.store.commit_page(page), result)
+
+    def _after_commit(self, fresh: Sequence[Event], result: PollResult) -> None:
         result.events += len(fresh)
         if fresh:
             if self.metrics is not None:
-                for event in fresh:
-                    self.metrics.event_detected(event.type)
+                for type_, count in Counter(e.type for e in fresh).items():
+                    self.metrics.event_detected(type_, count)
             self.on_events()
 
     def _signpost(self, page: Page) -> float:
@@ -242,37 +245,63 @@ class Poller:
         async for page in self.client.pages("leads", self._lead_params("createdTs[strictly_after]", bound)):
             if signpost is None:
                 signpost = self._signpost(page)
-            result.pages += 1
-            result.fetched += len(page.members)
-            members = [m for m in page.members if isinstance(m.get("id"), int)]
-            known = self.store.leads(m["id"] for m in members)
-            now = self.clock.now()
-            commit = PageCommit(CREATED, now, walk_from=bound, set_walk_from=first, baseline_until=baseline_until)
+            commit, current = self._created_page(
+                page, result, bound, first, baseline_until, emit_after, signpost, current
+            )
             first = False
-            for lead in members:
-                if lead["id"] in known:
-                    continue
-                created_raw = lead.get("createdTs")
-                created_ts = _instant(created_raw, now)
-                result.new += 1
-                commit.leads.append(
-                    LeadState(lead["id"], created_ts, lead.get("updatedTs"), detect.snapshot(lead, leads.track))
-                )
-                known[lead["id"]] = commit.leads[-1]
-                if created_ts > emit_after:
-                    event = detect.lead_created(lead, self._now_text())
-                    commit.events.append((event, self._sinks_for(event)))
-            newest = detect.newest([m.get("createdTs") for m in members if _parses(m.get("createdTs"))])
-            moved = detect.next_cursor(current, newest, signpost, self.zone)
-            if moved is not None:
-                commit.cursor, commit.cursor_ts = moved
-                current = moved[0]
             self._commit(commit, result)
             if self.progress is not None:
                 self.progress(result.fetched, page.total)
             if self.should_stop():
                 return  # walk_from stays recorded: the next walk resumes from the same bound
         self._finish(CREATED, current, result)
+
+    def _created_page(
+        self,
+        page: Page,
+        result: PollResult,
+        bound: str,
+        first: bool,
+        baseline_until: float | None,
+        emit_after: float,
+        signpost: float,
+        current: str | None,
+    ) -> tuple[PageCommit, str | None]:
+        """Decide one page of the created walk: new leads, their events, the cursor after it."""
+        leads = self.config.leads
+        result.pages += 1
+        result.fetched += len(page.members)
+        members = [m for m in page.members if isinstance(m.get("id"), int)]
+        known: dict[int, object] = dict(self.store.leads(m["id"] for m in members))
+        now = self.clock.now()
+        detected_at = rfc3339(now)
+        commit = PageCommit(CREATED, now, walk_from=bound, set_walk_from=first, baseline_until=baseline_until)
+        first = False
+        newest: str | None = None
+        newest_ts = float("-inf")
+        for lead in members:
+            created_raw = lead.get("createdTs")
+            created_ts = _timestamp(created_raw)
+            if created_ts is not None and created_ts > newest_ts:
+                newest, newest_ts = created_raw, created_ts
+            if lead["id"] in known:
+                continue
+            if created_ts is None:
+                created_ts = now
+            result.new += 1
+            # Snapshots exist for lead.updated; without it a lead is only remembered as seen.
+            tracked = detect.snapshot(lead, leads.track) if leads.updates else {}
+            state_row = LeadState(lead["id"], created_ts, lead.get("updatedTs"), tracked)
+            commit.leads.append(state_row)
+            known[lead["id"]] = state_row
+            if created_ts > emit_after:
+                event = detect.lead_created(lead, detected_at)
+                commit.events.append((event, self._sinks_for(event)))
+        moved = detect.next_cursor(current, newest, signpost, self.zone)
+        if moved is not None:
+            commit.cursor, commit.cursor_ts = moved
+            current = moved[0]
+        return commit, current
 
     def _finish(self, stream: str, current: str | None, result: PollResult) -> None:
         commit = PageCommit(stream, self.clock.now(), set_walk_from=True, walk_from=None, finished=True)
@@ -374,19 +403,22 @@ class Poller:
                     log.warning("campaign document without id or status skipped", campaign_id=campaign_id)
                     continue
                 before = known.get(campaign_id)
+                name = doc.get("name") if isinstance(doc.get("name"), str) else None
                 if before is None:
-                    after = CampaignState(campaign_id, status, 0)
+                    after = CampaignState(campaign_id, status, 0, name)
                     result.new += 1
                     if not baseline:
                         event = detect.campaign_created(doc, self._now_text())
                         commit.events.append((event, self._sinks_for(event)))
                 elif before.status != status:
-                    after = CampaignState(campaign_id, status, before.transitions + 1)
+                    after = CampaignState(campaign_id, status, before.transitions + 1, name)
                     result.changed += 1
                     event = detect.campaign_status_changed(
                         doc, before.status, status, after.transitions, self._now_text()
                     )
                     commit.events.append((event, self._sinks_for(event)))
+                elif before.name != name:
+                    after = CampaignState(campaign_id, status, before.transitions, name)  # renamed: no event
                 else:
                     continue
                 known[campaign_id] = after
@@ -409,7 +441,18 @@ def _parses(raw: object) -> bool:
 
 def _instant(raw: object, default: float) -> float:
     """A document's timestamp in Unix seconds; a missing or garbled one counts as `default`."""
-    return detect.parse_ts(raw).timestamp() if isinstance(raw, str) and _parses(raw) else default
+    ts = _timestamp(raw)
+    return default if ts is None else ts
+
+
+def _timestamp(raw: object) -> float | None:
+    """A document's timestamp in Unix seconds, or None when it is missing or garbled."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        return detect.parse_ts(raw).timestamp()
+    except ValueError:
+        return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
+        id TEXT NOT NULL,
         type TEXT NOT NULL,
         resource TEXT NOT NULL,
         campaign_id INTEGER,
         payload TEXT NOT NULL,       -- {"type", "timestamp", "data"} as detected, before per-sink filtering
-        detected_at REAL NOT NULL
+        detected_at REAL NOT NULL,
+        -- Ids are hashes: indexed alone, every insert would land on a random page. Led by the
+        -- resource (lead ids grow with time), a backfill appends instead.
+        UNIQUE (resource, id)
     );
     CREATE TABLE deliveries (
         event_seq INTEGER NOT NULL REFERENCES events(seq) ON DELETE CASCADE,
@@ -96,6 +99,10 @@ MIGRATIONS: tuple[str, ...] = (
         last_failure_at REAL
     );
     """,
+    # 2: campaign names, so messages about a lead can name its campaign (a lead carries only its IRI)
+    """
+    ALTER TABLE campaigns ADD COLUMN name TEXT;
+    """,
 )
 
 
@@ -125,6 +132,7 @@ class CampaignState:
     id: int
     status: str
     transitions: int
+    name: str | None = None  # shown in Slack messages about the campaign's leads
 
 
 @dataclass
@@ -200,6 +208,18 @@ class Outcome:
         return self.attempt if self.attempt is not None else self.attempts
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a read-then-write transaction
+    # can never fail half-way with SQLITE_BUSY_SNAPSHOT.
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # FULL: a committed cursor must never outlive its outbox rows, not even after a power cut.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
 class Store:
     """The state file. Open with `Store.open`; close with `close()`."""
 
@@ -213,15 +233,7 @@ class Store:
         if not path.parent.is_dir():
             raise StateError(f"state directory {path.parent} does not exist")
         try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a read-then-write
-            # transaction can never fail half-way with SQLITE_BUSY_SNAPSHOT.
-            conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a committed cursor must never outlive its outbox rows, not even after a power cut.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            store = cls(conn, path)
+            store = cls(_connect(path), path)
             store._migrate()
         except sqlite3.Error as exc:
             raise StateError(f"cannot open state file {path}: {exc}") from None
@@ -259,6 +271,18 @@ class Store:
         except BaseException:
             self._rollback()
             raise
+
+    @contextmanager
+    def _relaxed(self) -> Iterator[None]:
+        try:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+        try:
+            yield
+        finally:
+            with suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA synchronous = FULL")
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:
@@ -304,9 +328,12 @@ class Store:
 
     def campaigns(self) -> dict[int, CampaignState]:
         return {
-            r["id"]: CampaignState(r["id"], r["status"], r["transitions"])
-            for r in self._rows("SELECT id, status, transitions FROM campaigns")
+            r["id"]: CampaignState(r["id"], r["status"], r["transitions"], r["name"])
+            for r in self._rows("SELECT id, status, transitions, name FROM campaigns")
         }
+
+    def campaign_names(self) -> dict[int, str]:
+        return {r["id"]: r["name"] for r in self._rows("SELECT id, name FROM campaigns WHERE name IS NOT NULL")}
 
     def lead_count(self) -> int:
         return int(self._rows("SELECT count(*) FROM leads")[0][0])
@@ -326,10 +353,10 @@ class Store:
                 )
             if page.campaigns:
                 c.executemany(
-                    "INSERT INTO campaigns (id, status, transitions, seen_at) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO campaigns (id, status, transitions, name, seen_at) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET status = excluded.status, "
-                    "transitions = excluded.transitions, seen_at = excluded.seen_at",
-                    [(s.id, s.status, s.transitions, page.now) for s in page.campaigns],
+                    "transitions = excluded.transitions, name = excluded.name, seen_at = excluded.seen_at",
+                    [(s.id, s.status, s.transitions, s.name, page.now) for s in page.campaigns],
                 )
             wanted = [(event, sinks) for event, sinks in page.events if sinks]  # no sink wants it: nothing to keep
             if wanted:
@@ -361,9 +388,18 @@ class Store:
         An event id already present means the same change was committed before (an overlap
         re-read, a restart): its deliveries exist, so nothing is added for it.
         """
+        resources = sorted({e.resource for e, _ in events})
         ids = [e.id for e, _ in events]
-        marks = ",".join("?" * len(ids))
-        known = {row[0] for row in c.execute(f"SELECT id FROM events WHERE id IN ({marks})", ids)}
+        # Two IN lists (not a row-value IN, which SQLite answers with a full scan) so the
+        # (resource, id) index is searched; the ids alone decide what is known.
+        known = {
+            row[0]
+            for row in c.execute(
+                f"SELECT id FROM events WHERE resource IN ({','.join('?' * len(resources))}) "
+                f"AND id IN ({','.join('?' * len(ids))})",
+                [*resources, *ids],
+            )
+        }
         new: dict[str, tuple[Event, Sequence[str]]] = {}
         for event, sinks in events:
             if event.id not in known:
@@ -374,8 +410,10 @@ class Store:
             "INSERT INTO events (id, type, resource, campaign_id, payload, detected_at) VALUES (?, ?, ?, ?, ?, ?)",
             [(e.id, e.type, e.resource, e.campaign_id, dumps(e.envelope()), now) for e, _ in new.values()],
         )
-        marks = ",".join("?" * len(new))
-        seqs = dict(c.execute(f"SELECT id, seq FROM events WHERE id IN ({marks})", list(new)).fetchall())
+        # One writer holds the lock and seq is AUTOINCREMENT: the rows just inserted took the
+        # consecutive seqs ending at last_insert_rowid(), in insertion order.
+        last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
+        seqs = {event_id: last - len(new) + 1 + i for i, event_id in enumerate(new)}
         c.executemany(
             "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
             "VALUES (?, ?, ?, 'pending', ?, ?)",
@@ -439,8 +477,14 @@ class Store:
         duration: float,
         success: bool,
     ) -> None:
-        """Write what an attempt did to its deliveries, the attempt log and the sink's health, together."""
-        with self.transaction() as c:
+        """Write what an attempt did to its deliveries, the attempt log and the sink's health, together.
+
+        Committed without waiting for the disk (synchronous NORMAL, safe in WAL against a crash of
+        the daemon): a power cut can only forget that something was delivered, and the event then
+        goes again under the same webhook-id, which at-least-once delivery allows. Poll commits,
+        which move the cursor, keep FULL, and each of them makes everything before it durable too.
+        """
+        with self._relaxed(), self.transaction() as c:
             for o in outcomes:
                 c.execute(
                     "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
