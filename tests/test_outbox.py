@@ -23,7 +23,7 @@ from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
 from watcher.outbox import Dispatcher, PassResult, batches, decide, pause_for
 from watcher.sinks import Sink, build_sink
-from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, PageCommit, Store
+from watcher.store import DEAD, DELIVERED, PENDING, CampaignState, Due, Outcome, PageCommit, Store
 
 NOW = 1_800_000_000.0
 
@@ -594,3 +594,13 @@ def test_updated_event_type_is_carried(tmp_path: Path, store: Store, rx: Receive
     once(store.path, [webhook(rx.url)], FakeClock(NOW))
     [body] = rx.verified_events(WEBHOOK_KEY, check_timestamp=False)
     assert body["type"] == LEAD_UPDATED
+
+
+def test_slack_messages_about_a_lead_name_its_campaign(tmp_path: Path, store: Store) -> None:
+    """A lead only links its campaign; the Slack message names it from the watcher's campaign records."""
+    store.commit_page(PageCommit("campaigns", NOW, campaigns=[CampaignState(601, "Active", 0, "Spring & Co")]))
+    queue(store, [_event(1, "lead:1")], sinks=("team",), now=NOW)
+    with FakeSlack() as hook:
+        once(store.path, [slack(hook.url)], FakeClock(NOW))
+        [message] = hook.messages()
+    assert "Spring &amp; Co (601)" in str(message["blocks"])

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Protocol
 
@@ -23,6 +24,7 @@ import structlog
 
 from watcher.clock import Clock
 from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
+from watcher.events import Event
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks import Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Store
@@ -36,6 +38,8 @@ DIGEST_AFTER_SECONDS = 3
 # Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
 # bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
 SWEEP_INTERVAL = 1.0
+# How many due deliveries one query reads ahead for a sink.
+READ_AHEAD = 64
 # After the state file refused a read or write: wait this long before touching it (or a receiver) again.
 ERROR_BACKOFF = 5.0
 # Least time between two outbox gauge refreshes for one sink (they count every row).
@@ -105,6 +109,9 @@ class _Lane:
     paused_until: float = float("-inf")  # monotonic: the receiver asked us to wait
     last_report: float = float("-inf")
     last_alert: float = float("-inf")
+    # Due deliveries read ahead, each the oldest pending event of its resource: one query feeds
+    # many sends instead of one query per send.
+    ahead: deque[Due] = field(default_factory=deque)
 
     @property
     def busy(self) -> frozenset[int]:
@@ -197,7 +204,10 @@ class Dispatcher:
             if paced and lane.pace.last_send + sink.min_interval > mono:
                 return lane.pace.last_send + sink.min_interval - mono
             now = self.clock.now()
-            due = self.store.due(sink.name, now, lane.free * sink.max_batch, lane.busy)
+            want = lane.free * sink.max_batch
+            if not lane.ahead:
+                lane.ahead.extend(self.store.due(sink.name, now, max(want, READ_AHEAD), lane.busy))
+            due = [lane.ahead.popleft() for _ in range(min(want, len(lane.ahead)))]
             if not due:
                 upcoming = self.store.next_due_at(sink.name, lane.busy)
                 if upcoming is None:
@@ -250,7 +260,7 @@ class Dispatcher:
     async def _attempt(self, lane: _Lane, batch: Sequence[Due]) -> bool:
         """Send one group once and record what happened; True when the receiver took it."""
         sink = lane.sink
-        events = [d.event() for d in batch]
+        events = [self._named(d.event(), sink) for d in batch]
         started = self.clock.monotonic()
         error: DeliveryError | None = None
         status: int | None = None
@@ -277,6 +287,16 @@ class Dispatcher:
             return False
         self._after(lane, batch, outcomes, error, status, duration)
         return error is None
+
+    def _named(self, event: Event, sink: Sink) -> Event:
+        """A lead's event with its campaign's name, for sinks that show it to people (Slack)."""
+        if sink.config.type != "slack" or event.campaign_id is None or "lead" not in event.data:
+            return event
+        try:
+            name = self.store.campaign_names().get(event.campaign_id)
+        except WatcherError:
+            return event
+        return replace(event, extra={**event.extra, "campaign_name": name}) if name else event
 
     def _after(
         self,

@@ -136,12 +136,13 @@ def _campaign_doc(event: Event) -> Mapping[str, Any]:
 
 
 def campaign_label(event: Event) -> str | None:
-    """`Name (601)`, `601`, or None; escaped. A lead carries only the campaign IRI, so no name."""
+    """`Name (601)`, `601`, or None; escaped. A lead carries only the campaign IRI: its campaign's
+    name comes from the watcher's own campaign records (`event.extra["campaign_name"]`) when known."""
     doc = _campaign_doc(event)
     cid = event.campaign_id
     if cid is None:
         cid = campaign_id_of(doc) if doc else campaign_id_of(_lead(event).get("campaign"))
-    name = doc.get("name")
+    name = doc.get("name") or event.extra.get("campaign_name")
     if isinstance(name, str) and name.strip():
         label = clip(" ".join(name.split()), 100)
         return escape(f"{label} ({cid})" if cid is not None else label)
