@@ -1,0 +1,372 @@
+"""The measurements. Each compares the daemon's own path with a plain baseline in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.procs import PASSWORD, USERNAME, receiver, simulator
+from watcher import __version__
+from watcher.clock import SystemClock, rfc3339
+from watcher.config import load_config
+from watcher.daemon import runtime
+from watcher.events import Event, event_id
+from watcher.outbox import Dispatcher
+from watcher.signing import decode_secret, webhook_headers
+from watcher.sinks import build_sink
+from watcher.store import PENDING, PageCommit, Store
+
+SECRET = "whsec_" + base64.b64encode(b"bench-secret-0123456789abcdef").decode()
+BACKFILL_FROM = "2000-01-01T00:00:00Z"
+
+
+def write_config(
+    folder: Path,
+    api: str,
+    *,
+    sinks: str = "",
+    start: str = BACKFILL_FROM,
+    interval: float = 2,
+    updates: bool = False,
+    campaigns: bool = False,
+) -> Path:
+    path = folder / "bench.toml"
+    path.write_text(
+        f"""
+[convertr]
+base_url = "{api}"
+username = "{USERNAME}"
+password = "{PASSWORD}"
+request_budget = 2900
+[state]
+path = "state.db"
+[leads]
+interval = {interval}
+lookback = "30s"
+updates = {"true" if updates else "false"}
+start = "{start}"
+[campaigns]
+enabled = {"true" if campaigns else "false"}
+[log]
+level = "warning"
+format = "json"
+{sinks}
+"""
+    )
+    return path
+
+
+def webhook_sink(url: str, *, enabled: bool = True, concurrency: int = 4) -> str:
+    return f"""
+[[sinks]]
+name = "bench"
+type = "webhook"
+url = "{url}"
+secret = "{SECRET}"
+concurrency = {concurrency}
+enabled = {"true" if enabled else "false"}
+retry_schedule = ["1s"]
+"""
+
+
+# --- ingest -----------------------------------------------------------------------------------
+
+
+async def plain_walk(api: str) -> tuple[int, float]:
+    """Log in and read every page of the backfill query with a bare httpx client: the baseline."""
+    params = {"createdTs[strictly_after]": "1999-12-31T23:59:59+00:00", "order[id]": "asc", "itemsPerPage": "100"}
+    async with httpx.AsyncClient(base_url=api, timeout=60) as client:
+        token = (await client.post("/api/login", data={"username": USERNAME, "password": PASSWORD})).json()
+        headers = {"Authorization": f"Bearer {token['access_token']}", "Accept": "application/ld+json"}
+        started = time.perf_counter()
+        count, page = 0, 1
+        while True:
+            doc = (await client.get("/api/v4/leads", params={**params, "page": str(page)}, headers=headers)).json()
+            members = doc["hydra:member"]
+            count += len(members)
+            last = doc.get("hydra:view", {}).get("hydra:last", "")
+            last_page = int(last.rsplit("page=", 1)[-1]) if "page=" in last else 1
+            if not members or page >= last_page:
+                break
+            page += 1
+        return count, time.perf_counter() - started
+
+
+async def daemon_walk(api: str, folder: Path) -> tuple[int, float]:
+    """The real path: client, detection and a transaction per page into the outbox (sink queued, not sent)."""
+    state = folder / "state.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{state}{suffix}").unlink(missing_ok=True)
+    config = load_config(write_config(folder, api, sinks=webhook_sink("http://127.0.0.1:9/", enabled=False)))
+    async with runtime(config, SystemClock()) as rt:
+        started = time.perf_counter()
+        results = await rt.poller.poll_leads()
+        elapsed = time.perf_counter() - started
+        return sum(r.new for r in results), elapsed
+
+
+def ingest(n: int, runs: int) -> dict[str, float]:
+    """Each walk of a run against a freshly started simulator (a real Convertr renders every page
+    anew); then both again against the now warm simulator, whose render cache makes pages nearly
+    free, which is the harshest comparison for the daemon and is recorded too."""
+    cold_plain, cold_daemon, warm_plain, warm_daemon = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(runs):
+            with simulator(n) as api:
+                count, seconds = asyncio.run(plain_walk(api))
+                cold_plain.append(count / seconds)
+            with simulator(n) as api:
+                new, seconds = asyncio.run(daemon_walk(api, Path(tmp)))
+                assert new == count == n, (new, count, n)
+                cold_daemon.append(new / seconds)
+                count, seconds = asyncio.run(plain_walk(api))
+                warm_plain.append(count / seconds)
+                new, seconds = asyncio.run(daemon_walk(api, Path(tmp)))
+                warm_daemon.append(new / seconds)
+    med = statistics.median
+    return {
+        "plain_leads_per_s": med(cold_plain),
+        "daemon_leads_per_s": med(cold_daemon),
+        "ratio": med(cold_daemon) / med(cold_plain),
+        "warm_plain_leads_per_s": med(warm_plain),
+        "warm_daemon_leads_per_s": med(warm_daemon),
+        "warm_ratio": med(warm_daemon) / med(warm_plain),
+    }
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+
+def _events(n: int) -> list[Event]:
+    lead = {
+        "@id": "/api/v4/leads/0",
+        "@type": "Lead",
+        "firstName": "Ada",
+        "email": "ada@example.com",
+        "leadData": [{"name": f"field{i}", "value": "x" * 20} for i in range(10)],
+        "campaign": "/api/v4/campaigns/1",
+    }
+    return [
+        Event(
+            event_id("lead.created", f"lead:{i}", ""),
+            "lead.created",
+            rfc3339(0),
+            {"lead": {**lead, "id": i}},
+            f"lead:{i}",
+            1,
+        )
+        for i in range(n)
+    ]
+
+
+async def plain_posts(url: str, events: list[Event], concurrency: int) -> float:
+    keys = [decode_secret(SECRET)]
+    async with httpx.AsyncClient(timeout=15) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(event: Event) -> None:
+            body = event.body()
+            async with gate:
+                headers = webhook_headers(event.id, int(time.time()), body, keys, __version__)
+                response = await client.post(url, content=body, headers=headers)
+                assert response.status_code == 204
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(e) for e in events))
+        return time.perf_counter() - started
+
+
+async def daemon_dispatch(url: str, events: list[Event], concurrency: int, folder: Path) -> float:
+    state = folder / "dispatch.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{state}{suffix}").unlink(missing_ok=True)
+    store = Store.open(state)
+    for start in range(0, len(events), 100):
+        store.commit_page(PageCommit("bench", 0.0, events=[(e, ["bench"]) for e in events[start : start + 100]]))
+    config = load_config(write_config(folder, "http://127.0.0.1:9", sinks=webhook_sink(url, concurrency=concurrency)))
+    clock = SystemClock()
+    sinks = [build_sink(config.sinks[0], clock=clock, version=__version__)]
+    dispatcher = Dispatcher(store, sinks, clock)
+    stopping = asyncio.Event()
+    started = time.perf_counter()
+    task = asyncio.create_task(dispatcher.run(stopping))
+    while store.sink_states(["bench"])[0].pending:
+        await asyncio.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    stopping.set()
+    await task
+    await sinks[0].aclose()
+    assert all(d["status"] != PENDING for d in store.deliveries())
+    store.close()
+    return elapsed
+
+
+def dispatch(n: int, runs: int, concurrency: int = 4) -> dict[str, float]:
+    events = _events(n)
+    with tempfile.TemporaryDirectory() as tmp, receiver(Path(tmp) / "recv.log") as url:
+        plain, daemon = [], []
+        for _ in range(runs):
+            plain.append(n / asyncio.run(plain_posts(url, events, concurrency)))
+            daemon.append(n / asyncio.run(daemon_dispatch(url, events, concurrency, Path(tmp))))
+    p, d = statistics.median(plain), statistics.median(daemon)
+    return {"plain_events_per_s": p, "daemon_events_per_s": d, "ratio": d / p}
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+
+def latency(leads: int = 500, interval: float = 2.0, rate: float = 25.0) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp, simulator(20) as api:
+        folder = Path(tmp)
+        log = folder / "recv.log"
+        with receiver(log) as url:
+            config = write_config(folder, api, sinks=webhook_sink(url), start="now", interval=interval)
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "watcher", "run", "-c", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                _wait_baseline(folder / "state.db")
+                created: dict[int, float] = {}
+                with httpx.Client(base_url=api) as client:
+                    for _ in range(leads):
+                        doc = client.post("/_sim/leads", json={}).json()
+                        created[int(doc["id"])] = time.monotonic()
+                        time.sleep(1.0 / rate)
+                deadline = time.monotonic() + 30
+                arrived: dict[int, float] = {}
+                while time.monotonic() < deadline and len(arrived) < len(created):
+                    arrived = _arrivals(log)
+                    time.sleep(0.2)
+            finally:
+                daemon.terminate()
+                daemon.wait(30)
+    delays = sorted(arrived[i] - created[i] for i in created if i in arrived)
+    missing = len(created) - len(delays)
+    assert missing == 0, f"{missing} leads never arrived"
+    return {
+        "interval_s": interval,
+        "p50_s": statistics.median(delays),
+        "p99_s": delays[min(len(delays) - 1, int(len(delays) * 0.99))],
+        "leads": float(len(delays)),
+    }
+
+
+def _arrivals(log: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for line in log.read_text().splitlines():
+        _id, lead, at = line.split()
+        if lead != "None":
+            out.setdefault(int(lead), float(at))
+    return out
+
+
+def _wait_baseline(state: Path, timeout: float = 60) -> None:
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.exists():
+            try:
+                with sqlite3.connect(f"file:{state}?mode=ro", uri=True) as conn:
+                    row = conn.execute("SELECT polls FROM cursors WHERE stream = 'leads.created'").fetchone()
+                if row and row[0]:
+                    return
+            except sqlite3.Error:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError("the daemon did not finish its baseline")
+
+
+# --- memory and state size ----------------------------------------------------------------------
+
+
+_PEAK_WRAPPER = """
+import sys
+from watcher.cli import main
+code = main(["once", "-c", sys.argv[1]])
+with open("/proc/self/status") as status:
+    print("VMHWM_KB", next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+sys.exit(code)
+"""
+
+
+def backfill_process(n: int) -> dict[str, float]:
+    """`convertr-watcher once` backfilling `n` leads with updates on: peak RSS and state bytes per lead."""
+    with tempfile.TemporaryDirectory() as tmp, simulator(n) as api:
+        folder = Path(tmp)
+        config = write_config(folder, api, updates=True)
+        # ru_maxrss of a child counts the forked parent image before exec (Linux keeps the larger
+        # high-water mark), so the child reports its own VmHWM when it is done instead.
+        proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, str(config)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"once failed: {proc.stderr[-2000:]}")
+        peak_kb = int(proc.stdout.split("VMHWM_KB", 1)[1].split()[0])
+        store = Store.open(folder / "state.db")
+        tracked = store.lead_count()
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.close()
+        size = sum(p.stat().st_size for p in folder.glob("state.db*"))
+    assert tracked == n, (tracked, n)
+    return {"rss_mb": peak_kb / 1024, "state_bytes_per_lead": size / tracked}
+
+
+# --- API cost ---------------------------------------------------------------------------------
+
+
+async def _idle_requests(api: str, folder: Path, updates: bool) -> dict[str, float]:
+    cfg = load_config(write_config(folder, api, start="now", updates=updates, campaigns=True))
+    async with runtime(cfg, SystemClock()) as rt:
+        await rt.poller.poll_leads()  # the baseline, and the one hydra:search read per process
+        await rt.poller.poll_campaigns()
+        out: dict[str, float] = {}
+        for name, poll in (("leads", rt.poller.poll_leads), ("campaigns", rt.poller.poll_campaigns)):
+            before = rt.client.request_count
+            results = await poll()
+            out[name] = float(rt.client.request_count - before)
+            out[f"{name}_pages"] = float(sum(r.pages for r in results))
+        return out
+
+
+def api_cost() -> dict[str, float]:
+    """Requests made by polls with nothing new: leads.created alone, then with leads.updated too."""
+    with tempfile.TemporaryDirectory() as tmp, simulator(200, campaigns=150) as api:
+        created = asyncio.run(_idle_requests(api, Path(tmp), updates=False))
+        (Path(tmp) / "state.db").unlink()
+        both = asyncio.run(_idle_requests(api, Path(tmp), updates=True))
+    return {
+        "leads_created": created["leads"],
+        "leads_updated": both["leads"] - created["leads"],
+        "campaigns": created["campaigns"],
+        "campaign_pages": created["campaigns_pages"],
+    }
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+    }
