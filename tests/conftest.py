@@ -7,9 +7,38 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+from tests.support.daemon import PASSWORD, USERNAME
+from tests.support.receiver import Receiver
 from watcher.logs import LOG_CAPTURE_ENV
+from watcher.simulator import Simulator, SimulatorServer
 
 CAPTURE = Path(tempfile.mkdtemp(prefix="watcher-logs-")) / "lines.jsonl"
 os.environ[LOG_CAPTURE_ENV] = str(CAPTURE)
+
+
+@contextmanager
+def serving(seed: int = 11, campaigns: int = 2, leads: int = 10) -> Iterator[tuple[Simulator, SimulatorServer]]:
+    """A seeded simulator accepting the suite's login, served on 127.0.0.1."""
+    simulator = Simulator(seed=seed, username=USERNAME, password=PASSWORD)
+    simulator.seed_data(campaigns=campaigns, leads=leads)
+    with SimulatorServer(simulator) as server:
+        yield simulator, server
+
+
+@pytest.fixture
+def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
+    """The default simulator; a test module needing other data overrides this fixture."""
+    with serving() as pair:
+        yield pair
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as r:
+        yield r

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import (
-    PASSWORD,
-    USERNAME,
     WEBHOOK_KEY,
     WEBHOOK_KEY_2,
     Daemon,
@@ -24,20 +22,6 @@ from tests.support.daemon import (
 )
 from tests.support.receiver import Receiver, Reply, Request
 from watcher.simulator import Simulator, SimulatorServer
-
-
-@pytest.fixture
-def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
-    simulator = Simulator(seed=11, username=USERNAME, password=PASSWORD)
-    simulator.seed_data(campaigns=2, leads=10)
-    with SimulatorServer(simulator) as server:
-        yield simulator, server
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
 
 
 def events(daemon: Daemon) -> list[tuple[str, str, str]]:

@@ -9,23 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import PASSWORD, USERNAME, WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
+from tests.conftest import serving
+from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
 from watcher.simulator import Simulator, SimulatorServer
 
 
 @pytest.fixture
 def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
-    simulator = Simulator(seed=7, username=USERNAME, password=PASSWORD)
-    simulator.seed_data(campaigns=3, leads=25)
-    with SimulatorServer(simulator) as server:
-        yield simulator, server
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
+    with serving(seed=7, campaigns=3, leads=25) as pair:
+        yield pair
 
 
 def _lead_ids(receiver: Receiver) -> Counter[int]:

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import PASSWORD, USERNAME, WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
+from tests.conftest import serving
+from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver, verify_request
 from tests.support.schemas import validate_event
 from watcher.simulator import Simulator, SimulatorServer
@@ -29,16 +30,8 @@ pytestmark = pytest.mark.faults
 
 @pytest.fixture
 def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
-    simulator = Simulator(seed=11, username=USERNAME, password=PASSWORD)
-    simulator.seed_data(campaigns=4, leads=30)
-    with SimulatorServer(simulator) as server:
-        yield simulator, server
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
+    with serving(seed=11, campaigns=4, leads=30) as pair:
+        yield pair
 
 
 def _received(receiver: Receiver) -> list[dict[str, Any]]:

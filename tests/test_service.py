@@ -8,7 +8,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.daemon import PASSWORD, USERNAME, WEBHOOK_KEY, Daemon, wait_until, webhook_sink, write_config
+from tests.support.daemon import WEBHOOK_KEY, Daemon, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
 from watcher.clock import SystemClock
 from watcher.config import load_config
@@ -27,20 +27,6 @@ from watcher.simulator import Simulator, SimulatorServer
 
 WATCHDOG_USEC = 2_000_000  # systemd would abort after 2 s without a ping
 STREAMS = ("leads.created", "leads.updated", "campaigns")
-
-
-@pytest.fixture
-def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
-    simulator = Simulator(seed=11, username=USERNAME, password=PASSWORD)
-    simulator.seed_data(campaigns=2, leads=10)
-    with SimulatorServer(simulator) as server:
-        yield simulator, server
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
 
 
 # --- a fake systemd notify socket -----------------------------------------------------------

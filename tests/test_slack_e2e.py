@@ -10,17 +10,16 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import PASSWORD, USERNAME, Daemon, cli, wait_until, write_config
+from tests.conftest import serving
+from tests.support.daemon import Daemon, cli, wait_until, write_config
 from tests.support.receiver import FakeSlack, Reply
 from watcher.simulator import Simulator, SimulatorServer
 
 
 @pytest.fixture
 def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
-    simulator = Simulator(seed=5, username=USERNAME, password=PASSWORD)
-    simulator.seed_data(campaigns=2, leads=10)
-    with SimulatorServer(simulator) as server:
-        yield simulator, server
+    with serving(seed=5, campaigns=2, leads=10) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -175,3 +175,37 @@ async def post(
     except httpx.InvalidURL:
         raise DeliveryError("sink URL is not a valid http(s) URL") from None
     return response, clock.monotonic() - started
+
+
+class HttpSink:
+    """What every sink shares: its configuration, an HTTP client of its own (unless one is
+    passed in), and the exchange of one request for an Attempt or a DeliveryError."""
+
+    def __init__(self, config: SinkConfig, *, client: httpx.AsyncClient | None, clock: Clock) -> None:
+        self.name = config.name
+        self.config = config
+        self._clock = clock
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(follow_redirects=False, timeout=config.timeout)
+
+    async def _exchange(
+        self,
+        build: Callable[[], tuple[bytes, dict[str, str]]],
+        classify: Callable[..., DeliveryError | None],
+    ) -> Attempt:
+        """POST `build()`; a 2xx is an Attempt, anything else the DeliveryError `classify` names."""
+        response, duration = await post(
+            self._client, self.config.url, build=build, timeout=self.config.timeout, clock=self._clock
+        )
+        error = classify(response, now=self._clock.now())
+        if error is not None:
+            raise error
+        return Attempt(
+            status=response.status_code,
+            duration=duration,
+            response_excerpt=excerpt(response.text, self.config.url),
+        )
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._client.aclose()

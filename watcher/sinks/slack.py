@@ -33,7 +33,7 @@ from watcher.events import (
 )
 from watcher.pii import is_personal_field
 from watcher.schedule import retry_after_seconds
-from watcher.sinks import Attempt, excerpt, post
+from watcher.sinks import Attempt, HttpSink
 
 MAX_BLOCKS = 50
 HEADER_LIMIT = 150
@@ -364,19 +364,15 @@ def classify(response: httpx.Response, *, now: float) -> DeliveryError | None:
     return DeliveryError(what, status=status, retry_after=retry_after)
 
 
-class SlackSink:
+class SlackSink(HttpSink):
     """Posts one message per event, or one digest for a batch, to an incoming webhook."""
 
     max_batch = MAX_BATCH
     min_interval = 1.0  # Slack allows about one message per second per hook
 
     def __init__(self, config: SinkConfig, *, client: httpx.AsyncClient | None, clock: Clock, version: str) -> None:
-        self.name = config.name
-        self.config = config
-        self._clock = clock
+        super().__init__(config, client=client, clock=clock)
         self._user_agent = f"convertr-watcher/{version}"
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(follow_redirects=False, timeout=config.timeout)
 
     def render(self, events: Sequence[Event]) -> dict[str, Any]:
         if len(events) == 1:
@@ -389,22 +385,4 @@ class SlackSink:
             raise ValueError("nothing to deliver")
         body = dumps(self.render(events)).encode()
         headers = {"content-type": "application/json", "user-agent": self._user_agent}
-        response, duration = await post(
-            self._client,
-            self.config.url,
-            build=lambda: (body, headers),
-            timeout=self.config.timeout,
-            clock=self._clock,
-        )
-        error = classify(response, now=self._clock.now())
-        if error is not None:
-            raise error
-        return Attempt(
-            status=response.status_code,
-            duration=duration,
-            response_excerpt=excerpt(response.text, self.config.url),
-        )
-
-    async def aclose(self) -> None:
-        if self._own_client:
-            await self._client.aclose()
+        return await self._exchange(lambda: (body, headers), classify)

@@ -12,7 +12,7 @@ from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import Event
 from watcher.schedule import retry_after_seconds
 from watcher.signing import decode_secret, webhook_headers
-from watcher.sinks import Attempt, excerpt, post, render_data
+from watcher.sinks import Attempt, HttpSink, render_data
 
 # Longest Retry-After honoured as given; the outbox clamps it further against the schedule.
 RETRY_AFTER_CAP = 86_400.0
@@ -37,20 +37,16 @@ def classify(response: httpx.Response, *, now: float) -> DeliveryError | None:
     return DeliveryError(what, status=status, retry_after=retry_after)
 
 
-class WebhookSink:
+class WebhookSink(HttpSink):
     """POSTs one event at a time, signed with every configured key."""
 
     max_batch = 1
     min_interval = 0.0
 
     def __init__(self, config: SinkConfig, *, client: httpx.AsyncClient | None, clock: Clock, version: str) -> None:
-        self.name = config.name
-        self.config = config
-        self._clock = clock
+        super().__init__(config, client=client, clock=clock)
         self._version = version
         self._keys = tuple(decode_secret(s) for s in config.secrets)
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(follow_redirects=False, timeout=config.timeout)
 
     async def deliver(self, events: Sequence[Event]) -> Attempt:
         """POST the single event; the body is rendered once and signed exactly as sent."""
@@ -64,18 +60,4 @@ class WebhookSink:
             stamp = int(self._clock.now())
             return body, webhook_headers(event.id, stamp, body, self._keys, self._version)
 
-        response, duration = await post(
-            self._client, self.config.url, build=build, timeout=self.config.timeout, clock=self._clock
-        )
-        error = classify(response, now=self._clock.now())
-        if error is not None:
-            raise error
-        return Attempt(
-            status=response.status_code,
-            duration=duration,
-            response_excerpt=excerpt(response.text, self.config.url),
-        )
-
-    async def aclose(self) -> None:
-        if self._own_client:
-            await self._client.aclose()
+        return await self._exchange(build, classify)
