@@ -11,7 +11,6 @@ import pytest
 import structlog
 
 from watcher.logs import (
-    LOG_CAPTURE_ENV,
     REDACTED,
     add_secrets,
     configure_logging,
@@ -175,9 +174,9 @@ def test_redact_processor_uses_registered_secrets() -> None:
     assert out == {"event": f"saw {REDACTED}"}
 
 
-def configure_json(secrets: tuple[str, ...] = ()) -> io.StringIO:
+def configure_json(secrets: tuple[str, ...] = (), capture: str | None = None) -> io.StringIO:
     stream = io.StringIO()
-    configure_logging(level="debug", fmt="auto", secrets=secrets, stream=stream)
+    configure_logging(level="debug", fmt="auto", secrets=secrets, stream=stream, capture=capture)
     return stream
 
 
@@ -254,12 +253,11 @@ def test_reconfiguring_replaces_the_previous_handler() -> None:
     assert [line["event"] for line in lines(new)] == ["once"]
 
 
-def test_capture_file_receives_every_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_capture_file_receives_every_line(tmp_path: Path) -> None:
     """With WATCHER_LOG_CAPTURE set, each rendered line is also appended to that file."""
     capture = tmp_path / "capture.jsonl"
     capture.write_text('{"event": "earlier process"}\n')
-    monkeypatch.setenv(LOG_CAPTURE_ENV, str(capture))
-    stream = configure_json(secrets=("capture-secret-value",))
+    stream = configure_json(secrets=("capture-secret-value",), capture=str(capture))
     structlog.get_logger("watcher.test").warning("saw capture-secret-value")
     logging.getLogger("apscheduler").error("boom")
     for handler in logging.getLogger().handlers:

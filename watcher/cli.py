@@ -22,7 +22,7 @@ from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
 from watcher.errors import AuthError, ConfigError, StateError, WatcherError
-from watcher.logs import configure_logging
+from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 PROG = "convertr-watcher"
@@ -36,7 +36,9 @@ def _fail(message: str, code: int) -> int:
 
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
-    configure_logging(config.log.level, config.log.format, secrets=config.secret_values())
+    configure_logging(
+        config.log.level, config.log.format, secrets=config.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
+    )
     return config
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -237,11 +236,12 @@ def configure_logging(
     fmt: str = "auto",
     secrets: Iterable[str] = (),
     stream: IO[str] | None = None,
+    capture: str | None = None,
 ) -> None:
     """Route structlog and stdlib logging to `stream` (stdout by default) as JSON or console lines.
 
-    When the environment variable named by LOG_CAPTURE_ENV holds a path, every line is also
-    appended there as JSON (test suites scan it for leaks).
+    With `capture` (a path; the CLI takes it from the LOG_CAPTURE_ENV environment variable), every
+    line is also appended there as JSON: test suites scan it for leaks.
     """
     number = _level_number(level)
     out = sys.stdout if stream is None else stream
@@ -273,7 +273,6 @@ def configure_logging(
     handler = _StreamHandler(out)
     handler.setFormatter(_formatter(shared, renderer))
     root.addHandler(handler)
-    capture = os.environ.get(LOG_CAPTURE_ENV)
     if capture:
         file_handler = _FileHandler(capture, mode="a", encoding="utf-8")
         file_handler.setFormatter(_formatter(shared, _json_renderer()))
