@@ -112,11 +112,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         receiver = self.server.receiver
+        body = self._read_body()
+        declared = self.headers.get("content-length")
+        if declared is not None and len(body) < int(declared):
+            # The client died mid-body (a SIGKILLed daemon): like any server, drop the fragment.
+            self.close_connection = True
+            return
         request = Request(
             method=self.command,
             path=self.path,
             headers={k.lower(): v for k, v in self.headers.items()},
-            body=self._read_body(),
+            body=body,
             received_at=time.monotonic(),
         )
         reply = receiver._arrive(request)
