@@ -287,6 +287,16 @@ def test_secret_file_absolute_path(tmp_path: Path) -> None:
     assert load_config(write(tmp_path / "conf", text), {}).convertr.password == "absolute-pw-3141"
 
 
+def test_missing_secret_file_says_relative_only_for_relative_paths(tmp_path: Path) -> None:
+    """A missing relative X_file mentions the config folder; a missing absolute one does not."""
+    for raw, hint in (("nope/pw", True), (str(tmp_path / "nope" / "pw"), False)):
+        text = MINIMAL.replace('password = "literal-password-0a9c"', f'password_file = "{raw}"')
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text), {})
+        assert str(info.value).startswith("convertr.password_file: cannot read the file")
+        assert ("relative to the config folder" in str(info.value)) is hint
+
+
 def test_secret_pasted_into_env_key_is_not_echoed(tmp_path: Path) -> None:
     """A value that does not look like a variable name is not repeated in the error."""
     text = MINIMAL.replace('password = "literal-password-0a9c"', 'password_env = "hunter2-pasted"')

@@ -611,17 +611,18 @@ def _secret(t: _Table, name: str, ctx: _Context) -> tuple[str, str, bool]:
         if not value:
             raise ConfigError(path, f"{_env_name(raw)} is empty")
         return value, path, True
-    return _read_secret_file(ctx.folder / raw, path), path, True
+    return _read_secret_file(ctx.folder / raw, path, relative=not Path(raw).is_absolute()), path, True
 
 
-def _read_secret_file(file: Path, path: str) -> str:
+def _read_secret_file(file: Path, path: str, *, relative: bool) -> str:
     # The file name is not repeated: operators sometimes paste the secret itself where a path belongs.
     try:
         text = file.read_bytes().decode("utf-8").strip()
     except IsADirectoryError:
         raise ConfigError(path, "cannot read the file: it is a directory") from None
     except OSError as exc:
-        raise ConfigError(path, f"cannot read the file: {_strerror(exc)} (relative to the config folder)") from None
+        where = " (relative to the config folder)" if relative else ""
+        raise ConfigError(path, f"cannot read the file: {_strerror(exc)}{where}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "the file is not UTF-8 text") from None
     if not text:
