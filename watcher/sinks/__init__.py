@@ -74,6 +74,8 @@ def build_sink(config: SinkConfig, *, client: httpx.AsyncClient | None = None, c
 
 def excerpt(text: str, secret_url: str, limit: int = EXCERPT_LIMIT) -> str:
     """A response body fit for the attempt log: the URL and its parts redacted, at most `limit` chars."""
+    if not text:
+        return ""  # the usual answer (204, or 200 with no body): nothing to parse the URL for
     needles = [secret_url]
     try:
         url = httpx.URL(secret_url)
@@ -203,7 +205,8 @@ class HttpSink:
         return Attempt(
             status=response.status_code,
             duration=duration,
-            response_excerpt=excerpt(response.text, self.config.url),
+            # The raw bytes, not response.text: httpx would guess the charset of every body.
+            response_excerpt=excerpt(response.content[: EXCERPT_LIMIT * 4].decode("utf-8", "replace"), self.config.url),
         )
 
     async def aclose(self) -> None:
