@@ -7,6 +7,7 @@ capture file set in conftest.py).
 from __future__ import annotations
 
 import base64
+import re
 
 from tests.conftest import CAPTURE
 from tests.support.daemon import PASSWORD, WEBHOOK_KEY, WEBHOOK_KEY_2
@@ -30,3 +31,10 @@ def test_no_secret_in_any_log_line() -> None:
         secrets |= _forms(secret)
     leaks = [s for s in secrets if s in text]
     assert leaks == [], f"secrets found in logs: {len(leaks)} distinct values"
+
+
+def test_no_email_address_in_any_log_line() -> None:
+    """No captured log line carries an e-mail address (leads' personal data, or a login name)."""
+    text = CAPTURE.read_text()
+    found = set(re.findall(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+", text))
+    assert found == set(), f"{len(found)} e-mail addresses in logs, e.g. {sorted(found)[:3]}"
