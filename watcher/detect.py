@@ -99,14 +99,18 @@ def next_cursor(current: str | None, newest: str | None, signpost: float, zone: 
     return raw, ts
 
 
-def newest(raws: Sequence[str | None], start: str | None = None) -> str | None:
-    """The latest of some API timestamps by instant (digits alone mislead across an offset change)."""
+def newest(raws: Sequence[object], start: str | None = None) -> str | None:
+    """The latest of some API timestamps by instant (digits alone mislead across an offset change);
+    values that are missing or do not parse are passed over."""
     best = start
     best_ts = parse_ts(start).timestamp() if start else None
     for raw in raws:
-        if not raw:
+        if not isinstance(raw, str) or not raw:
             continue
-        ts = parse_ts(raw).timestamp()
+        try:
+            ts = parse_ts(raw).timestamp()
+        except ValueError:
+            continue
         if best_ts is None or ts > best_ts:
             best, best_ts = raw, ts
     return best

@@ -333,7 +333,7 @@ class Poller:
             commit = PageCommit(UPDATED, self.clock.now(), walk_from=bound, set_walk_from=first)
             first = False
             self._compare_page(page, commit, result)
-            newest = detect.newest([m.get("updatedTs") for m in page.members if _parses(m.get("updatedTs"))])
+            newest = detect.newest([m.get("updatedTs") for m in page.members])
             moved = detect.next_cursor(current, newest, signpost, self.zone)
             if moved is not None:
                 commit.cursor, commit.cursor_ts = moved
@@ -427,16 +427,6 @@ class Poller:
             if self.should_stop():
                 return
         self._commit(PageCommit(CAMPAIGNS, self.clock.now(), finished=True), result)
-
-
-def _parses(raw: object) -> bool:
-    if not isinstance(raw, str):
-        return False
-    try:
-        detect.parse_ts(raw)
-    except ValueError:
-        return False
-    return True
 
 
 def _instant(raw: object, default: float) -> float:

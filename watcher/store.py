@@ -619,10 +619,6 @@ class Store:
                 c.execute("UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,))
             return cur.rowcount
 
-    def enable_sink(self, sink: str) -> None:
-        with self.transaction() as c:
-            c.execute("UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,))
-
     def deliveries(self, sink: str | None = None) -> list[dict[str, Any]]:
         """Every delivery with its event id and type (status output, tests)."""
         sql = (
