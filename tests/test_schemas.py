@@ -144,6 +144,49 @@ def test_events_the_watcher_builds_validate(include_pii: bool) -> None:
         validate_event(body)
 
 
+# leadData names Convertr stores as typed by whoever built the form: nothing forbids any of these.
+ODD_LEAD_DATA_NAMES = (
+    "",
+    "Job\nTitle",
+    "trailing newline\n",
+    "\r\n",
+    "Job Title (free text)",
+    "Téléphone / 電話番号 ☎",
+    "line\u2028separator",
+    ".",
+    "leadData.nested",
+    "tab\tand\x00nul",
+    "x" * 10_000,
+)
+
+
+@pytest.mark.parametrize("include_pii", [True, False], ids=["with-pii", "without-pii"])
+def test_odd_lead_data_names_through_detection_validate(include_pii: bool) -> None:
+    """A lead.updated body whose changes come from leadData entries with odd names (empty, line breaks, unicode,
+    spaces, very long) as detection builds them from API documents is valid against the shipped schema."""
+    sim = _sim()
+    campaign = sim.campaign_ids()[0]
+    lead = sim.add_lead(campaign, lead_data=dict.fromkeys(ODD_LEAD_DATA_NAMES, "before"))
+    # Parsed from the serialised document, as the poller reads it from the API.
+    before_doc = json.loads(sim.lead_document(lead["id"]) or "null")
+    sim.update_lead(lead["id"], lead_data=dict.fromkeys(ODD_LEAD_DATA_NAMES, "after"))
+    after_doc = json.loads(sim.lead_document(lead["id"]) or "null")
+    changes = detect.diff(detect.snapshot(before_doc, DEFAULT_TRACK), detect.snapshot(after_doc, DEFAULT_TRACK))
+    assert set(changes) == {"leadData." + name for name in ODD_LEAD_DATA_NAMES}
+    event = detect.lead_updated(after_doc, changes, DETECTED, previous=before_doc["updatedTs"])
+    sink = SinkConfig(name="crm", type="webhook", url="http://127.0.0.1:9/", include_pii=include_pii)
+    body = json.loads(event.body(render_data(event, sink)))
+    validate_event(body)
+
+
+def test_change_keys_the_daemon_never_makes_are_still_rejected() -> None:
+    """Loosening the leadData branch leaves keys no tracked field can produce refused."""
+    for key in ("", "score.", " leadData.x", "1score", "bad field", "score\nx", "@id"):
+        body = copy.deepcopy(EXAMPLES["lead.updated"])
+        body["data"]["changes"] = {key: {"from": 1, "to": 2}}
+        assert any("does not match" in e for e in schema_errors(body)), key
+
+
 def _mutate(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     *parents, last = path.split("/")
 
