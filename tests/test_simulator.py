@@ -21,6 +21,7 @@ from watcher.simulator.api import Request
 from watcher.simulator.query import build_query, parse_query
 
 START = datetime(2024, 10, 28, 12, 0, 0, tzinfo=UTC)
+ADMIN = {"X-Simulator": "1"}  # what a tool sends on a bodyless admin call; a web page cannot
 QUICK_START_LEAD_TEMPLATE = (
     "/api/v4/leads{?id,id[],email,campaign.id,campaign.id[],order[id],createdTs[before],"
     "createdTs[strictly_before],createdTs[after],createdTs[strictly_after],updatedTs[before],"
@@ -420,13 +421,13 @@ def test_admin_endpoints_drive_the_simulator(api: Api) -> None:
     campaign = c.post("/_sim/campaigns", json={"leadsRequired": 5}).json()
     lead = c.post("/_sim/leads", json={"campaign_id": campaign["id"], "visible": False}).json()
     assert c.patch(f"/_sim/leads/{lead['id']}", json={"firstName": "Ada"}).json()["firstName"] == "Ada"
-    assert c.post(f"/_sim/leads/{lead['id']}/reveal").status_code == 200
+    assert c.post(f"/_sim/leads/{lead['id']}/reveal", headers=ADMIN).status_code == 200
     assert api.ids() == [lead["id"]]
     assert c.patch(f"/_sim/campaigns/{campaign['id']}", json={"name": "Renamed"}).json()["name"] == "Renamed"
     assert c.post("/_sim/clock", json={"advance": 60}).json()["now"] == "2024-10-28T12:01:00+00:00"
     assert c.post("/_sim/faults", json={"legacy_next": True}).json()["legacy_next"] is True
     assert c.post("/_sim/faults", json={"bogus": 1}).status_code == 400
-    assert c.post("/_sim/expire-tokens").status_code == 200
+    assert c.post("/_sim/expire-tokens", headers=ADMIN).status_code == 200
     assert api.get("/api/v4/leads").status_code == 401
     bulk = c.post("/_sim/leads/bulk", json={"count": 3}).json()
     assert bulk["count"] == 3
@@ -435,6 +436,43 @@ def test_admin_endpoints_drive_the_simulator(api: Api) -> None:
     assert c.patch("/_sim/leads/1", json={}).status_code == 404
     outside = handle_admin(api.sim, Request("GET", "/_sim/stats", client="10.0.0.8"))
     assert outside.status == 403
+
+
+def test_foreign_host_names_are_refused(api: Api) -> None:
+    """Only requests naming a loopback host are served: a rebound name gets 421, on the API and the admin."""
+    port = str(httpx.URL(str(api.client.base_url)).port)
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "localhost:99999x", "[::1"):
+        assert api.get("/api/v4/leads", Host=host).status_code == 421, host
+        assert login_as(api.client, host).status_code == 421, host
+        assert api.client.get("/_sim/stats", headers={"Host": host}).status_code == 421, host
+    for host in (f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", f"[::1]:{port}", "[::1]"):
+        assert api.get("/api/v4/leads", Host=host).status_code == 200, host
+    assert api.sim.logins == 1
+
+
+def login_as(client: httpx.Client, host: str) -> httpx.Response:
+    form = {"username": DEFAULT_USERNAME, "password": DEFAULT_PASSWORD}
+    return client.post("/api/login", data=form, headers={"Host": host})
+
+
+def test_admin_changes_refuse_what_a_web_page_can_send(api: Api) -> None:
+    """A cross-site form post (text/plain, no body, or a foreign Origin) cannot change the simulator."""
+    c = api.client
+    text_plain = c.post("/_sim/faults", content=b'{"hang": true}', headers={"Content-Type": "text/plain"})
+    assert text_plain.status_code == 403 and "X-Simulator" in text_plain.json()["error"]
+    form = c.post("/_sim/faults", data={"hang": "true"})
+    assert form.status_code == 403
+    assert c.post("/_sim/expire-tokens").status_code == 403
+    foreign = c.post("/_sim/faults", json={"hang": True}, headers={"Origin": "https://evil.example"})
+    assert foreign.status_code == 403
+    assert c.post("/_sim/faults", json={"hang": True}, headers={"Origin": "null"}).status_code == 403
+    assert api.sim.faults.hang is False
+    assert api.get("/api/v4/leads").status_code == 200
+    assert c.post("/_sim/faults", json={"latency": 0.001}).json()["latency"] == 0.001
+    assert c.post("/_sim/clock", content=b'{"advance": 1}', headers=ADMIN).status_code == 200
+    local = {"Origin": f"http://localhost:{httpx.URL(str(c.base_url)).port}", **ADMIN}
+    assert c.post("/_sim/expire-tokens", headers=local).status_code == 200
+    assert c.get("/_sim/stats").status_code == 200
 
 
 def test_rolling_rate_limits_answer_429_with_retry_after() -> None:

@@ -1,5 +1,11 @@
 """Loopback-only `/_sim/` endpoints that drive the simulator from outside the process
-(the demo, receivers under test, benchmarks): JSON in, JSON out."""
+(the demo, receivers under test, benchmarks): JSON in, JSON out.
+
+A browser on the same machine can reach loopback too, so a call that changes anything (any
+method but GET and HEAD) must carry `Content-Type: application/json` or `X-Simulator: 1`: a web
+page can send neither cross-site without a CORS preflight, which the simulator never grants. A
+request from a page whose `Origin` is not loopback is refused outright.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,46 @@ from watcher.simulator.api import Request, Response, json_response
 from watcher.simulator.model import Simulator
 
 _LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+ADMIN_HEADER = "X-Simulator"
+_SAFE_METHODS = ("GET", "HEAD")
 Handler = Callable[[Simulator, dict[str, Any], int | None], tuple[int, Any]]
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a Host header (or an Origin's host and port) names loopback: 127.0.0.1, localhost or
+    [::1], with any port."""
+    if not host:
+        return False
+    text = host.strip().lower()
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            return False
+        port = rest.removeprefix(":") if rest.startswith(":") else None
+        if rest and port is None:
+            return False
+    else:
+        name, colon, port_text = text.partition(":")
+        port = port_text if colon else None
+    if port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5):
+        return False
+    return name.removesuffix(".") in LOOPBACK_NAMES
+
+
+def _cross_site(request: Request) -> str | None:
+    """Why a request may have come from a web page rather than a tool, or None."""
+    origin = request.header("origin")
+    if origin is not None:
+        scheme, sep, rest = origin.partition("://")
+        if not sep or scheme not in ("http", "https") or not is_loopback_host(rest):
+            return "requests from web pages are refused"
+    if request.method in _SAFE_METHODS or request.header(ADMIN_HEADER) == "1":
+        return None
+    media_type = (request.header("content-type") or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        return f"send Content-Type: application/json or {ADMIN_HEADER}: 1"
+    return None
 
 
 def _when(value: Any) -> datetime | None:
@@ -156,6 +201,9 @@ def handle_admin(sim: Simulator, request: Request) -> Response:
     """Answer one `/_sim/` request; refuses anything but loopback clients."""
     if request.client not in _LOOPBACK:
         return _reply(403, {"error": "the simulator admin API answers loopback clients only"})
+    refused = _cross_site(request)
+    if refused is not None:
+        return _reply(403, {"error": refused})
     allowed = []
     for method, pattern, handler in _ROUTES:
         match = pattern.match(request.path)

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
 
-from watcher.simulator.admin import handle_admin
-from watcher.simulator.api import Request, Response, api_error, handle
+from watcher.simulator.admin import handle_admin, is_loopback_host
+from watcher.simulator.api import Request, Response, api_error, handle, json_response
 from watcher.simulator.model import Simulator
 from watcher.simulator.phptime import http_date
 
@@ -88,7 +88,13 @@ class _Handler(BaseHTTPRequestHandler):
             client=self.client_address[0],
         )
         try:
-            if path.startswith("/_sim/"):
+            if not is_loopback_host(request.header("host")):
+                # DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches this socket
+                # with its own name in Host. Only requests that name loopback are for us.
+                response = json_response(
+                    421, {"error": "the simulator answers loopback host names only"}, "application/json"
+                )
+            elif path.startswith("/_sim/"):
                 response = handle_admin(sim, request)
             elif not self._wait_out_faults(sim):
                 self.close_connection = True
