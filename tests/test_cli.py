@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from tests.support.receiver import Receiver
 from watcher.cli import EXIT_CONFIG, build_parser, main
 from watcher.config import load_config
 from watcher.simulator import Simulator, SimulatorServer
+from watcher.store import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "invalid_configs"
@@ -192,6 +195,76 @@ def test_status_without_a_state_file_creates_nothing(tmp_path: Path) -> None:
     assert json.loads(result.stdout) == {"streams": [], "sinks": [], "tracked_leads": 0}
     assert "no state file" in result.stderr
     assert not (tmp_path / "state.db").exists()
+
+
+def _state_file(path: Path, *, version: int = len(MIGRATIONS), journal: str = "delete") -> Path:
+    """A state file at schema `version` (built with the real migrations) in the given journal mode."""
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute(f"PRAGMA journal_mode = {journal}")
+        for script in MIGRATIONS[: min(version, len(MIGRATIONS))]:
+            conn.executescript(script)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_status_never_writes_the_state_file(tmp_path: Path) -> None:
+    """status reads a current file without changing a byte of it (not even its journal mode) or adding -wal/-shm."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", [webhook_sink("http://127.0.0.1:9/hook")])
+    state = _state_file(tmp_path / "state.db")
+    before = _digest(state)
+    result = cli("status", "-c", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tracked_leads"] == 0
+    assert _digest(state) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("state.db")) == ["state.db"]
+
+
+@pytest.mark.parametrize("version", [1, len(MIGRATIONS) + 3])
+def test_status_refuses_a_file_at_another_schema_version(tmp_path: Path, version: int) -> None:
+    """An older file is not migrated and a newer one names the schema it needs: one line, exit 1, file untouched."""
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    state = _state_file(tmp_path / "state.db", version=version)
+    before = _digest(state)
+    result = cli("status", "-c", str(config))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    if version < len(MIGRATIONS):
+        assert f"schema version {version}, older than this release" in lines[0]
+        assert "restart the daemon" in lines[0]
+    else:
+        assert f"needs a newer convertr-watcher (schema version {version}" in lines[0]
+    assert _digest(state) == before
+    with sqlite3.connect(f"file:{state}?mode=ro", uri=True) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == version
+    conn.close()
+
+
+def test_status_scrubs_stored_errors(tmp_path: Path) -> None:
+    """A stored last_error or disabled reason holding the password, a token or an e-mail address is printed scrubbed."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", [webhook_sink("http://127.0.0.1:9/hook")])
+    state = _state_file(tmp_path / "state.db", journal="wal")
+    leaky = f"TransientError: login as {USERNAME} with {PASSWORD} failed; Bearer abc.def-123 rejected"
+    with sqlite3.connect(state) as conn:
+        conn.execute("INSERT INTO cursors (stream, last_poll_at, last_error) VALUES ('leads.created', 1, ?)", (leaky,))
+        conn.execute(
+            "INSERT INTO sinks (name, disabled_at, disabled_reason) VALUES ('crm', 1, ?)",
+            (f"HTTP 410 for ada.lovelace@example.org key {WEBHOOK_KEY}",),
+        )
+    conn.close()
+    for args in (["--json"], []):
+        result = cli("status", "-c", str(config), *args)
+        assert result.returncode == 0, result.stderr
+        for secret in (PASSWORD, USERNAME, "abc.def-123", "ada.lovelace@example.org", WEBHOOK_KEY):
+            assert secret not in result.stdout, (secret, result.stdout)
+    status = json.loads(cli("status", "-c", str(config), "--json").stdout)
+    assert status["streams"][0]["last_error"].startswith("TransientError: login as [REDACTED] with [REDACTED]")
+    assert status["sinks"][0]["disabled_reason"].startswith("HTTP 410 for [REDACTED]")
 
 
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:

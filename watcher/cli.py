@@ -22,7 +22,7 @@ from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
 from watcher.errors import AuthError, ConfigError, StateError, WatcherError
-from watcher.logs import LOG_CAPTURE_ENV, configure_logging
+from watcher.logs import LOG_CAPTURE_ENV, configure_logging, known_secrets, scrub
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 PROG = "convertr-watcher"
@@ -172,7 +172,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"streams": [], "sinks": [], "tracked_leads": 0}, indent=2))
         return EXIT_OK
-    store = Store.open(config.state.path)
+    # Read-only and never migrated: run between an upgrade and the restart, status must not touch
+    # the file the old daemon still writes.
+    store = Store.open_readonly(config.state.path)
+    secrets = known_secrets()
     now = SystemClock().now()
     try:
         streams = [
@@ -182,7 +185,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "last_poll_at": _ts(c.last_poll_at) if c.last_poll_at else None,
                 "last_success_at": _ts(c.last_success_at) if c.last_success_at else None,
                 "last_poll_age_s": round(now - c.last_poll_at, 1) if c.last_poll_at else None,
-                "last_error": c.last_error,
+                # Errors are stored as raised; they are scrubbed like log lines before anyone sees them.
+                "last_error": scrub(c.last_error, secrets) if c.last_error else None,
                 "polls": c.polls,
             }
             for c in store.cursors()
@@ -200,7 +204,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "oldest_pending_age_s": round(now - s.oldest_pending_at, 1) if s.oldest_pending_at else None,
                     "last_success_at": _ts(s.last_success_at) if s.last_success_at else None,
                     "disabled": s.disabled_at is not None,
-                    "disabled_reason": s.disabled_reason,
+                    "disabled_reason": scrub(s.disabled_reason, secrets) if s.disabled_reason else None,
                     "failing_since": _ts(s.failing_since) if s.failing_since else None,
                     "failing": failing,
                 }

@@ -239,6 +239,42 @@ class Store:
             raise StateError(f"cannot open state file {path}: {exc}") from None
         return store
 
+    @classmethod
+    def open_readonly(cls, path: Path) -> Store:
+        """The state file for reading only (`status`): never created, migrated or written.
+
+        A file at another schema version is refused rather than migrated: between an upgrade and
+        the restart, the old daemon still owns the file, and only the daemon migrates it.
+        """
+        if not path.is_file():
+            raise StateError(f"no state file at {path}")
+        # mode=ro: SQLite itself refuses every write, so no code path here can change the file.
+        uri = f"{path.absolute().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read state file {path}: {exc}") from None
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA query_only = ON")
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StateError(f"cannot read state file {path}: {exc}") from None
+        known = len(MIGRATIONS)
+        if version != known:
+            conn.close()
+            if version > known:
+                raise StateError(
+                    f"state file {path} needs a newer convertr-watcher (schema version {version}; "
+                    f"this release reads version {known})"
+                )
+            raise StateError(
+                f"state file {path} is at schema version {version}, older than this release ({known}): "
+                "restart the daemon to migrate it (status never writes)"
+            )
+        return cls(conn, path)
+
     def close(self) -> None:
         self.conn.close()
 
