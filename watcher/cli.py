@@ -1,8 +1,9 @@
 """The `convertr-watcher` command line.
 
-Exit codes: 0 ok, 1 runtime failure, 78 configuration error (EX_CONFIG: systemd's
-RestartPreventExitStatus keeps a bad config from restart-looping). A user mistake prints one
-line on stderr, never a traceback.
+Exit codes: 0 ok, 1 runtime failure, 75 state file in use by another writer, 78 configuration
+error (EX_CONFIG: systemd's RestartPreventExitStatus keeps a bad config from restart-looping). A
+user mistake prints one line on stderr, never a traceback. This module is the one home of the
+exit codes; the daemon returns them from here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,10 +23,15 @@ from urllib.parse import urlsplit
 from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
-from watcher.errors import AuthError, ConfigError, StateError, WatcherError
+from watcher.errors import AuthError, ConfigError, StateError, StateLocked, WatcherError
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging, known_secrets, scrub
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
+# Another process holds the state file's write lock. 75 is EX_TEMPFAIL: nothing is wrong with this
+# process or its config, and the same command succeeds once the holder ends. Distinct from 1 so a
+# script can tell "try later" from a failure, and not in RestartPreventExitStatus, so the unit
+# retries on its restart schedule and starts once a manual `once` (a backfill) has finished.
+EXIT_LOCKED = 75
 PROG = "convertr-watcher"
 RESOLVE_TIMEOUT = 5.0
 
@@ -40,6 +47,15 @@ def _load(args: argparse.Namespace) -> Config:
         config.log.level, config.log.format, secrets=config.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
     )
     return config
+
+
+def _writing(args: argparse.Namespace, config: Config) -> AbstractContextManager[object]:
+    """The state file's write lock for a command that polls and delivers, held until the command ends."""
+    from watcher.lock import state_lock
+
+    # Named by subcommand and config path only: argv could carry anything an operator typed.
+    command = f"{PROG} {args.command} -c {os.path.abspath(args.config)}"
+    return state_lock(config.state.path, command)
 
 
 def _ts(value: float | None) -> str:
@@ -74,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from watcher.notify import Notifier
 
     config = _load(args)
-    return asyncio.run(run_daemon(config, SystemClock(), Notifier.from_environ(os.environ)))
+    with _writing(args, config):
+        return asyncio.run(run_daemon(config, SystemClock(), Notifier.from_environ(os.environ)))
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -82,7 +99,8 @@ def cmd_once(args: argparse.Namespace) -> int:
 
     config = _load(args)
     progress = _progress_bar() if sys.stderr.isatty() else None
-    return asyncio.run(run_once(config, SystemClock(), progress=progress))
+    with _writing(args, config):
+        return asyncio.run(run_once(config, SystemClock(), progress=progress))
 
 
 def _progress_bar() -> Any:
@@ -244,6 +262,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not (args.sink or args.event or args.since is not None or args.until is not None or args.all):
         return _fail("replay: say what to re-queue: --sink, --event, --since/--until, or --all", 2)
     statuses = [DEAD, DELIVERED] if args.delivered else [DEAD]
+    # No write lock: a replay is one short transaction that a running daemon is meant to pick up
+    # (it is how a fixed receiver gets its backlog without a restart); SQLite serialises it with
+    # the daemon's own writes. Only processes that poll and deliver must be alone.
     store = Store.open(config.state.path)
     try:
         count = store.replay(
@@ -376,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{getattr(args, 'config', '')}: {exc}", EXIT_CONFIG)
     except AuthError as exc:
         return _fail(f"convertr: {exc}", EXIT_CONFIG)
+    except StateLocked as exc:
+        return _fail(str(exc), EXIT_LOCKED)
     except StateError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     except WatcherError as exc:

@@ -29,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from watcher import __version__
+from watcher.cli import EXIT_FAILURE, EXIT_OK
 from watcher.clock import Clock
 from watcher.config import Config, SinkConfig
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
@@ -42,7 +43,6 @@ from watcher.store import Store
 
 log = structlog.get_logger("watcher.daemon")
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 HOUSEKEEPING_INTERVAL = 3600.0
 STOP_GRACE = 5.0  # for a walk to finish its page; TimeoutStopSec= leaves plenty more
 # A healthy delivery worker turns at least every SWEEP_INTERVAL; far past that it is stuck.

@@ -3,6 +3,7 @@
     WatcherError
     ├── ConfigError          the configuration is invalid (CLI exit 78)
     ├── StateError           the state file cannot be opened, migrated or written
+    │   └── StateLocked      another process holds the state file's write lock (CLI exit 75)
     ├── ConvertrError        the Convertr API did not give what was asked
     │   ├── AuthError        login refused, or the password has expired: fatal, never retried
     │   ├── TransientError   connection trouble, timeouts, 429, 502/503/504: retried with backoff
@@ -36,6 +37,10 @@ class ConfigError(WatcherError):
 
 class StateError(WatcherError):
     """The SQLite state file cannot be opened, migrated or written."""
+
+
+class StateLocked(StateError):
+    """Another process holds the state file's write lock; the message names the file and the holder."""
 
 
 class ConvertrError(WatcherError):
