@@ -182,6 +182,53 @@ def test_api_faults_mixed(tmp_path: Path, sim, receiver: Receiver) -> None:
     assert "Traceback" not in daemon.log() or "poll failed" in daemon.log()
 
 
+def test_proxy_403_at_login_is_ridden_out(tmp_path: Path, sim, receiver: Receiver) -> None:
+    """HTML 403 pages at login (a firewall or maintenance page) fail polls visibly but never end the daemon."""
+    simulator, server = sim
+    start = simulator.now().isoformat()
+    campaign = simulator.campaign_ids()[0]
+    simulator.faults.login_html_403 = 1_000_000
+    config = write_config(
+        tmp_path,
+        server.url,
+        [webhook_sink(receiver.url)],
+        # An explicit zone: this test is about logins, not about learning the server's zone.
+        convertr={"timezone": "Europe/London"},
+        leads={"start": start},
+    )
+
+    def delivered() -> set[int]:
+        return {e["data"]["lead"]["id"] for e in _received(receiver) if e["type"] == "lead.created"}
+
+    with Daemon(config) as daemon:
+        during = simulator.add_leads(3, campaign)
+
+        def failed_poll() -> str:
+            rows = daemon.query("SELECT last_error FROM cursors WHERE stream = 'leads.created'")
+            return str(rows[0][0]) if rows and rows[0][0] else ""
+
+        # The client's own retries (about 10 s of backoff) end, the poll fails, the daemon stays.
+        error = wait_until(lambda: failed_poll() or not daemon.running(), 60, "a poll failed by the 403 page")
+        assert daemon.running(), f"the daemon ended on a proxy page:\n{daemon.log()[-3000:]}"
+        assert "TransientError: Convertr POST /api/login: 403 with a text/html body" in error
+        status = cli("status", "-c", str(config), "--json")
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)["streams"][0]
+        assert shown["stream"] == "leads.created" and "403 with a text/html body" in shown["last_error"]
+
+        simulator.faults.login_html_403 = 0  # the maintenance page goes away
+        wait_until(lambda: set(during) <= delivered(), 60, "the leads created while logins were refused")
+        # Tokens expiring, and the one relogin that follows meeting the page once more.
+        simulator.expire_tokens()
+        simulator.faults.login_html_403 = 1
+        after = simulator.add_leads(3, campaign)
+        wait_until(lambda: set(after) <= delivered(), 60, "the leads created after a relogin met a 403 page")
+        assert simulator.faults.login_html_403 == 0, "the second 403 page was served"
+        assert daemon.stop() == 0
+    assert '"fatal"' not in daemon.log()
+    assert [e["_id"] for e in _received(receiver) if e["type"] == "lead.created"].__len__() == len(delivered())
+
+
 def test_receiver_outage_of_several_retry_periods(tmp_path: Path, sim, receiver: Receiver) -> None:
     """A receiver down for several retry periods gets everything, in order per lead, after it recovers."""
     simulator, server = sim

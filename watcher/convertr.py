@@ -48,7 +48,25 @@ BACKOFF = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
 # so one more try is safe and the attempt cap keeps a persistent 500 from looping.
 TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 
+# The error codes of RFC 6749 (section 5.2, plus access_denied, which Convertr's OAuth server
+# answers for a user whose credentials have expired). Only a JSON body carrying one of these is
+# Convertr itself refusing us; a 400/401/403 with anything else (an HTML page from a proxy,
+# firewall or maintenance window) says nothing about the credentials and is retried.
+OAUTH_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "access_denied",
+    }
+)
+REFUSAL_STATUSES = frozenset({400, 401, 403})
+
 _COLLECTION_NAME = re.compile(r"[a-z][a-z0-9-]*")
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9.+-]{1,40}/[A-Za-z0-9.+-]{1,60}")
 _RESERVED_PARAMS = frozenset({"page", "itemsPerPage", "access_token"})
 
 
@@ -184,10 +202,7 @@ def query_pairs(params: Mapping[str, str | Sequence[str]] | None) -> list[tuple[
 def body_reason(response: httpx.Response, secrets: Sequence[str]) -> str:
     """A one-line reason from an error body (`hydra:description`, `error`, ...), secrets masked."""
     reason = ""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
+    body = _json_or_none(response)
     if isinstance(body, dict):
         parts = [
             body[key]
@@ -201,6 +216,29 @@ def body_reason(response: httpx.Response, secrets: Sequence[str]) -> str:
         if secret:
             reason = reason.replace(secret, "***")
     return " ".join(reason.split())[:200]
+
+
+def oauth_error(body: object) -> str | None:
+    """The OAuth2 error code of an error body, or None when the body is not an OAuth error document."""
+    if not isinstance(body, dict):
+        return None
+    code = body.get("error")
+    return code if isinstance(code, str) and code in OAUTH_ERRORS else None
+
+
+def credentials_expired(body: object) -> bool:
+    """Whether an error body is the OAuth server saying the user's credentials (password) expired."""
+    if oauth_error(body) != "access_denied" or not isinstance(body, dict):
+        return False
+    description = body.get("error_description")
+    return isinstance(description, str) and "expired" in description.lower()
+
+
+def not_convertr(response: httpx.Response) -> str:
+    """How to describe an answer that is not Convertr's own (its media type only: the body may be anything)."""
+    raw = response.headers.get("Content-Type", "").partition(";")[0].strip()
+    kind = f"a {raw} body" if _MEDIA_TYPE.fullmatch(raw) else "a body"
+    return f"{kind} that is not Convertr's OAuth answer (a proxy, firewall or maintenance page?)"
 
 
 class RollingWindow:
@@ -413,10 +451,7 @@ class ConvertrClient:
         await self._login_budget.acquire()
         sent_at = self._clock.monotonic()
         response = await self._send("POST", LOGIN_PATH, data={"username": username, "password": self._config.password})
-        try:
-            body: Any = response.json()
-        except ValueError:
-            body = None
+        body = _json_or_none(response)
         status = response.status_code
         if isinstance(body, dict) and (body.get("mfa_token") or str(body.get("error", "")).lower() == "mfa required"):
             raise AuthError(
@@ -424,10 +459,15 @@ class ConvertrClient:
                 "answer: use an API user without MFA",
                 status=status,
             )
-        if status in (400, 401, 403):
-            code = body.get("error") if isinstance(body, dict) else None
-            if not (isinstance(code, str) and re.fullmatch(r"[A-Za-z_ ]{1,40}", code)):
-                code = "invalid_grant" if status != 403 else "forbidden"
+        if status in REFUSAL_STATUSES:
+            code = oauth_error(body)
+            if code is None:
+                # Something in front of Convertr answered: it knows nothing of our credentials, and
+                # exiting 78 here would keep the service down long after the page went away.
+                what = not_convertr(response)
+                raise TransientError(f"Convertr POST {LOGIN_PATH}: {status} with {what}", status=status)
+            if credentials_expired(body):
+                raise AuthError(self._expired_message(), status=status)
             raise AuthError(f"Convertr refused the login for {username}: {code}", status=status)
         self._raise_for_status(response, "POST", LOGIN_PATH)
         if not isinstance(body, dict):
@@ -436,11 +476,7 @@ class ConvertrClient:
         if not isinstance(token, str) or not token:
             raise MalformedResponse(f"Convertr POST {LOGIN_PATH}: no access_token in the answer", status=status)
         if body.get("password_expired") is True:
-            raise AuthError(
-                f"The Convertr password of {username} has expired: change it in Convertr, "
-                "then update the watcher's convertr password setting",
-                status=status,
-            )
+            raise AuthError(self._expired_message(), status=status)
         raw_lifetime = body.get("expires_in")
         lifetime = (
             float(raw_lifetime)
@@ -452,6 +488,12 @@ class ConvertrClient:
         self._refresh_at = sent_at + lifetime - min(60.0, 0.1 * lifetime)
         log.debug("convertr.logged_in", expires_in=lifetime)
 
+    def _expired_message(self) -> str:
+        return (
+            f"The Convertr password of {self._config.username} has expired: change it in Convertr, "
+            "then update the watcher's convertr password setting"
+        )
+
     # -- one HTTP exchange
 
     async def _authed_get(self, path: str, query: list[tuple[str, str]]) -> httpx.Response:
@@ -462,7 +504,12 @@ class ConvertrClient:
             response = await self._send("GET", path, params=query, token=token)
             if response.status_code == 401:
                 reason = body_reason(response, self._secrets())
-                raise AuthError(f"Convertr GET {path}: 401 even with a fresh token ({reason})", status=401)
+                message = f"Convertr GET {path}: 401 even with a fresh token ({reason})"
+                if credentials_expired(_json_or_none(response)):
+                    raise AuthError(f"{message}: {self._expired_message()}", status=401)
+                # The login just succeeded, so the credentials are good: a token store lagging
+                # behind the login, or a proxy's page. Retried with backoff; never fatal.
+                raise TransientError(message, status=401)
         self._raise_for_status(response, "GET", path)
         return response
 
@@ -515,6 +562,10 @@ class ConvertrClient:
             raise RateLimited(message, status=status, retry_after=retry_after)
         if status in TRANSIENT_STATUSES:
             raise TransientError(message, status=status, retry_after=retry_after)
+        if status in REFUSAL_STATUSES and not isinstance(_json_or_none(response), dict):
+            # API Platform answers its refusals in JSON; a page without one came from something
+            # in front of it (a firewall or maintenance page), which passes by itself.
+            raise TransientError(f"Convertr {method} {path}: {status} with {not_convertr(response)}", status=status)
         raise ApiError(message, status=status)
 
     def _json(self, response: httpx.Response, method: str, path: str) -> Any:
@@ -528,6 +579,13 @@ class ConvertrClient:
 
     def _secrets(self) -> list[str]:
         return [s for s in (self._token, self._config.password) if s]
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return loads(response.content)
+    except ValueError:
+        return None
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

@@ -5,8 +5,10 @@
     ├── StateError           the state file cannot be opened, migrated or written
     │   └── StateLocked      another process holds the state file's write lock (CLI exit 75)
     ├── ConvertrError        the Convertr API did not give what was asked
-    │   ├── AuthError        login refused, or the password has expired: fatal, never retried
-    │   ├── TransientError   connection trouble, timeouts, 429, 502/503/504: retried with backoff
+    │   ├── AuthError        Convertr's own OAuth2 refusal (invalid_grant-style JSON), an expired
+    │   │                    password or an MFA challenge: fatal, never retried
+    │   ├── TransientError   connection trouble, timeouts, 429, 502/503/504, and a 400/401/403 whose
+    │   │                    body is not Convertr's JSON (a proxy's page): retried with backoff
     │   │   ├── RateLimited  429: carries the server's Retry-After
     │   │   └── MalformedResponse  a 2xx whose body is not the JSON document expected
     │   └── ApiError         any other non-2xx answer: not retried

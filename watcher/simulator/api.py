@@ -284,15 +284,39 @@ def _route(sim: Simulator, request: Request) -> Response:
     denied = _authenticate(sim, request)
     if denied is not None:
         return denied
+    if sim.faults.token_rejections > 0:
+        sim.faults.token_rejections -= 1
+        return oauth_error(401, "invalid_grant", "The access token provided is invalid.", True)
     return resource(sim, request, match.group(1), match.group(2), match.group(3))
 
 
 _PROXY_PAGE = "<html><head><title>{0}</title></head><body><center><h1>{0}</h1></center></body></html>\n"
 
 
-def _fault_or_limit(sim: Simulator, request: Request) -> Response | None:
-    """Injected 429s, the real rolling limits, then random 5xx: answered before any real work."""
+def _html(status: int, title: str) -> Response:
+    return Response(status, _PROXY_PAGE.format(title).encode(), {"Content-Type": "text/html"})
+
+
+def _proxy_page(sim: Simulator, request: Request) -> Response | None:
+    """What a proxy, firewall or maintenance page in front of Convertr answers, if one is injected."""
     faults = sim.faults
+    if faults.login_html_403 > 0 and request.path == "/api/login":
+        faults.login_html_403 -= 1
+        return _html(403, "403 Forbidden")
+    if faults.html_401 > 0 and request.path.startswith("/api/v4/"):
+        faults.html_401 -= 1
+        return _html(401, "401 Authorization Required")
+    if faults.proxy_403_rate > 0 and sim.fault_rng.random() < faults.proxy_403_rate:
+        return _html(403, "403 Forbidden")
+    return None
+
+
+def _fault_or_limit(sim: Simulator, request: Request) -> Response | None:
+    """Injected proxy pages and 429s, the real rolling limits, then random 5xx: answered before any real work."""
+    faults = sim.faults
+    page = _proxy_page(sim, request)
+    if page is not None:
+        return page
     if faults.rate_limit_429 > 0:
         faults.rate_limit_429 -= 1
         return api_error(429, "Too Many Requests", "jsonld", **{"Retry-After": f"{faults.retry_after:g}"})
@@ -307,8 +331,7 @@ def _fault_or_limit(sim: Simulator, request: Request) -> Response | None:
         status = sim.fault_rng.choice((500, 502, 503))
         if status == 500:
             return api_error(500, "Internal Server Error", "jsonld")
-        title = "502 Bad Gateway" if status == 502 else "503 Service Temporarily Unavailable"
-        return Response(status, _PROXY_PAGE.format(title).encode(), {"Content-Type": "text/html"})
+        return _html(status, "502 Bad Gateway" if status == 502 else "503 Service Temporarily Unavailable")
     return None
 
 

@@ -54,6 +54,13 @@ class Faults:
     hang: bool = False
     drop_updated_ts_filter: bool = False
     schema_drift: bool = False  # lead documents lose `score` and `leadFlag` and gain an unknown field
+    # A proxy, firewall or maintenance page in front of Convertr, answering HTML instead of the API:
+    login_html_403: int = 0  # the next N logins get a 403 page
+    proxy_403_rate: float = 0.0  # this share of all API requests gets a 403 page
+    html_401: int = 0  # the next N collection or item reads get a 401 page
+    # The next N authenticated reads get OAuth's invalid_grant although the token is good (a
+    # token store lagging behind the login that minted it).
+    token_rejections: int = 0
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Set fields by name, checking names and types (for the admin endpoint)."""
