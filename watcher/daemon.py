@@ -182,6 +182,7 @@ async def runtime(
         if on
     ]
     metrics = Metrics(clock.now(), streams=streams, sinks=[s.name for s in config.sinks])
+    metrics.set_request_budget(config.convertr.request_budget)
     live = Liveness(
         clock.monotonic(),
         poll_jobs(config),
@@ -308,6 +309,7 @@ class Daemon:
         for s in states:
             age = now - s.oldest_pending_at if s.oldest_pending_at else 0.0
             self.rt.metrics.set_outbox(s.name, s.pending, age)
+            self.rt.metrics.set_sink_disabled(s.name, s.disabled_at is not None)
         pending = sum(s.pending for s in states)
         last = max(self.last_poll.values()) if self.last_poll else None
         when = datetime.fromtimestamp(last, UTC).strftime("%H:%M:%S") if last else "never"

@@ -92,6 +92,21 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        # A state, not a count: an alert on a counter of "disabled" outcomes would clear itself an
+        # hour later while the sink stays off.
+        self.sink_disabled = Gauge(
+            "watcher_sink_disabled",
+            "1 while the sink is disabled (410, revoked Slack hook) until `replay --sink` or a new URL.",
+            ["sink"],
+            registry=r,
+        )
+        # Exported so a rule can compare the request rate with the budget this daemon was given,
+        # which an operator lowers when several watchers share one Convertr account.
+        self.request_budget = Gauge(
+            "watcher_api_request_budget",
+            "Convertr API requests this daemon allows itself per rolling 5 minutes (convertr.request_budget).",
+            registry=r,
+        )
         build = Gauge("watcher_build_info", "Version information.", ["version", "python"], registry=r)
         build.labels(version=__version__, python=platform.python_version()).set(1)
 
@@ -105,6 +120,7 @@ class Metrics:
             for outcome in DELIVERY_OUTCOMES:
                 self.deliveries.labels(sink=sink, outcome=outcome)
             self.set_outbox(sink, 0, 0.0)
+            self.sink_disabled.labels(sink=sink).set(0)
 
     def poll_finished(self, stream: str, ok: bool, duration: float, fetched: int, now: float) -> None:
         """Record one poll of `stream` that ended at `now` (Unix seconds)."""
@@ -132,6 +148,12 @@ class Metrics:
     def set_outbox(self, sink: str, pending: int, oldest_age: float) -> None:
         self.outbox_pending.labels(sink=sink).set(pending)
         self.outbox_oldest_age.labels(sink=sink).set(max(0.0, oldest_age) if pending else 0.0)
+
+    def set_sink_disabled(self, sink: str, disabled: bool) -> None:
+        self.sink_disabled.labels(sink=sink).set(1 if disabled else 0)
+
+    def set_request_budget(self, requests: int) -> None:
+        self.request_budget.set(requests)
 
     def set_cursor(self, stream: str, cursor_ts: float, now: float) -> None:
         self.cursor.labels(stream=stream).set(cursor_ts)
