@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from watcher.config import ConvertrConfig
+
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 MAX_EXPOSURE = 1.2
 # (shipped file, the unit name it is checked under: templates need an instance)
@@ -104,3 +106,15 @@ def test_unit_runs_the_daemon_as_a_watched_notify_service(shipped: str, config: 
     assert credentials, "secrets come in through LoadCredential="
     for credential in credentials:
         assert f"{creds}{credential}" in text, f"the header must document where {credential} appears"
+
+
+@pytest.mark.parametrize("shipped", [shipped for shipped, _ in UNITS])
+def test_memory_is_capped_above_what_the_daemon_may_hold(shipped: str) -> None:
+    """MemoryMax= bounds the service, with room for max_in_flight answers at the default max_response_bytes."""
+    service = service_section(shipped)["Service"]
+    match = re.fullmatch(r"(\d+)M", service["MemoryMax"])
+    assert match is not None, service["MemoryMax"]
+    ceiling = int(match.group(1)) * 1024 * 1024
+    defaults = ConvertrConfig(base_url="https://acme.cvtr.io", username="u", password="p")
+    assert ceiling >= defaults.max_in_flight * defaults.max_response_bytes + 128 * 1024 * 1024
+    assert service["MemorySwapMax"] == "0"

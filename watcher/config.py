@@ -71,6 +71,9 @@ class ConvertrConfig:
     timezone: str = "Europe/London"  # the server's zone: filter values are its wall-clock time
     max_in_flight: int = 4
     request_budget: int = 2000  # per rolling 5 minutes; Convertr cuts off at 3000
+    # The most one answer may inflate to: far above a 100-lead page (about 1 MB), far below
+    # what would hurt the host. A larger answer is an error, never read to the end.
+    max_response_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ class _Context:
 _TOP_KEYS = ("convertr", "state", "leads", "campaigns", "sinks", "metrics", "log")
 _CONVERTR_KEYS = (
     *("base_url", "username", "password", "password_env", "password_file", "items_per_page", "timeout"),
-    *("timezone", "max_in_flight", "request_budget"),
+    *("timezone", "max_in_flight", "request_budget", "max_response_bytes"),
 )
 _LEADS_KEYS = (
     *("enabled", "interval", "lookback", "updates", "campaign_ids", "start", "track", "recheck_window"),
@@ -232,6 +235,7 @@ def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
         timezone=_timezone(t.get("timezone", "Europe/London"), t.key("timezone")),
         max_in_flight=t.integer("max_in_flight", 4, 1, 10),
         request_budget=t.integer("request_budget", 2000, 1, 2900),
+        max_response_bytes=t.integer("max_response_bytes", 64 * 1024 * 1024, 65_536, 1 << 31),
     )
 
 

@@ -3,6 +3,8 @@
 Every httpx failure is translated here into the `watcher.errors` tree, so nothing above this
 module sees httpx exceptions. Error texts carry the status, the path (never the query string,
 which may hold filter values) and a short reason from the body; never a token or the password.
+Bodies are streamed and inflated in bounded steps: an answer that would pass `max_response_bytes`
+once decoded is a ResponseTooLarge, never read to the end.
 """
 
 from __future__ import annotations
@@ -23,9 +25,17 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from watcher import __version__
+from watcher.bodies import Answer, BodyError, BodyTooLarge, read_body, without_entity_headers
 from watcher.clock import Clock, SystemClock
 from watcher.config import ConvertrConfig
-from watcher.errors import ApiError, AuthError, MalformedResponse, RateLimited, TransientError
+from watcher.errors import (
+    ApiError,
+    AuthError,
+    MalformedResponse,
+    RateLimited,
+    ResponseTooLarge,
+    TransientError,
+)
 from watcher.events import loads
 
 log = structlog.get_logger(__name__)
@@ -199,7 +209,7 @@ def query_pairs(params: Mapping[str, str | Sequence[str]] | None) -> list[tuple[
     return pairs
 
 
-def body_reason(response: httpx.Response, secrets: Sequence[str]) -> str:
+def body_reason(response: Answer, secrets: Sequence[str]) -> str:
     """A one-line reason from an error body (`hydra:description`, `error`, ...), secrets masked."""
     reason = ""
     body = _json_or_none(response)
@@ -234,7 +244,7 @@ def credentials_expired(body: object) -> bool:
     return isinstance(description, str) and "expired" in description.lower()
 
 
-def not_convertr(response: httpx.Response) -> str:
+def not_convertr(response: Answer) -> str:
     """How to describe an answer that is not Convertr's own (its media type only: the body may be anything)."""
     raw = response.headers.get("Content-Type", "").partition(";")[0].strip()
     kind = f"a {raw} body" if _MEDIA_TYPE.fullmatch(raw) else "a body"
@@ -292,7 +302,12 @@ class ConvertrClient:
             transport=transport,
             timeout=httpx.Timeout(config.timeout),
             follow_redirects=False,
-            headers={"Accept": "application/ld+json", "User-Agent": f"convertr-watcher/{__version__}"},
+            headers={
+                "Accept": "application/ld+json",
+                # Only what bodies.read_body inflates in bounded steps.
+                "Accept-Encoding": "gzip, deflate",
+                "User-Agent": f"convertr-watcher/{__version__}",
+            },
         )
         self._token: str | None = None
         self._refresh_at = 0.0  # monotonic time after which the token is renewed before use
@@ -496,7 +511,7 @@ class ConvertrClient:
 
     # -- one HTTP exchange
 
-    async def _authed_get(self, path: str, query: list[tuple[str, str]]) -> httpx.Response:
+    async def _authed_get(self, path: str, query: list[tuple[str, str]]) -> Answer:
         token = await self._token_for_request()
         response = await self._send("GET", path, params=query, token=token)
         if response.status_code == 401:
@@ -521,7 +536,7 @@ class ConvertrClient:
         params: list[tuple[str, str]] | None = None,
         data: dict[str, str] | None = None,
         token: str | None = None,
-    ) -> httpx.Response:
+    ) -> Answer:
         await self._budget.acquire()
         headers = {"Authorization": f"Bearer {token}"} if token else None
         async with self._in_flight:
@@ -531,14 +546,26 @@ class ConvertrClient:
             try:
                 # httpx timeouts are per socket operation; this bounds the whole exchange.
                 async with asyncio.timeout(self._config.timeout):
-                    response = await self._http.request(
-                        method,
-                        path,
-                        params=tuple(params) if params else None,
-                        data=data,
-                        headers=headers,
+                    request = self._http.build_request(
+                        method, path, params=tuple(params) if params else None, data=data, headers=headers
                     )
-                status = response.status_code
+                    streamed = await self._http.send(request, stream=True)
+                    try:
+                        status = streamed.status_code
+                        body = await read_body(streamed, self._config.max_response_bytes)
+                    finally:
+                        await streamed.aclose()
+                response = Answer(status, without_entity_headers(streamed.headers), body)
+            except BodyTooLarge as exc:
+                raise ResponseTooLarge(
+                    f"Convertr {method} {path}: {status} answer larger than {exc.limit} bytes once decoded "
+                    "([convertr] max_response_bytes); not read further",
+                    status=status,
+                ) from None
+            except BodyError as exc:
+                raise MalformedResponse(
+                    f"Convertr {method} {path}: {status} with an unreadable body ({exc})", status=status
+                ) from None
             except (TimeoutError, httpx.TimeoutException) as exc:
                 raise TransientError(f"Convertr {method} {path}: timed out") from exc
             except httpx.UnsupportedProtocol as exc:
@@ -551,7 +578,7 @@ class ConvertrClient:
         log.debug("convertr.response", method=method, endpoint=path, status=status)
         return response
 
-    def _raise_for_status(self, response: httpx.Response, method: str, path: str) -> None:
+    def _raise_for_status(self, response: Answer, method: str, path: str) -> None:
         status = response.status_code
         if 200 <= status < 300:
             return
@@ -568,7 +595,7 @@ class ConvertrClient:
             raise TransientError(f"Convertr {method} {path}: {status} with {not_convertr(response)}", status=status)
         raise ApiError(message, status=status)
 
-    def _json(self, response: httpx.Response, method: str, path: str) -> Any:
+    def _json(self, response: Answer, method: str, path: str) -> Any:
         try:
             return loads(response.content)  # orjson.JSONDecodeError is a ValueError
         except ValueError as exc:
@@ -581,7 +608,7 @@ class ConvertrClient:
         return [s for s in (self._token, self._config.password) if s]
 
 
-def _json_or_none(response: httpx.Response) -> Any:
+def _json_or_none(response: Answer) -> Any:
     try:
         return loads(response.content)
     except ValueError:

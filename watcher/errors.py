@@ -10,6 +10,8 @@
     │   ├── TransientError   connection trouble, timeouts, 429, 502/503/504, and a 400/401/403 whose
     │   │                    body is not Convertr's JSON (a proxy's page): retried with backoff
     │   │   ├── RateLimited  429: carries the server's Retry-After
+    │   │   ├── ResponseTooLarge  a body past [convertr] max_response_bytes once decoded: the
+    │   │   │                rest is never read (a gzip bomb costs the ceiling, not its size)
     │   │   └── MalformedResponse  a 2xx whose body is not the JSON document expected
     │   └── ApiError         any other non-2xx answer: not retried
     └── DeliveryError        one delivery attempt failed: retried on the sink's schedule
@@ -71,6 +73,14 @@ class RateLimited(TransientError):
 
 class MalformedResponse(TransientError):
     """A successful status with a body that is not the expected JSON document."""
+
+
+class ResponseTooLarge(TransientError):
+    """An answer whose body, decoded, passes `[convertr] max_response_bytes`; it is not read further.
+
+    Transient rather than fatal: it is more likely a proxy's accident than Convertr's own
+    page, and the cap keeps each retry as cheap as the first.
+    """
 
 
 class ApiError(ConvertrError):

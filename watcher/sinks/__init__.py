@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
+from watcher.bodies import Answer, BodyError, read_body, without_entity_headers
 from watcher.clock import Clock
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError
@@ -26,6 +27,9 @@ from watcher.events import Event
 from watcher.pii import strip_pii
 
 EXCERPT_LIMIT = 512
+# The most of a receiver's answer ever read (decoded): enough for the excerpt's characters in
+# UTF-8. The rest is never read, so a huge or compressed answer costs nothing.
+EXCERPT_BYTES = 4 * EXCERPT_LIMIT
 # A refused connection right after a receiver restart often succeeds a moment later; anything
 # longer than this blip is the outbox's job, on the sink's schedule.
 CONNECT_RETRY_WAIT = 0.2
@@ -137,6 +141,14 @@ def _describe_transport_error(exc: httpx.TransportError, timeout: float) -> str:
     return f"transport error ({type(exc).__name__})"
 
 
+async def _excerpt_of(response: httpx.Response) -> bytes:
+    """The first EXCERPT_BYTES of the answer, decoded; empty when it cannot be decoded (the status decides)."""
+    try:
+        return await read_body(response, EXCERPT_BYTES, cut=True)
+    except BodyError:
+        return b""
+
+
 async def post(
     client: httpx.AsyncClient,
     url: str,
@@ -144,10 +156,11 @@ async def post(
     build: Callable[[], tuple[bytes, dict[str, str]]],
     timeout: float,
     clock: Clock,
-) -> tuple[httpx.Response, float]:
-    """POST `build()` -> (body, headers) to `url`; (response, seconds taken) or DeliveryError(status=None).
+) -> tuple[Answer, float]:
+    """POST `build()` -> (body, headers) to `url`; (answer, seconds taken) or DeliveryError(status=None).
 
-    `build` is called per try so each try carries its own timestamp and signature.
+    `build` is called per try so each try carries its own timestamp and signature. Only the
+    first EXCERPT_BYTES of the answer are read, and it is asked for uncompressed.
     """
     started = clock.monotonic()
     try:
@@ -162,13 +175,19 @@ async def post(
                 body, headers = build()
                 # httpx's timeout is per phase (a trickling receiver resets the read timer), so the
                 # whole exchange is bounded too.
-                async with asyncio.timeout(timeout):
-                    response = await client.post(
+                async with (
+                    asyncio.timeout(timeout),
+                    client.stream(
+                        "POST",
                         url,
                         content=body,
-                        headers=headers,
+                        headers={**headers, "accept-encoding": "identity"},
                         timeout=httpx.Timeout(timeout),
                         follow_redirects=False,
+                    ) as response,
+                ):
+                    answer = Answer(
+                        response.status_code, without_entity_headers(response.headers), await _excerpt_of(response)
                     )
     except TimeoutError:
         raise DeliveryError(f"timed out after {_seconds(timeout)}") from None
@@ -176,7 +195,7 @@ async def post(
         raise DeliveryError(_describe_transport_error(exc, timeout)) from None
     except httpx.InvalidURL:
         raise DeliveryError("sink URL is not a valid http(s) URL") from None
-    return response, clock.monotonic() - started
+    return answer, clock.monotonic() - started
 
 
 class HttpSink:
@@ -205,8 +224,7 @@ class HttpSink:
         return Attempt(
             status=response.status_code,
             duration=duration,
-            # The raw bytes, not response.text: httpx would guess the charset of every body.
-            response_excerpt=excerpt(response.content[: EXCERPT_LIMIT * 4].decode("utf-8", "replace"), self.config.url),
+            response_excerpt=excerpt(response.text, self.config.url),
         )
 
     async def aclose(self) -> None:

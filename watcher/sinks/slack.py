@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from watcher.bodies import Answer
 from watcher.clock import Clock
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled
@@ -345,7 +346,7 @@ def render_digest(events: Sequence[Event], *, include_pii: bool = False) -> dict
 # --- delivery -------------------------------------------------------------------------------
 
 
-def classify(response: httpx.Response, *, now: float) -> DeliveryError | None:
+def classify(response: Answer, *, now: float) -> DeliveryError | None:
     """None when Slack took the message; otherwise the error for the outbox, by status and error string."""
     status = response.status_code
     if 200 <= status < 300:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from watcher.bodies import Answer
 from watcher.clock import Clock
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled
@@ -18,7 +19,7 @@ from watcher.sinks import Attempt, HttpSink, render_data
 RETRY_AFTER_CAP = 86_400.0
 
 
-def classify(response: httpx.Response, *, now: float) -> DeliveryError | None:
+def classify(response: Answer, *, now: float) -> DeliveryError | None:
     """None for a 2xx; otherwise the error the outbox should see (Standard Webhooks status rules)."""
     status = response.status_code
     if 200 <= status < 300:
