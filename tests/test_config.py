@@ -130,7 +130,7 @@ url = "https://hooks.slack.com/services/T/B/literal-slack-token"
     c = config.convertr
     assert c.base_url == "https://acme.cvtr.io"
     assert (c.items_per_page, c.timeout, c.timezone, c.max_in_flight, c.request_budget) == (
-        100, 30.0, "Europe/London", 4, 2000,
+        100, 30.0, "auto", 4, 2000,
     )  # fmt: skip
     assert config.state == StateConfig(tmp_path / "state.db", 7 * 86400.0, 14 * 86400.0)
     assert config.leads == LeadsConfig()

@@ -68,7 +68,9 @@ class ConvertrConfig:
     password: str = field(repr=False)
     items_per_page: int = 100
     timeout: float = 30.0
-    timezone: str = "Europe/London"  # the server's zone: filter values are its wall-clock time
+    # The zone the server compares filter values in. "auto": learnt from the offsets it writes and
+    # checked against its filters; a zone name overrides (a disagreeing server draws a warning).
+    timezone: str = "auto"
     max_in_flight: int = 4
     request_budget: int = 2000  # per rolling 5 minutes; Convertr cuts off at 3000
     # The most one answer may inflate to: far above a 100-lead page (about 1 MB), far below
@@ -96,6 +98,7 @@ class LeadsConfig:
     recheck_interval: float = 15 * MINUTE
     snapshot_retention: float = 90 * DAY
     safety_lag: float = 2.0
+    baseline_window: float = 30 * DAY  # leads created this recently get a snapshot when tracking starts
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ _CONVERTR_KEYS = (
 )
 _LEADS_KEYS = (
     *("enabled", "interval", "lookback", "updates", "campaign_ids", "start", "track", "recheck_window"),
-    *("recheck_interval", "snapshot_retention", "safety_lag"),
+    *("recheck_interval", "snapshot_retention", "safety_lag", "baseline_window"),
 )
 _SINK_KEYS = (
     *("name", "type", "url", "url_env", "url_file", "secret", "secret_env", "secret_file", "events"),
@@ -232,7 +235,7 @@ def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
         password=password,
         items_per_page=t.integer("items_per_page", 100, 1, 100),
         timeout=t.duration("timeout", 30.0),
-        timezone=_timezone(t.get("timezone", "Europe/London"), t.key("timezone")),
+        timezone=_timezone(t.get("timezone", "auto"), t.key("timezone")),
         max_in_flight=t.integer("max_in_flight", 4, 1, 10),
         request_budget=t.integer("request_budget", 2000, 1, 2900),
         max_response_bytes=t.integer("max_response_bytes", 64 * 1024 * 1024, 65_536, 1 << 31),
@@ -263,6 +266,7 @@ def _leads(t: _Table) -> LeadsConfig:
         recheck_interval=t.duration("recheck_interval", 15 * MINUTE, minimum=1.0),
         snapshot_retention=t.duration("snapshot_retention", 90 * DAY),
         safety_lag=t.duration("safety_lag", 2.0, minimum=0.0),
+        baseline_window=t.duration("baseline_window", 30 * DAY, minimum=0.0),
     )
 
 
@@ -510,7 +514,9 @@ def _http_parts(value: str) -> SplitResult | None:
 
 def _timezone(value: object, path: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(path, 'must be an IANA time zone name such as "Europe/London"')
+        raise ConfigError(path, 'must be "auto" or an IANA time zone name such as "Europe/London"')
+    if value == "auto":
+        return value
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
