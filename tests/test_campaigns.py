@@ -12,8 +12,8 @@ import pytest
 from tests.support.daemon import PASSWORD, USERNAME, WEBHOOK_KEY, cli, webhook_sink, write_config
 from tests.support.receiver import Receiver
 from tests.support.schemas import validate_event
+from watcher import detect
 from watcher.clock import FakeClock
-from watcher.events import event_id
 from watcher.simulator import Simulator, SimulatorServer
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -89,9 +89,11 @@ def test_pause_then_resume_over_three_polls_gives_two_events(world: Campaigns) -
     assert world.transitions() == [(campaign, "Active", "Paused"), (campaign, "Paused", "Active")]
     events = world.events()
     assert [e["data"]["campaign"]["status"] for e in events] == ["Paused", "Active"]
+    paused, resumed = (e["data"]["campaign"] for e in events)
+    first = detect.campaign_status_changed(paused, "Active", "Paused", None, "t").id
     assert [r.headers["webhook-id"] for r in world.receiver.requests] == [
-        event_id("campaign.status_changed", f"campaign:{campaign}", "1:Active->Paused"),
-        event_id("campaign.status_changed", f"campaign:{campaign}", "2:Paused->Active"),
+        first,
+        detect.campaign_status_changed(resumed, "Paused", "Active", first, "t").id,  # chained on the first
     ]
 
 

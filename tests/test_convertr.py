@@ -30,7 +30,7 @@ from watcher.convertr import (
     parse_retry_after,
     template_variables,
 )
-from watcher.errors import ApiError, AuthError, MalformedResponse, RateLimited, TransientError
+from watcher.errors import ApiError, AuthError, RateLimited, TransientError
 from watcher.simulator import Simulator, SimulatorServer
 
 T = TypeVar("T")
@@ -282,35 +282,23 @@ def test_without_view_or_total_a_short_page_ends() -> None:
     ]
 
 
-def test_first_page_and_server_time_make_one_request_each() -> None:
-    """first_page honours its own itemsPerPage; server_time reads the Date header of a one-item read."""
+def test_first_page_and_page_make_one_request_each() -> None:
+    """first_page and page honour their own itemsPerPage and page number, one request each."""
     api, clock = FakeApi(250), FakeClock()
 
-    async def go() -> tuple[Page, datetime, int]:
+    async def go() -> tuple[Page, Page, int]:
         async with client_for(api, clock) as client:
-            page = await client.first_page("leads", {"order[id]": "desc"}, items_per_page=1)
-            when = await client.server_time()
-            return page, when, client.request_count
+            first = await client.first_page("leads", {"order[id]": "desc"}, items_per_page=1)
+            third = await client.page("leads", {"order[id]": "asc"}, number=3, items_per_page=7)
+            return first, third, client.request_count
 
-    page, when, count = run(go())
-    assert page.last_page == 250 and len(page.members) == 1
-    assert when == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    first, third, count = run(go())
+    assert first.last_page == 250 and len(first.members) == 1
+    assert third.number == 3 and len(third.members) == 7
+    assert first.server_date == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
     assert count == 3  # one login, two reads
-    assert all("itemsPerPage=1&page=1" in r.url.raw_path.decode() for r in api.gets())
-
-
-def test_server_time_without_a_date_header_is_malformed() -> None:
-    """A read without a Date header cannot tell the server's time."""
-    api, clock = FakeApi(0), FakeClock()
-    api.script = [httpx.Response(200, json={"hydra:member": [], "hydra:totalItems": 0})] * 5
-
-    async def go() -> None:
-        async with client_for(api, clock) as client:
-            await client.server_time()
-
-    with pytest.raises(MalformedResponse, match="no Date header"):
-        run(go())
-    assert len(api.gets()) == 1
+    paths = [r.url.raw_path.decode() for r in api.gets()]
+    assert "itemsPerPage=1&page=1" in paths[0] and "itemsPerPage=7&page=3" in paths[1]
 
 
 def test_collection_name_is_validated() -> None:

@@ -2,82 +2,15 @@
 
 from __future__ import annotations
 
-import random
-from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from watcher import detect
 from watcher.events import event_id
+from watcher.store import CampaignState, LeadState
 
 LONDON = ZoneInfo("Europe/London")
-
-
-@pytest.mark.parametrize(
-    ("cursor", "lookback", "until", "expected"),
-    [
-        # the lookback is subtracted in the cursor's own offset
-        ("2024-04-01T10:00:00+01:00", 600, "2024-04-01T10:00:00Z", "2024-04-01T09:50:00+01:00"),
-        ("2024-01-15T10:00:00+00:00", 600, "2024-01-15T11:00:00Z", "2024-01-15T09:50:00+00:00"),
-        ("2024-01-15T10:00:00+00:00", 0, "2024-01-15T11:00:00Z", "2024-01-15T10:00:00+00:00"),
-        # spring forward: digits only jump ahead, nothing to widen
-        ("2024-03-31T00:55:00+00:00", 600, "2024-03-31T03:00:00Z", "2024-03-31T00:45:00+00:00"),
-        # spring forward between the bound and the cursor: the cursor's +01:00 is an hour too high
-        ("2024-03-31T02:05:00+01:00", 600, "2024-03-31T03:00:00Z", "2024-03-31T00:55:00+00:00"),
-        # fall back inside the window: wall-clock digits repeat 01:00-02:00, so write the lower offset
-        ("2024-10-27T01:30:00+01:00", 600, "2024-10-27T03:00:00Z", "2024-10-27T00:20:00+00:00"),
-        # the cursor is already past the fall-back: the bound is the exact instant, in winter time
-        ("2024-10-27T01:05:00+00:00", 600, "2024-10-27T03:00:00Z", "2024-10-27T00:55:00+00:00"),
-        # the fall-back is long past: no widening
-        ("2024-11-20T10:00:00+00:00", 600, "2024-11-20T11:00:00Z", "2024-11-20T09:50:00+00:00"),
-        # the server wrote +00:00 in summer (the configured zone is wrong): its own offset wins
-        ("2024-06-01T10:00:00+00:00", 600, "2024-06-01T11:00:00Z", "2024-06-01T09:50:00+00:00"),
-        # a fall-back far ahead of the cursor but before the walk's end still counts
-        ("2030-10-27T00:50:00+01:00", 60, "2030-10-27T02:00:00Z", "2030-10-26T23:49:00+00:00"),
-    ],
-)
-def test_filter_bound(cursor: str, lookback: float, until: str, expected: str) -> None:
-    """The walk's bound is the cursor less the lookback, widened by any fall-back in the window."""
-    until_dt = datetime.fromisoformat(until.replace("Z", "+00:00"))
-    assert detect.filter_bound(cursor, lookback, LONDON, until_dt) == expected
-
-
-def test_fall_back_rows_are_not_missed() -> None:
-    """A row written after the fall-back, with smaller digits than the cursor, sorts after the bound."""
-    cursor = "2024-10-27T01:50:00+01:00"  # 00:50 UTC, summer time
-    later_row = "2024-10-27T01:05:00+00:00"  # 01:05 UTC, winter time: later, yet smaller digits
-    bound = detect.filter_bound(cursor, 300, LONDON, datetime(2024, 10, 27, 4, tzinfo=UTC))
-    # the server compares digits with the offset dropped
-    assert later_row[:19] > bound[:19]
-
-
-def _digits(stamp: str) -> str:
-    return stamp[:19]
-
-
-@pytest.mark.parametrize(
-    "change", [datetime(2024, 3, 31, 1, tzinfo=UTC), datetime(2024, 10, 27, 1, tzinfo=UTC)], ids=["spring", "autumn"]
-)
-def test_every_later_row_sorts_after_the_bound(change: datetime) -> None:
-    """For seeded cursors and lookbacks around a clock change, every row written after cursor − lookback
-    has wall-clock digits above the bound's, and the bound is never more than an hour lower than needed."""
-    rng = random.Random(change.month)
-    for _ in range(300):
-        cursor_at = change + timedelta(seconds=rng.randint(-3 * 3600, 3 * 3600))
-        lookback = rng.choice([0, 30, 600, 3600, 5400])
-        cursor = cursor_at.astimezone(LONDON).isoformat(timespec="seconds")
-        until = cursor_at + timedelta(seconds=rng.randint(0, 2 * 3600))
-        bound = detect.filter_bound(cursor, lookback, LONDON, until)
-        start = cursor_at - timedelta(seconds=lookback)
-        assert detect.parse_ts(bound) == start, "a server honouring offsets would read the exact instant"
-        rows = [start + timedelta(seconds=s) for s in range(1, int((until - start).total_seconds()) + 1, 61)]
-        for row in rows:
-            row_digits = _digits(row.astimezone(LONDON).isoformat())
-            assert row_digits > _digits(bound), (cursor, lookback, bound, row)
-        needed = min(_digits(r.astimezone(LONDON).isoformat()) for r in [start + timedelta(seconds=1), *rows])
-        slack = datetime.fromisoformat(needed) - datetime.fromisoformat(_digits(bound))
-        assert slack <= timedelta(hours=1, seconds=61), (cursor, lookback, bound)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +21,7 @@ def test_every_later_row_sorts_after_the_bound(change: datetime) -> None:
         ("2024-01-01T00:00:10+00:00", "2024-01-01T00:00:20+00:00", 1e12, "2024-01-01T00:00:20+00:00"),
         # never backwards
         ("2024-01-01T00:00:30+00:00", "2024-01-01T00:00:20+00:00", 1e12, "2024-01-01T00:00:30+00:00"),
-        # never past the signpost: the signpost is written in the server zone
+        # never past the signpost, which is written in UTC
         (None, "2024-01-01T00:00:20+00:00", 1704067215.0, "2024-01-01T00:00:15+00:00"),
         # across an offset change the instant decides, not the digits
         ("2024-10-27T01:50:00+01:00", "2024-10-27T01:10:00+00:00", 1e12, "2024-10-27T01:10:00+00:00"),
@@ -96,7 +29,7 @@ def test_every_later_row_sorts_after_the_bound(change: datetime) -> None:
 )
 def test_next_cursor(current: str | None, newest: str | None, signpost: float, expected: str | None) -> None:
     """The cursor moves to the newest timestamp read, capped by the signpost, never back."""
-    moved = detect.next_cursor(current, newest, signpost, LONDON)
+    moved = detect.next_cursor(current, newest, signpost)
     assert (moved[0] if moved else None) == expected
 
 
@@ -215,3 +148,132 @@ def test_event_ids_have_the_contract_shape() -> None:
     """Ids are `evt_` followed by letters and digits."""
     value = event_id("lead.created", "lead:1", "")
     assert value.startswith("evt_") and value[4:].isalnum() and len(value) == 36
+
+
+# --- page decisions ------------------------------------------------------------------------------
+
+PAGE_TRACK = ("qaResult", "score", "leadData")
+ROUTE = lambda event: ["crm"]  # noqa: E731
+
+
+def _lead(lead_id: int, created: str, updated: str | None = None, **fields: object) -> dict[str, object]:
+    return {
+        "id": lead_id,
+        "createdTs": created,
+        "updatedTs": updated or created,
+        "campaign": "/api/v4/campaigns/7",
+        **fields,
+    }
+
+
+def _walk(stream: str = "leads.created", **kwargs: object) -> detect.LeadWalk:
+    values: dict[str, object] = {"signpost": 1e12, "track": PAGE_TRACK, "updates": True, **kwargs}
+    return detect.LeadWalk(stream, 1_000.0, "t", **values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("known", "emit_after", "announced", "recorded"),
+    [
+        ((), float("-inf"), [1, 2], [1, 2]),  # both new
+        ((1,), float("-inf"), [2], [2]),  # a known lead is skipped
+        ((), 1704067215.0, [2], [1, 2]),  # created at or before emit_after: recorded, not announced
+    ],
+)
+def test_decide_created(known: tuple[int, ...], emit_after: float, announced: list[int], recorded: list[int]) -> None:
+    """New leads are recorded; those created after emit_after are announced; known ones are skipped."""
+    page = [_lead(1, "2024-01-01T00:00:10+00:00"), _lead(2, "2024-01-01T00:00:20+00:00")]
+    states = {i: LeadState(i, 0.0, None, {}) for i in known}
+    commit = detect.decide_created(page, states, _walk(emit_after=emit_after), None, ROUTE)
+    assert [e.data["lead"]["id"] for e, _ in commit.events] == announced
+    assert [s.id for s in commit.leads] == recorded
+    assert commit.cursor == "2024-01-01T00:00:20+00:00"
+
+
+def test_decide_created_keeps_no_snapshot_without_updates() -> None:
+    """With updates off a new lead is remembered as seen, with no snapshot and no track."""
+    commit = detect.decide_created(
+        [_lead(1, "2024-01-01T00:00:10+00:00", score=3)], {}, _walk(updates=False), None, ROUTE
+    )
+    assert (commit.leads[0].snapshot, commit.leads[0].track) == ({}, None)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "events", "rewritten"),
+    [
+        ({"score": 1}, {"score": 2}, [{"score": {"from": 1, "to": 2}}], True),
+        ({"score": 1}, {"score": 1}, [], False),  # nothing moved: nothing written
+        ({}, {"score": 1}, [], True),  # a field first present is learnt, not reported
+    ],
+)
+def test_decide_updated(
+    before: dict[str, object], after: dict[str, object], events: list[object], rewritten: bool
+) -> None:
+    """A known lead is diffed against its snapshot: a change is an event, a new field is learnt silently."""
+    sig = detect.track_signature(PAGE_TRACK)
+    known = {1: LeadState(1, 0.0, "v0", before, sig, None)}
+    page = [_lead(1, "2024-01-01T00:00:10+00:00", "2024-01-01T00:01:00+00:00", **after)]
+    commit = detect.decide_updated(page, known, _walk("leads.updated"), None, ROUTE)
+    assert [e.data["changes"] for e, _ in commit.events] == events
+    assert bool(commit.leads) == rewritten
+    if events:
+        assert commit.leads[0].last_event == commit.events[0][0].id
+
+
+def test_decide_updated_chains_ids_on_the_previous_change() -> None:
+    """The same change from a different previous event is a different id; from the same one, the same id."""
+    page = [_lead(1, "2024-01-01T00:00:10+00:00", "2024-01-01T00:01:00+00:00", score=2)]
+    sig = detect.track_signature(PAGE_TRACK)
+
+    def event_after(previous: str | None) -> str:
+        known = {1: LeadState(1, 0.0, "v", {"score": 1}, sig, previous)}
+        return detect.decide_updated(page, known, _walk("leads.updated"), None, ROUTE).events[0][0].id
+
+    assert event_after("evt_a") != event_after("evt_b")
+    assert event_after("evt_a") == event_after("evt_a")
+
+
+@pytest.mark.parametrize(
+    ("created", "horizon", "recorded"),
+    [
+        ("2024-01-01T00:00:10+00:00", 1704067200.0 + 60, True),  # before the horizon: recorded as first seen
+        ("2024-01-01T00:05:00+00:00", 1704067200.0 + 60, False),  # the created walk will still read it
+    ],
+)
+def test_decide_updated_leaves_unknown_new_leads_to_the_created_walk(
+    created: str, horizon: float, recorded: bool
+) -> None:
+    """An unknown lead is recorded without an event, unless the created walk is sure to read (and announce) it."""
+    commit = detect.decide_updated(
+        [_lead(1, created, score=5)], {}, _walk("leads.updated", horizon=horizon), None, ROUTE
+    )
+    assert commit.events == [] and bool(commit.leads) == recorded
+
+
+def test_lead_data_entry_appearing_is_reported_only_when_it_was_tracked() -> None:
+    """An entry that appears counts when its name was tracked before; a newly tracked name is learnt."""
+    old = {"leadData.a": "1"}
+    new = {"leadData.a": "1", "leadData.b": "2"}
+    assert detect.diff(old, new, ("leadData",), ("leadData",)) == {"leadData.b": {"from": None, "to": "2"}}
+    assert detect.diff(old, new, ("leadData.a",), ("leadData.a", "leadData.b")) == {}
+
+
+@pytest.mark.parametrize(
+    ("known", "baseline", "types"),
+    [
+        ({}, True, []),  # the first read records
+        ({}, False, ["campaign.created"]),
+        ({7: CampaignState(7, "Active", 0)}, False, ["campaign.status_changed"]),
+        ({7: CampaignState(7, "Paused", 1)}, False, []),
+    ],
+)
+def test_decide_campaigns(known: dict[int, CampaignState], baseline: bool, types: list[str]) -> None:
+    """New campaigns after the first read and status transitions are events; a status unchanged is not."""
+    doc = {"id": 7, "status": "Paused", "name": "Q1", "pauseTs": "2024-01-01T00:00:00+00:00"}
+    commit, warnings = detect.decide_campaigns([doc], known, baseline=baseline, now=1.0, detected_at="t", route=ROUTE)
+    assert [e.type for e, _ in commit.events] == types and warnings == []
+
+
+def test_decide_campaigns_skips_documents_without_id_or_status() -> None:
+    """A campaign document without an id or status is skipped with a warning, never a crash."""
+    commit, warnings = detect.decide_campaigns([{"id": "x"}], {}, baseline=False, now=1.0, detected_at="t", route=ROUTE)
+    assert commit.events == [] and len(warnings) == 1

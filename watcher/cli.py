@@ -132,14 +132,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 async def _connect(config: Config) -> int:
     """Log in, read one lead, resolve every enabled sink's host; the exit status for `check --connect`."""
+    from watcher.calibration import calibrate
     from watcher.convertr import ConvertrClient
+    from watcher.servertime import ServerClock
 
     code = EXIT_OK
     try:
         async with ConvertrClient(config.convertr, clock=SystemClock()) as client:
             await client.login()
-            await client.first_page("leads", {}, items_per_page=1)
+            calibration = await calibrate(
+                client, ServerClock(SystemClock(), config.convertr.timezone), config.leads.campaign_ids
+            )
         print("  login: ok; leads readable")
+        print(f"  server time zone: {calibration.zone}")
+        print(f"  createdTs filter: {calibration.checked}")
+        for warning in calibration.warnings:
+            print(f"  warning: {warning}")
     except AuthError as exc:
         print(f"  login: refused ({exc})")
         code = EXIT_CONFIG
@@ -196,7 +204,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     secrets = known_secrets()
     now = SystemClock().now()
     try:
-        streams = [
+        streams: list[dict[str, Any]] = [
             {
                 "stream": c.stream,
                 "cursor": c.cursor,
@@ -206,8 +214,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                 # Errors are stored as raised; they are scrubbed like log lines before anyone sees them.
                 "last_error": scrub(c.last_error, secrets) if c.last_error else None,
                 "polls": c.polls,
+                # A walk under way (a snapshot baseline can take many polls' worth of pages).
+                "walking": c.walk_from is not None,
+                "pages_done": c.progress,
             }
             for c in store.cursors()
+        ]
+        unreadable = [
+            {
+                "stream": u.stream,
+                "lead_id": u.lead_id,
+                "first_seen": _ts(u.first_seen),
+                "next_try": _ts(u.next_try),
+                "tries": u.tries,
+                "error": scrub(u.error, secrets) if u.error else None,
+            }
+            for u in store.unreadable()
         ]
         sinks: list[dict[str, Any]] = []
         for s in store.sink_states([s.name for s in config.sinks]):
@@ -231,12 +253,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"streams": streams, "sinks": sinks, "tracked_leads": leads}, indent=2))
+        print(
+            json.dumps(
+                {"streams": streams, "sinks": sinks, "tracked_leads": leads, "unreadable_leads": unreadable}, indent=2
+            )
+        )
         return EXIT_OK
     print(f"{'STREAM':<16} {'CURSOR':<26} {'LAST POLL':<10} {'POLLS':>6}  ERROR")
     for st in streams:
         age = f"{int(st['last_poll_age_s'])}s ago" if st["last_poll_age_s"] is not None else "never"
-        print(f"{st['stream']:<16} {st['cursor'] or '-':<26} {age:<10} {st['polls']:>6}  {st['last_error'] or ''}")
+        note = st["last_error"] or ""
+        if st["walking"] and st["pages_done"]:
+            note = f"walk under way: {st['pages_done']} pages read. {note}".strip()
+        print(f"{st['stream']:<16} {(st['cursor'] or '-')[:26]:<26} {age:<10} {st['polls']:>6}  {note}")
     print()
     print(f"{'SINK':<16} {'PENDING':>8} {'DEAD':>6} {'OLDEST':>7}  {'LAST SUCCESS':<26} STATE")
     for sk in sinks:
@@ -249,6 +278,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{sk['last_success_at'] or '-':<26} {state}"
         )
     print(f"\n{leads} leads tracked")
+    for u in unreadable:
+        print(
+            f"lead {u['lead_id']} unreadable ({u['stream']}): {u['tries']} tries since {u['first_seen']}, "
+            f"next {u['next_try']}: {u['error'] or ''}"
+        )
     return EXIT_OK
 
 

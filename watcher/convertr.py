@@ -14,7 +14,7 @@ import email.utils
 import math
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -32,8 +32,10 @@ from watcher.errors import (
     ApiError,
     AuthError,
     MalformedResponse,
+    NotFound,
     RateLimited,
     ResponseTooLarge,
+    ServerFault,
     TransientError,
 )
 from watcher.events import loads
@@ -76,6 +78,7 @@ OAUTH_ERRORS = frozenset(
 REFUSAL_STATUSES = frozenset({400, 401, 403})
 
 _COLLECTION_NAME = re.compile(r"[a-z][a-z0-9-]*")
+_ITEM_ID = re.compile(r"/\d+$")
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9.+-]{1,40}/[A-Za-z0-9.+-]{1,60}")
 _RESERVED_PARAMS = frozenset({"page", "itemsPerPage", "access_token"})
 
@@ -90,6 +93,7 @@ class Page:
     last_page: int | None
     server_date: datetime | None
     search_variables: frozenset[str]
+    has_view: bool = False  # the collection carried a hydra:view (paging links)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -183,6 +187,7 @@ def parse_collection(
         last_page=last_page,
         server_date=server_date,
         search_variables=template_variables(_pick(body, "search")),
+        has_view=has_view,
     )
     return page, has_view
 
@@ -339,7 +344,7 @@ class ConvertrClient:
         params: Mapping[str, str | Sequence[str]] | None = None,
         *,
         start_page: int = 1,
-    ) -> AsyncIterator[Page]:
+    ) -> AsyncGenerator[Page, None]:
         """Walk a collection page by page, holding at most the page in hand and the next one."""
         pairs = query_pairs(params)
         size = self._config.items_per_page
@@ -373,16 +378,45 @@ class ConvertrClient:
         page, _ = await self._fetch(collection, query_pairs(params), 1, size)
         return page
 
-    async def server_time(self, collection: str = "leads") -> datetime:
-        """The server's clock, from the Date header of a one-item read."""
-        page = await self.first_page(collection, items_per_page=1)
-        if page.server_date is None:
-            raise MalformedResponse(f"Convertr GET {COLLECTION_PREFIX}{collection}: no Date header")
-        return page.server_date
+    async def page(
+        self,
+        collection: str,
+        params: Mapping[str, str | Sequence[str]] | None = None,
+        *,
+        number: int = 1,
+        items_per_page: int | None = None,
+        attempts: int = RETRY_ATTEMPTS,
+    ) -> Page:
+        """One page by number: a walk's position check, or narrowing in on an unreadable record
+        (with fewer `attempts` where a failure only means "look closer")."""
+        size = self._config.items_per_page if items_per_page is None else items_per_page
+        page, _ = await self._fetch(collection, query_pairs(params), max(1, number), size, attempts)
+        return page
+
+    async def item(self, collection: str, item_id: int, *, attempts: int = RETRY_ATTEMPTS) -> dict[str, Any] | None:
+        """One document by id; None when the server has none visible under that id (404)."""
+        if not _COLLECTION_NAME.fullmatch(collection):
+            raise ValueError(f"not a collection name: {collection!r}")
+        path = f"{COLLECTION_PREFIX}{collection}/{int(item_id)}"
+        endpoint = f"{COLLECTION_PREFIX}{collection}/{{id}}"
+
+        async def attempt() -> dict[str, Any]:
+            response = await self._authed_get(path, [])
+            body = self._json(response, "GET", endpoint)
+            if not isinstance(body, dict):
+                raise MalformedResponse(f"Convertr GET {endpoint}: the body is not a JSON object", status=200)
+            return body
+
+        try:
+            return await self._retrying(attempt, endpoint, attempts)
+        except NotFound:
+            return None
 
     # -- paging
 
-    async def _fetch(self, collection: str, pairs: list[tuple[str, str]], number: int, size: int) -> tuple[Page, bool]:
+    async def _fetch(
+        self, collection: str, pairs: list[tuple[str, str]], number: int, size: int, attempts: int = RETRY_ATTEMPTS
+    ) -> tuple[Page, bool]:
         if not _COLLECTION_NAME.fullmatch(collection):
             raise ValueError(f"not a collection name: {collection!r}")
         path = f"{COLLECTION_PREFIX}{collection}"
@@ -393,17 +427,19 @@ class ConvertrClient:
             body = self._json(response, "GET", path)
             return parse_collection(body, number, size, parse_http_date(response.headers.get("Date")), path)
 
-        return await self._retrying(attempt, path)
+        return await self._retrying(attempt, path, attempts)
 
     # -- retries
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]], path: str | None) -> T:
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[T]], path: str | None, attempts: int = RETRY_ATTEMPTS
+    ) -> T:
         started = self._clock.monotonic()
 
         # Stop before a sleep would cross the total bound: waiting only to give up helps nobody.
         def stop(state: RetryCallState) -> bool:
             elapsed = self._clock.monotonic() - started
-            return state.attempt_number >= RETRY_ATTEMPTS or elapsed + state.upcoming_sleep > RETRY_TOTAL_SECONDS
+            return state.attempt_number >= attempts or elapsed + state.upcoming_sleep > RETRY_TOTAL_SECONDS
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
@@ -574,7 +610,8 @@ class ConvertrClient:
                 raise TransientError(f"Convertr {method} {path}: {type(exc).__name__}") from exc
             finally:
                 if self._on_response is not None:
-                    self._on_response(path, status, self._clock.monotonic() - started)
+                    # Item reads are counted under their template: a lead id is no metric label.
+                    self._on_response(_ITEM_ID.sub("/{id}", path), status, self._clock.monotonic() - started)
         log.debug("convertr.response", method=method, endpoint=path, status=status)
         return response
 
@@ -587,12 +624,16 @@ class ConvertrClient:
         retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock.now())
         if status == 429:
             raise RateLimited(message, status=status, retry_after=retry_after)
+        if status == 500:
+            raise ServerFault(message, status=status, retry_after=retry_after)
         if status in TRANSIENT_STATUSES:
             raise TransientError(message, status=status, retry_after=retry_after)
         if status in REFUSAL_STATUSES and not isinstance(_json_or_none(response), dict):
             # API Platform answers its refusals in JSON; a page without one came from something
             # in front of it (a firewall or maintenance page), which passes by itself.
             raise TransientError(f"Convertr {method} {path}: {status} with {not_convertr(response)}", status=status)
+        if status == 404:
+            raise NotFound(message, status=status)
         raise ApiError(message, status=status)
 
     def _json(self, response: Answer, method: str, path: str) -> Any:

@@ -1,25 +1,23 @@
-"""Change detection as pure functions: cursor arithmetic, snapshots, diffs and the events they make.
+"""Change detection as pure functions: cursor arithmetic, snapshots, diffs, the events they make,
+and the decision for each page a walk reads.
 
-Nothing here does I/O or reads a clock; the poller passes in what the API returned and what the
-store knew, and gets back values to commit.
+Nothing here does I/O or reads a clock; the poller passes in what the API returned, what the
+store knew and the walk's state, and gets back a `PageCommit` to write.
 
-Time filters on Convertr compare wall-clock digits in the server's zone with the offset dropped
-(API Platform binds a DateTime to a `datetime` column). A row written at instant t therefore
-matches `[strictly_after]=B` when t plus the zone's offset at t reads later than B's digits. For
-every row after the instant S = cursor − lookback to match, B must read S plus the *lowest*
-offset the zone takes between S and the end of the walk: when the zone falls back (end of summer
-time) the repeated hour reads earlier than S in the old offset, and when S lies before a spring
-change while the cursor lies after it, the cursor's own offset is an hour too high for S.
+Time filters on Convertr compare wall-clock digits in the server's zone with the offset dropped;
+`watcher.servertime` learns that zone and writes the bounds. Here a cursor is an instant: the
+newest timestamp read, never past the walk's signpost (the server's time at its start less a
+safety lag), never backwards.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta, timezone
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from functools import cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from watcher.events import (
     CAMPAIGN_CREATED,
@@ -31,56 +29,17 @@ from watcher.events import (
     dumps,
     event_id,
 )
+from watcher.servertime import parse_ts, write_at
+from watcher.store import CampaignState, LeadState, PageCommit
+
+__all__ = ["parse_ts"]
+
+Route = Callable[[Event], Sequence[str]]  # the sinks an event goes to
 
 # --- timestamps and cursors -----------------------------------------------------------------
 
 
-def parse_ts(raw: str) -> datetime:
-    """An API timestamp (`2018-06-21T08:52:48+00:00`) as an aware datetime; naive ones are taken as UTC."""
-    value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def format_in_zone(instant: float, zone: ZoneInfo) -> str:
-    """Unix seconds written the way the API writes timestamps: second precision, the zone's offset."""
-    return datetime.fromtimestamp(int(instant), zone).isoformat(timespec="seconds")
-
-
-def lowest_offset(start: datetime, until: datetime, zone: ZoneInfo) -> timedelta:
-    """The lowest UTC offset `zone` takes at any moment from `start` to `until`."""
-    lowest = start.astimezone(zone).utcoffset() or timedelta()
-    # Every real zone stays at a lower offset for months, never less than half a day, and the end
-    # of the window is always sampled: a drop is never stepped over, and a backfill over years
-    # costs thousands of steps, not hundreds of thousands.
-    step = timedelta(hours=12)
-    t = start
-    while t < until:
-        t = min(t + step, until)
-        lowest = min(lowest, t.astimezone(zone).utcoffset() or timedelta())
-    return lowest
-
-
-def filter_bound(cursor: str, lookback: float, zone: ZoneInfo, until: datetime) -> str:
-    """The `[strictly_after]` value for a walk: the instant cursor − lookback, written so its digits
-    sort before every row written from then until `until` (the server's time during the walk).
-
-    The offset written is the lowest the zone takes in that window, and never above the cursor's
-    own offset (what the server really wrote, should the configured zone be wrong): the digits
-    then stay at or below those of every later row, and a server that did honour the offset
-    would read the exact instant.
-    """
-    at = parse_ts(cursor)
-    start = at - timedelta(seconds=lookback)
-    offset = min(lowest_offset(start, max(until, start), zone), at.utcoffset() or timedelta())
-    return start.astimezone(timezone(offset)).isoformat(timespec="seconds")
-
-
-def bound_for_instant(instant: float, zone: ZoneInfo, until: datetime) -> str:
-    """The filter bound for a walk from a moment we chose ourselves (baseline, backfill start)."""
-    return filter_bound(format_in_zone(instant, zone), 0.0, zone, until)
-
-
-def next_cursor(current: str | None, newest: str | None, signpost: float, zone: ZoneInfo) -> tuple[str, float] | None:
+def next_cursor(current: str | None, newest: str | None, signpost: float) -> tuple[str, float] | None:
     """The cursor after a page: the newest timestamp read, never past the signpost, never backwards.
 
     The signpost is the server's time at the start of the walk less a safety lag: a row written
@@ -90,7 +49,7 @@ def next_cursor(current: str | None, newest: str | None, signpost: float, zone: 
     candidates: list[tuple[float, str]] = []
     if newest is not None:
         t = parse_ts(newest).timestamp()
-        candidates.append((t, newest) if t <= signpost else (signpost, format_in_zone(signpost, zone)))
+        candidates.append((t, newest) if t <= signpost else (signpost, write_at(signpost, timedelta())))
     if current is not None:
         candidates.append((parse_ts(current).timestamp(), current))
     if not candidates:
@@ -105,15 +64,20 @@ def newest(raws: Sequence[object], start: str | None = None) -> str | None:
     best = start
     best_ts = parse_ts(start).timestamp() if start else None
     for raw in raws:
-        if not isinstance(raw, str) or not raw:
-            continue
-        try:
-            ts = parse_ts(raw).timestamp()
-        except ValueError:
-            continue
-        if best_ts is None or ts > best_ts:
-            best, best_ts = raw, ts
+        ts = timestamp(raw)
+        if ts is not None and (best_ts is None or ts > best_ts):
+            best, best_ts = str(raw), ts
     return best
+
+
+def timestamp(raw: object) -> float | None:
+    """A document's timestamp in Unix seconds, or None when it is missing or garbled."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        return parse_ts(raw).timestamp()
+    except ValueError:
+        return None
 
 
 # --- lead snapshots and diffs ---------------------------------------------------------------
@@ -157,13 +121,33 @@ def _tracking(track: tuple[str, ...]) -> tuple[tuple[str, ...], bool, frozenset[
     return plain, "leadData" in track, names
 
 
-def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def covers(track: Sequence[str], key: str) -> bool:
+    """Whether a snapshot taken under `track` holds `key` whenever the document carries it."""
+    plain, all_lead_data, names = _tracking(tuple(track))
+    if key.startswith("leadData."):
+        return all_lead_data or key.removeprefix("leadData.") in names
+    return key in plain
+
+
+def track_signature(track: Sequence[str]) -> str:
+    """A short name for a `track` list, order and repeats aside: stored with every snapshot."""
+    return hashlib.sha256(dumps(sorted(set(track))).encode()).hexdigest()[:12]
+
+
+def diff(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    old_track: Sequence[str] | None = None,
+    new_track: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
     """`{"field": {"from": old, "to": new}}` for every tracked field whose value moved.
 
     Only a value we knew can move: a field missing from either side (an API response without
     it, a field newly added to `track`) is learnt silently, never reported. leadData entries
     are the exception, because the whole list comes with every document: an entry that appears
-    or vanishes while the lead had leadData before is a change (null on the missing side).
+    or vanishes while the lead had leadData before is a change (null on the missing side), but
+    only for a name tracked both when `old` was taken (`old_track`) and now (`new_track`); a
+    track of None covers every key.
     """
     changes: dict[str, dict[str, Any]] = {}
     had_lead_data = any(k.startswith("leadData.") for k in old)
@@ -172,17 +156,30 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, 
         if key in old and key in new:
             if old[key] != new[key]:
                 changes[key] = {"from": old[key], "to": new[key]}
-        elif key.startswith("leadData.") and had_lead_data and has_lead_data:
+        elif (
+            key.startswith("leadData.")
+            and had_lead_data
+            and has_lead_data
+            and (old_track is None or covers(old_track, key))
+            and (new_track is None or covers(new_track, key))
+        ):
             before, after = old.get(key), new.get(key)
             if before != after:
                 changes[key] = {"from": before, "to": after}
     return changes
 
 
-def merge(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The snapshot after a change: fields the document lacked keep their last known value."""
+def merge(old: Mapping[str, Any], new: Mapping[str, Any], track: Sequence[str] | None = None) -> dict[str, Any]:
+    """The snapshot after reading `new`: fields the document lacked keep their last known value,
+    fields no longer tracked (under `track`, when given) are forgotten."""
     lead_data_present = any(k.startswith("leadData.") for k in new)
-    kept = {k: v for k, v in old.items() if k not in new and not (lead_data_present and k.startswith("leadData."))}
+    kept = {
+        k: v
+        for k, v in old.items()
+        if k not in new
+        and not (lead_data_present and k.startswith("leadData."))
+        and (track is None or covers(track, k))
+    }
     return {**kept, **new}
 
 
@@ -205,12 +202,14 @@ def lead_created(lead: Mapping[str, Any], detected_at: str) -> Event:
 def lead_updated(
     lead: Mapping[str, Any], changes: Mapping[str, Any], detected_at: str, previous: str | None = None
 ) -> Event:
-    """`previous` is the updatedTs of the snapshot the lead was compared with."""
+    """`previous` names what the lead was compared with: the id of its last lead.updated, or the
+    updatedTs of its snapshot when it has none."""
     lead_id = lead["id"]
     resource = f"lead:{lead_id}"
-    # updatedTs alone is not enough: two edits within one second share it. The changes and the
-    # version compared with make the id unique (A→B, B→A, A→B in one second are three ids) and
-    # stay identical when the same change is read again before it was committed.
+    # updatedTs alone is not enough: edits within one second share it, and a leadData edit may
+    # not move it at all. Chained on the previous change's id, with the changes themselves, the
+    # id differs for every different change (A→B, B→A, A→B are three ids) and stays identical
+    # when the same change is read again before it was committed.
     fingerprint = hashlib.sha256(dumps(changes).encode()).hexdigest()[:16]
     version = f"{previous}>{lead.get('updatedTs')}:{fingerprint}"
     return Event(
@@ -235,16 +234,190 @@ def campaign_created(campaign: Mapping[str, Any], detected_at: str) -> Event:
     )
 
 
+# What a campaign's status is derived from: a transition is told apart from an earlier one with
+# the same statuses by these, even when the state file that knew the earlier one is gone.
+STATUS_SOURCES = ("updatedTs", "pauseTs", "startTs", "endTs", "signTs", "leadsRequired", "uncapped")
+
+
 def campaign_status_changed(
-    campaign: Mapping[str, Any], old: str, new: str, transition: int, detected_at: str
+    campaign: Mapping[str, Any], old: str, new: str, previous: str | int | None, detected_at: str
 ) -> Event:
-    """`transition` counts this campaign's status changes: A→B, B→A, A→B are three distinct ids."""
+    """`previous` is the id of the campaign's last status change (None for its first one seen).
+
+    The id chains on it and on the fields the status is derived from, not on a local counter:
+    A→B, B→A, A→B are three ids, and a new pause after a backup restore or on a fresh state file
+    differs from every earlier one (its pauseTs does), while the same change read again after a
+    crash before commit keeps its id.
+    """
     resource = f"campaign:{campaign['id']}"
+    sources = dumps([campaign.get(name) for name in STATUS_SOURCES])
+    version = f"{previous}|{old}->{new}|{hashlib.sha256(sources.encode()).hexdigest()[:16]}"
     return Event(
-        id=event_id(CAMPAIGN_STATUS_CHANGED, resource, f"{transition}:{old}->{new}"),
+        id=event_id(CAMPAIGN_STATUS_CHANGED, resource, version),
         type=CAMPAIGN_STATUS_CHANGED,
         timestamp=detected_at,
         data={"campaign": without_context(campaign, CAMPAIGN_SECRETS), "from": old, "to": new},
         resource=resource,
         campaign_id=campaign["id"],
     )
+
+
+# --- decisions: one page of a walk in, one PageCommit out ---------------------------------------
+
+
+@dataclass(frozen=True)
+class LeadWalk:
+    """What a lead walk knows while it reads pages: everything a page's decision depends on."""
+
+    stream: str
+    now: float
+    detected_at: str
+    signpost: float  # the cursor never passes this instant
+    track: tuple[str, ...]
+    updates: bool  # keep snapshots at all
+    emit_after: float = float("-inf")  # created: a lead created at or before this is recorded, not announced
+    horizon: float = float("inf")  # updated: an unknown lead created after this is left to the created walk
+    tracks: Mapping[str, tuple[str, ...]] | None = None  # signature -> track list, for stored snapshots
+
+    @property
+    def signature(self) -> str | None:
+        return track_signature(self.track) if self.updates else None
+
+
+def decide_created(
+    members: Sequence[Mapping[str, Any]],
+    known: Mapping[int, LeadState],
+    walk: LeadWalk,
+    cursor: str | None,
+    route: Route,
+) -> PageCommit:
+    """New leads of a page: recorded (with a snapshot when updates are on), announced when created
+    after `emit_after`; the cursor moves to the newest createdTs read, within the signpost."""
+    commit = PageCommit(walk.stream, walk.now)
+    seen: set[int] = set()
+    newest_raw: str | None = None
+    newest_ts = float("-inf")
+    sig = walk.signature
+    for lead in members:
+        lead_id = lead.get("id")
+        if not isinstance(lead_id, int) or isinstance(lead_id, bool):
+            continue
+        created_raw = lead.get("createdTs")
+        created_ts = timestamp(created_raw)
+        if created_ts is not None and created_ts > newest_ts:
+            newest_raw, newest_ts = str(created_raw), created_ts
+        if lead_id in known or lead_id in seen:
+            continue
+        seen.add(lead_id)
+        when = walk.now if created_ts is None else created_ts
+        tracked = snapshot(lead, walk.track) if walk.updates else {}
+        commit.leads.append(LeadState(lead_id, when, _str(lead.get("updatedTs")), tracked, sig))
+        if when > walk.emit_after:
+            event = lead_created(lead, walk.detected_at)
+            commit.events.append((event, route(event)))
+    moved = next_cursor(cursor, newest_raw, walk.signpost)
+    if moved is not None:
+        commit.cursor, commit.cursor_ts = moved
+    return commit
+
+
+def decide_updated(
+    members: Sequence[Mapping[str, Any]],
+    known: Mapping[int, LeadState],
+    walk: LeadWalk,
+    cursor: str | None,
+    route: Route,
+    *,
+    cursor_field: str | None = "updatedTs",
+) -> PageCommit:
+    """Changed leads of a page: each diffed against its snapshot, `lead.updated` for tracked changes,
+    newly tracked fields learnt silently; leads seen for the first time are recorded as they are.
+
+    `cursor_field` None: a walk that keeps no cursor (the re-read and the snapshot baseline).
+    """
+    commit = PageCommit(walk.stream, walk.now)
+    sig = walk.signature
+    latest: dict[int, LeadState] = {}
+    for lead in members:
+        lead_id = lead.get("id")
+        if not isinstance(lead_id, int) or isinstance(lead_id, bool):
+            continue
+        snap = snapshot(lead, walk.track)
+        before = latest.get(lead_id) or known.get(lead_id)
+        version = _str(lead.get("updatedTs"))
+        if before is None:
+            created_ts = timestamp(lead.get("createdTs"))
+            when = walk.now if created_ts is None else created_ts
+            if when > walk.horizon:
+                continue  # the created walk will still read it, and its lead.created carries this document
+            latest[lead_id] = LeadState(lead_id, when, version, snap, sig)
+            continue
+        old_track = _track_of(before, walk)
+        changes = diff(before.snapshot, snap, old_track, walk.track)
+        merged = merge(before.snapshot, snap, walk.track)
+        if changes:
+            event = lead_updated(lead, changes, walk.detected_at, before.last_event or before.version)
+            commit.events.append((event, route(event)))
+            latest[lead_id] = LeadState(lead_id, before.created_ts, version, merged, sig, event.id)
+        elif merged != before.snapshot or before.track != sig:
+            latest[lead_id] = LeadState(lead_id, before.created_ts, version, merged, sig, before.last_event)
+    commit.leads.extend(latest.values())
+    if cursor_field is not None:
+        moved = next_cursor(cursor, newest([m.get(cursor_field) for m in members]), walk.signpost)
+        if moved is not None:
+            commit.cursor, commit.cursor_ts = moved
+    return commit
+
+
+def _track_of(state: LeadState, walk: LeadWalk) -> tuple[str, ...] | None:
+    """The track list a stored snapshot was taken under; an empty snapshot with none covered nothing."""
+    if state.track is None:
+        # Written before snapshots named their track (taken under the track of the day, assumed
+        # unchanged), or while updates were off (nothing was taken).
+        return walk.track if state.snapshot else ()
+    if walk.tracks is not None and state.track in walk.tracks:
+        return walk.tracks[state.track]
+    return walk.track if state.track == walk.signature else ()
+
+
+def decide_campaigns(
+    docs: Sequence[Mapping[str, Any]],
+    known: Mapping[int, CampaignState],
+    *,
+    baseline: bool,
+    now: float,
+    detected_at: str,
+    route: Route,
+) -> tuple[PageCommit, list[str]]:
+    """New campaigns (`campaign.created`, except in the first read) and status transitions of a page.
+
+    Returns the commit and warnings about documents that were skipped.
+    """
+    commit = PageCommit("campaigns", now)
+    warnings: list[str] = []
+    for doc in docs:
+        campaign_id, status = doc.get("id"), doc.get("status")
+        if not isinstance(campaign_id, int) or isinstance(campaign_id, bool) or not isinstance(status, str):
+            warnings.append(f"campaign document without id or status skipped (id {campaign_id!r})")
+            continue
+        before = known.get(campaign_id)
+        name = doc.get("name") if isinstance(doc.get("name"), str) else None
+        if before is None:
+            after = CampaignState(campaign_id, status, 0, name)
+            if not baseline:
+                event = campaign_created(doc, detected_at)
+                commit.events.append((event, route(event)))
+        elif before.status != status:
+            event = campaign_status_changed(doc, before.status, status, before.last_event, detected_at)
+            commit.events.append((event, route(event)))
+            after = CampaignState(campaign_id, status, before.transitions + 1, name, event.id)
+        elif before.name != name:
+            after = CampaignState(campaign_id, status, before.transitions, name, before.last_event)  # renamed
+        else:
+            continue
+        commit.campaigns.append(after)
+    return commit, warnings
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None

@@ -12,8 +12,10 @@
     │   │   ├── RateLimited  429: carries the server's Retry-After
     │   │   ├── ResponseTooLarge  a body past [convertr] max_response_bytes once decoded: the
     │   │   │                rest is never read (a gzip bomb costs the ceiling, not its size)
+    │   │   ├── ServerFault  500: the server failed, maybe on one record (walks narrow the page)
     │   │   └── MalformedResponse  a 2xx whose body is not the JSON document expected
     │   └── ApiError         any other non-2xx answer: not retried
+    │       └── NotFound     404: no such item (or not visible to this user)
     └── DeliveryError        one delivery attempt failed: retried on the sink's schedule
         ├── Throttled        429 (or 503) with Retry-After: the next attempt waits at least that long
         └── SinkGone         410, or a permanent Slack error: the sink is disabled, its events kept
@@ -71,6 +73,10 @@ class RateLimited(TransientError):
     """Convertr answered 429; `retry_after` holds its wait in seconds when it gave one."""
 
 
+class ServerFault(TransientError):
+    """Convertr answered 500: a passing fault, or a record on the page it cannot serialise."""
+
+
 class MalformedResponse(TransientError):
     """A successful status with a body that is not the expected JSON document."""
 
@@ -85,6 +91,10 @@ class ResponseTooLarge(TransientError):
 
 class ApiError(ConvertrError):
     """A non-2xx answer that retrying will not change (400, 403, 404, ...)."""
+
+
+class NotFound(ApiError):
+    """404: the item does not exist or is not visible to this user."""
 
 
 class DeliveryError(WatcherError):

@@ -73,6 +73,11 @@ class Metrics:
         self.cursor_lag = Gauge(
             "watcher_cursor_lag_seconds", "How far the cursor trails the wall clock.", ["stream"], registry=r
         )
+        self.unreadable_leads = Gauge(
+            "watcher_unreadable_leads",
+            "Leads the API failed to serialise: skipped by the walks and retried slowly.",
+            registry=r,
+        )
         self.api_requests = Counter(
             "watcher_api_requests",
             "Convertr API requests by endpoint and status class.",
@@ -148,6 +153,9 @@ class Metrics:
     def set_outbox(self, sink: str, pending: int, oldest_age: float) -> None:
         self.outbox_pending.labels(sink=sink).set(pending)
         self.outbox_oldest_age.labels(sink=sink).set(max(0.0, oldest_age) if pending else 0.0)
+
+    def set_unreadable(self, count: int) -> None:
+        self.unreadable_leads.set(count)
 
     def set_sink_disabled(self, sink: str, disabled: bool) -> None:
         self.sink_disabled.labels(sink=sink).set(1 if disabled else 0)

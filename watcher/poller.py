@@ -1,48 +1,60 @@
 """The walks: read the API page by page, decide with `detect`, commit each page with `store`.
 
-Three streams: `leads.created` (createdTs cursor), `leads.updated` (updatedTs cursor, or a
-trailing re-read when the server offers no updatedTs filter) and `campaigns` (a full read each
-time, because a status can change with no write at all).
+Four lead walks share one loop: `leads.created` (createdTs cursor), `leads.updated` (updatedTs
+cursor), `leads.baseline` (a snapshot of recent leads when tracking starts or changes, so their
+first change is reported) and `leads.recheck` (a trailing re-read when the server offers no
+updatedTs filter). `campaigns` is a full read each time, because a status can change with no
+write at all.
 
 A walk records where it started (`walk_from`) in its first page's transaction and forgets it in
 its last: if the daemon dies half-way, the next walk starts from the same bound, so a lead on an
 unread page can never fall behind an advanced cursor.
 
-Every time decision about the data (the baseline, the signpost, how far ahead a clock change can
-matter, the recheck window) is taken on the server's clock, read from its `Date` header; the
-local clock only paces our own work. The two can differ by more than the lookback.
+Every time decision about the data is taken on the server's clock and zone (`ServerClock`),
+learnt from its answers and checked against its own filters once per process (`calibrate`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import timedelta
 from typing import Any, Protocol
-from zoneinfo import ZoneInfo
 
 import structlog
 
 from watcher import detect
+from watcher.calibration import Calibration, calibrate
 from watcher.clock import Clock, rfc3339
-from watcher.config import Config, SinkConfig
+from watcher.config import Config
 from watcher.convertr import ConvertrClient, Page
 from watcher.errors import MalformedResponse
-from watcher.events import LEAD_UPDATED, Event
-from watcher.pii import is_personal_field
-from watcher.store import CampaignState, LeadState, PageCommit, Store
+from watcher.events import Event
+from watcher.pager import UNREADABLE, Pager, Read
+from watcher.routing import router
+from watcher.servertime import ServerClock, write_at
+from watcher.store import CampaignState, PageCommit, Store
 
 log = structlog.get_logger("watcher.poller")
 
 CREATED, UPDATED, RECHECK, CAMPAIGNS = "leads.created", "leads.updated", "leads.recheck", "campaigns"
+BASELINE = "leads.baseline"
 UPDATED_FILTER = "updatedTs[strictly_after]"
+CREATED_FILTER = "createdTs[strictly_after]"
+LEAD_TIMES = ("createdTs", "updatedTs")
+CAMPAIGN_TIMES = ("updatedTs", "startTs", "endTs", "pauseTs", "signTs")
+# How long an unreadable lead waits before its next read: slow, it may stay broken for days.
+UNREADABLE_RETRY = (300.0, 1800.0, 7200.0, 21600.0)
+UTC_OFFSET = timedelta()  # cursors we make up ourselves are written in UTC
 
 
 class Metrics(Protocol):
     def poll_finished(self, stream: str, ok: bool, duration: float, fetched: int, now: float) -> None: ...
     def event_detected(self, event_type: str, count: int = 1) -> None: ...
     def set_cursor(self, stream: str, cursor_ts: float, now: float) -> None: ...
+    def set_unreadable(self, count: int) -> None: ...
 
 
 @dataclass
@@ -59,6 +71,21 @@ class PollResult:
     cursor_after: str | None = None
     duration: float = 0.0
     skipped: bool = False
+
+
+@dataclass
+class _Plan:
+    """Where a lead walk starts and what it may announce."""
+
+    stream: str
+    filter: str
+    bound: str
+    cursor: str | None
+    cursor_field: str | None  # None: the walk keeps no cursor
+    emit_after: float = float("-inf")
+    baseline_until: float | None = None
+    floor: float | None = None  # written on the first page when set
+    start_page: int = 1
 
 
 class Poller:
@@ -78,14 +105,16 @@ class Poller:
         self.client = client
         self.store = store
         self.clock = clock
-        self.zone = ZoneInfo(config.convertr.timezone)
+        self.server = ServerClock(clock, config.convertr.timezone)
+        self.route = router(config.sinks)
         self.on_events = on_events
         self.metrics = metrics
         self.should_stop = should_stop
         self.progress = progress
         self.updates_filter: bool | None = None  # learnt from hydra:search on the first leads poll
-        self._server_skew: float | None = None  # the server's clock less ours, from the last Date header
-        self._lead_search: frozenset[str] | None = None  # the leads collection's hydra:search variables
+        self.calibration: Calibration | None = None
+        self._lead_search: frozenset[str] | None = None
+        self._warned_disagreement = False
 
     # --- public entry points ------------------------------------------------------------------
 
@@ -94,11 +123,16 @@ class Poller:
         results = [await self._timed(CREATED, self._walk_created)]
         if leads.updates:
             if self.updates_filter is None:
-                await self._learn_filters()
+                self._learn_filters()
+            if self._baseline_due():
+                results.append(await self._timed(BASELINE, self._walk_baseline))
             if self.updates_filter:
                 results.append(await self._timed(UPDATED, self._walk_updated))
             elif self._recheck_due():
                 results.append(await self._timed(RECHECK, self._walk_recheck))
+        elif self.store.cursor(BASELINE) is not None:
+            # Snapshots stop being kept: switching updates on again must take a new baseline.
+            self.store.reset_stream(BASELINE)
         return results
 
     async def poll_campaigns(self) -> list[PollResult]:
@@ -137,9 +171,8 @@ class Poller:
         )
         return result
 
-    async def _learn_filters(self) -> None:
-        search = self._lead_search if self._lead_search is not None else (await self._probe()).search_variables
-        self.updates_filter = UPDATED_FILTER in search
+    def _learn_filters(self) -> None:
+        self.updates_filter = UPDATED_FILTER in (self._lead_search or frozenset())
         if not self.updates_filter:
             log.warning(
                 "updatedTs filtering is not offered by this Convertr; re-reading the last "
@@ -154,37 +187,38 @@ class Poller:
             return True
         return self.clock.now() >= state.last_success_at + self.config.leads.recheck_interval
 
-    async def _probe(self) -> Page:
-        """A one-lead read: the server's clock (Date) and the filters it offers (hydra:search)."""
-        page = await self.client.first_page("leads", {}, items_per_page=1)
-        self._observe(page)
-        self._lead_search = page.search_variables
-        return page
+    def _baseline_due(self) -> bool:
+        state = self.store.cursor(BASELINE)
+        return state is None or state.walk_from is not None or state.cursor != self._signature()
 
-    async def _server_time(self) -> float:
+    def _signature(self) -> str:
+        return detect.track_signature(self.config.leads.track)
+
+    async def _fresh_now(self) -> float:
         """A fresh reading of the server's clock, for a baseline, where the exact second matters."""
-        page = await self._probe()
+        # No lead is serialised (itemsPerPage=0): an unreadable one cannot stand in the way.
+        page = await self.client.page("leads", {}, items_per_page=0)
+        self._observe(page)
         if page.server_date is None:
             raise MalformedResponse("Convertr GET /api/v4/leads: no Date header")
         return page.server_date.timestamp()
 
-    async def _until(self) -> datetime:
-        # How far ahead a clock change can matter: to the end of this walk, with an hour to spare.
-        return datetime.fromtimestamp(await self._server_now() + 3600, UTC)
-
-    def _lead_params(self, key: str, bound: str) -> dict[str, str | Sequence[str]]:
-        params: dict[str, str | Sequence[str]] = {key: bound, "order[id]": "asc"}
+    def _lead_params(self, key: str | None, bound: str | None, order: str = "asc") -> dict[str, str | Sequence[str]]:
+        params: dict[str, str | Sequence[str]] = {key: bound} if key and bound else {}
+        params["order[id]"] = order
         if self.config.leads.campaign_ids:
             params["campaign.id[]"] = [str(c) for c in self.config.leads.campaign_ids]
         return params
 
-    def _sinks_for(self, event: Event) -> list[str]:
-        return [s.name for s in self.config.sinks if wants(s, event)]
+    def _observe(self, page: Page) -> None:
+        self.server.observe_date(page.server_date)
+        self.server.observe_documents(page.members, LEAD_TIMES)
+        if self.server.disagreement and not self._warned_disagreement and self.calibration is not None:
+            self._warned_disagreement = True
+            log.warning(f"[convertr] timezone: {self.server.disagreement}")
 
     def _commit(self, page: PageCommit, result: PollResult) -> None:
-        self._after_commit(self.store.commit_page(page), result)
-
-    def _after_commit(self, fresh: Sequence[Event], result: PollResult) -> None:
+        fresh: Sequence[Event] = self.store.commit_page(page)
         result.events += len(fresh)
         if fresh:
             if self.metrics is not None:
@@ -192,199 +226,220 @@ class Poller:
                     self.metrics.event_detected(type_, count)
             self.on_events()
 
-    def _signpost(self, page: Page) -> float:
-        self._observe(page)
-        server_now = page.server_date.timestamp() if page.server_date else self.clock.now() + (self._server_skew or 0.0)
-        return server_now - self.config.leads.safety_lag
+    def _walk_state(self, stream: str, signpost: float, **kwargs: Any) -> detect.LeadWalk:
+        now = self.clock.now()
+        leads = self.config.leads
+        return detect.LeadWalk(
+            stream, now, rfc3339(now), signpost, leads.track, leads.updates, tracks=self._tracks(), **kwargs
+        )
 
-    def _observe(self, page: Page) -> None:
-        if page.server_date is not None:
-            self._server_skew = page.server_date.timestamp() - self.clock.now()
+    def _tracks(self) -> dict[str, tuple[str, ...]]:
+        if self.config.leads.updates:
+            self.store.remember_track(self._signature(), self.config.leads.track)
+        return self.store.tracks()
 
-    async def _server_now(self) -> float:
-        """The server's time: one read per process, then kept up by every page's Date header."""
-        if self._server_skew is None:
-            await self._probe()
-        if self._server_skew is None:  # a server that sends no Date leaves our clock as the only one
-            self._server_skew = 0.0
-        return self.clock.now() + self._server_skew
+    def _horizon(self) -> float:
+        """Unknown leads created after this are left to the created walk, which is sure to read them
+        (and announce them). One created before it is past that walk's reach: it existed at the
+        baseline, or became visible late, and is recorded as it is."""
+        created = self.store.cursor(CREATED)
+        if created is None or created.cursor_ts is None:
+            return float("-inf")  # no created walk has run yet: every lead is still its to read
+        return created.cursor_ts - self.config.leads.lookback
 
-    def _now_text(self) -> str:
-        return rfc3339(self.clock.now())
-
-    # --- leads.created ------------------------------------------------------------------------
+    # --- lead walks ---------------------------------------------------------------------------
 
     async def _walk_created(self, result: PollResult) -> None:
         leads = self.config.leads
+        if self.calibration is None:  # here, so a failure is the created poll's recorded error
+            self.calibration = await calibrate(self.client, self.server, self.config.leads.campaign_ids)
+            self._lead_search = self.calibration.search
+            self._warned_disagreement = self.server.disagreement is not None  # calibrate said so
         state = self.store.cursor(CREATED)
-        current = state.cursor if state else None
-        result.cursor_before = current
-        # A baseline walk that was interrupted keeps its threshold, so leads that existed at the
-        # start of the baseline never become events when the walk resumes.
-        baseline_until = state.baseline_until if state is not None and state.walk_from else None
-        emit_after = baseline_until if baseline_until is not None else float("-inf")
-        if current is None:
+        cursor = state.cursor if state else None
+        floor = state.floor if state else None
+        result.cursor_before = cursor
+        new_floor: float | None = None
+        if state is not None and state.walk_from:
+            # A walk that was interrupted keeps its bound and, during a baseline, its threshold, so
+            # leads that existed at the start of the baseline never become events when it resumes.
+            plan = _Plan(CREATED, CREATED_FILTER, state.walk_from, cursor, "createdTs")
+            plan.baseline_until = state.baseline_until
+            plan.emit_after = max(state.baseline_until or float("-inf"), floor or float("-inf"))
+        elif cursor is None:
             if leads.start is None:
-                # Baseline: what exists now is recorded as seen, and only leads created after
-                # this moment (by the server's clock) become events.
-                server_now = await self._server_time()
-                emit_after = baseline_until = server_now
-                current = detect.format_in_zone(server_now - leads.safety_lag, self.zone)
-                bound = detect.bound_for_instant(server_now - leads.lookback, self.zone, await self._until())
+                # Baseline: what exists now is recorded as seen, and only leads created after this
+                # moment (by the server's clock) become events. The bound is the one any later walk
+                # could reach from this cursor, so no later walk finds an unrecorded older lead.
+                server_now = await self._fresh_now()
+                start = server_now - leads.safety_lag
+                new_floor = start - leads.lookback
+                plan = _Plan(
+                    CREATED, CREATED_FILTER, self.server.bound(new_floor), write_at(start, UTC_OFFSET), "createdTs"
+                )
+                plan.emit_after = plan.baseline_until = server_now
             else:
-                start = leads.start.timestamp()
-                emit_after = start - 1
-                current = detect.format_in_zone(start - 1, self.zone)
-                bound = detect.bound_for_instant(start - 1, self.zone, await self._until())
+                start = leads.start.timestamp() - 1
+                new_floor = start
+                plan = _Plan(
+                    CREATED, CREATED_FILTER, self.server.bound(start), write_at(start, UTC_OFFSET), "createdTs"
+                )
+                plan.emit_after = start
+            plan.floor = new_floor
         else:
-            bound = (state.walk_from if state else None) or detect.filter_bound(
-                current, leads.lookback, self.zone, await self._until()
-            )
-        signpost: float | None = None
-        first = True
-        async for page in self.client.pages("leads", self._lead_params("createdTs[strictly_after]", bound)):
-            if signpost is None:
-                signpost = self._signpost(page)
-            commit, current = self._created_page(
-                page, result, bound, first, baseline_until, emit_after, signpost, current
-            )
-            first = False
-            self._commit(commit, result)
-            if self.progress is not None:
-                self.progress(result.fetched, page.total)
-            if self.should_stop():
-                return  # walk_from stays recorded: the next walk resumes from the same bound
-        self._finish(CREATED, current, result)
-
-    def _created_page(
-        self,
-        page: Page,
-        result: PollResult,
-        bound: str,
-        first: bool,
-        baseline_until: float | None,
-        emit_after: float,
-        signpost: float,
-        current: str | None,
-    ) -> tuple[PageCommit, str | None]:
-        """Decide one page of the created walk: new leads, their events, the cursor after it."""
-        leads = self.config.leads
-        result.pages += 1
-        result.fetched += len(page.members)
-        members = [m for m in page.members if isinstance(m.get("id"), int)]
-        known: dict[int, object] = dict(self.store.leads(m["id"] for m in members))
-        now = self.clock.now()
-        detected_at = rfc3339(now)
-        commit = PageCommit(CREATED, now, walk_from=bound, set_walk_from=first, baseline_until=baseline_until)
-        first = False
-        newest: str | None = None
-        newest_ts = float("-inf")
-        for lead in members:
-            created_raw = lead.get("createdTs")
-            created_ts = _timestamp(created_raw)
-            if created_ts is not None and created_ts > newest_ts:
-                newest, newest_ts = created_raw, created_ts
-            if lead["id"] in known:
-                continue
-            if created_ts is None:
-                created_ts = now
-            result.new += 1
-            # Snapshots exist for lead.updated; without it a lead is only remembered as seen.
-            tracked = detect.snapshot(lead, leads.track) if leads.updates else {}
-            state_row = LeadState(lead["id"], created_ts, lead.get("updatedTs"), tracked)
-            commit.leads.append(state_row)
-            known[lead["id"]] = state_row
-            if created_ts > emit_after:
-                event = detect.lead_created(lead, detected_at)
-                commit.events.append((event, self._sinks_for(event)))
-        moved = detect.next_cursor(current, newest, signpost, self.zone)
-        if moved is not None:
-            commit.cursor, commit.cursor_ts = moved
-            current = moved[0]
-        return commit, current
-
-    def _finish(self, stream: str, current: str | None, result: PollResult) -> None:
-        commit = PageCommit(stream, self.clock.now(), set_walk_from=True, walk_from=None, finished=True)
-        if current is not None:
-            commit.cursor, commit.cursor_ts = current, detect.parse_ts(current).timestamp()
-        self._commit(commit, result)
-        result.cursor_after = current
-
-    # --- leads.updated and the re-read fallback -----------------------------------------------
+            bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
+            plan = _Plan(CREATED, CREATED_FILTER, bound, cursor, "createdTs", emit_after=floor or float("-inf"))
+        await self._retry_unreadable(CREATED, plan, result)
+        await self._walk(plan, result, created=True)
 
     async def _walk_updated(self, result: PollResult) -> None:
         leads = self.config.leads
         state = self.store.cursor(UPDATED)
-        current = state.cursor if state else None
-        result.cursor_before = current
-        if current is None:
-            server_now = await self._server_time()
-            current = detect.format_in_zone(server_now - leads.safety_lag, self.zone)
-            bound = detect.bound_for_instant(server_now - leads.lookback, self.zone, await self._until())
-        else:
-            bound = (state.walk_from if state else None) or detect.filter_bound(
-                current, leads.lookback, self.zone, await self._until()
+        cursor = state.cursor if state else None
+        result.cursor_before = cursor
+        if state is not None and state.walk_from:
+            plan = _Plan(UPDATED, UPDATED_FILTER, state.walk_from, cursor, "updatedTs")
+        elif cursor is None:
+            # Changes before now are not news: the baseline walk records what leads look like.
+            start = await self._fresh_now() - leads.safety_lag
+            plan = _Plan(
+                UPDATED,
+                UPDATED_FILTER,
+                self.server.bound(start - leads.lookback),
+                write_at(start, UTC_OFFSET),
+                "updatedTs",
             )
-        signpost: float | None = None
-        first = True
-        async for page in self.client.pages("leads", self._lead_params(UPDATED_FILTER, bound)):
-            if signpost is None:
-                signpost = self._signpost(page)
-            commit = PageCommit(UPDATED, self.clock.now(), walk_from=bound, set_walk_from=first)
-            first = False
-            self._compare_page(page, commit, result)
-            newest = detect.newest([m.get("updatedTs") for m in page.members])
-            moved = detect.next_cursor(current, newest, signpost, self.zone)
-            if moved is not None:
-                commit.cursor, commit.cursor_ts = moved
-                current = moved[0]
-            self._commit(commit, result)
-            if self.should_stop():
-                return
-        self._finish(UPDATED, current, result)
+        else:
+            bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
+            plan = _Plan(UPDATED, UPDATED_FILTER, bound, cursor, "updatedTs")
+        await self._retry_unreadable(UPDATED, plan, result)
+        await self._walk(plan, result, created=False)
+
+    async def _walk_baseline(self, result: PollResult) -> None:
+        """Snapshots of the leads created within `baseline_window`, resumable page by page."""
+        leads = self.config.leads
+        state = self.store.cursor(BASELINE)
+        if state is not None and state.walk_from:
+            plan = _Plan(BASELINE, CREATED_FILTER, state.walk_from, None, None, start_page=max(1, state.progress or 1))
+        elif leads.baseline_window <= 0:
+            self._commit(PageCommit(BASELINE, self.clock.now(), cursor=self._signature(), finished=True), result)
+            return
+        else:
+            window_start = await self._fresh_now() - leads.baseline_window
+            plan = _Plan(BASELINE, CREATED_FILTER, self.server.bound(window_start), None, None)
+            log.info("snapshot baseline started", window=leads.baseline_window)
+        await self._walk(plan, result, created=False, finish_cursor=self._signature())
 
     async def _walk_recheck(self, result: PollResult) -> None:
-        window_start = await self._server_now() - self.config.leads.recheck_window
-        bound = detect.bound_for_instant(window_start, self.zone, await self._until())
-        async for page in self.client.pages("leads", self._lead_params("createdTs[strictly_after]", bound)):
-            self._observe(page)
-            commit = PageCommit(RECHECK, self.clock.now())
-            self._compare_page(page, commit, result)
-            self._commit(commit, result)
-            if self.should_stop():
-                return
-        self._commit(PageCommit(RECHECK, self.clock.now(), finished=True), result)
+        window_start = self.server.now() - self.config.leads.recheck_window
+        plan = _Plan(RECHECK, CREATED_FILTER, self.server.bound(window_start), None, None)
+        await self._walk(plan, result, created=False)
 
-    def _compare_page(self, page: Page, commit: PageCommit, result: PollResult) -> None:
-        """Diff each lead of a page against its snapshot; queue `lead.updated` for tracked changes."""
-        leads = self.config.leads
+    async def _walk(self, plan: _Plan, result: PollResult, *, created: bool, finish_cursor: str | None = None) -> None:
+        """The one page loop of every lead walk: read, decide, commit, page after page."""
+        pager = Pager(
+            self.client, "leads", self._lead_params(plan.filter, plan.bound), self.config.convertr.items_per_page
+        )
+        signpost: float | None = None
+        cursor = plan.cursor
+        first = True
+        # aclosing: a failed commit must stop the page read ahead at once, not whenever the
+        # abandoned generator is collected.
+        async with aclosing(pager.pages(plan.start_page)) as reads:
+            async for read in reads:
+                page = read.page
+                self._observe(page)
+                if signpost is None:
+                    server_now = page.server_date.timestamp() if page.server_date else self.server.now()
+                    signpost = server_now - self.config.leads.safety_lag
+                commit = self._decide(plan, read, signpost, cursor, created, result)
+                if first:
+                    commit.set_walk_from, commit.walk_from = True, plan.bound
+                    commit.baseline_until, commit.floor = plan.baseline_until, plan.floor
+                    first = False
+                if plan.cursor_field is None:
+                    commit.progress = page.number  # a resumed walk re-reads this page, then goes on
+                cursor = commit.cursor or cursor
+                self._commit(commit, result)
+                if self.progress is not None:
+                    self.progress(result.fetched, page.total)
+                if self.should_stop():
+                    return  # walk_from stays recorded: the next walk resumes from the same bound
+        done = PageCommit(plan.stream, self.clock.now(), set_walk_from=True, walk_from=None, finished=True)
+        done.progress = 0
+        if cursor is not None:
+            done.cursor, done.cursor_ts = cursor, detect.parse_ts(cursor).timestamp()
+        if finish_cursor is not None:
+            done.cursor, done.cursor_ts = finish_cursor, None
+        self._commit(done, result)
+        result.cursor_after = done.cursor
+        if plan.stream == BASELINE:
+            log.info("snapshot baseline finished", leads=result.fetched, pages=result.pages)
+
+    def _decide(
+        self, plan: _Plan, read: Read, signpost: float, cursor: str | None, created: bool, result: PollResult
+    ) -> PageCommit:
+        page = read.page
         result.pages += 1
         result.fetched += len(page.members)
-        members = [m for m in page.members if isinstance(m.get("id"), int)]
-        known = self.store.leads(m["id"] for m in members)
-        created = self.store.cursor(CREATED)
-        # A lead the created stream has not recorded yet, but will still read, is left to it:
-        # its lead.created carries the current document, so its first update is no news.
-        horizon = (created.cursor_ts or 0.0) - leads.lookback - 3600 if created else float("inf")
-        for lead in members:
-            snap = detect.snapshot(lead, leads.track)
-            before = known.get(lead["id"])
-            if before is None:
-                created_ts = _instant(lead.get("createdTs"), commit.now)
-                if created_ts > horizon:
-                    continue
-                # First sight of an old lead (before the baseline, or pruned): nothing to compare with.
-                commit.leads.append(LeadState(lead["id"], created_ts, lead.get("updatedTs"), snap))
+        ids = [m["id"] for m in page.members if isinstance(m.get("id"), int)]
+        known = self.store.leads(ids)
+        if created:
+            walk = self._walk_state(plan.stream, signpost, emit_after=plan.emit_after)
+            commit = detect.decide_created(page.members, known, walk, cursor, self.route)
+            result.new += len(commit.leads)
+        else:
+            walk = self._walk_state(plan.stream, signpost, horizon=self._horizon())
+            commit = detect.decide_updated(
+                page.members, known, walk, cursor, self.route, cursor_field=plan.cursor_field
+            )
+            result.changed += len(commit.events)
+        self._skip_unreadable(plan.stream, read, commit)
+        return commit
+
+    # --- records the server cannot serialise -----------------------------------------------------
+
+    def _skip_unreadable(self, stream: str, read: Read, commit: PageCommit) -> None:
+        if not read.unreadable:
+            return
+        recorded = {u.lead_id for u in self.store.unreadable(stream)}
+        for lead_id, error in read.unreadable:
+            if lead_id is None:
+                continue  # logged by the pager; a later walk over the same rows tries again
+            if lead_id in recorded:
+                continue  # its own slow schedule decides when it is read next
+            commit.unreadable.append((lead_id, commit.now + UNREADABLE_RETRY[0], error[:200]))
+            log.warning("lead unreadable: skipped, retried later", stream=stream, lead_id=lead_id, error=error)
+        self._count_unreadable(len(commit.unreadable))
+
+    def _count_unreadable(self, extra: int = 0) -> None:
+        if self.metrics is not None:
+            self.metrics.set_unreadable(len({u.lead_id for u in self.store.unreadable()}) + extra)
+
+    async def _retry_unreadable(self, stream: str, plan: _Plan, result: PollResult) -> None:
+        """Read each unreadable lead whose time has come; one that reads now is decided like a page."""
+        now = self.clock.now()
+        for entry in self.store.unreadable(stream):
+            if entry.next_try > now:
                 continue
-            changes = detect.diff(before.snapshot, snap)
-            if not changes:
+            commit = PageCommit(stream, now)
+            try:
+                doc = await self.client.item("leads", entry.lead_id, attempts=1)
+            except UNREADABLE as exc:
+                due = now + UNREADABLE_RETRY[min(entry.tries, len(UNREADABLE_RETRY) - 1)]
+                commit.unreadable.append((entry.lead_id, due, str(exc)[:200]))
+                self._commit(commit, result)
                 continue
-            result.changed += 1
-            merged = detect.merge(before.snapshot, snap)
-            commit.leads.append(LeadState(lead["id"], before.created_ts, lead.get("updatedTs"), merged))
-            known[lead["id"]] = commit.leads[-1]
-            event = detect.lead_updated(lead, changes, self._now_text(), before.version)
-            commit.events.append((event, self._sinks_for(event)))
+            if doc is not None:
+                read = Read(Page(0, [doc], None, None, None, frozenset()))
+                signpost = self.server.now() - self.config.leads.safety_lag
+                retry = _Plan(stream, "", "", None, None, emit_after=plan.emit_after)
+                commit = self._decide(retry, read, signpost, None, stream == CREATED, result)
+                commit.cursor = commit.cursor_ts = None  # one old lead never moves a cursor
+                log.info("unreadable lead read at last", stream=stream, lead_id=entry.lead_id)
+            commit.readable.append(entry.lead_id)
+            self._commit(commit, result)
+        self._count_unreadable()
 
     # --- campaigns ----------------------------------------------------------------------------
 
@@ -392,71 +447,33 @@ class Poller:
         state = self.store.cursor(CAMPAIGNS)
         baseline = state is None or state.polls == 0
         known = self.store.campaigns()
-        async for page in self.client.pages("campaigns", {"order[id]": "asc"}):
-            self._observe(page)
-            result.pages += 1
-            result.fetched += len(page.members)
-            commit = PageCommit(CAMPAIGNS, self.clock.now())
-            for doc in page.members:
-                campaign_id, status = doc.get("id"), doc.get("status")
-                if not isinstance(campaign_id, int) or not isinstance(status, str):
-                    log.warning("campaign document without id or status skipped", campaign_id=campaign_id)
-                    continue
-                before = known.get(campaign_id)
-                name = doc.get("name") if isinstance(doc.get("name"), str) else None
-                if before is None:
-                    after = CampaignState(campaign_id, status, 0, name)
-                    result.new += 1
-                    if not baseline:
-                        event = detect.campaign_created(doc, self._now_text())
-                        commit.events.append((event, self._sinks_for(event)))
-                elif before.status != status:
-                    after = CampaignState(campaign_id, status, before.transitions + 1, name)
-                    result.changed += 1
-                    event = detect.campaign_status_changed(
-                        doc, before.status, status, after.transitions, self._now_text()
-                    )
-                    commit.events.append((event, self._sinks_for(event)))
-                elif before.name != name:
-                    after = CampaignState(campaign_id, status, before.transitions, name)  # renamed: no event
-                else:
-                    continue
-                known[campaign_id] = after
-                commit.campaigns.append(after)
-            self._commit(commit, result)
-            if self.should_stop():
-                return
+        async with aclosing(self.client.pages("campaigns", {"order[id]": "asc"})) as pages:
+            async for page in pages:
+                self._campaign_page(page, known, baseline, result)
+                if self.should_stop():
+                    return
         self._commit(PageCommit(CAMPAIGNS, self.clock.now(), finished=True), result)
 
-
-def _instant(raw: object, default: float) -> float:
-    """A document's timestamp in Unix seconds; a missing or garbled one counts as `default`."""
-    ts = _timestamp(raw)
-    return default if ts is None else ts
-
-
-def _timestamp(raw: object) -> float | None:
-    """A document's timestamp in Unix seconds, or None when it is missing or garbled."""
-    if not isinstance(raw, str):
-        return None
-    try:
-        return detect.parse_ts(raw).timestamp()
-    except ValueError:
-        return None
+    def _campaign_page(self, page: Page, known: dict[int, CampaignState], baseline: bool, result: PollResult) -> None:
+        self.server.observe_date(page.server_date)
+        self.server.observe_documents(page.members, CAMPAIGN_TIMES)
+        result.pages += 1
+        result.fetched += len(page.members)
+        now = self.clock.now()
+        commit, warnings = detect.decide_campaigns(
+            page.members, known, baseline=baseline, now=now, detected_at=rfc3339(now), route=self.route
+        )
+        for warning in warnings:
+            log.warning(warning)
+        for after in commit.campaigns:
+            before = known.get(after.id)
+            if before is None:
+                result.new += 1
+            elif before.status != after.status:
+                result.changed += 1
+            known[after.id] = after
+        self._commit(commit, result)
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def wants(sink: SinkConfig, event: Event) -> bool:
-    """Whether an event goes to a sink: its type and campaign filters, and for a sink without
-    personal data, a lead.updated whose every change is personal (it would arrive empty) does not."""
-    if event.type not in sink.events:
-        return False
-    if sink.campaign_ids and event.campaign_id not in sink.campaign_ids:
-        return False
-    if event.type == LEAD_UPDATED and not sink.include_pii:
-        changes = event.data.get("changes") or {}
-        return not changes or not all(is_personal_field(k) for k in changes)
-    return True

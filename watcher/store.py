@@ -103,6 +103,30 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE campaigns ADD COLUMN name TEXT;
     """,
+    # 3: event ids chained on the change before them (not on counters a fresh file restarts), the
+    # track list each snapshot was taken under, the created walk's permanent baseline floor, the
+    # snapshot baseline's progress, and leads the server cannot serialise.
+    """
+    ALTER TABLE leads ADD COLUMN track TEXT;
+    ALTER TABLE leads ADD COLUMN last_event TEXT;
+    ALTER TABLE campaigns ADD COLUMN last_event TEXT;
+    ALTER TABLE cursors ADD COLUMN floor REAL;
+    ALTER TABLE cursors ADD COLUMN progress INTEGER;
+    CREATE TABLE tracks (
+        signature TEXT PRIMARY KEY,
+        track TEXT NOT NULL          -- the JSON list of tracked fields
+    );
+    CREATE TABLE unreadable (
+        stream TEXT NOT NULL,
+        lead_id INTEGER NOT NULL,
+        first_seen REAL NOT NULL,
+        last_tried REAL NOT NULL,
+        next_try REAL NOT NULL,
+        tries INTEGER NOT NULL DEFAULT 1,
+        error TEXT,
+        PRIMARY KEY (stream, lead_id)
+    );
+    """,
 )
 
 
@@ -117,14 +141,18 @@ class Cursor:
     last_success_at: float | None
     last_error: str | None
     polls: int
+    floor: float | None = None  # created stream: leads created before this are the baseline, never announced
+    progress: int | None = None  # pages a resumable walk has committed
 
 
 @dataclass(frozen=True)
 class LeadState:
     id: int
     created_ts: float
-    version: str | None
+    version: str | None  # updatedTs of the snapshot
     snapshot: dict[str, Any]
+    track: str | None = None  # signature of the track list the snapshot was taken under
+    last_event: str | None = None  # id of the lead's last lead.updated: the next id chains on it
 
 
 @dataclass(frozen=True)
@@ -133,6 +161,19 @@ class CampaignState:
     status: str
     transitions: int
     name: str | None = None  # shown in Slack messages about the campaign's leads
+    last_event: str | None = None  # id of the last status change: the next id chains on it
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A lead whose every read fails: skipped by the walks, retried on a slow schedule."""
+
+    stream: str
+    lead_id: int
+    first_seen: float
+    next_try: float
+    tries: int
+    error: str | None
 
 
 @dataclass
@@ -146,6 +187,10 @@ class PageCommit:
     walk_from: str | None = None
     set_walk_from: bool = False  # walk_from is written only when this is true (None clears it)
     baseline_until: float | None = None  # written with walk_from
+    floor: float | None = None  # written when not None
+    progress: int | None = None  # written when not None (0 clears it)
+    unreadable: list[tuple[int, float, str]] = field(default_factory=list)  # (lead id, next try, error) to record
+    readable: list[int] = field(default_factory=list)  # unreadable leads read at last: forgotten
     leads: list[LeadState] = field(default_factory=list)
     campaigns: list[CampaignState] = field(default_factory=list)
     events: list[tuple[Event, Sequence[str]]] = field(default_factory=list)  # (event, sink names)
@@ -358,15 +403,41 @@ class Store:
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self._rows(f"SELECT id, created_ts, version, snapshot FROM leads WHERE id IN ({marks})", chunk):
-                found[row["id"]] = LeadState(row["id"], row["created_ts"], row["version"], loads(row["snapshot"]))
+            sql = f"SELECT id, created_ts, version, snapshot, track, last_event FROM leads WHERE id IN ({marks})"
+            for row in self._rows(sql, chunk):
+                snap = loads(row["snapshot"])
+                found[row["id"]] = LeadState(
+                    row["id"], row["created_ts"], row["version"], snap, row["track"], row["last_event"]
+                )
         return found
 
     def campaigns(self) -> dict[int, CampaignState]:
         return {
-            r["id"]: CampaignState(r["id"], r["status"], r["transitions"], r["name"])
-            for r in self._rows("SELECT id, status, transitions, name FROM campaigns")
+            r["id"]: CampaignState(r["id"], r["status"], r["transitions"], r["name"], r["last_event"])
+            for r in self._rows("SELECT id, status, transitions, name, last_event FROM campaigns")
         }
+
+    def unreadable(self, stream: str | None = None) -> list[Unreadable]:
+        """Leads the server could not serialise, oldest first (all streams, or one)."""
+        sql = "SELECT stream, lead_id, first_seen, next_try, tries, error FROM unreadable"
+        params: tuple[Any, ...] = ()
+        if stream is not None:
+            sql += " WHERE stream = ?"
+            params = (stream,)
+        return [Unreadable(**dict(r)) for r in self._rows(sql + " ORDER BY first_seen, lead_id", params)]
+
+    def tracks(self) -> dict[str, tuple[str, ...]]:
+        """Every track list a stored snapshot was taken under, by signature."""
+        return {r["signature"]: tuple(loads(r["track"])) for r in self._rows("SELECT signature, track FROM tracks")}
+
+    def remember_track(self, signature: str, track: Sequence[str]) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO tracks (signature, track) VALUES (?, ?)", (signature, dumps(list(track))))
+
+    def reset_stream(self, stream: str) -> None:
+        """Forget a stream's cursor row: its next walk starts as a first one."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM cursors WHERE stream = ?", (stream,))
 
     def campaign_names(self) -> dict[int, str]:
         return {r["id"]: r["name"] for r in self._rows("SELECT id, name FROM campaigns WHERE name IS NOT NULL")}
@@ -382,17 +453,22 @@ class Store:
         with self.transaction() as c:
             if page.leads:
                 c.executemany(
-                    "INSERT INTO leads (id, created_ts, version, snapshot, changed_at) VALUES (?, ?, ?, ?, ?) "
+                    "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET version = excluded.version, snapshot = excluded.snapshot, "
-                    "changed_at = excluded.changed_at",
-                    [(s.id, s.created_ts, s.version, dumps(s.snapshot), page.now) for s in page.leads],
+                    "changed_at = excluded.changed_at, track = excluded.track, last_event = excluded.last_event",
+                    [
+                        (s.id, s.created_ts, s.version, dumps(s.snapshot), page.now, s.track, s.last_event)
+                        for s in page.leads
+                    ],
                 )
             if page.campaigns:
                 c.executemany(
-                    "INSERT INTO campaigns (id, status, transitions, name, seen_at) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET status = excluded.status, "
-                    "transitions = excluded.transitions, name = excluded.name, seen_at = excluded.seen_at",
-                    [(s.id, s.status, s.transitions, s.name, page.now) for s in page.campaigns],
+                    "INSERT INTO campaigns (id, status, transitions, name, seen_at, last_event) "
+                    "VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET status = excluded.status, transitions = excluded.transitions, "
+                    "name = excluded.name, seen_at = excluded.seen_at, last_event = excluded.last_event",
+                    [(s.id, s.status, s.transitions, s.name, page.now, s.last_event) for s in page.campaigns],
                 )
             wanted = [(event, sinks) for event, sinks in page.events if sinks]  # no sink wants it: nothing to keep
             if wanted:
@@ -408,6 +484,23 @@ class Store:
                     "UPDATE cursors SET walk_from = ?, baseline_until = ? WHERE stream = ?",
                     (page.walk_from, page.baseline_until, page.stream),
                 )
+            if page.unreadable:
+                c.executemany(
+                    "INSERT INTO unreadable (stream, lead_id, first_seen, last_tried, next_try, error) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(stream, lead_id) DO UPDATE SET "
+                    "last_tried = excluded.last_tried, next_try = excluded.next_try, error = excluded.error, "
+                    "tries = tries + 1",
+                    [(page.stream, lead_id, page.now, page.now, due, error) for lead_id, due, error in page.unreadable],
+                )
+            if page.readable:
+                c.executemany(
+                    "DELETE FROM unreadable WHERE stream = ? AND lead_id = ?",
+                    [(page.stream, lead_id) for lead_id in page.readable],
+                )
+            if page.floor is not None:
+                c.execute("UPDATE cursors SET floor = ? WHERE stream = ?", (page.floor, page.stream))
+            if page.progress is not None:
+                c.execute("UPDATE cursors SET progress = ? WHERE stream = ?", (page.progress or None, page.stream))
             if page.finished:
                 c.execute(
                     "UPDATE cursors SET last_poll_at = ?, last_success_at = ?, last_error = NULL, "

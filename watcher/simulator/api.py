@@ -225,7 +225,10 @@ def resource(sim: Simulator, request: Request, name: str, item: str | None, ext:
         "Link": '</api/v4/docs.jsonld>; rel="http://www.w3.org/ns/hydra/core#apiDocumentation"',
     }
     if item is not None:
-        text = _item(sim, name, item)
+        try:
+            text = _item(sim, name, item)
+        except _Unserialisable:
+            return api_error(500, "Internal Server Error", fmt)
         if text is None:
             return api_error(404, "Not Found", fmt)
         body = (
@@ -243,6 +246,8 @@ def resource(sim: Simulator, request: Request, name: str, item: str | None, ext:
     with sim.lock:
         if name == "leads":
             total, members = sim.lead_page(lead_query(params, sim.now_wall(), updated_filter), page)
+            if sim.poisoned and any(json.loads(m).get("id") in sim.poisoned for m in members):
+                return api_error(500, "Internal Server Error", fmt)
         else:
             total, docs = sim.campaign_page(params, page, updated_filter)
             members = [hydra.dumps(d) for d in docs]
@@ -257,10 +262,16 @@ def resource(sim: Simulator, request: Request, name: str, item: str | None, ext:
     return Response(200, body.encode(), {"Content-Type": content_type, **headers})
 
 
+class _Unserialisable(Exception):
+    """A poisoned lead: the serialiser fails on it."""
+
+
 def _item(sim: Simulator, name: str, item: str) -> str | None:
     if not item.isdigit():
         return None
     if name == "leads":
+        if int(item) in sim.poisoned:
+            raise _Unserialisable
         return sim.lead_document(int(item))
     doc = sim.campaign_document(int(item))
     return None if doc is None else hydra.dumps(doc)

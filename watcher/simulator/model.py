@@ -127,6 +127,7 @@ class Simulator:
         self.request_limit = RollingLimit(3000, 300)
         self.login_limit = RollingLimit(100, 300)
         self.password_expired = False
+        self.poisoned: set[int] = set()  # leads the API fails to serialise (500 on any read of them)
         self.user_id = 1000 + seed % 9000
         self.requests: list[RequestRecord] = []
         self.logins = 0
@@ -349,13 +350,31 @@ class Simulator:
             row = self._row(lead_id)
             self.store.update(self._edited(row, self._lead_dict(row), self.now_ts(), True))
 
-    def update_lead(self, lead_id: int, *, lead_data: Mapping[str, str] | None = None, **fields: Any) -> dict[str, Any]:
-        """Edit a lead as Convertr's processing or a person would; updatedTs becomes now."""
+    def hide_lead(self, lead_id: int) -> None:
+        """Take a lead out of every result (deleted, or moved out of reach), keeping its row."""
+        with self.lock:
+            row = self._row(lead_id)
+            self.store.update(replace(row, visible=False))
+
+    def poison_lead(self, lead_id: int, poisoned: bool = True) -> None:
+        """Make every read that would serialise this lead answer 500, as a record the server
+        cannot serialise does; `poisoned=False` cures it."""
+        with self.lock:
+            if poisoned:
+                self.poisoned.add(lead_id)
+            else:
+                self.poisoned.discard(lead_id)
+
+    def update_lead(
+        self, lead_id: int, *, lead_data: Mapping[str, str] | None = None, touch: bool = True, **fields: Any
+    ) -> dict[str, Any]:
+        """Edit a lead as Convertr's processing or a person would; updatedTs becomes now, unless
+        `touch` is false (some writes, such as a leadData entry's, leave it alone)."""
         with self.lock:
             row = self._row(lead_id)
             doc = self._lead_dict(row)
             self._next_data_id += apply_lead_fields(doc, fields, lead_data, self._next_data_id)
-            self.store.update(self._edited(row, doc, self.now_ts(), row.visible))
+            self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
             return doc
 
     def lead(self, lead_id: int) -> dict[str, Any]:
