@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint typecheck demo bench clean
+.PHONY: test check lint typecheck demo bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ check: lint typecheck test
 
 demo: $(STAMP)
 	$(BIN)/convertr-watcher demo
+
+# The model-based detection test for ten minutes of fresh random histories (make test runs a bounded profile).
+soak: $(STAMP)
+	WATCHER_SOAK_SECONDS=$${WATCHER_SOAK_SECONDS:-600} $(BIN)/python -m pytest -q -s -m soak -p no:cacheprovider tests/test_model.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,0 +1,434 @@
+"""Detection proven by a model: random histories against the real simulator, store and poller.
+
+A Hypothesis `RuleBasedStateMachine` creates, edits, hides and pauses things on the simulator,
+moves the clock across daylight-saving changes, restarts, crashes between fetch and commit,
+restores backups, changes `track` and `updates`, prunes, and polls. A simple model records what
+each lead and campaign looked like at the last poll that finished; after every poll the outbox
+must hold exactly the changes between that and now:
+
+- every lead that became visible after the baseline is announced once, none that existed at it;
+- every tracked change a poll could see is one `lead.updated` with exactly that diff, and none is
+  invented; every status change one `campaign.status_changed`;
+- no event id ever names two different changes, across restarts, crashes and restores;
+- no cursor passes the server's signpost.
+
+`make test` runs a bounded profile; `make soak` runs it for ten minutes (WATCHER_SOAK_SECONDS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from tests.support.rig import HookedSimulator, Rig, make_rig
+from watcher.poller import CREATED, UPDATED
+
+LOOKBACK = 30.0
+SAFETY_LAG = 2.0
+PAGE = 4
+BASE_TRACK = ("qaResult", "score", "leadData")
+# Moments just before clock changes in the zones below, and one far from any.
+STARTS = [
+    datetime(2026, 10, 25, 0, 20, tzinfo=UTC),  # London falls back at 01:00 UTC
+    datetime(2026, 3, 29, 0, 20, tzinfo=UTC),  # London springs forward at 01:00 UTC
+    datetime(2026, 11, 1, 5, 20, tzinfo=UTC),  # New York falls back at 06:00 UTC
+    datetime(2026, 4, 4, 15, 20, tzinfo=UTC),  # Sydney falls back at 16:00 UTC
+    datetime(2026, 6, 10, 9, 0, tzinfo=UTC),
+]
+ZONES = ["UTC", "Europe/London", "America/New_York", "Australia/Sydney"]
+
+
+class Crash(Exception):
+    """The process died between reading a page and committing it."""
+
+
+def tracked(doc: Mapping[str, Any], track: tuple[str, ...]) -> dict[str, Any]:
+    """The model's own reading of a lead's tracked fields (independent of `detect.snapshot`)."""
+    out: dict[str, Any] = {name: doc[name] for name in track if name != "leadData" and name in doc}
+    if "leadData" in track:
+        for entry in doc.get("leadData") or []:
+            out["leadData." + entry["name"]] = entry.get("value")
+    return out
+
+
+def expected_changes(old: Mapping[str, Any], new: Mapping[str, Any], learning: set[str]) -> dict[str, Any]:
+    """Tracked values that moved; a leadData entry appearing or vanishing counts when the lead had
+    entries on both sides; fields being learnt never count."""
+    had = any(k.startswith("leadData.") for k in old)
+    has = any(k.startswith("leadData.") for k in new)
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        if key in learning:
+            continue
+        before, after = old.get(key), new.get(key)
+        if key in old and key in new and before != after:
+            changes[key] = {"from": before, "to": after}
+        elif key.startswith("leadData.") and had and has and (key in old) != (key in new):
+            changes[key] = {"from": before, "to": after}
+    return changes
+
+
+def _has_leads(machine: DetectionMachine) -> bool:
+    return machine.rig is not None and bool(machine.rig.sim.lead_ids())
+
+
+class DetectionMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = ExitStack()
+        self.rig: Rig | None = None
+
+    def teardown(self) -> None:
+        self.stack.close()
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    @initialize(
+        zone=st.sampled_from(ZONES),
+        start=st.sampled_from(STARTS),
+        skew=st.sampled_from([0.0, -7200.0, 5400.0]),
+        seed=st.integers(1, 50),
+    )
+    def start(self, zone: str, start: datetime, skew: float, seed: int) -> None:
+        folder = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="model-")))
+        self.rig = make_rig(folder, self.stack, zone=zone, start=start.timestamp(), seed=seed, leads=10, skew=skew)
+        self.track = BASE_TRACK
+        self.updates = True
+        self._configure()
+        self.baseline: set[int] | None = None  # leads visible at the first finished poll
+        self.observed: dict[int, dict[str, Any]] = {}  # lead -> tracked fields at the last finished poll
+        self.learning: dict[int, set[str]] = {}  # lead -> fields the daemon learns at the next poll
+        self.dormant: dict[int, dict[str, Any]] = {}  # lead -> untracked fields the daemon has not dropped yet
+        self.statuses: dict[int, str] | None = None  # campaign -> status at the last finished poll
+        self.optional: set[int] = set()  # leads whose creation may or may not be announced
+        self.hidden: set[int] = set()
+        self.checked: set[str] = set()  # outbox ids already accounted for
+        self.changes: dict[str, str] = {}  # every event id ever seen -> the change it named
+        self.saved: tuple[Path, dict[str, Any]] | None = None
+
+    def _configure(self) -> None:
+        assert self.rig is not None
+        self.rig.configure(
+            items_per_page=PAGE,
+            lookback=f"{LOOKBACK:g}s",
+            safety_lag=f"{SAFETY_LAG:g}s",
+            updates=self.updates,
+            track=list(self.track),
+        )
+
+    @property
+    def r(self) -> Rig:
+        assert self.rig is not None
+        return self.rig
+
+    def _visible(self) -> list[int]:
+        return self.r.sim.lead_ids()
+
+    # --- what happens on Convertr ---------------------------------------------------------------
+
+    @rule(n=st.integers(1, 6), gap=st.sampled_from([0.0, 1.0, 45.0]))
+    def create_leads(self, n: int, gap: float) -> None:
+        for _ in range(n):
+            self.r.advance(gap)
+            self.r.sim.add_lead()
+
+    @rule(data=st.data())
+    def create_hidden_then_reveal(self, data: st.DataObject) -> None:
+        """A lead committed late: created now, visible a little later (within the lookback)."""
+        lead = int(self.r.sim.add_lead(visible=False)["id"])
+        self.r.advance(data.draw(st.sampled_from([0.0, 5.0, 20.0])))
+        self.r.sim.reveal_lead(lead)
+
+    @precondition(_has_leads)
+    @rule(data=st.data(), field=st.sampled_from(["qaResult", "score", "leadData", "telephone"]))
+    def edit_leads(self, data: st.DataObject, field: str) -> None:
+        visible = self._visible()
+        for lead in data.draw(st.lists(st.sampled_from(visible), min_size=1, max_size=4, unique=True)):
+            doc = self.r.sim.lead(lead)
+            if field == "qaResult":
+                qa = "Invalid" if doc["qaResult"]["name"] != "Invalid" else "Valid"
+                self.r.sim.update_lead(lead, qaResult=qa)
+            elif field == "score":
+                self.r.sim.update_lead(lead, score=(doc.get("score") or 0) + 1)
+            elif field == "leadData":
+                self.r.sim.update_lead(lead, lead_data={"Job Title": data.draw(st.sampled_from(["A", "B", "C"]))})
+            else:  # not tracked: never an event
+                self.r.sim.update_lead(lead, telephone=f"+44 20 7946 0{data.draw(st.integers(100, 999))}")
+
+    @precondition(_has_leads)
+    @rule(data=st.data())
+    def hide_lead(self, data: st.DataObject) -> None:
+        lead = data.draw(st.sampled_from(self._visible()))
+        self.r.sim.hide_lead(lead)
+        self.hidden.add(lead)
+
+    @rule(data=st.data(), action=st.sampled_from(["pause", "resume", "add", "add_ending"]))
+    def campaign(self, data: st.DataObject, action: str) -> None:
+        sim = self.r.sim
+        if action == "add":
+            sim.add_campaign()
+        elif action == "add_ending":  # ends by time alone, with no write at all
+            sim.add_campaign(endTs=sim.now_ts() + data.draw(st.sampled_from([30, 600, 4000])))
+        else:
+            campaign = data.draw(st.sampled_from(sim.campaign_ids()))
+            if action == "pause":
+                sim.pause_campaign(campaign)
+            else:
+                sim.resume_campaign(campaign)
+
+    @rule(seconds=st.sampled_from([1.0, 20.0, 600.0, 1900.0, 3600.0, 5 * 3600.0]))
+    def advance(self, seconds: float) -> None:
+        self.r.advance(seconds)
+
+    # --- what happens to the daemon -------------------------------------------------------------
+
+    @rule(data=st.data(), mid_walk=st.booleans())
+    def poll(self, data: st.DataObject, mid_walk: bool) -> None:
+        """A poll, sometimes with a lead hidden between its pages (deleted while the walk is under way)."""
+        sim = self.r.sim
+        assert isinstance(sim, HookedSimulator)
+        if mid_walk and self._visible():
+            victim = data.draw(st.sampled_from(self._visible()[-2 * PAGE :]))  # likely on the walk's first page
+            walk = data.draw(st.sampled_from(["created", "updated"]))
+
+            def hide() -> None:
+                sim.hide_lead(victim)
+                self.hidden.add(victim)
+                self.optional.add(victim)
+
+            sim.hooks.clear()
+            sim.hooks[(walk, 1, PAGE)] = hide
+        self.r.poll(campaigns=True)
+        sim.hooks.clear()
+        self._check()
+
+    @rule(commits=st.integers(0, 3))
+    def crash(self, commits: int) -> None:
+        """The daemon dies after `commits` page commits of a poll, then starts again."""
+        store = self.r.ensure()
+        original = store.commit_page
+        done = [0]
+
+        def commit_page(page: Any) -> Any:
+            if done[0] >= commits:
+                raise Crash
+            done[0] += 1
+            return original(page)
+
+        store.commit_page = commit_page  # type: ignore[method-assign]
+        try:
+            self.r.poll(campaigns=True)
+        except Crash:
+            pass
+        # The service manager starts it again, and it polls before anything else changes.
+        self.r.restart()
+        self.r.poll(campaigns=True)
+        self._check()
+
+    @rule()
+    def restart(self) -> None:
+        self.r.restart()
+
+    @precondition(lambda self: self.baseline is not None and self.saved is None)
+    @rule()
+    def backup(self) -> None:
+        self.saved = (self.r.backup(), self._model())
+
+    @precondition(lambda self: self.saved is not None)
+    @rule()
+    def restore(self) -> None:
+        assert self.saved is not None
+        path, model = self.saved
+        self.r.restore(path)
+        self._restore_model(model)
+        self.checked = {e["id"] for e in self.r.events()}
+
+    @rule(field=st.sampled_from(["score", "leadFlag"]))
+    def change_track(self, field: str) -> None:
+        """A field leaves or joins `track`: one it joins is learnt at the next poll, then reported."""
+        joins = field not in self.track
+        self.track = (*self.track, field) if joins else tuple(t for t in self.track if t != field)
+        for lead, snap in self.observed.items():
+            if not joins:
+                # Until a poll rewrites the snapshot under the new track, the daemon still holds the
+                # value: a field that rejoins before then was never out of its sight.
+                if field in snap:
+                    self.dormant.setdefault(lead, {})[field] = snap.pop(field)
+            elif field in self.dormant.get(lead, {}):
+                snap[field] = self.dormant[lead].pop(field)
+            else:
+                self.learning.setdefault(lead, set()).add(field)
+        self._configure()
+        self.r.restart()
+
+    @rule()
+    def toggle_updates(self) -> None:
+        self.updates = not self.updates
+        if self.updates:
+            # Leads first seen while updates were off have no snapshot: all they hold is learnt.
+            for lead in self._visible():
+                if lead not in self.observed:
+                    self.learning[lead] = {"*"}
+        self._configure()
+        self.r.restart()
+
+    @rule()
+    def prune(self) -> None:
+        self.r.ensure().prune(self.r.clock.now(), delivered_retention=0, attempt_retention=0, snapshot_retention=90 * 86400)
+
+    # --- the model ------------------------------------------------------------------------------
+
+    def _model(self) -> dict[str, Any]:
+        return json.loads(
+            json.dumps(
+                {
+                    "observed": {str(k): v for k, v in self.observed.items()},
+                    "learning": {str(k): sorted(v) for k, v in self.learning.items()},
+                    "dormant": {str(k): v for k, v in self.dormant.items()},
+                    "statuses": self.statuses,
+                    "optional": sorted(self.optional),
+                    "track": list(self.track),
+                }
+            )
+        )
+
+    def _restore_model(self, model: dict[str, Any]) -> None:
+        self.observed = {int(k): v for k, v in model["observed"].items()}
+        self.learning = {int(k): set(v) for k, v in model["learning"].items()}
+        self.dormant = {int(k): v for k, v in model["dormant"].items()}
+        self.statuses = {int(k): v for k, v in model["statuses"].items()} if model["statuses"] else None
+        self.optional = set(model["optional"])
+        # The state file comes back with the track of its day; the configuration keeps today's.
+        then, now = set(model["track"]), set(self.track)
+        for lead, snap in self.observed.items():
+            for field in then - now:
+                if field in snap:  # held by the restored file until a poll rewrites it
+                    self.dormant.setdefault(lead, {})[field] = snap.pop(field)
+            for field in now - then:
+                self.learning.setdefault(lead, set()).add(field)
+
+    def _remember(self, event: Mapping[str, Any]) -> None:
+        """No id may ever name two different changes."""
+        data = event["data"]
+        if event["type"] == "lead.created":
+            change = f"created {event['resource']}"
+        elif event["type"] == "lead.updated":
+            change = f"{event['resource']} {json.dumps(data['changes'], sort_keys=True)}"
+        elif event["type"] == "campaign.status_changed":
+            c = data["campaign"]
+            change = f"{event['resource']} {data['from']}->{data['to']} {c.get('pauseTs')} {c.get('updatedTs')}"
+        else:
+            change = f"{event['type']} {event['resource']}"
+        seen = self.changes.setdefault(event["id"], change)
+        assert seen == change, f"id {event['id']} names two changes: {seen!r} and {change!r}"
+
+    def _check(self) -> None:
+        """After a finished poll: the events since the last check are exactly the changes since then."""
+        sim = self.r.sim
+        events = [e for e in self.r.events() if e["id"] not in self.checked]
+        for event in events:
+            self._remember(event)
+        visible = set(self._visible())
+        if self.baseline is None:
+            self.baseline = visible
+        created = Counter(e["data"]["lead"]["id"] for e in self.r.events("lead.created"))
+        for lead, count in created.items():
+            assert lead not in self.baseline, f"lead {lead} existed at the baseline but was announced"
+            assert count == 1, f"lead {lead} announced {count} times"
+        for lead in visible - self.baseline - self.optional:
+            assert created[lead] == 1, f"lead {lead} became visible after the baseline but was not announced"
+        updates: dict[int, list[dict[str, Any]]] = {}
+        for event in events:
+            if event["type"] == "lead.updated":
+                updates.setdefault(event["data"]["lead"]["id"], []).append(event["data"]["changes"])
+        for lead in sorted(visible | set(updates)):
+            now = tracked(sim.lead(lead), self.track)
+            if not self.updates:
+                assert lead not in updates, f"lead {lead}: lead.updated while updates are off"
+                continue
+            if lead in self.hidden or lead not in self.observed or "*" in self.learning.get(lead, set()):
+                assert len(updates.get(lead, [])) <= 1
+                self.observed[lead] = now
+                self.learning.pop(lead, None)
+                continue
+            want = expected_changes(self.observed[lead], now, self.learning.pop(lead, set()))
+            got = updates.get(lead, [])
+            assert got == ([want] if want else []), f"lead {lead}: expected {want}, outbox has {got}"
+            self.observed[lead] = now
+        statuses = {c: sim.campaign(c)["status"] for c in sim.campaign_ids()}
+        transitions = Counter(
+            (e["data"]["campaign"]["id"], e["data"]["from"], e["data"]["to"])
+            for e in events
+            if e["type"] == "campaign.status_changed"
+        )
+        if self.statuses is not None:
+            wanted = Counter(
+                (c, self.statuses[c], s) for c, s in statuses.items() if c in self.statuses and self.statuses[c] != s
+            )
+            assert transitions == wanted, f"campaign transitions {dict(transitions)}, expected {dict(wanted)}"
+            added = {e["data"]["campaign"]["id"] for e in events if e["type"] == "campaign.created"}
+            assert added == set(statuses) - set(self.statuses)
+        self.statuses = statuses
+        self.checked |= {e["id"] for e in events}
+        self.dormant.clear()  # every snapshot was rewritten under the current track by this poll
+
+    @invariant()
+    def cursors_never_pass_the_signpost(self) -> None:
+        if self.rig is None or self.rig.store is None:
+            return
+        server_now = self.rig.sim.now_ts()
+        for stream in (CREATED, UPDATED):
+            cursor = self.rig.store.cursor(stream)
+            if cursor is not None and cursor.cursor_ts is not None:
+                assert cursor.cursor_ts <= server_now - SAFETY_LAG + 1e-6, f"{stream} cursor past the signpost"
+
+
+def _run(examples: int, steps: int, *, derandomize: bool) -> None:
+    run_state_machine_as_test(
+        DetectionMachine,
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=steps,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=derandomize,
+            database=None,
+        ),
+    )
+
+
+def test_detection_matches_the_model() -> None:
+    """A bounded profile of random histories: every invariant holds after every step."""
+    _run(examples=12, steps=25, derandomize=True)
+
+
+@pytest.mark.soak
+def test_detection_soak() -> None:
+    """The same machine for WATCHER_SOAK_SECONDS (make soak: ten minutes), fresh random histories each round."""
+    budget = float(os.environ.get("WATCHER_SOAK_SECONDS", "600"))
+    deadline = time.monotonic() + budget
+    rounds = 0
+    while time.monotonic() < deadline:
+        _run(examples=20, steps=40, derandomize=False)
+        rounds += 1
+    print(f"soak: {rounds} rounds of 20 histories × up to 40 steps")
