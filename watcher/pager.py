@@ -70,20 +70,35 @@ class Pager:
     async def pages(self, start_page: int = 1) -> AsyncGenerator[Read, None]:
         number = max(1, start_page)
         current = await self._read(number, after_id=None)
+        # The check of the boundary before `current` runs while the caller handles `current` and
+        # the next page is read ahead, so it costs a request, not a round trip.
+        check: asyncio.Task[bool] | None = None
+        boundary: int | None = None
         while True:
-            if is_last(current.page, current.page.has_view, self.size) and not current.unreadable:
-                yield current
-                return
-            ahead = asyncio.create_task(self._read(number + 1, after_id=_last_id(current.page)))
-            ahead.add_done_callback(_consume)
+            last = is_last(current.page, current.page.has_view, self.size) and not current.unreadable
+            ahead = None if last else asyncio.create_task(self._read(number + 1, after_id=_last_id(current.page)))
             try:
+                if ahead is not None:
+                    ahead.add_done_callback(_consume)
                 yield current
+                if check is not None and boundary is not None and not await check:
+                    if ahead is not None:
+                        ahead.cancel()
+                    number, current = await self._step_back(number - 1, boundary)
+                    check = boundary = None
+                    continue
+                if ahead is None:
+                    return
                 following = await ahead
             finally:
-                ahead.cancel()
-            last = _last_id(current.page)
-            if last is not None and len(current.page.members) == self.size and not await self._still_at(number, last):
-                number, following = await self._step_back(number, last)
+                for task in (ahead, check):
+                    if task is not None and not task.done():
+                        task.cancel()
+            full = len(current.page.members) == self.size
+            boundary = _last_id(current.page) if full else None
+            check = asyncio.create_task(self._still_at(number, boundary)) if boundary is not None else None
+            if check is not None:
+                check.add_done_callback(_consume)
             number += 1
             current = following
 
@@ -93,9 +108,9 @@ class Pager:
         return bool(probe.members) and _id(probe.members[0]) == last_id
 
     async def _step_back(self, number: int, last_id: int) -> tuple[int, Read]:
-        """Rows moved under the walk: re-read from the latest page that overlaps what was read
-        (its first id at or below `last_id`), so nothing between is skipped. Returns the page
-        number before it and the page itself."""
+        """Rows moved under the walk after page `number` (whose last row was `last_id`) was read:
+        re-read from the latest page that overlaps what was read (its first id at or below
+        `last_id`), so nothing between is skipped. Returns that page's number and the page."""
         self.step_backs += 1
         if self.step_backs > MAX_STEP_BACKS:
             raise ServerFault(f"Convertr GET /api/v4/{self.collection}: the result set kept shifting during the walk")
@@ -106,7 +121,7 @@ class Pager:
             read = await self._read(back, after_id=None)
             first = _id(read.page.members[0]) if read.page.members else None
             if back <= 1 or first is None or first <= last_id:
-                return back - 1, read
+                return back, read
 
     # --- one page, narrowed around what cannot be read ------------------------------------------
 
