@@ -312,7 +312,8 @@ class DetectionMachine(RuleBasedStateMachine):
             )
         )
 
-    def _restore_model(self, model: dict[str, Any]) -> None:
+    def _restore_model(self, saved: dict[str, Any]) -> None:
+        model = json.loads(json.dumps(saved))  # the backup's model stays as it was for the next restore
         self.observed = {int(k): v for k, v in model["observed"].items()}
         self.learning = {int(k): set(v) for k, v in model["learning"].items()}
         self.dormant = {int(k): v for k, v in model["dormant"].items()}
