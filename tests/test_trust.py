@@ -224,3 +224,26 @@ def test_an_unreadable_lead_is_isolated_and_delivered_once_readable(rig: Callabl
     r.poll()
     assert r.created() == {lead: 1 for lead in fresh + later}
     assert r.store.unreadable() == []
+
+
+def test_an_unreadable_changed_lead_reports_its_change_once_readable(rig: Callable[..., Rig]) -> None:
+    """A changed lead the server cannot serialise holds up no other change, and its own change is
+    reported, once, when it can be read again."""
+    r = rig()
+    r.configure(items_per_page=4)
+    r.poll()
+    first, second = r.sim.lead_ids()[:2]
+    r.advance(10)
+    for lead in (first, second):
+        r.sim.update_lead(lead, lead_data={"Job Title": "Poisoned"})
+    r.sim.poison_lead(first)
+    r.advance(5)
+    r.poll()
+    assert [e["data"]["lead"]["id"] for e in r.updates()] == [second]
+    r.sim.poison_lead(first, poisoned=False)
+    r.advance(600)
+    r.poll()
+    r.advance(5)
+    r.poll()
+    assert sorted(e["data"]["lead"]["id"] for e in r.updates()) == sorted([first, second])
+    assert r.store is not None and r.store.unreadable() == []

@@ -41,6 +41,7 @@ log = structlog.get_logger("watcher.poller")
 
 CREATED, UPDATED, RECHECK, CAMPAIGNS = "leads.created", "leads.updated", "leads.recheck", "campaigns"
 BASELINE = "leads.baseline"
+CHANGE_STREAMS = ("leads.updated", BASELINE, "leads.recheck")  # walks that compare leads with snapshots
 UPDATED_FILTER = "updatedTs[strictly_after]"
 CREATED_FILTER = "createdTs[strictly_after]"
 LEAD_TIMES = ("createdTs", "updatedTs")
@@ -289,7 +290,7 @@ class Poller:
         else:
             bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
             plan = _Plan(CREATED, CREATED_FILTER, bound, cursor, "createdTs", emit_after=floor or float("-inf"))
-        await self._retry_unreadable(CREATED, plan, result)
+        await self._retry_unreadable((CREATED,), plan, result, created=True)
         await self._walk(plan, result, created=True)
 
     async def _walk_updated(self, result: PollResult) -> None:
@@ -312,7 +313,7 @@ class Poller:
         else:
             bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
             plan = _Plan(UPDATED, UPDATED_FILTER, bound, cursor, "updatedTs")
-        await self._retry_unreadable(UPDATED, plan, result)
+        await self._retry_unreadable(CHANGE_STREAMS, plan, result, created=False)
         await self._walk(plan, result, created=False)
 
     async def _walk_baseline(self, result: PollResult) -> None:
@@ -333,6 +334,7 @@ class Poller:
     async def _walk_recheck(self, result: PollResult) -> None:
         window_start = self.server.now() - self.config.leads.recheck_window
         plan = _Plan(RECHECK, CREATED_FILTER, self.server.bound(window_start), None, None)
+        await self._retry_unreadable(CHANGE_STREAMS, plan, result, created=False)
         await self._walk(plan, result, created=False)
 
     async def _walk(self, plan: _Plan, result: PollResult, *, created: bool, finish_cursor: str | None = None) -> None:
@@ -416,12 +418,15 @@ class Poller:
         if self.metrics is not None:
             self.metrics.set_unreadable(len({u.lead_id for u in self.store.unreadable()}) + extra)
 
-    async def _retry_unreadable(self, stream: str, plan: _Plan, result: PollResult) -> None:
+    async def _retry_unreadable(
+        self, streams: tuple[str, ...], plan: _Plan, result: PollResult, *, created: bool
+    ) -> None:
         """Read each unreadable lead whose time has come; one that reads now is decided like a page."""
         now = self.clock.now()
-        for entry in self.store.unreadable(stream):
-            if entry.next_try > now:
+        for entry in self.store.unreadable():
+            if entry.stream not in streams or entry.next_try > now:
                 continue
+            stream = entry.stream
             commit = PageCommit(stream, now)
             try:
                 doc = await self.client.item("leads", entry.lead_id, attempts=1)
@@ -434,7 +439,7 @@ class Poller:
                 read = Read(Page(0, [doc], None, None, None, frozenset()))
                 signpost = self.server.now() - self.config.leads.safety_lag
                 retry = _Plan(stream, "", "", None, None, emit_after=plan.emit_after)
-                commit = self._decide(retry, read, signpost, None, stream == CREATED, result)
+                commit = self._decide(retry, read, signpost, None, created, result)
                 commit.cursor = commit.cursor_ts = None  # one old lead never moves a cursor
                 log.info("unreadable lead read at last", stream=stream, lead_id=entry.lead_id)
             commit.readable.append(entry.lead_id)
