@@ -264,9 +264,10 @@ def _housekeeping(rt: Runtime) -> None:
 
 
 class Daemon:
-    def __init__(self, rt: Runtime, notifier: Notifier) -> None:
+    def __init__(self, rt: Runtime, notifier: Notifier, *, housekeeping_interval: float = HOUSEKEEPING_INTERVAL) -> None:
         self.rt = rt
         self.notifier = notifier
+        self.housekeeping_interval = housekeeping_interval
         self.fatal: BaseException | None = None
         self.polls: set[asyncio.Task[Any]] = set()
         self.last_poll: dict[str, float] = {}
@@ -335,7 +336,9 @@ class Daemon:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=interval)
 
-    def _housekeeping(self) -> None:
+    async def _housekeeping(self) -> None:
+        # A coroutine, so APScheduler runs it on the event loop: as a plain function it went to a
+        # worker thread and opened a transaction on the loop's connection under a page commit.
         try:
             _housekeeping(self.rt)
         except StateError as exc:
@@ -370,7 +373,9 @@ class Daemon:
             scheduler.add_job(
                 self._job, IntervalTrigger(seconds=interval), args=(name, polls[name]), id=name, next_run_time=start
             )
-        scheduler.add_job(self._housekeeping, IntervalTrigger(seconds=HOUSEKEEPING_INTERVAL), id="housekeeping")
+        scheduler.add_job(
+            self._housekeeping, IntervalTrigger(seconds=self.housekeeping_interval), id="housekeeping"
+        )
         return scheduler
 
     async def run(self) -> int:

@@ -1,0 +1,87 @@
+"""Housekeeping runs on the event loop: pruning never shares the connection with a page commit or an outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import structlog
+
+from tests.conftest import serving
+from tests.support.daemon import webhook_sink, write_config
+from tests.support.receiver import Receiver
+from watcher.clock import SystemClock
+from watcher.config import load_config
+from watcher.daemon import Daemon, runtime
+from watcher.notify import Notifier
+from watcher.store import Store
+
+SEEDED_DEAD = 5_000  # enough rows that each prune holds its transaction for a noticeable time
+
+
+def _seed_dead_rows(path: Path) -> None:
+    """Dead deliveries that prune keeps but must scan every time (its events-without-deliveries pass)."""
+    Store.open(path).close()  # the schema
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO events (id, type, resource, payload, detected_at) VALUES (?, 'lead.created', ?, '{}', 0)",
+            ((f"seed-{i}", f"seed:{i}") for i in range(SEEDED_DEAD)),
+        )
+        conn.execute(
+            "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
+            "SELECT seq, 'crm', resource, 'dead', 0, 0 FROM events"
+        )
+
+
+def test_housekeeping_against_a_busy_poller(tmp_path: Path, receiver: Receiver) -> None:
+    """Prune every 20 ms while leads stream in: no nested transaction, no lost outcome, every event sent once."""
+    with serving(seed=5, campaigns=2, leads=5) as (simulator, server):
+        config_path = write_config(
+            tmp_path,
+            server.url,
+            [webhook_sink(receiver.url, retry_schedule=["200ms"] * 10)],
+            leads={"interval": 1},
+        )
+        # Delivered rows and attempts are pruned almost at once, so every run deletes something.
+        retention = 'path = "state.db"\ndelivered_retention = "1ms"\nattempt_log_retention = "1ms"'
+        config_path.write_text(config_path.read_text().replace('path = "state.db"', retention))
+        config = load_config(config_path)
+        _seed_dead_rows(config.state.path)
+        campaign = simulator.campaign_ids()[0]
+        added: list[int] = []
+
+        async def scenario() -> int:
+            async with runtime(config, SystemClock()) as rt:
+                task = asyncio.create_task(Daemon(rt, Notifier(None), housekeeping_interval=0.02).run())
+                async with asyncio.timeout(60):
+                    # Leads created before the first walk ends are its baseline, never announced.
+                    while not ((c := rt.store.cursor("leads.created")) and c.polls):
+                        await asyncio.sleep(0.05)
+                    for _ in range(8):
+                        added.extend(simulator.add_leads(5, campaign))
+                        await asyncio.sleep(0.5)  # pacing the generator, not waiting for a result
+                    while not set(added) <= _delivered_leads(receiver):
+                        await asyncio.sleep(0.05)
+                rt.stopping.set()
+                return await task
+
+        with structlog.testing.capture_logs() as logs:
+            code = asyncio.run(scenario())
+
+    assert code == 0
+    messages = [f"{e.get('event')} {e.get('error', '')}" for e in logs]
+    assert not [m for m in messages if "transaction" in m], messages
+    assert not [m for m in messages if "cannot record" in m or "fatal" in m or "housekeeping failed" in m]
+    assert sum(1 for e in logs if e.get("event") == "pruned") >= 3, "housekeeping ran beside the polls"
+    ids = Counter(r.headers["webhook-id"] for r in receiver.requests if r.method == "POST" and r.status == 200)
+    assert ids and max(ids.values()) == 1, [i for i, n in ids.items() if n > 1]
+
+
+def _delivered_leads(receiver: Receiver) -> set[int]:
+    return {
+        r.json()["data"]["lead"]["id"]
+        for r in receiver.requests
+        if r.method == "POST" and r.status == 200 and r.json()["type"] == "lead.created"
+    }
