@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import structlog
+
 from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
@@ -46,6 +48,8 @@ def _load(args: argparse.Namespace) -> Config:
     configure_logging(
         config.log.level, config.log.format, secrets=config.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
     )
+    for warning in config.warnings:
+        structlog.get_logger("watcher.config").warning(warning)
     return config
 
 

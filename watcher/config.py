@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, cast
@@ -148,6 +148,8 @@ class Config:
     sinks: tuple[SinkConfig, ...] = ()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    # Problems worth a warning but not a refusal (the CLI logs them once logging is set up).
+    warnings: tuple[str, ...] = ()
 
     def secret_values(self) -> tuple[str, ...]:
         """Every secret string the log redactor must hide."""
@@ -188,13 +190,33 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(shown, f"invalid TOML: {_one_line(str(exc))}") from None
     config_path = Path(path).absolute()
     ctx = _Context(environ=os.environ if environ is None else environ, folder=config_path.parent)
-    return _build(raw, config_path, ctx)
+    config = _build(raw, config_path, ctx)
+    warning = _exposed_secrets(config_path, ctx.literals)
+    return replace(config, warnings=(warning,)) if warning else config
+
+
+def _exposed_secrets(path: Path, literals: list[str]) -> str | None:
+    """A warning when the file holds a secret written in it and people other than its owner may read it."""
+    if not literals:
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    # Key paths only, never values: the warning goes to the log.
+    return (
+        f"{path} holds a literal secret ({', '.join(literals)}) and is readable by group or others "
+        f"(mode {mode & 0o777:04o}): chmod 600 it, or give the secret as X_file or X_env"
+    )
 
 
 @dataclass(frozen=True)
 class _Context:
     environ: Mapping[str, str]
     folder: Path
+    literals: list[str] = field(default_factory=list)  # key paths of secrets written in the file itself
 
 
 _TOP_KEYS = ("convertr", "state", "leads", "campaigns", "sinks", "metrics", "log")
@@ -228,7 +250,9 @@ def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
     t.check_keys(_CONVERTR_KEYS)
     base_url = _base_url(t.require("base_url"), t.key("base_url"))
     username = _nonempty_str(t.require("username"), t.key("username"))
-    password, _, _ = _secret(t, "password", ctx)
+    password, password_key, indirect = _secret(t, "password", ctx)
+    if not indirect:
+        ctx.literals.append(password_key)
     return ConvertrConfig(
         base_url=base_url,
         username=username,
@@ -307,6 +331,8 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
     url, url_key, url_is_secret = _secret(t, "url", ctx)
     if not _is_http_url(url):
         raise ConfigError(url_key, "must be an http(s) URL")
+    if kind == "slack" and not url_is_secret:
+        ctx.literals.append(url_key)  # a Slack incoming-webhook URL is itself the credential
     secrets: tuple[str, ...] = ()
     if kind == "slack":
         for key in _secret_keys("secret"):
@@ -315,8 +341,10 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
     else:
         if not any(key in t.data for key in _secret_keys("secret")):
             raise ConfigError(t.key("secret"), "required for webhook sinks (secret, secret_env or secret_file)")
-        value, secret_key, _ = _secret(t, "secret", ctx)
+        value, secret_key, indirect = _secret(t, "secret", ctx)
         secrets = _webhook_keys(value, secret_key)
+        if not indirect:
+            ctx.literals.append(secret_key)
     webhook = kind == "webhook"
     return SinkConfig(
         name=name,

@@ -10,6 +10,7 @@ error, created and delivered times). Storing the body once keeps the file small 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -265,6 +266,22 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _private(path: Path) -> None:
+    """Create the state file 0600, and take group and other access away from one that has it.
+
+    The file holds lead payloads with personal data. SQLite gives its -wal and -shm the main
+    file's mode, so a main file created 0600 (not left to the umask) keeps all three private.
+    """
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with suppress(FileNotFoundError):
+                if file.stat().st_mode & 0o077:
+                    os.chmod(file, 0o600)
+    except OSError as exc:
+        raise StateError(f"cannot open state file {path}: {exc.strerror or exc}") from None
+
+
 class Store:
     """The state file. Open with `Store.open`; close with `close()`."""
 
@@ -277,6 +294,7 @@ class Store:
     def open(cls, path: Path) -> Store:
         if not path.parent.is_dir():
             raise StateError(f"state directory {path.parent} does not exist")
+        _private(path)
         try:
             store = cls(_connect(path), path)
             store._migrate()
