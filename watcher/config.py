@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import math
 import os
@@ -222,7 +223,7 @@ class _Context:
 _TOP_KEYS = ("convertr", "state", "leads", "campaigns", "sinks", "metrics", "log")
 _CONVERTR_KEYS = (
     *("base_url", "username", "password", "password_env", "password_file", "items_per_page", "timeout"),
-    *("timezone", "max_in_flight", "request_budget", "max_response_bytes"),
+    *("timezone", "max_in_flight", "request_budget", "max_response_bytes", "allow_http"),
 )
 _LEADS_KEYS = (
     *("enabled", "interval", "lookback", "updates", "campaign_ids", "start", "track", "recheck_window"),
@@ -231,6 +232,7 @@ _LEADS_KEYS = (
 _SINK_KEYS = (
     *("name", "type", "url", "url_env", "url_file", "secret", "secret_env", "secret_file", "events"),
     *("campaign_ids", "timeout", "retry_schedule", "max_age", "include_pii", "concurrency", "enabled"),
+    "allow_http",
 )
 
 
@@ -249,6 +251,7 @@ def _build(raw: dict[str, object], config_path: Path, ctx: _Context) -> Config:
 def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
     t.check_keys(_CONVERTR_KEYS)
     base_url = _base_url(t.require("base_url"), t.key("base_url"))
+    _require_https(base_url, t.key("base_url"), t.boolean("allow_http", False), t.key("allow_http"))
     username = _nonempty_str(t.require("username"), t.key("username"))
     password, password_key, indirect = _secret(t, "password", ctx)
     if not indirect:
@@ -331,6 +334,7 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
     url, url_key, url_is_secret = _secret(t, "url", ctx)
     if not _is_http_url(url):
         raise ConfigError(url_key, "must be an http(s) URL")
+    _require_https(url, url_key, t.boolean("allow_http", False), t.key("allow_http"))
     if kind == "slack" and not url_is_secret:
         ctx.literals.append(url_key)  # a Slack incoming-webhook URL is itself the credential
     secrets: tuple[str, ...] = ()
@@ -364,11 +368,21 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
 
 
 def _metrics(t: _Table) -> MetricsConfig:
-    t.check_keys(("listen",))
+    t.check_keys(("listen", "allow_remote"))
     value = t.get("listen", None)
+    allow_remote = t.boolean("allow_remote", False)
     if value is None:
         return MetricsConfig()
-    return MetricsConfig(listen=_listen(value, t.key("listen")))
+    listen = _listen(value, t.key("listen"))
+    # /metrics names sinks and streams and /healthz says what is failing: not for the whole network
+    # unless the operator says so (and then a firewall or proxy is theirs to put in front).
+    if not allow_remote and not _is_loopback(listen[0]):
+        raise ConfigError(
+            t.key("listen"),
+            f"{_quote(listen[0])} is not a loopback address; set {t.key('allow_remote')} = true "
+            "to serve /metrics and /healthz beyond this host",
+        )
+    return MetricsConfig(listen=listen)
 
 
 def _log(t: _Table) -> LogConfig:
@@ -521,6 +535,26 @@ def _base_url(value: object, path: str) -> str:
     if value.rstrip("/").endswith(("?", "#")):
         raise ConfigError(path, problem)
     return f"{parts.scheme.lower()}://{parts.netloc}"
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only: localhost, 127.0.0.0/8 or ::1."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_https(url: str, path: str, allow_http: bool, allow_key: str) -> None:
+    """Refuse plain http beyond loopback: the password, tokens and personal data would cross the network in clear."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "https" or allow_http or _is_loopback(parts.hostname or ""):
+        return
+    # The key path only: a sink URL may itself be the secret (Slack).
+    raise ConfigError(path, f"must be an https:// URL (plain http only to a loopback host, or with {allow_key} = true)")
 
 
 def _is_http_url(value: str) -> bool:

@@ -33,6 +33,9 @@ HEALTH_INTERVALS = 3
 POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MAX_REQUEST_BYTES = 8192
 REQUEST_DEADLINE = 10.0
+# Connections served at once; more are closed on arrival. A scraper needs one, so a flood of idle
+# connections costs at most this many handlers and buffers, whoever can reach the port.
+MAX_CONNECTIONS = 16
 
 
 def status_class(status: int | None) -> str:
@@ -221,9 +224,16 @@ def route(method: str, target: str, metrics: Metrics, health_fn: HealthFn) -> by
 
 
 def _handler(
-    metrics: Metrics, health_fn: HealthFn
+    metrics: Metrics, health_fn: HealthFn, max_connections: int = MAX_CONNECTIONS
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    active = 0
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active
+        if active >= max_connections:
+            writer.transport.abort()
+            return
+        active += 1
         try:
             # A bounded wait and size: a stuck or hostile client cannot pin a connection.
             async with asyncio.timeout(REQUEST_DEADLINE):
@@ -243,6 +253,7 @@ def _handler(
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         finally:
+            active -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -250,6 +261,9 @@ def _handler(
     return handle
 
 
-async def serve(metrics: Metrics, host: str, port: int, health_fn: HealthFn) -> asyncio.Server:
+async def serve(
+    metrics: Metrics, host: str, port: int, health_fn: HealthFn, *, max_connections: int = MAX_CONNECTIONS
+) -> asyncio.Server:
     """Listen on host:port (port 0 picks one) for GET /metrics and GET /healthz; close() to stop."""
-    return await asyncio.start_server(_handler(metrics, health_fn), host, port, limit=MAX_REQUEST_BYTES)
+    handler = _handler(metrics, health_fn, max_connections)
+    return await asyncio.start_server(handler, host, port, limit=MAX_REQUEST_BYTES)
