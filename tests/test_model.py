@@ -424,6 +424,7 @@ def test_detection_matches_the_model() -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(0)  # it runs for WATCHER_SOAK_SECONDS and stops by itself
 def test_detection_soak() -> None:
     """The same machine for WATCHER_SOAK_SECONDS (make soak: ten minutes), fresh random histories each round."""
     budget = float(os.environ.get("WATCHER_SOAK_SECONDS", "600"))

@@ -117,6 +117,22 @@ class Poller:
         self._lead_search: frozenset[str] | None = None
         self._warned_disagreement = False
 
+    def reconfigure(self, config: Config, client: ConvertrClient) -> None:
+        """Take a reloaded configuration between polls (never during one): new routes at once.
+
+        What the poller learnt about the server (its clock, zone calibration, filter support) is
+        kept unless `[convertr]` changed, because then it may be another server or account.
+        """
+        if config.convertr != self.config.convertr:
+            self.server = ServerClock(self.clock, config.convertr.timezone)
+            self.calibration = None
+            self.updates_filter = None
+            self._lead_search = None
+            self._warned_disagreement = False
+        self.config = config
+        self.client = client
+        self.route = router(config.sinks)
+
     # --- public entry points ------------------------------------------------------------------
 
     async def poll_leads(self) -> list[PollResult]:
@@ -273,6 +289,10 @@ class Poller:
                 # moment (by the server's clock) become events. The bound is the one any later walk
                 # could reach from this cursor, so no later walk finds an unrecorded older lead.
                 server_now = await self._fresh_now()
+                # Timestamps have whole seconds: a lead created later in the baseline's own second
+                # would read as part of the baseline. Starting the walk once that second is over
+                # makes "created at or before the baseline" mean "there when the walk began".
+                await self.clock.sleep(1.0)
                 start = server_now - leads.safety_lag
                 new_floor = start - leads.lookback
                 plan = _Plan(
