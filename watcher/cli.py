@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -256,10 +257,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         leads = store.lead_count()
     finally:
         store.close()
+    storage = _storage(config.state.path)
     if args.json:
         print(
             json.dumps(
-                {"streams": streams, "sinks": sinks, "tracked_leads": leads, "unreadable_leads": unreadable}, indent=2
+                {
+                    "streams": streams,
+                    "sinks": sinks,
+                    "tracked_leads": leads,
+                    "unreadable_leads": unreadable,
+                    "storage": storage,
+                },
+                indent=2,
             )
         )
         return EXIT_OK
@@ -282,12 +291,38 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{sk['last_success_at'] or '-':<26} {state}"
         )
     print(f"\n{leads} leads tracked")
+    if storage["problem"]:
+        print(f"STATE FILE: {storage['problem']}")
     for u in unreadable:
         print(
             f"lead {u['lead_id']} unreadable ({u['stream']}): {u['tries']} tries since {u['first_seen']}, "
             f"next {u['next_try']}: {u['error'] or ''}"
         )
     return EXIT_OK
+
+
+# Less free space than this, and a page of leads or an outcome may not fit.
+LOW_SPACE = 1 << 20
+
+
+def _storage(path: Path) -> dict[str, Any]:
+    """Whether the state file's folder can take writes: its free space and a read-only mount.
+
+    A daemon whose disk is full cannot record why, so `status` looks at the folder itself.
+    """
+    folder = path.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError as exc:
+        return {"free_bytes": None, "read_only": None, "problem": f"cannot inspect {folder}: {exc.strerror}"}
+    free = st.f_bavail * st.f_frsize
+    read_only = bool(st.f_flag & os.ST_RDONLY)
+    problem = None
+    if read_only:
+        problem = f"{folder} is read-only: the daemon cannot record anything; polls pause until it is writable"
+    elif free < LOW_SPACE:
+        problem = f"{folder} is full ({free} bytes free): polls pause and outcomes wait in memory until space returns"
+    return {"free_bytes": free, "read_only": read_only, "problem": problem}
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -44,6 +44,9 @@ from watcher.store import Store
 log = structlog.get_logger("watcher.daemon")
 
 HOUSEKEEPING_INTERVAL = 3600.0
+# After the state file refused a page (disk full, read-only directory): polls pause this long, then
+# try again. Each try re-reads one page from the API, so the pause keeps an outage cheap.
+STORAGE_RETRY = 10.0
 STOP_GRACE = 5.0  # for a walk to finish its page; TimeoutStopSec= leaves plenty more
 # A healthy delivery worker turns at least every SWEEP_INTERVAL; far past that it is stuck.
 DISPATCH_STALL = max(60.0, 12 * SWEEP_INTERVAL)
@@ -264,16 +267,25 @@ def _housekeeping(rt: Runtime) -> None:
 
 
 class Daemon:
-    def __init__(self, rt: Runtime, notifier: Notifier, *, housekeeping_interval: float = HOUSEKEEPING_INTERVAL) -> None:
+    def __init__(
+        self, rt: Runtime, notifier: Notifier, *, housekeeping_interval: float = HOUSEKEEPING_INTERVAL
+    ) -> None:
         self.rt = rt
         self.notifier = notifier
         self.housekeeping_interval = housekeeping_interval
         self.fatal: BaseException | None = None
         self.polls: set[asyncio.Task[Any]] = set()
         self.last_poll: dict[str, float] = {}
+        self.storage_error: str | None = None  # why the last page commit failed, until one succeeds
+        self.storage_retry_at = float("-inf")  # monotonic: polls are skipped until then
 
     async def _job(self, name: str, poll: Callable[[], Awaitable[object]]) -> None:
         if self.rt.stopping.is_set():
+            return
+        if self.rt.clock.monotonic() < self.storage_retry_at:
+            # Paused, not stuck: the watchdog must keep seeing progress, or systemd restarts us in a
+            # loop until StartLimitBurst leaves the unit failed while the disk is still full.
+            self.rt.liveness.end(name, self.rt.clock.monotonic())
             return
         task = asyncio.current_task()
         if task is not None:
@@ -283,10 +295,22 @@ class Daemon:
         try:
             await poll()
             self.last_poll[name] = self.rt.clock.now()
-        except (AuthError, StateError) as exc:
+            if self.storage_error is not None:
+                self.storage_error = None
+                log.warning("state file writable again; polls resume", job=name)
+        except AuthError as exc:
             log.error("fatal", error=str(exc))
             self.fatal = exc
             self.rt.stopping.set()
+        except StateError as exc:
+            # A full disk or a read-only directory passes when space returns; exiting would not
+            # bring it back. The page rolled back, so the next try starts from the same cursor.
+            self.storage_error = str(exc)
+            self.storage_retry_at = self.rt.clock.monotonic() + STORAGE_RETRY
+            log.error(
+                "state file cannot be written; polls pause and retry", job=name, retry_in=STORAGE_RETRY, error=str(exc)
+            )
+            self.notifier.status(f"paused: {exc}")
         except WatcherError as exc:
             log.error("poll failed; the next one retries from the same cursor", job=name, error=str(exc))
         except Exception:
@@ -346,6 +370,9 @@ class Daemon:
 
     def _health(self) -> tuple[bool, str]:
         rt = self.rt
+        broken = self.storage_error or rt.dispatcher.write_error
+        if broken:
+            return False, f"state file cannot be written (polls paused, outcomes kept in memory): {broken}"
         return rt.metrics.health(rt.clock.now(), health_intervals(rt.config, rt.poller.updates_filter))
 
     async def _serve_metrics(self) -> asyncio.Server | None:
@@ -373,9 +400,7 @@ class Daemon:
             scheduler.add_job(
                 self._job, IntervalTrigger(seconds=interval), args=(name, polls[name]), id=name, next_run_time=start
             )
-        scheduler.add_job(
-            self._housekeeping, IntervalTrigger(seconds=self.housekeeping_interval), id="housekeeping"
-        )
+        scheduler.add_job(self._housekeeping, IntervalTrigger(seconds=self.housekeeping_interval), id="housekeeping")
         return scheduler
 
     async def run(self) -> int:

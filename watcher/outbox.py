@@ -97,6 +97,18 @@ class _Pace:
 
 
 @dataclass
+class _Unwritten:
+    """An attempt whose outcome the state file refused (disk full, read-only): written again later."""
+
+    batch: list[Due]
+    outcomes: list[Outcome]
+    error: DeliveryError | None
+    status: int | None
+    duration: float
+    at: float  # when the attempt ended (Unix seconds): the time the record carries
+
+
+@dataclass
 class _Lane:
     """One sink's queue state inside the daemon."""
 
@@ -112,10 +124,14 @@ class _Lane:
     # Due deliveries read ahead, each the oldest pending event of its resource: one query feeds
     # many sends instead of one query per send.
     ahead: deque[Due] = field(default_factory=deque)
+    # Outcomes the state file refused, oldest first. Their deliveries still read as pending in the
+    # file, so they count as busy: a delivered event is never sent again only because its record
+    # failed, and a later event about the same resource still waits behind it.
+    unwritten: list[_Unwritten] = field(default_factory=list)
 
     @property
     def busy(self) -> frozenset[int]:
-        return frozenset(self.in_flight)
+        return frozenset(self.in_flight).union(d.seq for u in self.unwritten for d in u.batch)
 
     @property
     def free(self) -> int:
@@ -139,6 +155,8 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.metrics = metrics
         self.on_progress = on_progress
+        # Why the last outcome write failed, while any outcome waits in memory (health goes red).
+        self.write_error: str | None = None
         paces: dict[str, _Pace] = {}
         self._lanes = {
             s.name: _Lane(s, off=not s.config.enabled, pace=paces.setdefault(s.config.url, _Pace())) for s in self.sinks
@@ -186,6 +204,8 @@ class Dispatcher:
 
     def _launch(self, lane: _Lane) -> float:
         """Start every send this lane may start now; return how long to sleep before looking again."""
+        if lane.unwritten and not self._write_back(lane):
+            return ERROR_BACKOFF  # nothing new goes out while the file cannot record what it did
         sink = lane.sink
         if lane.off:
             return SWEEP_INTERVAL
@@ -235,13 +255,38 @@ class Dispatcher:
     async def _drain(self, lane: _Lane, grace: float) -> None:
         # Stopping: let attempts in flight finish briefly; an interrupted one stays pending and is sent again.
         pending = set(lane.in_flight.values())
-        if not pending:
-            return
-        _done, late = await asyncio.wait(pending, timeout=grace)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late)
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if lane.unwritten and not self._write_back(lane):
+            # Lost with the process: these go again after the restart (same ids, at least once).
+            log.error("delivery outcomes could not be written before the stop", sink=lane.sink.name)
+
+    def _write_back(self, lane: _Lane) -> bool:
+        """Write the outcomes the state file refused earlier, in order; True once none is left."""
+        while lane.unwritten:
+            u = lane.unwritten[0]
+            try:
+                self.store.record_outcomes(
+                    lane.sink.name,
+                    u.outcomes,
+                    now=u.at,
+                    status_code=u.status,
+                    duration=u.duration,
+                    success=u.error is None,
+                )
+            except WatcherError as exc:
+                self.write_error = str(exc)[:300]
+                return False
+            lane.unwritten.pop(0)
+            log.warning("delivery outcome written after the state file recovered", sink=lane.sink.name)
+            self._after(lane, u.batch, u.outcomes, u.error, u.status, u.duration)
+        if not any(other.unwritten for other in self._lanes.values()):
+            self.write_error = None
+        return True
 
     def _report(self, lane: _Lane) -> None:
         mono = self.clock.monotonic()
@@ -280,9 +325,15 @@ class Dispatcher:
                 sink.name, outcomes, now=now, status_code=status, duration=duration, success=error is None
             )
         except WatcherError as exc:
-            # Nothing was written, so these deliveries are still pending and go again (same ids):
-            # at least once. Holding the lane back keeps a broken disk from hammering the receiver.
-            log.error("cannot record a delivery outcome; it will be sent again", sink=sink.name, error=str(exc)[:300])
+            # Nothing was written: the file still says pending. Keep the outcome and write it when
+            # the file accepts it, rather than send a delivered event again every few seconds.
+            self.write_error = str(exc)[:300]
+            lane.unwritten.append(_Unwritten(list(batch), outcomes, error, status, duration, now))
+            log.error(
+                "cannot record a delivery outcome; kept in memory and written when the state file accepts it",
+                sink=sink.name,
+                error=self.write_error,
+            )
             lane.paused_until = max(lane.paused_until, self.clock.monotonic() + ERROR_BACKOFF)
             return False
         self._after(lane, batch, outcomes, error, status, duration)
