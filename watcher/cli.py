@@ -26,7 +26,7 @@ import structlog
 from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
-from watcher.errors import AuthError, ConfigError, StateError, StateLocked, WatcherError
+from watcher.errors import AuthError, ConfigError, StateError, StateLocked, StateTooNew, WatcherError
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging, known_secrets, scrub
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
@@ -483,3 +483,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
+    except StateTooNew as exc:
+        # Like a bad config, only the operator can fix it (an upgrade): 78 stops systemd's restarts.
+        return _fail(str(exc), EXIT_CONFIG)

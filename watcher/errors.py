@@ -3,7 +3,8 @@
     WatcherError
     ├── ConfigError          the configuration is invalid (CLI exit 78)
     ├── StateError           the state file cannot be opened, migrated or written
-    │   └── StateLocked      another process holds the state file's write lock (CLI exit 75)
+    │   ├── StateLocked      another process holds the state file's write lock (CLI exit 75)
+    │   └── StateTooNew      the state file was written by a newer release (CLI exit 78)
     ├── ConvertrError        the Convertr API did not give what was asked
     │   ├── AuthError        Convertr's own OAuth2 refusal (invalid_grant-style JSON), an expired
     │   │                    password or an MFA challenge: fatal, never retried
@@ -47,6 +48,19 @@ class StateError(WatcherError):
 
 class StateLocked(StateError):
     """Another process holds the state file's write lock; the message names the file and the holder."""
+
+
+class StateTooNew(StateError):
+    """The state file's schema is newer than this release knows: a restart cannot fix it, an upgrade can.
+
+    Exit 78 rather than 1, so systemd's RestartPreventExitStatus stops the unit instead of
+    restarting a daemon that can never open the file.
+    """
+
+    def __init__(self, message: str, *, needs: int, knows: int) -> None:
+        self.needs = needs
+        self.knows = knows
+        super().__init__(message)
 
 
 class ConvertrError(WatcherError):

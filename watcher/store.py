@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlite_utils
 
-from watcher.errors import StateError
+from watcher.errors import StateError, StateTooNew
 from watcher.events import Event, dumps, loads
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -328,9 +328,11 @@ class Store:
         if version != known:
             conn.close()
             if version > known:
-                raise StateError(
+                raise StateTooNew(
                     f"state file {path} needs a newer convertr-watcher (schema version {version}; "
-                    f"this release reads version {known})"
+                    f"this release reads version {known})",
+                    needs=version,
+                    knows=known,
                 )
             raise StateError(
                 f"state file {path} is at schema version {version}, older than this release ({known}): "
@@ -344,9 +346,11 @@ class Store:
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise StateError(
+            raise StateTooNew(
                 f"state file {self.path} has schema version {version}, newer than this release knows "
-                f"({len(MIGRATIONS)}): upgrade convertr-watcher or restore a matching backup"
+                f"({len(MIGRATIONS)}): upgrade convertr-watcher or restore a matching backup",
+                needs=version,
+                knows=len(MIGRATIONS),
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.transaction():
