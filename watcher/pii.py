@@ -8,7 +8,10 @@ What counts as personal (removed):
   email address, street address, postcode, IP address, birth date or social-profile URL
   (matched case-insensitively, ignoring `_`, `-`, `.` and spaces);
 - the same names in `changes` (`"email"`, `"leadData.email"`);
-- the `email` of an embedded campaign's `advertiser` (a contact person's mailbox).
+- the `email` of an embedded campaign's `advertiser` (a contact person's mailbox);
+- by value, wherever it sits: any field, `leadData` entry or change whose value (or a string
+  anywhere inside it) holds an e-mail address or a phone number. Names are free-form per
+  campaign ("Manager", "Reach me on"), so the name alone cannot be trusted to say what a value is.
 
 What is kept on purpose, as business data: `jobTitle`, `companyName`, `industry`, company size,
 `country`/`city` and other coarse location, `emailDomain` (names the employer, not the person),
@@ -18,8 +21,19 @@ What is kept on purpose, as business data: `jobTitle`, `companyName`, `industry`
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from typing import Any
+
+# An address with a local part: "@example.com" alone (the `emailDomain` business field) is not one.
+_EMAIL = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# A run of digits with the separators phone numbers are written with; judged by its digit count.
+_PHONE = re.compile(r"(?<![\w])\+?\(?\d[\d ().\-/\u00a0]{6,}\d(?![\w])")
+# 9 to 15 digits: E.164 allows 15, and national numbers without a trunk prefix have at least 9.
+_PHONE_DIGITS = range(9, 16)
+# ISO dates ("2026-11-26 18:35") have phone-like digit runs; they are not personal on their own.
+_DATE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")
+HIDDEN = "[personal data hidden]"
 
 # Top-level lead document fields, exactly as the API spells them.
 LEAD_FIELDS: frozenset[str] = frozenset(
@@ -123,6 +137,66 @@ def is_personal_field(field: str) -> bool:
     return field in LEAD_FIELDS
 
 
+def _phones(text: str) -> list[re.Match[str]]:
+    return [
+        m
+        for m in _PHONE.finditer(text)
+        if sum(ch.isdigit() for ch in m.group()) in _PHONE_DIGITS and not _DATE.search(m.group())
+    ]
+
+
+def is_personal_text(text: str) -> bool:
+    """Whether a string holds an e-mail address or a phone number anywhere in it."""
+    return bool(_EMAIL.search(text)) or bool(_phones(text))
+
+
+def has_personal_value(value: Any) -> bool:
+    """Whether a value, or any string or key anywhere inside it, holds an e-mail address or phone number."""
+    if isinstance(value, str):
+        return is_personal_text(value)
+    if isinstance(value, Mapping):
+        return any(has_personal_value(str(k)) or has_personal_value(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(has_personal_value(v) for v in value)
+    return False
+
+
+def mask_text(text: str) -> str:
+    """`text` with every e-mail address and phone number in it replaced by HIDDEN."""
+    masked = _EMAIL.sub(HIDDEN, text)
+    for m in reversed(_phones(masked)):
+        masked = masked[: m.start()] + HIDDEN + masked[m.end() :]
+    return masked
+
+
+def mask_values(value: Any) -> Any:
+    """A copy of `value` with every e-mail address and phone number in its strings and keys masked."""
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, Mapping):
+        return {mask_text(str(k)) if isinstance(k, str) else k: mask_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_values(v) for v in value]
+    return value
+
+
+def is_personal_change(field: str, change: Any) -> bool:
+    """Whether a `changes` entry is personal: by its name, or by what its name or from/to hold."""
+    return is_personal_field(field) or is_personal_text(field) or has_personal_value(change)
+
+
+# Fields a lead or campaign document needs to stay the document the schemas describe; their values
+# are ids and IRIs written by Convertr, never by a person filling in a form.
+_KEEP = frozenset({"@id", "@type", "@context", "id", "campaign", "createdTs", "updatedTs"})
+
+
+def _drop_personal_values(doc: dict[str, Any]) -> None:
+    for key in [k for k, v in doc.items() if k not in _KEEP and (is_personal_text(str(k)) or has_personal_value(v))]:
+        if key == "leadData" and isinstance(doc[key], list):
+            continue  # filtered entry by entry below, so one entry does not take the rest with it
+        doc.pop(key)
+
+
 def _strip_lead(lead: dict[str, Any]) -> None:
     for key in LEAD_FIELDS:
         lead.pop(key, None)
@@ -132,7 +206,9 @@ def _strip_lead(lead: dict[str, Any]) -> None:
             item
             for item in items
             if not (isinstance(item, Mapping) and is_personal_lead_data(str(item.get("name", ""))))
+            and not has_personal_value(item)
         ]
+    _drop_personal_values(lead)
 
 
 def strip_pii(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,10 +219,15 @@ def strip_pii(data: Mapping[str, Any]) -> dict[str, Any]:
         _strip_lead(lead)
     changes = out.get("changes")
     if isinstance(changes, dict):
-        out["changes"] = {k: v for k, v in changes.items() if not is_personal_field(str(k))}
+        out["changes"] = {k: v for k, v in changes.items() if not is_personal_change(str(k), v)}
     campaign = out.get("campaign")
     if isinstance(campaign, dict):
         advertiser = campaign.get("advertiser")
         if isinstance(advertiser, dict):
             advertiser.pop("email", None)
+            _drop_personal_values(advertiser)
+        _drop_personal_values(campaign)
+    # Anything else in `data` (a status change's from/to, a test event's sink name) is masked in place.
+    for key in [k for k in out if k not in ("lead", "changes", "campaign")]:
+        out[key] = mask_values(out[key])
     return out

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from watcher.config import SinkConfig
 from watcher.events import LEAD_UPDATED, Event
-from watcher.pii import is_personal_field
+from watcher.pii import is_personal_change
 
 
 def wants(sink: SinkConfig, event: Event) -> bool:
@@ -18,7 +18,7 @@ def wants(sink: SinkConfig, event: Event) -> bool:
         return False
     if event.type == LEAD_UPDATED and not sink.include_pii:
         changes = event.data.get("changes") or {}
-        return not changes or not all(is_personal_field(k) for k in changes)
+        return not changes or not all(is_personal_change(str(k), v) for k, v in changes.items())
     return True
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +33,7 @@ from watcher.events import (
     campaign_id_of,
     dumps,
 )
-from watcher.pii import is_personal_field
+from watcher.pii import is_personal_field, mask_values
 from watcher.schedule import retry_after_seconds
 from watcher.sinks import Attempt, HttpSink
 
@@ -376,6 +377,11 @@ class SlackSink(HttpSink):
         self._user_agent = f"convertr-watcher/{version}"
 
     def render(self, events: Sequence[Event]) -> dict[str, Any]:
+def private(event: Event) -> Event:
+    """The event with every e-mail address and phone number in its data (and extras) masked."""
+    return replace(event, data=mask_values(event.data), extra=mask_values(event.extra))
+
+
         if len(events) == 1:
             return render_message(events[0], include_pii=self.config.include_pii)
         return render_digest(events, include_pii=self.config.include_pii)
@@ -387,3 +393,6 @@ class SlackSink(HttpSink):
         body = dumps(self.render(events)).encode()
         headers = {"content-type": "application/json", "user-agent": self._user_agent}
         return await self._exchange(lambda: (body, headers), classify)
+        if not self.config.include_pii:
+            # By value as well as by name: a field called "Manager" may hold an e-mail address.
+            events = [private(e) for e in events]
