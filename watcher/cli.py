@@ -159,10 +159,14 @@ async def _connect(config: Config) -> int:
     except WatcherError as exc:
         print(f"  login: cannot reach the API ({exc})")
         code = EXIT_FAILURE
+    refused = _disabled_in_state(config)
     for sink in config.sinks:
         if not sink.enabled:
             print(f"  sink {sink.name}: disabled in config, not checked")
             continue
+        if sink.name in refused:
+            why = refused[sink.name]
+            print(f"  sink {sink.name}: DISABLED by the daemon {why}; `replay --sink {sink.name}` enables it")
         # Only the host name is shown: the rest of a sink URL (a Slack hook's path) may be a secret.
         host, problem = await _resolve(sink.url)
         if problem is None:
@@ -175,6 +179,28 @@ async def _connect(config: Config) -> int:
     if code:
         return _fail("check --connect: something cannot be reached (see above)", code)
     return EXIT_OK
+
+
+def _disabled_in_state(config: Config) -> dict[str, str]:
+    """Sinks the daemon disabled after a permanent refusal, with the reason (scrubbed); read-only."""
+    from watcher.store import Store
+
+    if not config.state.path.exists():
+        return {}
+    try:
+        store = Store.open_readonly(config.state.path)
+    except StateError:
+        return {}
+    try:
+        states = store.sink_states([s.name for s in config.sinks], only=True)
+    finally:
+        store.close()
+    secrets = known_secrets()
+    return {
+        s.name: f"since {_ts(s.disabled_at)} ({scrub(s.disabled_reason or 'refused', secrets)})"
+        for s in states
+        if s.disabled_at is not None
+    }
 
 
 async def _resolve(url: str) -> tuple[str, str | None]:
@@ -237,12 +263,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             for u in store.unreadable()
         ]
         sinks: list[dict[str, Any]] = []
-        for s in store.sink_states([s.name for s in config.sinks]):
+        configured = {c.name: c for c in config.sinks}
+        for s in store.sink_states(list(configured)):
             failing = s.failing_since is not None and now - s.failing_since >= FAILING_ALERT_AFTER
+            sink_config = configured.get(s.name)
             sinks.append(
                 {
                     "sink": s.name,
-                    "configured": any(c.name == s.name for c in config.sinks),
+                    "configured": sink_config is not None,
+                    # `enabled = false` in the configuration: nothing is queued or sent for it.
+                    "off": sink_config is not None and not sink_config.enabled,
+                    # Pending or dead events of a sink no longer configured: nothing will ever send them.
+                    "stranded": sink_config is None and (s.pending + s.dead) > 0,
                     "pending": s.pending,
                     "dead": s.dead,
                     "delivered": s.delivered,
@@ -257,6 +289,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         leads = store.lead_count()
     finally:
         store.close()
+    daemon = _daemon_info(config)
     storage = _storage(config.state.path)
     if args.json:
         print(
@@ -266,6 +299,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "sinks": sinks,
                     "tracked_leads": leads,
                     "unreadable_leads": unreadable,
+                    "daemon": daemon,
                     "storage": storage,
                 },
                 indent=2,
@@ -282,8 +316,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print()
     print(f"{'SINK':<16} {'PENDING':>8} {'DEAD':>6} {'OLDEST':>7}  {'LAST SUCCESS':<26} STATE")
     for sk in sinks:
-        state = "disabled" if sk["disabled"] else ("FAILING" if sk["failing"] else "ok")
-        if not sk["configured"]:
+        state = "off" if sk["off"] else "disabled" if sk["disabled"] else ("FAILING" if sk["failing"] else "ok")
+        if sk["stranded"]:
+            state = "STRANDED (not in config): move with replay --sink NEW --from-sink " + sk["sink"]
+        elif not sk["configured"]:
             state += " (not in config)"
         oldest = f"{int(sk['oldest_pending_age_s'])}s" if sk["oldest_pending_age_s"] is not None else "-"
         print(
@@ -293,6 +329,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"\n{leads} leads tracked")
     if storage["problem"]:
         print(f"STATE FILE: {storage['problem']}")
+    if daemon is not None:
+        changed = " (the file has changed since: send SIGHUP to apply it)" if daemon["config_changed"] else ""
+        print(
+            f"config loaded {daemon['config_loaded_at']} fingerprint {daemon['config_fingerprint']}, "
+            f"{daemon['reloads']} reloads{changed}"
+        )
+        if daemon.get("reload_refused"):
+            print(f"last reload REFUSED at {daemon['reload_refused_at']}: {daemon['reload_refused']}")
     for u in unreadable:
         print(
             f"lead {u['lead_id']} unreadable ({u['stream']}): {u['tries']} tries since {u['first_seen']}, "
@@ -325,32 +369,83 @@ def _storage(path: Path) -> dict[str, Any]:
     return {"free_bytes": free, "read_only": read_only, "problem": problem}
 
 
+def _daemon_info(config: Config) -> dict[str, Any] | None:
+    """What the daemon last wrote about its configuration, and whether the file on disk differs now."""
+    from watcher.runinfo import config_fingerprint, read_info
+
+    info = read_info(config.state.path)
+    if info is None:
+        return None
+    refused = info.get("reload_refused")
+    return {
+        "pid": info.get("pid"),
+        "config_loaded_at": _ts(info.get("loaded_at")),
+        "config_fingerprint": info.get("fingerprint"),
+        "config_changed": info.get("fingerprint") != config_fingerprint(config),
+        "reloads": info.get("reloads", 0),
+        "reload_refused": scrub(str(refused), known_secrets()) if refused else None,
+        "reload_refused_at": _ts(info.get("reload_refused_at")) if refused else None,
+    }
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from watcher.store import DEAD, DELIVERED, Store
 
     config = _load(args)
+    names = {s.name for s in config.sinks}
     for name in args.sink or []:
-        if name not in {s.name for s in config.sinks}:
+        if name not in names:
             return _fail(f"--sink: no sink named {name!r} in {args.config}", EXIT_CONFIG)
-    if not (args.sink or args.event or args.since is not None or args.until is not None or args.all):
-        return _fail("replay: say what to re-queue: --sink, --event, --since/--until, or --all", 2)
+    if args.from_sink is not None and len(args.sink or []) != 1:
+        return _fail("replay: --from-sink OLD needs exactly one --sink NEW to move the events to", 2)
+    if args.from_sink is not None and args.from_sink in (args.sink or []):
+        return _fail("replay: --from-sink and --sink name the same sink", 2)
+    chosen = args.sink or args.event or args.since is not None or args.until is not None or args.all
+    if not (chosen or args.pending or args.from_sink):
+        return _fail("replay: say what to re-queue: --sink, --event, --since/--until, --pending, or --all", 2)
+    if not config.state.path.exists():
+        # Opening would create an empty file (owned by whoever ran this, maybe root): nothing to replay.
+        return _fail(f"replay: no state file at {config.state.path} (the daemon has not run yet)", EXIT_FAILURE)
     statuses = [DEAD, DELIVERED] if args.delivered else [DEAD]
+    now = SystemClock().now()
     # No write lock: a replay is one short transaction that a running daemon is meant to pick up
     # (it is how a fixed receiver gets its backlog without a restart); SQLite serialises it with
     # the daemon's own writes. Only processes that poll and deliver must be alone.
     store = Store.open(config.state.path)
     try:
+        if args.from_sink is not None:
+            moved, skipped = store.move_sink(args.from_sink, args.sink[0], now)
+            store.enable_sinks(args.sink)
+            print(f"moved {moved} deliveries from {args.from_sink} to {args.sink[0]} (same event ids)")
+            if skipped:
+                print(f"{skipped} stay under {args.from_sink}: {args.sink[0]} already has those events")
+            return EXIT_OK
+        if args.pending:
+            count = store.make_due(
+                now, sinks=args.sink or (), event_ids=args.event or (), since=args.since, until=args.until
+            )
+            if args.sink:
+                store.enable_sinks(args.sink)
+            print(f"made {count} waiting deliveries due now (same ids and attempt counts)")
+            return EXIT_OK
         count = store.replay(
-            SystemClock().now(),
-            sinks=args.sink or (),
+            now,
+            # Without --sink, only configured sinks: a removed sink's queue is read by nothing.
+            sinks=args.sink or sorted(names),
             event_ids=args.event or (),
             since=args.since,
             until=args.until,
             statuses=statuses,
         )
+        stranded = [s for s in store.sink_states(names) if s.name not in names and s.dead + s.pending]
     finally:
         store.close()
     print(f"re-queued {count} deliveries")
+    for s in stranded:
+        print(
+            f"sink {s.name} is no longer configured and holds {s.pending} pending and {s.dead} dead deliveries: "
+            f"move them with `replay --sink NEW --from-sink {s.name}`"
+        )
     return EXIT_OK
 
 
@@ -362,6 +457,11 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         sink = config.sink(args.sink)
     except KeyError:
         return _fail(f"--sink: no sink named {args.sink!r} in {args.config}", EXIT_CONFIG)
+    if not sink.enabled:
+        print(f"sink {sink.name} is disabled in the configuration (enabled = false): the daemon sends it nothing")
+    refused = _disabled_in_state(config).get(sink.name)
+    if refused is not None:
+        print(f"sink {sink.name} is DISABLED by the daemon {refused}; `replay --sink {sink.name}` enables it")
     ok, line = asyncio.run(send_test(sink, SystemClock()))
     print(line)
     return EXIT_OK if ok else EXIT_FAILURE
@@ -421,13 +521,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("status", "show cursors, last polls and per-sink outbox counts")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=cmd_status)
-    p = with_config("replay", "re-queue dead (or delivered) events; they keep their webhook-id")
+    p = with_config(
+        "replay", "re-queue dead (or delivered) events, retry waiting ones now, or move a removed sink's queue"
+    )
     p.add_argument("--sink", action="append", metavar="NAME", help="only this sink (repeatable); also re-enables it")
     p.add_argument("--event", action="append", metavar="ID", help="only this event id (repeatable)")
     p.add_argument("--since", type=_time_arg, metavar="TIME", help="events detected at or after this RFC 3339 time")
     p.add_argument("--until", type=_time_arg, metavar="TIME", help="events detected before this RFC 3339 time")
     p.add_argument("--all", action="store_true", help="every dead event of every sink")
     p.add_argument("--delivered", action="store_true", help="also re-queue events already delivered")
+    p.add_argument(
+        "--pending",
+        action="store_true",
+        help="make deliveries waiting out a retry delay due now (same ids and attempt counts)",
+    )
+    p.add_argument(
+        "--from-sink",
+        metavar="OLD",
+        help="move the pending and dead events of sink OLD (renamed or removed) to the one --sink",
+    )
     p.set_defaults(func=cmd_replay)
     p = with_config("send-test", "send a watcher.test event through the real delivery path (exit 0 on a 2xx)")
     p.add_argument("--sink", required=True, metavar="NAME", help="the sink to test")
@@ -472,6 +584,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"convertr: {exc}", EXIT_CONFIG)
     except StateLocked as exc:
         return _fail(str(exc), EXIT_LOCKED)
+    except StateTooNew as exc:
+        # Like a bad config, only the operator can fix it (an upgrade): 78 stops systemd's restarts.
+        return _fail(str(exc), EXIT_CONFIG)
     except StateError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     except WatcherError as exc:
@@ -483,6 +598,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
-    except StateTooNew as exc:
-        # Like a bad config, only the operator can fix it (an upgrade): 78 stops systemd's restarts.
-        return _fail(str(exc), EXIT_CONFIG)

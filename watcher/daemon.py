@@ -56,8 +56,25 @@ _JOB: ContextVar[str | None] = ContextVar("watcher_job", default=None)
 
 
 def fingerprint(sink: SinkConfig) -> str:
-    """Changes when an operator points a sink somewhere else: a disabled sink then gets another chance."""
-    return hashlib.sha256(f"{sink.type}\x1f{sink.url}\x1f{sink.enabled}".encode()).hexdigest()[:16]
+    """Changes with any key of the sink's configuration: a disabled sink then gets another chance.
+
+    Every key counts (not only the URL): an operator who edits a refused sink expects the edit to
+    be tried, and the README promises exactly that.
+    """
+    parts = (
+        sink.type,
+        sink.url,
+        *sink.secrets,
+        ",".join(sorted(sink.events)),
+        ",".join(map(str, sink.campaign_ids)),
+        repr(sink.timeout),
+        ",".join(map(repr, sink.retry_schedule)),
+        repr(sink.max_age),
+        str(sink.include_pii),
+        str(sink.concurrency),
+        str(sink.enabled),
+    )
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
 def stall_limit(config: Config) -> float:

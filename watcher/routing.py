@@ -11,8 +11,9 @@ from watcher.pii import is_personal_change
 
 def wants(sink: SinkConfig, event: Event) -> bool:
     """Whether an event goes to a sink: its type and campaign filters, and for a sink without
-    personal data, a lead.updated whose every change is personal (it would arrive empty) does not."""
-    if event.type not in sink.events:
+    personal data, a lead.updated whose every change is personal (it would arrive empty) does not.
+    A sink with `enabled = false` wants nothing: queueing for it would pile up rows nothing sends."""
+    if not sink.enabled or event.type not in sink.events:
         return False
     if sink.campaign_ids and event.campaign_id not in sink.campaign_ids:
         return False

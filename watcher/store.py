@@ -14,7 +14,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -675,6 +675,13 @@ class Store:
                 return False
             return row[1] is not None
 
+    def enable_sinks(self, sinks: Sequence[str]) -> None:
+        """Clear a refusal's disable mark (`replay --sink`): a running daemon resumes the sink within a sweep."""
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", [(s,) for s in sinks]
+            )
+
     def sink_disabled(self, sink: str) -> bool:
         """Whether the sink is disabled in the state file (another process may have enabled it)."""
         rows = self._rows("SELECT disabled_at FROM sinks WHERE name = ?", (sink,))
@@ -769,6 +776,129 @@ class Store:
             for sink in sinks:
                 c.execute("UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,))
             return cur.rowcount
+
+    def make_due(
+        self,
+        now: float,
+        *,
+        sinks: Sequence[str] = (),
+        event_ids: Sequence[str] = (),
+        since: float | None = None,
+        until: float | None = None,
+    ) -> int:
+        """Make matching pending deliveries that wait out a retry delay due now; ids and attempt counts stay."""
+        where = ["d.status = 'pending'", "d.next_attempt_at > ?"]
+        params: list[Any] = [now]
+        if sinks:
+            where.append(f"d.sink IN ({','.join('?' * len(sinks))})")
+            params += sinks
+        if event_ids:
+            where.append(f"e.id IN ({','.join('?' * len(event_ids))})")
+            params += event_ids
+        if since is not None:
+            where.append("e.detected_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("e.detected_at < ?")
+            params.append(until)
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE (sink, event_seq) IN (SELECT d.sink, d.event_seq "
+                f"FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE {' AND '.join(where)})",
+                [now, *params],
+            )
+            return cur.rowcount
+
+    def move_sink(self, old: str, new: str, now: float) -> tuple[int, int]:
+        """Hand a removed or renamed sink's pending and dead deliveries to `new`, due now, same event ids.
+
+        Returns (moved, skipped): an event `new` already has a delivery of stays under `old`.
+        Pending ones keep their attempt count; dead ones start a fresh schedule, as a replay does.
+        """
+        with self.transaction() as c:
+            moved = c.execute(
+                "UPDATE OR IGNORE deliveries SET sink = ?, next_attempt_at = ?, "
+                "attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END, "
+                "created_at = CASE WHEN status = 'dead' THEN ? ELSE created_at END, status = 'pending' "
+                "WHERE sink = ? AND status IN ('pending', 'dead')",
+                (new, now, now, old),
+            ).rowcount
+            skipped = c.execute(
+                "SELECT count(*) FROM deliveries WHERE sink = ? AND status IN ('pending', 'dead')", (old,)
+            ).fetchone()[0]
+        return moved, int(skipped)
+
+    def reschedule(self, sink: str, schedule: Sequence[float], jitter: float = 0.2) -> int:
+        """Re-time the sink's waiting retries on `schedule`, from each one's last attempt; returns how many moved.
+
+        A retry keeps its stored time while that lies within the schedule's jitter of its step, so an
+        unchanged schedule moves nothing; a shortened (or lengthened) one applies at once.
+        """
+        if not schedule:
+            return 0
+        last = {
+            r[0]: float(r[1])
+            for r in self._rows("SELECT event_id, max(at) FROM attempts WHERE sink = ? GROUP BY event_id", (sink,))
+        }
+        rows = self._rows(
+            "SELECT d.event_seq, e.id, d.attempts, d.next_attempt_at FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq WHERE d.sink = ? AND d.status = 'pending' AND d.attempts > 0",
+            (sink,),
+        )
+        changes: list[tuple[float, str, int]] = []
+        for seq, event_id, attempts, at in rows:
+            when = last.get(event_id)
+            if when is None:
+                continue
+            step = float(schedule[min(int(attempts), len(schedule)) - 1])
+            if not when + step * (1 - jitter) - 1e-6 <= at <= when + step * (1 + jitter) + 1e-6:
+                changes.append((when + step, sink, seq))
+        if changes:
+            with self.transaction() as c:
+                c.executemany("UPDATE deliveries SET next_attempt_at = ? WHERE sink = ? AND event_seq = ?", changes)
+        return len(changes)
+
+    def due_digest(
+        self, sink: str, now: float, sample: int, limit: int, busy: frozenset[int] = frozenset()
+    ) -> list[Due]:
+        """Every due pending delivery of `sink` (at most `limit`), oldest first, for one digest.
+
+        Unlike `due`, later events of a resource come too when everything before them is due: a
+        digest sends them together, in order. Only the first `sample` carry their payload (the
+        rest are counted, not shown), so a backlog of thousands stays small in memory.
+        """
+        rows = self._rows(
+            """
+            SELECT d.event_seq AS seq, d.sink, e.id AS event_id, e.type, d.resource, e.campaign_id,
+                   '' AS payload, d.attempts, d.created_at
+            FROM deliveries d JOIN events e ON e.seq = d.event_seq
+            WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
+              AND NOT EXISTS (
+                SELECT 1 FROM deliveries p
+                WHERE p.sink = d.sink AND p.resource = d.resource AND p.status = 'pending'
+                  AND p.event_seq < d.event_seq AND p.next_attempt_at > ?)
+            ORDER BY d.event_seq
+            LIMIT ?
+            """,
+            (sink, now, now, limit + len(busy)),
+        )
+        due = [Due(**dict(r)) for r in rows if r["seq"] not in busy][:limit]
+        head = [d.seq for d in due[:sample]]
+        if head:
+            payloads: dict[int, str] = {
+                int(r[0]): str(r[1])
+                for r in self._rows(f"SELECT seq, payload FROM events WHERE seq IN ({','.join('?' * len(head))})", head)
+            }
+            due[: len(head)] = [replace(d, payload=payloads[d.seq]) for d in due[: len(head)]]
+        return due
+
+    def due_count(self, sink: str, now: float) -> int:
+        """How many pending deliveries of `sink` are due (a paced sink's burst test)."""
+        rows = self._rows(
+            "SELECT count(*) FROM deliveries WHERE sink = ? AND status = 'pending' AND next_attempt_at <= ?",
+            (sink, now),
+        )
+        return int(rows[0][0])
 
     def deliveries(self, sink: str | None = None) -> list[dict[str, Any]]:
         """Every delivery with its event id and type (status output, tests)."""
