@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import structlog
 
 from watcher.clock import Clock
+from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
 from watcher.events import Event
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
-from watcher.sinks import Sink
+from watcher.sinks import Attempt, Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Store
 
 log = structlog.get_logger("watcher.outbox")
@@ -35,6 +37,13 @@ log = structlog.get_logger("watcher.outbox")
 FAILING_ALERT_AFTER = 3600.0
 # More due events than this many seconds of a paced sink's sending turn into one digest message.
 DIGEST_AFTER_SECONDS = 3
+# A burst is sent once it has stopped growing for this long (a backfill commits page after page),
+# or once it has been held this long: a long backfill costs one digest per BURST_HOLD, whatever its size.
+BURST_SETTLE = 2.0
+BURST_HOLD = 60.0
+# The most deliveries one digest settles. Only their ids and types are read (the sample's bodies
+# alone), so this bounds memory, not messages: 50 000 rows are a few MB.
+DIGEST_LIMIT = 50_000
 # Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
 # bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
 SWEEP_INTERVAL = 1.0
@@ -49,6 +58,13 @@ REPORT_INTERVAL = 5.0
 class Metrics(Protocol):
     def delivery(self, sink: str, outcome: str) -> None: ...
     def set_outbox(self, sink: str, pending: int, oldest_age: float) -> None: ...
+
+
+@runtime_checkable
+class DigestSink(Protocol):
+    """A sink that can sum up a whole burst in one message: the count of each type and a sample."""
+
+    async def deliver_digest(self, sample: Sequence[Event], counts: Mapping[str, int]) -> Attempt: ...
 
 
 def decide(due: Due, error: DeliveryError | None, *, now: float, sink: Sink, rng: random.Random) -> Outcome:
@@ -67,10 +83,15 @@ def decide(due: Due, error: DeliveryError | None, *, now: float, sink: Sink, rng
     return Outcome(due.seq, due.event_id, PENDING, attempt, when, message)
 
 
+def bursting(count: int, sink: Sink) -> bool:
+    """Whether this many due events are more than a paced sink should send one by one."""
+    return sink.max_batch > 1 and sink.min_interval > 0 and count > DIGEST_AFTER_SECONDS / sink.min_interval
+
+
 def batches(due: Sequence[Due], sink: Sink) -> list[list[Due]]:
-    """Singles, or, for a paced sink facing a burst, one digest of as many as it takes."""
-    if sink.max_batch > 1 and sink.min_interval > 0 and len(due) > DIGEST_AFTER_SECONDS / sink.min_interval:
-        return [list(due[: sink.max_batch])]
+    """Singles, or, for a paced sink facing a burst, one digest of all of them (however many)."""
+    if bursting(len(due), sink):
+        return [list(due)]
     return [[d] for d in due]
 
 
@@ -91,9 +112,19 @@ class PassResult:
 
 @dataclass
 class _Pace:
-    """When a paced URL was last sent to; shared by every sink posting to that URL (Slack limits per hook)."""
+    """One URL's pacing and throttle, shared by every sink posting to it (Slack limits per hook)."""
 
     last_send: float = float("-inf")  # monotonic
+    paused_until: float = float("-inf")  # monotonic: the receiver at this URL asked us to wait
+
+
+@dataclass
+class _Burst:
+    """A paced sink's backlog being held until it stops growing, to go out as one digest."""
+
+    began: float  # monotonic
+    count: int
+    changed: float  # monotonic: when the count last moved
 
 
 @dataclass
@@ -118,7 +149,9 @@ class _Lane:
     off: bool = False  # `enabled = false` in the configuration
     disabled: bool = False  # refused permanently (410, revoked Slack hook) until enabled again
     pace: _Pace = field(default_factory=_Pace)
-    paused_until: float = float("-inf")  # monotonic: the receiver asked us to wait
+    paused_until: float = float("-inf")  # monotonic: the state file failed; hold this lane back
+    retired: bool = False  # removed or replaced by a reload: the worker finishes and leaves
+    burst: _Burst | None = None
     last_report: float = float("-inf")
     last_alert: float = float("-inf")
     # Due deliveries read ahead, each the oldest pending event of its resource: one query feeds
@@ -157,10 +190,14 @@ class Dispatcher:
         self.on_progress = on_progress
         # Why the last outcome write failed, while any outcome waits in memory (health goes red).
         self.write_error: str | None = None
-        paces: dict[str, _Pace] = {}
-        self._lanes = {
-            s.name: _Lane(s, off=not s.config.enabled, pace=paces.setdefault(s.config.url, _Pace())) for s in self.sinks
-        }
+        # Kept across reloads, so a sink re-created with a new config keeps its URL's pace and pause.
+        self._paces: dict[str, _Pace] = {}
+        self._lanes = {s.name: self._lane(s) for s in self.sinks}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._run: tuple[asyncio.Event, float] | None = None  # (stopping, grace) while `run` runs
+
+    def _lane(self, sink: Sink) -> _Lane:
+        return _Lane(sink, off=not sink.config.enabled, pace=self._paces.setdefault(sink.config.url, _Pace()))
 
     def wake(self) -> None:
         """New rows were committed: every worker looks at the store now."""
@@ -168,7 +205,8 @@ class Dispatcher:
             lane.kick.set()
 
     def sync_sinks(self, fingerprints: dict[str, str]) -> None:
-        """Remember which sinks are disabled; a sink whose configuration changed is enabled again."""
+        """Remember which sinks are disabled (a sink whose configuration changed is enabled again),
+        and re-time waiting retries on each sink's current retry_schedule."""
         for lane in self._lanes.values():
             lane.disabled = self.store.sync_sink(lane.sink.name, fingerprints[lane.sink.name])
             if lane.disabled and not lane.off:
@@ -177,20 +215,62 @@ class Dispatcher:
                     "or `replay --sink` enables it",
                     sink=lane.sink.name,
                 )
+            moved = self.store.reschedule(lane.sink.name, lane.sink.config.retry_schedule)
+            if moved:
+                log.info("waiting retries re-timed on the sink's retry_schedule", sink=lane.sink.name, deliveries=moved)
+            lane.kick.set()
+
+    async def reconfigure(self, configs: Sequence[SinkConfig], build: Callable[[SinkConfig], Sink]) -> list[Sink]:
+        """Apply a reloaded sink list: unchanged sinks keep their lane, the rest are rebuilt or retired.
+
+        A retired lane's worker lets its attempts in flight finish (they are recorded as usual)
+        before its HTTP client closes; a new lane starts reading the queue where the old one left it.
+        Returns the sinks now in use.
+        """
+        wanted = {c.name: c for c in configs}
+        retire = [lane for name, lane in self._lanes.items() if wanted.get(name) != lane.sink.config]
+        for lane in retire:
+            lane.retired = True
+            lane.kick.set()
+        for lane in retire:
+            worker = self._workers.pop(lane.sink.name, None)
+            if worker is not None:
+                await worker
+            else:
+                await self._drain(lane, 5.0)
+            del self._lanes[lane.sink.name]
+            with suppress(Exception):
+                await lane.sink.aclose()
+        for name, cfg in wanted.items():
+            if name not in self._lanes:
+                lane = self._lane(build(cfg))
+                self._lanes[name] = lane
+                if self._run is not None and not self._run[0].is_set():
+                    self._start(lane, *self._run)
+        self._lanes = {name: self._lanes[name] for name in wanted}
+        self.sinks = [lane.sink for lane in self._lanes.values()]
+        return list(self.sinks)
 
     # --- the daemon's loop --------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event, grace: float = 5.0) -> None:
         """Deliver until `stopping` is set; then give attempts in flight `grace` seconds to finish."""
-        workers = [
-            asyncio.create_task(self._worker(lane, stopping, grace), name=f"sink:{name}")
-            for name, lane in self._lanes.items()
-        ]
+        self._run = (stopping, grace)
+        for lane in self._lanes.values():
+            self._start(lane, stopping, grace)
+        # Until the stop, not until the workers end: a reload retires some and starts others meanwhile.
+        await stopping.wait()
+        self._run = None
+        workers = list(self._workers.values())
         if workers:
             await asyncio.gather(*workers)
 
+    def _start(self, lane: _Lane, stopping: asyncio.Event, grace: float) -> None:
+        name = lane.sink.name
+        self._workers[name] = asyncio.create_task(self._worker(lane, stopping, grace), name=f"sink:{name}")
+
     async def _worker(self, lane: _Lane, stopping: asyncio.Event, grace: float) -> None:
-        while not stopping.is_set():
+        while not (stopping.is_set() or lane.retired):
             lane.kick.clear()
             self.on_progress()
             try:
@@ -199,7 +279,8 @@ class Dispatcher:
                 log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
                 wait = ERROR_BACKOFF
             await _sleep(lane.kick, stopping, wait)
-            self._report(lane)
+            if not lane.retired:
+                self._report(lane)
         await self._drain(lane, grace)
 
     def _launch(self, lane: _Lane) -> float:
@@ -215,10 +296,13 @@ class Dispatcher:
             lane.disabled = False
             log.warning("sink enabled again; its queued events go out in order", sink=sink.name)
         paced = sink.min_interval > 0
+        if paced:
+            return self._launch_paced(lane)
         while True:
             mono = self.clock.monotonic()
-            if lane.paused_until > mono:
-                return min(SWEEP_INTERVAL, lane.paused_until - mono)
+            paused = max(lane.paused_until, lane.pace.paused_until)
+            if paused > mono:
+                return min(SWEEP_INTERVAL, paused - mono)
             if lane.free <= 0:
                 return SWEEP_INTERVAL  # a finishing attempt wakes the worker
             if paced and lane.pace.last_send + sink.min_interval > mono:
@@ -243,6 +327,49 @@ class Dispatcher:
                 task.add_done_callback(partial(self._finished, lane, group))
             if paced:
                 lane.pace.last_send = self.clock.monotonic()
+
+    def _launch_paced(self, lane: _Lane) -> float:
+        """A paced sink (Slack): one message at a time, singles while it is quiet, and a burst held
+        until it settles, then sent as one digest of all of it.
+
+        The hold is what keeps a backfill cheap: its pages commit one after another, and a digest
+        per page would cost a message per page. Pace and throttle are the URL's, across sinks.
+        """
+        sink = lane.sink
+        mono = self.clock.monotonic()
+        paused = max(lane.paused_until, lane.pace.paused_until)
+        if paused > mono:
+            return min(SWEEP_INTERVAL, paused - mono)
+        if lane.free <= 0:
+            return SWEEP_INTERVAL  # a finishing attempt wakes the worker
+        if lane.pace.last_send + sink.min_interval > mono:
+            return lane.pace.last_send + sink.min_interval - mono
+        now = self.clock.now()
+        count = self.store.due_count(sink.name, now) - len(lane.in_flight)
+        if count <= 0:
+            lane.burst = None
+            upcoming = self.store.next_due_at(sink.name, lane.busy)
+            return SWEEP_INTERVAL if upcoming is None else min(SWEEP_INTERVAL, max(0.01, upcoming - now))
+        if lane.burst is None and not bursting(count, sink):
+            group = self.store.due(sink.name, now, 1, lane.busy)
+        else:
+            if lane.burst is None:
+                lane.burst = _Burst(began=mono, count=count, changed=mono)
+            elif count != lane.burst.count:
+                lane.burst.count, lane.burst.changed = count, mono
+            ready = min(lane.burst.changed + BURST_SETTLE, lane.burst.began + BURST_HOLD)
+            if ready > mono:
+                return min(SWEEP_INTERVAL, ready - mono)
+            group = self.store.due_digest(sink.name, now, sink.max_batch, DIGEST_LIMIT, lane.busy)
+            lane.burst = None
+        if not group:
+            return SWEEP_INTERVAL
+        task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{sink.name}")
+        for d in group:
+            lane.in_flight[d.seq] = task
+        task.add_done_callback(partial(self._finished, lane, group))
+        lane.pace.last_send = self.clock.monotonic()
+        return sink.min_interval
 
     def _finished(self, lane: _Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
         for d in group:
@@ -305,12 +432,16 @@ class Dispatcher:
     async def _attempt(self, lane: _Lane, batch: Sequence[Due]) -> bool:
         """Send one group once and record what happened; True when the receiver took it."""
         sink = lane.sink
-        events = [self._named(d.event(), sink) for d in batch]
+        # A digest's rows beyond its sample carry no body (see Store.due_digest): they are counted.
+        events = [self._named(d.event(), sink) for d in batch if d.payload]
         started = self.clock.monotonic()
         error: DeliveryError | None = None
         status: int | None = None
         try:
-            attempt = await sink.deliver(events)
+            if len(batch) > 1 and isinstance(sink, DigestSink):
+                attempt = await sink.deliver_digest(events, Counter(d.type for d in batch))
+            else:
+                attempt = await sink.deliver(events)
             status = attempt.status
         except DeliveryError as exc:
             error, status = exc, exc.status
@@ -382,7 +513,8 @@ class Dispatcher:
                 log.warning("delivery failed", error=outcome.error, next_attempt_at=outcome.next_attempt_at, **fields)
         pause = pause_for(error)
         if pause > 0:
-            lane.paused_until = max(lane.paused_until, self.clock.monotonic() + pause)
+            # On the URL's pace: every sink posting to the same hook holds back, not only this one.
+            lane.pace.paused_until = max(lane.pace.paused_until, self.clock.monotonic() + pause)
             log.warning("receiver asked to slow down; sink paused", sink=sink.name, seconds=round(pause, 3))
         if isinstance(error, SinkGone):
             if not lane.disabled:
@@ -419,16 +551,24 @@ class Dispatcher:
             total.failed += r.failed
         return total
 
+    def _paused(self, lane: _Lane) -> bool:
+        return max(lane.paused_until, lane.pace.paused_until) > self.clock.monotonic()
+
     async def _pass(self, lane: _Lane) -> PassResult:
         result = PassResult()
         sink = lane.sink
         tried: set[int] = set()
         paced = sink.min_interval > 0
         # A sink that is disabled, or that asked us to wait, is left alone for the rest of the pass.
-        while not (lane.off or lane.disabled or lane.paused_until > self.clock.monotonic()):
-            due = self.store.due(
-                sink.name, self.clock.now(), sink.config.concurrency * sink.max_batch, frozenset(tried)
-            )
+        while not (
+            lane.off or lane.disabled or max(lane.paused_until, lane.pace.paused_until) > self.clock.monotonic()
+        ):
+            if paced and bursting(self.store.due_count(sink.name, self.clock.now()) - len(tried), sink):
+                due = self.store.due_digest(sink.name, self.clock.now(), sink.max_batch, DIGEST_LIMIT, frozenset(tried))
+            else:
+                due = self.store.due(
+                    sink.name, self.clock.now(), sink.config.concurrency * sink.max_batch, frozenset(tried)
+                )
             if not due:
                 break
             groups = batches(due, sink)[: 1 if paced else None]

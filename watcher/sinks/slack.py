@@ -317,13 +317,21 @@ def _list_section(title: str, lines: Sequence[str]) -> dict[str, Any]:
     return _section(text)
 
 
-def render_digest(events: Sequence[Event], *, include_pii: bool = False) -> dict[str, Any]:
-    """One message counting and listing several events, by type, with their ids."""
+def render_digest(
+    events: Sequence[Event], *, include_pii: bool = False, counts: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """One message counting and listing several events, by type, with their ids.
+
+    With `counts` (every event of a burst, by type), `events` is only a sample: the tally and the
+    header count them all, and each type's list ends in "…and N more" for the ones not shown.
+    """
     del include_pii  # a digest lists ids and field names only, never values
-    counts = Counter(e.type for e in events)
-    order = _type_order(list(counts))
-    plural = "s" if len(events) != 1 else ""
-    blocks: list[dict[str, Any]] = [_header(f"{len(events)} Convertr change{plural}")]
+    counts = Counter(counts) if counts is not None else Counter(e.type for e in events)
+    counts.update({e.type: 0 for e in events})
+    total = sum(counts.values())
+    order = _type_order([t for t in counts if counts[t]])
+    plural = "s" if total != 1 else ""
+    blocks: list[dict[str, Any]] = [_header(f"{total} Convertr change{plural}")]
     tally = " · ".join(f"*{escape(t)}*: {counts[t]}" for t in order)
     blocks.append(_section(tally))
     # header + tally + context leave MAX_BLOCKS - 3 sections for the types, the last maybe "more".
@@ -334,13 +342,16 @@ def render_digest(events: Sequence[Event], *, include_pii: bool = False) -> dict
             blocks.append(_section(f"…and {left} more events of {len(order) - n} other types"))
             break
         lines = [f"• {summary(e)} · `{escape(e.id)}`" for e in events if e.type == type_]
+        unseen = counts[type_] - len(lines)
+        if unseen > 0:
+            lines.append(f"…and {unseen} more not listed")
         blocks.append(_list_section(f"*{escape(type_)}* ({counts[type_]})", lines))
     stamps = sorted(e.timestamp for e in events)
     span = _when(stamps[0]) if stamps else ""
     if stamps and stamps[-1] != stamps[0]:
         span = f"{span} – {_when(stamps[-1])}"
-    blocks.append(_context(f"{len(events)} event{plural} · {span}" if span else f"{len(events)} events"))
-    text = f"{len(events)} Convertr change{plural}: " + ", ".join(f"{counts[t]} {t}" for t in order)
+    blocks.append(_context(f"{total} event{plural} · {span}" if span else f"{total} events"))
+    text = f"{total} Convertr change{plural}: " + ", ".join(f"{counts[t]} {t}" for t in order)
     return {"text": clip(escape(text), TEXT_LIMIT), "blocks": blocks}
 
 
@@ -366,6 +377,11 @@ def classify(response: Answer, *, now: float) -> DeliveryError | None:
     return DeliveryError(what, status=status, retry_after=retry_after)
 
 
+def private(event: Event) -> Event:
+    """The event with every e-mail address and phone number in its data (and extras) masked."""
+    return replace(event, data=mask_values(event.data), extra=mask_values(event.extra))
+
+
 class SlackSink(HttpSink):
     """Posts one message per event, or one digest for a batch, to an incoming webhook."""
 
@@ -377,11 +393,9 @@ class SlackSink(HttpSink):
         self._user_agent = f"convertr-watcher/{version}"
 
     def render(self, events: Sequence[Event]) -> dict[str, Any]:
-def private(event: Event) -> Event:
-    """The event with every e-mail address and phone number in its data (and extras) masked."""
-    return replace(event, data=mask_values(event.data), extra=mask_values(event.extra))
-
-
+        if not self.config.include_pii:
+            # By value as well as by name: a field called "Manager" may hold an e-mail address.
+            events = [private(e) for e in events]
         if len(events) == 1:
             return render_message(events[0], include_pii=self.config.include_pii)
         return render_digest(events, include_pii=self.config.include_pii)
@@ -390,9 +404,15 @@ def private(event: Event) -> Event:
         """Send one message (or digest) for `events`."""
         if not events:
             raise ValueError("nothing to deliver")
-        body = dumps(self.render(events)).encode()
+        return await self._post(self.render(events))
+
+    async def deliver_digest(self, sample: Sequence[Event], counts: Mapping[str, int]) -> Attempt:
+        """Send one digest for a whole burst: every event counted by type, `sample` listed."""
+        if not self.config.include_pii:
+            sample = [private(e) for e in sample]
+        return await self._post(render_digest(sample, include_pii=self.config.include_pii, counts=counts))
+
+    async def _post(self, message: dict[str, Any]) -> Attempt:
+        body = dumps(message).encode()
         headers = {"content-type": "application/json", "user-agent": self._user_agent}
         return await self._exchange(lambda: (body, headers), classify)
-        if not self.config.include_pii:
-            # By value as well as by name: a field called "Manager" may hold an e-mail address.
-            events = [private(e) for e in events]
