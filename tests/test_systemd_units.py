@@ -93,6 +93,7 @@ def test_unit_runs_the_daemon_as_a_watched_notify_service(shipped: str, config: 
     service = service_section(shipped)["Service"]
     assert service["ExecStart"] == f"{BINARY} run -c {config}"
     assert service["Type"] == "notify"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID", "`systemctl reload` sends the daemon a SIGHUP"
     assert service["WatchdogSec"]
     assert service["Restart"] == "on-failure"
     assert service["RestartPreventExitStatus"] == "78"

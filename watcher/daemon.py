@@ -6,6 +6,10 @@ new outbox rows. On SIGTERM or SIGINT it tells systemd it is stopping, lets the 
 finish its page (each page is one transaction that never awaits, so a cancellation cannot split
 one), gives deliveries in flight a moment, and exits 0.
 
+On SIGHUP it reads the configuration file again and applies it between polls (see
+`Daemon._reload`): sinks, filters, intervals, secrets and the log level. A file that does not
+load is refused with one error line, and the configuration already running carries on.
+
 The systemd watchdog is fed only while the daemon proves it is moving (see `liveness_problem`):
 a blocked event loop, a poll stuck on an await that never returns, a scheduler that stopped
 firing or a delivery loop that stopped turning all end the pings, and systemd restarts us.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -31,15 +36,17 @@ from apscheduler.triggers.interval import IntervalTrigger
 from watcher import __version__
 from watcher.cli import EXIT_FAILURE, EXIT_OK
 from watcher.clock import Clock
-from watcher.config import Config, SinkConfig
+from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
 from watcher.errors import AuthError, ConfigError, StateError, WatcherError
+from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
 from watcher.outbox import SWEEP_INTERVAL, Dispatcher
 from watcher.poller import Poller
+from watcher.runinfo import config_fingerprint, write_info
 from watcher.sinks import Sink, build_sink
-from watcher.store import Store
+from watcher.store import SinkState, Store
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -180,6 +187,8 @@ class Runtime:
     metrics: Metrics
     liveness: Liveness
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Builds an API client like the first one (same transport and hooks), for a reload that changes [convertr].
+    make_client: Callable[[Config], ConvertrClient] | None = None
 
 
 @asynccontextmanager
@@ -214,11 +223,15 @@ async def runtime(
         metrics.api_response(endpoint, status)
         live.activity(_JOB.get(), clock.monotonic())
 
-    client = ConvertrClient(config.convertr, clock=clock, transport=api_transport, on_response=on_response)
+    def make_client(cfg: Config) -> ConvertrClient:
+        return ConvertrClient(cfg.convertr, clock=clock, transport=api_transport, on_response=on_response)
+
+    client = make_client(config)
     sinks = [build_sink(s, clock=clock, version=__version__) for s in config.sinks]
     stopping = asyncio.Event()
     dispatcher = Dispatcher(store, sinks, clock, metrics=metrics, on_progress=lambda: live.tick(clock.monotonic()))
     dispatcher.sync_sinks({s.name: fingerprint(s) for s in config.sinks})
+    warn_stranded(store.sink_states([s.name for s in config.sinks]), config, metrics)
     poller = Poller(
         config,
         client,
@@ -229,15 +242,35 @@ async def runtime(
         should_stop=stopping.is_set,
         progress=progress,
     )
-    rt = Runtime(config, clock, store, client, sinks, dispatcher, poller, metrics, live, stopping)
+    rt = Runtime(config, clock, store, client, sinks, dispatcher, poller, metrics, live, stopping, make_client)
     try:
         yield rt
     finally:
-        for sink in sinks:
+        # The dispatcher's list, not the first one: a reload may have replaced sinks and client.
+        for sink in rt.dispatcher.sinks:
             with suppress(Exception):
                 await sink.aclose()
-        await client.aclose()
+        await rt.client.aclose()
         store.close()
+
+
+def stranded(states: list[SinkState], config: Config) -> dict[str, int]:
+    """Pending and dead deliveries of each sink the configuration no longer names."""
+    names = {s.name for s in config.sinks}
+    return {s.name: s.pending + s.dead for s in states if s.name not in names and s.pending + s.dead}
+
+
+def warn_stranded(states: list[SinkState], config: Config, metrics: Metrics) -> None:
+    """Say loudly that a renamed or removed sink left events behind, and how to move them."""
+    counts = stranded(states, config)
+    metrics.set_stranded(counts)
+    for name, n in sorted(counts.items()):
+        log.error(
+            "sink is no longer configured but holds undelivered events: nothing sends them until "
+            "`replay --sink NEW --from-sink OLD` moves them",
+            sink=name,
+            deliveries=n,
+        )
 
 
 # --- once -----------------------------------------------------------------------------------
@@ -295,6 +328,12 @@ class Daemon:
         self.last_poll: dict[str, float] = {}
         self.storage_error: str | None = None  # why the last page commit failed, until one succeeds
         self.storage_retry_at = float("-inf")  # monotonic: polls are skipped until then
+        self.scheduler: AsyncIOScheduler | None = None
+        self.reloads = 0
+        self.loaded_at = rt.clock.now()
+        self._reload_lock = asyncio.Lock()
+        self._reload_tasks: set[asyncio.Task[None]] = set()
+        self._refused: tuple[str, float] | None = None
 
     async def _job(self, name: str, poll: Callable[[], Awaitable[object]]) -> None:
         if self.rt.stopping.is_set():
@@ -352,6 +391,7 @@ class Daemon:
             age = now - s.oldest_pending_at if s.oldest_pending_at else 0.0
             self.rt.metrics.set_outbox(s.name, s.pending, age)
             self.rt.metrics.set_sink_disabled(s.name, s.disabled_at is not None)
+        self.rt.metrics.set_stranded(stranded(states, self.rt.config))
         pending = sum(s.pending for s in states)
         last = max(self.last_poll.values()) if self.last_poll else None
         when = datetime.fromtimestamp(last, UTC).strftime("%H:%M:%S") if last else "never"
@@ -406,33 +446,158 @@ class Daemon:
         return server
 
     def _schedule(self) -> AsyncIOScheduler:
-        rt, cfg = self.rt, self.rt.config
         scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
         )
-        start = datetime.fromtimestamp(rt.clock.now(), UTC)
-        polls = {"leads": rt.poller.poll_leads, "campaigns": rt.poller.poll_campaigns}
-        for name, interval in poll_jobs(cfg).items():
-            scheduler.add_job(
-                self._job, IntervalTrigger(seconds=interval), args=(name, polls[name]), id=name, next_run_time=start
-            )
+        self._poll_jobs(scheduler, {})
         scheduler.add_job(self._housekeeping, IntervalTrigger(seconds=self.housekeeping_interval), id="housekeeping")
         return scheduler
+
+    def _poll_jobs(self, scheduler: AsyncIOScheduler, before: Mapping[str, float]) -> None:
+        """Make the poll jobs match the configuration: new ones run at once, changed intervals restart."""
+        rt = self.rt
+        start = datetime.fromtimestamp(rt.clock.now(), UTC)
+        # Looked up at each run, so a reload's new poller attributes are what the next run uses.
+        polls = {"leads": lambda: rt.poller.poll_leads(), "campaigns": lambda: rt.poller.poll_campaigns()}
+        wanted = poll_jobs(rt.config)
+        for name in set(before) - set(wanted):
+            scheduler.remove_job(name)
+        for name, interval in wanted.items():
+            if name not in before:
+                scheduler.add_job(
+                    self._job, IntervalTrigger(seconds=interval), args=(name, polls[name]), id=name, next_run_time=start
+                )
+            elif before[name] != interval:
+                scheduler.reschedule_job(name, trigger=IntervalTrigger(seconds=interval))
+
+    # --- reload -------------------------------------------------------------------------------
+
+    def _on_hup(self) -> None:
+        # One reload at a time; HUPs arriving while one waits its turn fold into that one.
+        if len(self._reload_tasks) > 1:
+            return
+        task = asyncio.create_task(self._reload(), name="reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def _reload(self) -> None:
+        async with self._reload_lock:
+            if self.rt.stopping.is_set():
+                return
+            self.notifier.reloading("reloading the configuration")
+            log.info("SIGHUP: reloading the configuration", path=str(self.rt.config.path))
+            try:
+                new = load_config(self.rt.config.path)
+                if new.state.path != self.rt.config.state.path:
+                    raise ConfigError("state.path", "cannot change on reload (the lock is on the old file): restart")
+            except ConfigError as exc:
+                self._refuse(str(exc))
+            else:
+                try:
+                    await self._apply(new)
+                except WatcherError as exc:
+                    self._refuse(str(exc))
+            self.notifier.ready(self._status_line())
+
+    def _refuse(self, reason: str) -> None:
+        now = self.rt.clock.now()
+        self._refused = (reason, now)
+        self.rt.metrics.config_applied(now, ok=False)
+        log.error("reload REFUSED: the new configuration is invalid; the previous one keeps running", error=reason)
+        self._write_info()
+
+    async def _apply(self, new: Config) -> None:
+        """Swap in `new` between polls: no walk is under way while routes, client or intervals change."""
+        rt, old = self.rt, self.rt.config
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.pause()
+        try:
+            if self.polls:
+                log.info("reload waits for the polls under way to finish", polls=len(self.polls))
+                await asyncio.wait(set(self.polls))
+            configure_logging(
+                new.log.level, new.log.format, secrets=new.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
+            )
+            if new.convertr != old.convertr and rt.make_client is not None:
+                retired, rt.client = rt.client, rt.make_client(new)
+                await retired.aclose()
+                rt.metrics.set_request_budget(new.convertr.request_budget)
+            rt.poller.reconfigure(new, rt.client)
+            for sink in new.sinks:
+                if sink.name not in {s.name for s in old.sinks}:
+                    rt.metrics.add_sink(sink.name)
+            rt.sinks = await rt.dispatcher.reconfigure(
+                new.sinks, lambda c: build_sink(c, clock=rt.clock, version=__version__)
+            )
+            rt.dispatcher.sync_sinks({s.name: fingerprint(s) for s in new.sinks})
+            rt.config = new
+            rt.liveness.intervals = poll_jobs(new)
+            if rt.liveness.stall_limit == stall_limit(old):  # not a limit a test fixed
+                rt.liveness.stall_limit = stall_limit(new)
+            rt.liveness.dispatcher_limit = DISPATCH_STALL if new.sinks else None
+            if scheduler is not None:
+                self._poll_jobs(scheduler, poll_jobs(old))
+            if new.metrics.listen != old.metrics.listen:
+                log.warning("metrics.listen changes take effect at the next restart")
+        finally:
+            if scheduler is not None:
+                scheduler.resume()
+        self.reloads += 1
+        self.loaded_at = rt.clock.now()
+        self._refused = None
+        rt.metrics.config_applied(self.loaded_at, ok=True)
+        warn_stranded(rt.store.sink_states([s.name for s in new.sinks]), new, rt.metrics)
+        self._write_info()
+        log.info(
+            "configuration reloaded",
+            config_fingerprint=config_fingerprint(new),
+            sinks=[s.name for s in new.sinks],
+            log_level=new.log.level,
+        )
+        rt.dispatcher.wake()
+
+    def _status_line(self) -> str:
+        return f"config loaded {datetime.fromtimestamp(self.loaded_at, UTC):%H:%M:%S} UTC ({self.reloads} reloads)"
+
+    def _write_info(self) -> None:
+        cfg = self.rt.config
+        info = {
+            "pid": os.getpid(),
+            "config_path": str(cfg.path),
+            "loaded_at": self.loaded_at,
+            "fingerprint": config_fingerprint(cfg),
+            "reloads": self.reloads,
+            "reload_refused": self._refused[0] if self._refused else None,
+            "reload_refused_at": self._refused[1] if self._refused else None,
+        }
+        try:
+            write_info(cfg.state.path, info)
+        except OSError as exc:
+            log.warning("cannot write the daemon info file beside the state file", error=exc.strerror or str(exc))
 
     async def run(self) -> int:
         rt = self.rt
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         server = await self._serve_metrics()
-        scheduler = self._schedule()
+        scheduler = self.scheduler = self._schedule()
         scheduler.start()
         dispatcher = asyncio.create_task(rt.dispatcher.run(rt.stopping), name="dispatcher")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        self.rt.metrics.config_applied(self.loaded_at, ok=True)
+        self._write_info()
         self.notifier.ready()
         self._status()
-        log.info("started", version=__version__, sinks=[s.name for s in rt.sinks])
+        log.info(
+            "started",
+            version=__version__,
+            sinks=[s.name for s in rt.sinks],
+            config_fingerprint=config_fingerprint(rt.config),
+        )
         await rt.stopping.wait()
         self.notifier.stopping("stopping: finishing the work in hand")
         log.info("stopping")
@@ -446,6 +611,8 @@ class Daemon:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=2.0)
+        for task in list(self._reload_tasks):
+            task.cancel()
         scheduler.shutdown(wait=False)
         await dispatcher
         watchdog.cancel()
@@ -453,7 +620,7 @@ class Daemon:
             server.close()
             with suppress(Exception):
                 await server.wait_closed()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
         if isinstance(self.fatal, AuthError):
@@ -466,5 +633,8 @@ class Daemon:
 
 
 async def run_daemon(config: Config, clock: Clock, notifier: Notifier) -> int:
+    # Until the loop's handler is in place (start-up can take a while), a HUP must not end the
+    # process as its default action would: `systemctl reload` during start-up is ignored instead.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     async with runtime(config, clock) as rt:
         return await Daemon(rt, notifier).run()

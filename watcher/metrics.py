@@ -115,10 +115,26 @@ class Metrics:
             "Convertr API requests this daemon allows itself per rolling 5 minutes (convertr.request_budget).",
             registry=r,
         )
+        # Events left under a sink no longer in the configuration (renamed or removed): nothing
+        # sends them until `replay --sink NEW --from-sink OLD` moves them.
+        self.stranded = Gauge(
+            "watcher_outbox_stranded",
+            "Pending and dead deliveries of a sink that is no longer configured.",
+            ["sink"],
+            registry=r,
+        )
+        # When the configuration in force was loaded, and whether the last SIGHUP was refused.
+        self.config_loaded = Gauge(
+            "watcher_config_loaded_timestamp_seconds", "When the running configuration was loaded.", registry=r
+        )
+        self.config_reload_failed = Gauge(
+            "watcher_config_reload_failed", "1 when the last reload was refused (the old config runs on).", registry=r
+        )
         build = Gauge("watcher_build_info", "Version information.", ["version", "python"], registry=r)
         build.labels(version=__version__, python=platform.python_version()).set(1)
 
         self._last_ok: dict[str, float] = {}
+        self._stranded_seen: set[tuple[str]] = set()
         # Label sets exist from the start, so a rate() over "no failures yet" reads 0, not nothing.
         for stream in streams:
             for outcome in POLL_OUTCOMES:
@@ -159,6 +175,25 @@ class Metrics:
 
     def set_unreadable(self, count: int) -> None:
         self.unreadable_leads.set(count)
+
+    def set_stranded(self, counts: Mapping[str, int]) -> None:
+        """The stranded backlog per unconfigured sink; a sink drained or configured again reads 0."""
+        for sink in {labels[0] for labels in self._stranded_seen} - set(counts):
+            self.stranded.labels(sink=sink).set(0)
+        for sink, n in counts.items():
+            self.stranded.labels(sink=sink).set(n)
+        self._stranded_seen = {(s,) for s in counts} | self._stranded_seen
+
+    def config_applied(self, now: float, ok: bool) -> None:
+        if ok:
+            self.config_loaded.set(now)
+        self.config_reload_failed.set(0 if ok else 1)
+
+    def add_sink(self, sink: str) -> None:
+        """Label sets for a sink added by a reload, as the constructor makes them for the first ones."""
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(sink=sink, outcome=outcome)
+        self.sink_disabled.labels(sink=sink).set(0)
 
     def set_sink_disabled(self, sink: str, disabled: bool) -> None:
         self.sink_disabled.labels(sink=sink).set(1 if disabled else 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,17 @@ class Notifier:
         if status is None:
             return self.send(READY=1)
         return self.send(READY=1, STATUS=status)
+
+    def reloading(self, status: str | None = None) -> bool:
+        """Tell systemd a reload has begun (`systemctl reload` waits for the READY=1 that ends it).
+
+        MONOTONIC_USEC is what Type=notify-reload requires with RELOADING=1; plain Type=notify
+        accepts it too, so one message serves both.
+        """
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        if status is None:
+            return self.send(RELOADING=1, MONOTONIC_USEC=usec)
+        return self.send(RELOADING=1, MONOTONIC_USEC=usec, STATUS=status)
 
     def status(self, text: str) -> bool:
         """A one-line human status for `systemctl status`."""
