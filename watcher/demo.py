@@ -2,13 +2,16 @@
 
 The simulator (seeded, with a generator adding leads several times a second), the real daemon
 (`convertr-watcher run` in a subprocess, with a fresh temporary state file) and a receiver that
-verifies every request with the independent `standardwebhooks` library. Each verified event is
-printed as it arrives; the summary compares what the simulator created with what arrived.
+verifies every request with the independent `standardwebhooks` library. While leads arrive the
+demo also changes two leads (a QA result, a `leadData` value), adds a campaign and pauses and
+resumes another, so every event type shows up. Each verified event is printed whole on its own
+line as it arrives; the summary compares, type by type, what the simulator did with what arrived.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import signal
@@ -18,25 +21,61 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from watcher.errors import StateError
+from watcher.events import CAMPAIGN_CREATED, CAMPAIGN_STATUS_CHANGED, LEAD_CREATED, LEAD_UPDATED
+from watcher.poller import BASELINE, CAMPAIGNS, CREATED, UPDATED
 from watcher.simulator import Simulator, SimulatorServer
+from watcher.store import Store
+
+DEMO_TYPES = (LEAD_CREATED, LEAD_UPDATED, CAMPAIGN_CREATED, CAMPAIGN_STATUS_CHANGED)
+# The daemon polls every second: a change is normally delivered within two or three.
+ARRIVAL_TIMEOUT = 20.0
+
+# Receiver threads print concurrently: one lock and one write per line keep each line whole.
+_print_lock = threading.Lock()
+
+
+def say(line: str = "", *, err: bool = False) -> None:
+    """Print one whole line, never interleaved with another thread's."""
+    stream = sys.stderr if err else sys.stdout
+    with _print_lock:
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def marks(event: dict[str, Any]) -> list[tuple[str, Hashable]]:
+    """What an event proves arrived, in the terms the demo expects: (type, resource and change)."""
+    kind, data = event.get("type", ""), event.get("data") or {}
+    lead, campaign = data.get("lead") or {}, data.get("campaign") or {}
+    if kind == LEAD_CREATED:
+        return [(kind, lead.get("id"))]
+    if kind == LEAD_UPDATED:
+        return [(kind, (lead.get("id"), field)) for field in data.get("changes") or {}]
+    if kind == CAMPAIGN_CREATED:
+        return [(kind, campaign.get("id"))]
+    if kind == CAMPAIGN_STATUS_CHANGED:
+        return [(kind, (campaign.get("id"), data.get("to")))]
+    return []
 
 
 class VerifyingReceiver:
     """A webhook receiver on 127.0.0.1 that accepts only requests whose signature verifies."""
 
-    def __init__(self, secret: str, on_event: Any) -> None:
-        from standardwebhooks.webhooks import Webhook
-
+    def __init__(self, secret: str, on_event: Callable[[dict[str, Any]], None]) -> None:
         self.webhook = Webhook(secret)
         self.on_event = on_event
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
         self.ids: Counter[str] = Counter()
-        self.lead_ids: Counter[int] = Counter()
+        self.types: Counter[str] = Counter()
+        self.seen: set[tuple[str, Hashable]] = set()
         self.verified = 0
         self.rejected = 0
         receiver = self
@@ -48,20 +87,23 @@ class VerifyingReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 try:
                     event = receiver.webhook.verify(body, {k.lower(): v for k, v in self.headers.items()})
-                except Exception:
-                    with receiver.lock:
+                except WebhookVerificationError:
+                    with receiver.cond:
                         receiver.rejected += 1
                     self._answer(400)
                     return
-                with receiver.lock:
+                msg_id = self.headers["webhook-id"]
+                with receiver.cond:
                     receiver.verified += 1
-                    first = receiver.ids[self.headers["webhook-id"]] == 0
-                    receiver.ids[self.headers["webhook-id"]] += 1
-                    lead = event.get("data", {}).get("lead") or {}
-                    if isinstance(lead.get("id"), int):
-                        receiver.lead_ids[lead["id"]] += 1
+                    first = receiver.ids[msg_id] == 0
+                    receiver.ids[msg_id] += 1
                 if first:
+                    # Printed before it counts as arrived, so its line is out before the summary.
                     receiver.on_event(event)
+                    with receiver.cond:
+                        receiver.types[event.get("type", "")] += 1
+                        receiver.seen.update(marks(event))
+                        receiver.cond.notify_all()
                 self._answer(204)
 
             def _answer(self, status: int) -> None:
@@ -76,6 +118,11 @@ class VerifyingReceiver:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def wait_for(self, wanted: set[tuple[str, Hashable]], timeout: float) -> bool:
+        """Block until every mark in `wanted` has arrived (True) or `timeout` passes (False)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: wanted <= self.seen, timeout)
 
     def __enter__(self) -> VerifyingReceiver:
         self.thread.start()
@@ -101,11 +148,12 @@ path = "state.db"
 [leads]
 interval = "1s"
 lookback = "30s"
-updates = false
+updates = true
 start = "now"
 
 [campaigns]
-enabled = false
+enabled = true
+interval = "1s"
 
 [log]
 format = "json"
@@ -115,20 +163,115 @@ name = "demo-receiver"
 type = "webhook"
 url = "{hook}"
 secret = "{secret}"
-events = ["lead.created"]
+events = {json.dumps(list(DEMO_TYPES))}
 retry_schedule = ["1s", "2s", "5s", "10s"]
 """
     )
     return path
 
 
-def _wait(condition: Any, timeout: float) -> bool:
+def _ready(state: Path) -> bool:
+    """Whether every stream the demo uses has finished its first walk (the snapshot baseline too)."""
+    if not state.exists():
+        return False
+    try:
+        store = Store.open_readonly(state)
+    except StateError:  # not created or migrated yet
+        return False
+    try:
+        done = {c.stream for c in store.cursors() if c.last_success_at}
+    except StateError:
+        return False
+    finally:
+        store.close()
+    return {CREATED, UPDATED, BASELINE, CAMPAIGNS} <= done
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return True
         time.sleep(0.1)
-    return bool(condition())
+    return condition()
+
+
+def _value(value: Any) -> str:
+    """A changed value as one short token: a QA result or flag by its name, anything else as JSON."""
+    if isinstance(value, dict) and "name" in value:
+        return str(value["name"])
+    return json.dumps(value, ensure_ascii=False)
+
+
+def describe(event: dict[str, Any], campaigns: dict[int, str]) -> str:
+    """One line for one event: the lead or campaign, and the diff or the transition."""
+    kind, data = event["type"], event.get("data") or {}
+    if "lead" in data:
+        lead = data["lead"]
+        campaign = str(lead.get("campaign", "")).rsplit("/", 1)[-1]
+        where = f"campaign {campaign} {campaigns.get(int(campaign), '')}" if campaign.isdigit() else ""
+        text = f"lead {lead.get('id')!s:<6} {where}".rstrip()
+        if kind == LEAD_UPDATED:
+            diff = ", ".join(f"{k}: {_value(c['from'])} -> {_value(c['to'])}" for k, c in data["changes"].items())
+            text = f"lead {lead.get('id')!s:<6} {diff}"
+    else:
+        doc: dict[str, Any] = data.get("campaign") or {}
+        text = f"campaign {doc.get('id')} {doc.get('name', '')}"
+        if kind == CAMPAIGN_STATUS_CHANGED:
+            text += f": {data.get('from')} -> {data.get('to')}"
+        elif kind == CAMPAIGN_CREATED:
+            text += f" ({doc.get('status')})"
+    return f"{datetime.now(UTC):%H:%M:%S}  {kind:<23} {text}"
+
+
+class _Changes:
+    """What the demo did to the simulator: the marks it expects to arrive, by type."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.expected: dict[str, set[Hashable]] = {kind: set() for kind in DEMO_TYPES}
+
+    def expect(self, kind: str, key: Hashable) -> tuple[str, Hashable]:
+        with self.lock:
+            self.expected[kind].add(key)
+        return kind, key
+
+    def all(self) -> set[tuple[str, Hashable]]:
+        with self.lock:
+            return {(kind, key) for kind, keys in self.expected.items() for key in keys}
+
+
+def _script(
+    sim: Simulator, receiver: VerifyingReceiver, changes: _Changes, seeded: list[int], duration: float, seed: int
+) -> None:
+    """Change two seeded leads, add a campaign, pause and resume an active one, spread over `duration`."""
+    started = time.monotonic()
+
+    def at(share: float) -> None:
+        time.sleep(max(0.0, started + share * duration - time.monotonic()))
+
+    # Seeded leads, whose snapshots the baseline took: a lead changed before the daemon has seen
+    # it at all is simply created in its changed state.
+    leads = random.Random(seed + 1).sample(seeded, 2)
+    at(0.15)
+    qa = (sim.lead(leads[0]).get("qaResult") or {}).get("name")
+    sim.update_lead(leads[0], qaResult="Caution" if qa == "Valid" else "Valid")
+    changes.expect(LEAD_UPDATED, (leads[0], "qaResult"))
+    at(0.3)
+    sim.update_lead(leads[1], lead_data={"jobTitle": "Chief Data Officer"})
+    changes.expect(LEAD_UPDATED, (leads[1], "leadData.jobTitle"))
+    at(0.4)
+    changes.expect(CAMPAIGN_CREATED, int(sim.add_campaign()["id"]))
+    active = [i for i in sim.campaign_ids() if sim.campaign(i)["status"] == "Active"]
+    if not active:
+        return
+    campaign = active[0]
+    at(0.5)
+    sim.pause_campaign(campaign)
+    # The pause must be seen before the resume, or both fall between two polls and cancel out.
+    if receiver.wait_for({changes.expect(CAMPAIGN_STATUS_CHANGED, (campaign, "Paused"))}, ARRIVAL_TIMEOUT):
+        sim.resume_campaign(campaign)
+        changes.expect(CAMPAIGN_STATUS_CHANGED, (campaign, "Active"))
 
 
 def run_demo(duration: float = 30.0, seed: int = 0, rate: float = 4.0) -> int:
@@ -137,22 +280,17 @@ def run_demo(duration: float = 30.0, seed: int = 0, rate: float = 4.0) -> int:
     sim = Simulator(seed=seed, username=username, password=password)
     sim.seed_data(campaigns=3, leads=20)
     campaigns = {i: str(sim.campaign(i)["name"]) for i in sim.campaign_ids()}
-
-    def show(event: dict[str, Any]) -> None:
-        lead = event["data"].get("lead", {})
-        campaign = str(lead.get("campaign", "")).rsplit("/", 1)[-1]
-        name = campaigns.get(int(campaign), "") if campaign.isdigit() else ""
-        stamp = datetime.now(UTC).strftime("%H:%M:%S")
-        print(f"{stamp}  {event['type']:<13} lead {lead.get('id')!s:<6} campaign {campaign} {name}", flush=True)
+    seeded = sim.lead_ids()
+    changes = _Changes()
 
     with (
         tempfile.TemporaryDirectory(prefix="convertr-watcher-demo-") as tmp,
         SimulatorServer(sim) as api,
-        VerifyingReceiver(secret, show) as receiver,
+        VerifyingReceiver(secret, lambda event: say(describe(event, campaigns))) as receiver,
     ):
         folder = Path(tmp)
         config = _config(folder, api.url, username, password, receiver.url, secret)
-        print(f"simulator {api.url}  receiver {receiver.url}  state {folder / 'state.db'}", flush=True)
+        say(f"simulator {api.url}  receiver {receiver.url}  state {folder / 'state.db'}")
         log_file = (folder / "daemon.log").open("w")
         daemon = subprocess.Popen(
             [sys.executable, "-m", "watcher", "run", "-c", str(config)],
@@ -160,22 +298,29 @@ def run_demo(duration: float = 30.0, seed: int = 0, rate: float = 4.0) -> int:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        created: list[int] = []
         try:
-            if not _wait(lambda: _baseline_done(folder / "state.db") or daemon.poll() is not None, 30):
-                print("the daemon did not finish its baseline in 30 s", file=sys.stderr)
+            if not _wait(lambda: _ready(folder / "state.db") or daemon.poll() is not None, 30):
+                say("the daemon did not finish its baseline in 30 s", err=True)
                 return 1
             if daemon.poll() is not None:
-                print((folder / "daemon.log").read_text()[-2000:], file=sys.stderr)
+                say((folder / "daemon.log").read_text()[-2000:], err=True)
                 return 1
-            print(f"daemon ready; adding about {rate:g} leads a second for {duration:g} s", flush=True)
+            say(
+                f"daemon ready; adding about {rate:g} leads a second for {duration:g} s, changing two leads, "
+                "adding a campaign, pausing and resuming another"
+            )
+            script = threading.Thread(
+                target=_script, args=(sim, receiver, changes, seeded, duration, seed), name="demo-script", daemon=True
+            )
+            script.start()
             rng = random.Random(seed)
             ids = list(campaigns)
             end = time.monotonic() + duration
             while time.monotonic() < end:
-                created.append(sim.add_lead(rng.choice(ids))["id"])
+                changes.expect(LEAD_CREATED, sim.add_lead(rng.choice(ids))["id"])
                 time.sleep(rng.expovariate(rate))
-            _wait(lambda: all(receiver.lead_ids[i] for i in created), 15)
+            script.join(ARRIVAL_TIMEOUT * 2)
+            receiver.wait_for(changes.all(), ARRIVAL_TIMEOUT)
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:
@@ -184,28 +329,29 @@ def run_demo(duration: float = 30.0, seed: int = 0, rate: float = 4.0) -> int:
                 daemon.kill()
                 code = daemon.wait()
             log_file.close()
-        missing = [i for i in created if not receiver.lead_ids[i]]
-        duplicates = sum(n - 1 for n in receiver.ids.values() if n > 1)
-        print()
-        print(f"leads created in the simulator: {len(created)}")
-        print(f"events received:                {sum(receiver.ids.values())} ({len(receiver.ids)} distinct ids)")
-        print(f"signatures verified:            {receiver.verified} (rejected {receiver.rejected})")
-        print(f"missing:                        {len(missing)}")
-        print(f"duplicates:                     {duplicates}")
-        print(f"daemon exit status:             {code}")
-        if missing:
-            print(f"missing lead ids: {missing[:20]}", file=sys.stderr)
-        return 0 if not missing and receiver.rejected == 0 else 1
+        return _summary(receiver, changes, code)
 
 
-def _baseline_done(state: Path) -> bool:
-    import sqlite3
-
-    if not state.exists():
-        return False
-    try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=1) as conn:
-            row = conn.execute("SELECT last_success_at FROM cursors WHERE stream = 'leads.created'").fetchone()
-    except sqlite3.Error:
-        return False
-    return bool(row and row[0])
+def _summary(receiver: VerifyingReceiver, changes: _Changes, code: int) -> int:
+    """Print the per-type counts and the totals; 0 when nothing expected is missing and nothing was rejected."""
+    with receiver.cond:
+        seen, types, ids = set(receiver.seen), Counter(receiver.types), Counter(receiver.ids)
+        verified, rejected = receiver.verified, receiver.rejected
+    missing: list[tuple[str, Hashable]] = []
+    say()
+    say(f"{'event type':<24} {'made':>5} {'received':>9} {'missing':>8}")
+    for kind in DEMO_TYPES:
+        expected = changes.expected[kind]
+        gone = sorted((key for key in expected if (kind, key) not in seen), key=repr)
+        missing += [(kind, key) for key in gone]
+        say(f"{kind:<24} {len(expected):>5} {types[kind]:>9} {len(gone):>8}")
+    duplicates = sum(n - 1 for n in ids.values() if n > 1)
+    say()
+    say(f"events received:                {sum(ids.values())} ({len(ids)} distinct ids)")
+    say(f"signatures verified:            {verified} (rejected {rejected})")
+    say(f"missing:                        {len(missing)}")
+    say(f"duplicates:                     {duplicates}")
+    say(f"daemon exit status:             {code}")
+    if missing:
+        say(f"missing: {missing[:20]}", err=True)
+    return 0 if not missing and rejected == 0 else 1
