@@ -55,11 +55,11 @@ def test_readable_config_with_a_literal_secret_draws_a_warning(tmp_path: Path, s
     os.chmod(config, 0o644)
     loud = cli("check", "-c", str(config))
     assert loud.returncode == 0, loud.stderr
-    assert "readable by group or others" in loud.stdout and "convertr.password" in loud.stdout
+    assert "readable by group or others" in loud.stderr and "convertr.password" in loud.stderr
     assert PASSWORD not in loud.stderr + loud.stdout
     os.chmod(config, 0o600)
-    assert "readable by group or others" not in cli("check", "-c", str(config)).stdout
+    assert "readable by group or others" not in cli("check", "-c", str(config)).stderr
     (tmp_path / "password").write_text(PASSWORD)
     config.write_text(config.read_text().replace(f'password = "{PASSWORD}"', 'password_file = "password"'))
     os.chmod(config, 0o644)
-    assert "readable by group or others" not in cli("check", "-c", str(config)).stdout
+    assert "readable by group or others" not in cli("check", "-c", str(config)).stderr

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
-
 from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
@@ -50,7 +48,8 @@ def _load(args: argparse.Namespace) -> Config:
         config.log.level, config.log.format, secrets=config.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
     )
     for warning in config.warnings:
-        structlog.get_logger("watcher.config").warning(warning)
+        # stderr, not the log stream: stdout may be `status --json` that a script parses.
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return config
 
 
@@ -388,6 +387,26 @@ def _daemon_info(config: Config) -> dict[str, Any] | None:
     }
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """An erasure request: the lead's snapshot, payloads and attempt log go; a tombstone stays."""
+    from watcher.store import Store
+
+    config = _load(args)
+    if not config.state.path.exists():
+        return _fail(f"forget: no state file at {config.state.path}", EXIT_FAILURE)
+    # No write lock, like replay: one short transaction that a running daemon serialises with.
+    store = Store.open(config.state.path)
+    try:
+        erased = store.forget(args.lead, SystemClock().now())
+    finally:
+        store.close()
+    print(
+        f"lead {args.lead} forgotten: {erased['events']} events, {erased['deliveries']} deliveries and "
+        f"{erased['attempts']} attempt-log rows erased; a bare tombstone keeps it from being announced again"
+    )
+    return EXIT_OK
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from watcher.store import DEAD, DELIVERED, Store
 
@@ -544,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("send-test", "send a watcher.test event through the real delivery path (exit 0 on a 2xx)")
     p.add_argument("--sink", required=True, metavar="NAME", help="the sink to test")
     p.set_defaults(func=cmd_send_test)
+    p = with_config("forget", "erase one lead's personal data from the state file, keeping a bare tombstone")
+    p.add_argument("--lead", required=True, type=int, metavar="ID", help="the Convertr lead id")
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser(
         "simulate",

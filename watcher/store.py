@@ -923,6 +923,43 @@ class Store:
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._rows("SELECT id, type, resource, payload FROM events ORDER BY seq")]
 
+    # --- erasure ------------------------------------------------------------------------------
+
+    def forget(self, lead_id: int, now: float) -> dict[str, int]:
+        """Erase one lead's personal data: its snapshot, its events' payloads and deliveries, its
+        attempt log and unreadable record; keep a bare tombstone so the lead is never announced again.
+
+        secure_delete zeroes the freed pages, and the WAL is checkpointed and truncated, so the bytes
+        leave the file rather than lingering in free pages or old WAL frames.
+        """
+        resource = f"lead:{lead_id}"
+        try:
+            self.conn.execute("PRAGMA secure_delete = ON")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+        with self.transaction() as c:
+            ids = [r[0] for r in c.execute("SELECT id FROM events WHERE resource = ?", (resource,))]
+            attempts = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                attempts += c.execute(f"DELETE FROM attempts WHERE event_id IN ({marks})", chunk).rowcount
+            deliveries = c.execute("DELETE FROM deliveries WHERE resource = ?", (resource,)).rowcount
+            events = c.execute("DELETE FROM events WHERE resource = ?", (resource,)).rowcount
+            c.execute("DELETE FROM unreadable WHERE lead_id = ?", (lead_id,))
+            # The tombstone: a known id with nothing in it. The created walk skips known ids.
+            c.execute(
+                "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
+                "VALUES (?, ?, NULL, '{}', ?, NULL, NULL) ON CONFLICT(id) DO UPDATE SET version = NULL, "
+                "snapshot = '{}', changed_at = excluded.changed_at, track = NULL, last_event = NULL",
+                (lead_id, now, now),
+            )
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot checkpoint state file {self.path}: {exc}") from None
+        return {"events": events, "deliveries": deliveries, "attempts": attempts}
+
     # --- housekeeping -------------------------------------------------------------------------
 
     def prune(

@@ -74,6 +74,7 @@ def write_config(
         lines.append("")
     path = folder / "config.toml"
     path.write_text("\n".join(lines) + extra)
+    path.chmod(0o600)  # it holds literal secrets: readable by others, the CLI would warn about it
     return path
 
 

@@ -1,0 +1,44 @@
+"""`forget --lead ID` honours an erasure request: the person's bytes leave the state file, a tombstone stays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.support.daemon import cli, webhook_sink, write_config
+from tests.support.receiver import Receiver
+
+
+def _raw(folder: Path) -> bytes:
+    """Every byte of the state file and its companions, as a disk image would hold them."""
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("state.db*")) if p.is_file())
+
+
+def _created(receiver: Receiver) -> list[dict[str, object]]:
+    posts = [r.json() for r in receiver.requests if r.method == "POST" and r.status == 200]
+    return [e["data"]["lead"] for e in posts if e["type"] == "lead.created"]
+
+
+def test_forget_erases_one_lead_and_keeps_it_from_coming_back(tmp_path: Path, sim, receiver: Receiver) -> None:
+    """After forget, the lead's e-mail is nowhere in the raw file bytes, others' are, and it is not announced again."""
+    _simulator, server = sim
+    config = write_config(
+        tmp_path, server.url, [webhook_sink(receiver.url)], leads={"start": "2000-01-01T00:00:00Z", "lookback": "1d"}
+    )
+    assert cli("once", "-c", str(config)).returncode == 0
+    leads = [lead for lead in _created(receiver) if lead.get("email")]
+    assert len(leads) >= 2
+    target, other = leads[0], leads[1]
+    email, kept = str(target["email"]).encode(), str(other["email"]).encode()
+    assert email in _raw(tmp_path)
+
+    result = cli("forget", "-c", str(config), "--lead", str(target["id"]))
+    assert result.returncode == 0, result.stderr
+    assert f"lead {target['id']} forgotten: 1 events" in result.stdout
+    raw = _raw(tmp_path)
+    assert email not in raw, "the e-mail is still in the state file's bytes"
+    assert kept in raw, "another lead's data went too"
+
+    before = len(_created(receiver))
+    assert cli("once", "-c", str(config)).returncode == 0  # the 1-day lookback reads the lead again
+    assert len(_created(receiver)) == before, "the forgotten lead was announced again"
+    assert email not in _raw(tmp_path)
