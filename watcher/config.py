@@ -84,6 +84,9 @@ class StateConfig:
     path: Path
     delivered_retention: float = 7 * DAY
     attempt_log_retention: float = 14 * DAY
+    # Dead deliveries, and queues of sinks no longer configured, are erased this long after they
+    # died or were queued: they hold personal data that nothing will send any more.
+    dead_retention: float = 30 * DAY
 
 
 @dataclass(frozen=True)
@@ -270,12 +273,13 @@ def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
 
 
 def _state(t: _Table, ctx: _Context) -> StateConfig:
-    t.check_keys(("path", "delivered_retention", "attempt_log_retention"))
+    t.check_keys(("path", "delivered_retention", "attempt_log_retention", "dead_retention"))
     relative = _nonempty_str(t.require("path"), t.key("path"))
     return StateConfig(
         path=ctx.folder / relative,
         delivered_retention=t.duration("delivered_retention", 7 * DAY),
         attempt_log_retention=t.duration("attempt_log_retention", 14 * DAY),
+        dead_retention=t.duration("dead_retention", 30 * DAY),
     )
 
 

@@ -303,6 +303,16 @@ async def run_once(config: Config, clock: Clock, **kwargs: Any) -> int:
 
 def _housekeeping(rt: Runtime) -> None:
     cfg = rt.config
+    stopped = [s.name for s in cfg.sinks if not s.enabled or rt.store.sink_disabled(s.name)]
+    aged = rt.store.age_out(
+        rt.clock.now(),
+        dead_retention=cfg.state.dead_retention,
+        configured={s.name: s.max_age for s in cfg.sinks},
+        stopped=stopped,
+    )
+    if any(aged.values()):
+        # Counts only: the rows held personal data, the log line must not.
+        log.info("personal data aged out", **aged)
     pruned = rt.store.prune(
         rt.clock.now(),
         delivered_retention=cfg.state.delivered_retention,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -961,6 +961,43 @@ class Store:
         return {"events": events, "deliveries": deliveries, "attempts": attempts}
 
     # --- housekeeping -------------------------------------------------------------------------
+
+    def age_out(
+        self,
+        now: float,
+        *,
+        dead_retention: float,
+        configured: Mapping[str, float],
+        stopped: Iterable[str],
+    ) -> dict[str, int]:
+        """Let personal data that nothing will send go: the retention half of housekeeping.
+
+        `configured` maps each configured sink to its max_age; `stopped` names those that are off
+        or disabled. Their pending deliveries die once older than max_age (replay can still bring
+        them back); dead deliveries go `dead_retention` after they died, and every delivery of a
+        sink no longer configured `dead_retention` after it was queued. An event's payload goes
+        with its last delivery.
+        """
+        with self.transaction() as c:
+            expired = 0
+            for sink in sorted(set(stopped) & set(configured)):
+                expired += c.execute(
+                    "UPDATE deliveries SET status = 'dead', next_attempt_at = ?, "
+                    "last_error = 'max_age passed while the sink was off or disabled' "
+                    "WHERE sink = ? AND status = 'pending' AND created_at < ?",
+                    (now, sink, now - configured[sink]),
+                ).rowcount
+            dead = c.execute(
+                "DELETE FROM deliveries WHERE status = 'dead' AND next_attempt_at < ?", (now - dead_retention,)
+            ).rowcount
+            names = sorted(configured)
+            marks = ",".join("?" * len(names))
+            removed = c.execute(
+                f"DELETE FROM deliveries WHERE sink NOT IN ({marks}) AND created_at < ?",
+                [*names, now - dead_retention],
+            ).rowcount
+            payloads = c.execute("DELETE FROM events WHERE seq NOT IN (SELECT event_seq FROM deliveries)").rowcount
+        return {"expired": expired, "dead": dead, "removed_sinks": removed, "payloads": payloads}
 
     def prune(
         self,

@@ -1,0 +1,72 @@
+"""Personal data has a lifetime: queues nothing will send age out by max_age and [state] dead_retention."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from tests.support.daemon import cli, wait_until, webhook_sink, write_config
+from tests.support.receiver import Receiver
+
+
+def _rows(db: Path) -> dict[tuple[str, str], int]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return {(s, st): n for s, st, n in conn.execute("SELECT sink, status, count(*) FROM deliveries GROUP BY 1, 2")}
+
+
+def _events(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+def _newest(db: Path, column: str = "created_at", status: str = "pending") -> float:
+    """The latest queue time (or, with next_attempt_at of dead rows, death time) in Unix seconds."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        sql = f"SELECT max({column}) FROM deliveries WHERE status = ?"
+        return float(conn.execute(sql, (status,)).fetchone()[0])
+
+
+def _aged(output: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.splitlines() if '"personal data aged out"' in line]
+
+
+def test_queues_of_disabled_and_removed_sinks_age_out(tmp_path: Path, sim) -> None:
+    """A 410-disabled sink's queue dies after max_age, dead rows and a removed sink's queue go after dead_retention."""
+    _simulator, server = sim
+    with Receiver() as gone, Receiver() as down:
+        gone.respond(410)  # the sink is disabled; its events stay queued
+        down.respond(500)
+        sinks = [
+            webhook_sink(gone.url, name="gone", max_age="2s"),
+            webhook_sink(down.url, name="old", retry_schedule=["1h"]),
+        ]
+        config = write_config(tmp_path, server.url, sinks, leads={"start": "2000-01-01T00:00:00Z"})
+        text = config.read_text().replace('path = "state.db"', 'path = "state.db"\ndead_retention = "4s"')
+        config.write_text(text)
+        db = tmp_path / "state.db"
+        assert cli("once", "-c", str(config)).returncode == 1  # both sinks failed
+        queued = _rows(db)
+        assert queued[("gone", "pending")] > 0 and queued[("old", "pending")] == queued[("gone", "pending")]
+        events = _events(db)
+        queued_at = _newest(db)
+
+        # Sink "old" leaves the configuration; "gone" stays, disabled, past its max_age.
+        config.write_text(text[: text.index("[[sinks]]")] + text[text.index("[[sinks]]") :].split("\n\n[[sinks]]")[0])
+        wait_until(lambda: time.time() > queued_at + 2.2, 10, "max_age to pass")
+        second = cli("once", "-c", str(config))
+        assert _rows(db) == {
+            ("gone", "dead"): queued[("gone", "pending")],
+            ("old", "pending"): queued[("old", "pending")],
+        }
+        assert _aged(second.stdout)[0]["expired"] == queued[("gone", "pending")]
+
+        died_at = _newest(db, "next_attempt_at", "dead")
+        wait_until(lambda: time.time() > max(queued_at, died_at) + 4.2, 10, "dead_retention to pass")
+        third = cli("once", "-c", str(config))
+        assert _rows(db) == {}, "dead rows and the removed sink's queue are still there"
+        assert _events(db) == 0 < events, "payloads outlived every delivery"
+        aged = _aged(third.stdout)[0]
+        assert aged["dead"] == queued[("gone", "pending")] and aged["removed_sinks"] == queued[("old", "pending")]
+        assert "@" not in json.dumps(aged), "the log line carries counts only"
