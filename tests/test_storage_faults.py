@@ -123,3 +123,37 @@ def test_full_state_disk_pauses_and_recovers_without_resending(tmp_path: Path, s
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_daemon_started_on_a_full_disk_waits_for_space(tmp_path: Path, sim, receiver: Receiver) -> None:
+    """Started on a full state disk (as systemd restarts it): it waits alive and starts once space returns."""
+    simulator, server = sim
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url)])
+    config.write_text(config.read_text().replace('path = "state.db"', f'path = "{state_dir}/state.db"'))
+    log_path = tmp_path / "daemon.log"
+    python = sys.executable
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            ["unshare", "--map-root-user", "--mount", "sh", "-euc",
+             f'mount -t tmpfs -o size=1m tmpfs "{state_dir}"\n'
+             f'"{python}" -m watcher once -c "{config}"\n'
+             f'dd if=/dev/zero of="{state_dir}/filler" bs=64k 2>/dev/null || true\n'
+             f'exec "{python}" -m watcher run -c "{config}"'],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "waiting for space" in log_path.read_text(), 30, "the daemon waiting for space")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        (Path(f"/proc/{proc.pid}/root") / state_dir.relative_to("/") / "filler").unlink()
+        wait_until(lambda: "state file opens again" in log_path.read_text(), 30, "the daemon to start")
+        wait_until(lambda: '"event": "poll"' in log_path.read_text(), 30, "a first poll")
+        more = simulator.add_leads(2, simulator.campaign_ids()[0])
+        wait_until(lambda: set(more) <= _created_leads(receiver), 30, "leads delivered after the wait")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -38,7 +38,7 @@ from watcher.cli import EXIT_FAILURE, EXIT_OK
 from watcher.clock import Clock
 from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
-from watcher.errors import AuthError, ConfigError, StateError, WatcherError
+from watcher.errors import AuthError, ConfigError, StateError, StateTooNew, WatcherError
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
@@ -646,5 +646,45 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier) -> int:
     # Until the loop's handler is in place (start-up can take a while), a HUP must not end the
     # process as its default action would: `systemctl reload` during start-up is ignored instead.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if not await _wait_for_storage(config, clock, notifier):
+        return EXIT_OK  # stopped while waiting
     async with runtime(config, clock) as rt:
         return await Daemon(rt, notifier).run()
+
+
+async def _wait_for_storage(config: Config, clock: Clock, notifier: Notifier) -> bool:
+    """Wait until the state file opens; False when a stop signal came first.
+
+    On a full disk SQLite cannot even open a WAL file (its -shm needs space). Exiting would let
+    systemd restart us every RestartSec until StartLimitBurst leaves the unit failed, with nothing
+    to start it again once space returns; waiting here keeps the service up and says why. READY=1
+    goes out at once, so TimeoutStartSec does not end the wait, and the watchdog is fed meanwhile.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    waiting = False
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            try:
+                Store.open(config.state.path).close()
+                if waiting:
+                    log.warning("state file opens again; starting")
+                return True
+            except StateTooNew:
+                raise  # only an upgrade helps: exit 78 at once
+            except StateError as exc:
+                if not config.state.path.parent.is_dir():
+                    raise  # a wrong path, not a full disk: say so and exit
+                if not waiting:
+                    waiting = True
+                    log.error("state file cannot be opened; waiting for space", retry_in=STORAGE_RETRY, error=str(exc))
+                    notifier.ready(f"waiting: {exc}")
+                notifier.watchdog()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=STORAGE_RETRY)
+        return False
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
