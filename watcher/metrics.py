@@ -134,7 +134,7 @@ class Metrics:
         build.labels(version=__version__, python=platform.python_version()).set(1)
 
         self._last_ok: dict[str, float] = {}
-        self._stranded_seen: set[tuple[str]] = set()
+        self._stranded_seen: set[str] = set()
         # Label sets exist from the start, so a rate() over "no failures yet" reads 0, not nothing.
         for stream in streams:
             for outcome in POLL_OUTCOMES:
@@ -178,11 +178,11 @@ class Metrics:
 
     def set_stranded(self, counts: Mapping[str, int]) -> None:
         """The stranded backlog per unconfigured sink; a sink drained or configured again reads 0."""
-        for sink in {labels[0] for labels in self._stranded_seen} - set(counts):
+        for sink in self._stranded_seen - set(counts):
             self.stranded.labels(sink=sink).set(0)
         for sink, n in counts.items():
             self.stranded.labels(sink=sink).set(n)
-        self._stranded_seen = {(s,) for s in counts} | self._stranded_seen
+        self._stranded_seen |= set(counts)
 
     def config_applied(self, now: float, ok: bool) -> None:
         if ok:
