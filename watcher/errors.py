@@ -2,7 +2,8 @@
 
     WatcherError
     ├── ConfigError          the configuration is invalid (CLI exit 78)
-    ├── StateError           the state file cannot be opened, migrated or written
+    ├── StateError           the state file cannot be opened, migrated or written: `run` pauses
+    │   │                    and retries (a full disk passes), `once` and the other commands exit 1
     │   ├── StateLocked      another process holds the state file's write lock (CLI exit 75)
     │   └── StateTooNew      the state file was written by a newer release (CLI exit 78)
     ├── ConvertrError        the Convertr API did not give what was asked
@@ -43,7 +44,11 @@ class ConfigError(WatcherError):
 
 
 class StateError(WatcherError):
-    """The SQLite state file cannot be opened, migrated or written."""
+    """The SQLite state file cannot be opened, migrated or written.
+
+    The daemon treats it as passing (a full disk, a read-only remount): polls pause and retry,
+    outcomes wait in memory, health goes red. Only its subclasses below end a command at once.
+    """
 
 
 class StateLocked(StateError):
