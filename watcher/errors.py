@@ -119,6 +119,10 @@ class NotFound(ApiError):
 class DeliveryError(WatcherError):
     """One delivery attempt to a sink failed; the outbox schedules the next one."""
 
+    # The start of the receiver's answer, set where one was read: kept in the attempt log, never in
+    # the message, which goes to logs and may not carry what a receiver echoes back.
+    excerpt: str = ""
+
     def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
         self.status = status
         self.retry_after = retry_after

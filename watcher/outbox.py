@@ -27,6 +27,7 @@ from watcher.clock import Clock
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
 from watcher.events import Event
+from watcher.logs import known_secrets, scrub
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks import Attempt, Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Store
@@ -47,6 +48,9 @@ DIGEST_LIMIT = 50_000
 # Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
 # bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
 SWEEP_INTERVAL = 1.0
+# Enough of an answer for an operator to see why a receiver refused (`events --attempts`), and
+# little enough that the attempt log stays small and a receiver's echo of a payload stays cut.
+ATTEMPT_EXCERPT_CHARS = 200
 # How many due deliveries one query reads ahead for a sink.
 READ_AHEAD = 64
 # After the state file refused a read or write: wait this long before touching it (or a receiver) again.
@@ -81,6 +85,12 @@ def decide(due: Due, error: DeliveryError | None, *, now: float, sink: Sink, rng
     if when is None:
         return Outcome(due.seq, due.event_id, DEAD, attempt, now, message)
     return Outcome(due.seq, due.event_id, PENDING, attempt, when, message)
+
+
+def attempt_excerpt(text: str) -> str | None:
+    """What the attempt log keeps of an answer: secrets and e-mail addresses masked, on one line, short."""
+    flat = " ".join(scrub(text, known_secrets()).split())
+    return flat[:ATTEMPT_EXCERPT_CHARS] or None
 
 
 def bursting(count: int, sink: Sink) -> bool:
@@ -450,7 +460,8 @@ class Dispatcher:
             error = DeliveryError(f"internal error: {type(exc).__name__}")
         duration = round(self.clock.monotonic() - started, 4)
         now = self.clock.now()
-        outcomes = [decide(d, error, now=now, sink=sink, rng=self.rng) for d in batch]
+        answer = attempt_excerpt(attempt.response_excerpt if error is None else error.excerpt)
+        outcomes = [replace(decide(d, error, now=now, sink=sink, rng=self.rng), excerpt=answer) for d in batch]
         try:
             self.store.record_outcomes(
                 sink.name, outcomes, now=now, status_code=status, duration=duration, success=error is None

@@ -128,6 +128,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (stream, lead_id)
     );
     """,
+    # 4: what the receiver answered, kept with each attempt (URL redacted, scrubbed, cut short), so
+    # `events --attempts` can show an operator why a delivery failed before a replay.
+    """
+    ALTER TABLE attempts ADD COLUMN excerpt TEXT;
+    """,
 )
 
 
@@ -248,6 +253,7 @@ class Outcome:
     next_attempt_at: float
     error: str | None
     attempt: int | None = None  # this attempt's number in the attempt log, when it differs from `attempts`
+    excerpt: str | None = None  # the start of the receiver's answer to this attempt, for the attempt log
 
     @property
     def logged_attempt(self) -> int:
@@ -644,9 +650,9 @@ class Store:
                     (o.status, o.attempts, o.next_attempt_at, o.error, o.status, now, sink, o.seq),
                 )
                 c.execute(
-                    "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (sink, o.event_id, o.logged_attempt, status_code, duration, o.error, now),
+                    "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sink, o.event_id, o.logged_attempt, status_code, duration, o.error, now, o.excerpt),
                 )
             c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
             if success:
@@ -922,6 +928,63 @@ class Store:
 
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._rows("SELECT id, type, resource, payload FROM events ORDER BY seq")]
+
+    # --- the outbox for operators (`events`) ----------------------------------------------------
+
+    def outbox(
+        self,
+        *,
+        sinks: Sequence[str] = (),
+        statuses: Sequence[str] = (),
+        types: Sequence[str] = (),
+        resource: str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Deliveries with their event, most recently detected first, as plain dicts (`events`).
+
+        Read through sqlite-utils, whose rows are dicts named by column: what the JSON and CSV
+        writers take as they are. The filters are ANDed; an empty one matches everything.
+        """
+        conditions: list[tuple[str, Sequence[Any]]] = [
+            (f"d.sink IN ({','.join('?' * len(sinks))})", sinks),
+            (f"d.status IN ({','.join('?' * len(statuses))})", statuses),
+            (f"e.type IN ({','.join('?' * len(types))})", types),
+        ]
+        where = [sql for sql, values in conditions if values]
+        params: list[Any] = [v for _, values in conditions for v in values]
+        if resource is not None:
+            where.append("d.resource = ?")
+            params.append(resource)
+        if since is not None:
+            where.append("e.detected_at >= ?")
+            params.append(since)
+        sql = (
+            "SELECT e.id, e.type, d.resource, d.sink, d.status, d.attempts, e.detected_at, d.next_attempt_at, "
+            "d.delivered_at, d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + " ORDER BY e.seq DESC, d.sink"
+            + (" LIMIT ?" if limit is not None else "")
+        )
+        return self._query(sql, [*params, limit] if limit is not None else params)
+
+    def attempt_log(self, event_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The attempt log of these events, oldest first: answer status, error and answer excerpt."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(event_ids), 500):
+            chunk = list(event_ids[start : start + 500])
+            found += self._query(
+                "SELECT sink, event_id, attempt, at, status_code, duration, error, excerpt FROM attempts "
+                f"WHERE event_id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                chunk,
+            )
+        return found
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        try:
+            return list(self.db.query(sql, params))
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot read state file {self.path}: {exc}") from None
 
     # --- erasure ------------------------------------------------------------------------------
 

@@ -220,6 +220,7 @@ class HttpSink:
         )
         error = classify(response, now=self._clock.now())
         if error is not None:
+            error.excerpt = excerpt(response.text, self.config.url)
             raise error
         return Attempt(
             status=response.status_code,
