@@ -25,6 +25,7 @@ from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
 from watcher.errors import AuthError, ConfigError, StateError, StateLocked, StateTooNew, WatcherError
+from watcher.events import EVENT_TYPES
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging, known_secrets, scrub
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
@@ -74,6 +75,12 @@ def _age(now: float, value: float | None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return int(text)
 
 
 def _time_arg(text: str) -> float:
@@ -511,6 +518,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, seed=args.seed, rate=args.rate)
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from watcher.listing import Query, read, write
+
+    config = _load(args)
+    # Read-only (SQLite mode=ro): safe beside a running daemon, and never creates or migrates the file.
+    rows = read(
+        config.state.path,
+        Query(
+            sinks=args.sink or (),
+            statuses=[args.status] if args.status else (),
+            types=args.type or (),
+            lead=args.lead,
+            since=args.since,
+            limit=args.limit,
+            attempts=args.attempts,
+        ),
+    )
+    write(rows, args.format)
+    return EXIT_OK
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -560,6 +588,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="move the pending and dead events of sink OLD (renamed or removed) to the one --sink",
     )
     p.set_defaults(func=cmd_replay)
+    p = with_config("events", "list the outbox: each event and sink with status, attempts, times and last error")
+    p.add_argument("--sink", action="append", metavar="NAME", help="only this sink (repeatable)")
+    p.add_argument("--status", choices=("pending", "delivered", "dead"), help="only deliveries in this state")
+    p.add_argument(
+        "--type", action="append", choices=EVENT_TYPES, metavar="TYPE", help="only this event type (repeatable)"
+    )
+    p.add_argument("--lead", type=int, metavar="ID", help="only events about this lead")
+    p.add_argument("--since", type=_time_arg, metavar="TIME", help="events detected at or after this RFC 3339 time")
+    p.add_argument("--limit", type=_positive, metavar="N", help="at most N rows, most recently detected first")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
+    p.add_argument("--attempts", action="store_true", help="add each delivery's attempt log with the answer's start")
+    p.set_defaults(func=cmd_events)
     p = with_config("send-test", "send a watcher.test event through the real delivery path (exit 0 on a 2xx)")
     p.add_argument("--sink", required=True, metavar="NAME", help="the sink to test")
     p.set_defaults(func=cmd_send_test)
