@@ -22,10 +22,20 @@ def _digits(stamp: str) -> str:
     return stamp[:19]
 
 
+def _london() -> ServerClock:
+    """London configured, and confirmed by what the server wrote in summer and winter."""
+    server = ServerClock(FakeClock(), "Europe/London")
+    server.observe("2024-06-01T10:00:00+01:00")
+    server.observe("2024-12-01T10:00:00+00:00")
+    return server
+
+
 @pytest.mark.parametrize(
     ("start", "until", "expected"),
     [
-        ("2024-04-01T09:50:00+01:00", "2024-04-01T10:00:00Z", "2024-04-01T09:50:00+01:00"),
+        ("2024-05-01T09:50:00+01:00", "2024-05-01T10:00:00Z", "2024-05-01T09:50:00+01:00"),
+        # within a week of a clock change the server's own rules may date it differently: the lower offset
+        ("2024-04-01T09:50:00+01:00", "2024-04-01T10:00:00Z", "2024-04-01T08:50:00+00:00"),
         ("2024-01-15T09:50:00+00:00", "2024-01-15T11:00:00Z", "2024-01-15T09:50:00+00:00"),
         # spring forward: digits only jump ahead, nothing to widen
         ("2024-03-31T00:45:00+00:00", "2024-03-31T03:00:00Z", "2024-03-31T00:45:00+00:00"),
@@ -41,7 +51,7 @@ def _digits(stamp: str) -> str:
 )
 def test_bound_in_a_configured_zone(start: str, until: str, expected: str) -> None:
     """A bound is its instant written in the lowest offset the zone takes until the walk's end."""
-    server = ServerClock(FakeClock(), "Europe/London")
+    server = _london()
     assert server.bound(_instant(start), _instant(until.replace("Z", "+00:00"))) == expected
 
 
@@ -52,7 +62,7 @@ def test_every_later_row_sorts_after_the_bound(change: datetime) -> None:
     """Around a clock change, every row written after the bound's instant has higher wall-clock digits,
     and the bound is never more than an hour lower than needed."""
     rng = random.Random(change.month)
-    server = ServerClock(FakeClock(), "Europe/London")
+    server = _london()
     for _ in range(300):
         start = change + timedelta(seconds=rng.randint(-3 * 3600, 3 * 3600))
         until = start + timedelta(seconds=rng.randint(0, 2 * 3600))
@@ -126,6 +136,7 @@ def test_offsets_no_zone_fits_fall_back_to_the_lowest_seen() -> None:
 def test_the_correction_moves_every_bound_back() -> None:
     """A filter check that needed two hours more shifts every bound's offset down by two hours."""
     server = ServerClock(FakeClock(), "UTC")
+    server.observe("2024-06-01T08:00:00+00:00")
     server.correction = 7200
     assert server.bound(_instant("2024-06-01T09:00:00+00:00"), None) == "2024-06-01T07:00:00-02:00"
 
@@ -138,3 +149,21 @@ def test_now_follows_the_date_header() -> None:
     server.observe_date(datetime.fromtimestamp(1_300.0, UTC))
     clock.advance(10)
     assert server.now() == 1_310.0
+
+
+def test_a_configured_zone_counts_only_once_the_server_confirms_it() -> None:
+    """Before the server has written a timestamp, a configured zone is a guess: bounds stay at UTC-12:00."""
+    server = ServerClock(FakeClock(), "Europe/London")
+    assert server.bound(_instant("2024-06-01T12:00:00+00:00"), None).endswith("-12:00")
+    server.observe("2024-06-01T10:00:00+01:00")
+    assert server.bound(_instant("2024-06-01T12:00:00+00:00"), _instant("2024-06-01T13:00:00+00:00")).endswith(
+        "+01:00"
+    )
+
+
+def test_far_future_and_garbled_timestamps_teach_nothing() -> None:
+    """A year-9999 end date or a garbled value is passed over, never an exception."""
+    server = ServerClock(FakeClock())
+    for raw in ("9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00+14:00", "2024-13-45T99:00:00+00:00", 42, None):
+        server.observe(raw)
+    assert server.candidates == ()

@@ -36,6 +36,7 @@ class Calibration:
     checked: str  # how the filter semantics were checked, or why they could not be
     search: frozenset[str] = frozenset()  # the leads collection's hydra:search variables
     filter_ignored: bool = False
+    verified: bool = False  # the filter was checked against a lead (else: check again on the next poll)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -70,6 +71,8 @@ async def calibrate(client: ConvertrClient, server: ServerClock, campaign_ids: S
     created = detect.timestamp(lead.get("createdTs")) if lead else None
     if lead is None or created is None:
         calibration.checked = calibration.checked or "not checked: no lead to check the createdTs filter against"
+        # Until a lead shows how the filter compares, every bound is as wide as any zone could need.
+        server.correction = CALIBRATION_HOURS * HOUR
     else:
         await _check_filters(client, server, campaign_ids, lead, created, calibration)
     calibration.zone = server.describe()
@@ -101,6 +104,7 @@ async def _check_filters(
             "a bound a day before it; the watcher cannot tell which leads are new"
         )
     calibration.checked = "a bound 1 s before the newest lead returns it"
+    calibration.verified = True
     if hours:
         calibration.warnings.append(
             f"Convertr compares createdTs {hours} h behind the offsets it writes: every filter bound is moved back"

@@ -356,7 +356,13 @@ def decide_updated(
         changes = diff(before.snapshot, snap, old_track, walk.track)
         merged = merge(before.snapshot, snap, walk.track)
         if changes:
-            event = lead_updated(lead, changes, walk.detected_at, before.last_event or before.version)
+            previous = before.last_event or before.version
+            if version is not None and version == before.version:
+                # updatedTs did not move, so it cannot tell this change from an earlier one with the
+                # same values (one undone in between, before a backup was restored): the moment it
+                # was seen does. Seen again after a crash before commit, it may then arrive twice.
+                previous = f"{previous}@{walk.detected_at}"
+            event = lead_updated(lead, changes, walk.detected_at, previous)
             commit.events.append((event, route(event)))
             latest[lead_id] = LeadState(lead_id, before.created_ts, version, merged, sig, event.id)
         elif merged != before.snapshot or before.track != sig:
@@ -372,9 +378,9 @@ def decide_updated(
 def _track_of(state: LeadState, walk: LeadWalk) -> tuple[str, ...] | None:
     """The track list a stored snapshot was taken under; an empty snapshot with none covered nothing."""
     if state.track is None:
-        # Written before snapshots named their track (taken under the track of the day, assumed
-        # unchanged), or while updates were off (nothing was taken).
-        return walk.track if state.snapshot else ()
+        # Written before snapshots named their track, or while updates were off: what it holds is
+        # all it is known to have covered (a leadData name it lacks is learnt, never "appeared").
+        return tuple(state.snapshot)
     if walk.tracks is not None and state.track in walk.tracks:
         return walk.tracks[state.track]
     return walk.track if state.track == walk.signature else ()

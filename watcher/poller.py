@@ -30,8 +30,7 @@ from watcher.calibration import Calibration, calibrate
 from watcher.clock import Clock, rfc3339
 from watcher.config import Config
 from watcher.convertr import ConvertrClient, Page
-from watcher.errors import MalformedResponse
-from watcher.events import Event
+from watcher.events import Event, campaign_id_of
 from watcher.pager import UNREADABLE, Pager, Read
 from watcher.routing import router
 from watcher.servertime import ServerClock, write_at
@@ -87,6 +86,7 @@ class _Plan:
     baseline_until: float | None = None
     floor: float | None = None  # written on the first page when set
     start_page: int = 1
+    resume_after: int | None = None  # a resumed walk's last id: it steps back until a page overlaps it
 
 
 class Poller:
@@ -116,6 +116,7 @@ class Poller:
         self.calibration: Calibration | None = None
         self._lead_search: frozenset[str] | None = None
         self._warned_disagreement = False
+        self._warned_no_date = False
 
     def reconfigure(self, config: Config, client: ConvertrClient) -> None:
         """Take a reloaded configuration between polls (never during one): new routes at once.
@@ -217,7 +218,13 @@ class Poller:
         page = await self.client.page("leads", {}, items_per_page=0)
         self._observe(page)
         if page.server_date is None:
-            raise MalformedResponse("Convertr GET /api/v4/leads: no Date header")
+            if not self._warned_no_date:
+                self._warned_no_date = True
+                log.warning(
+                    "Convertr sends no Date header: the host's clock stands in for the server's, so keep it "
+                    "synchronised (NTP) and lookback above any difference between the two"
+                )
+            return self.server.now()
         return page.server_date.timestamp()
 
     def _lead_params(self, key: str | None, bound: str | None, order: str = "asc") -> dict[str, str | Sequence[str]]:
@@ -268,7 +275,9 @@ class Poller:
 
     async def _walk_created(self, result: PollResult) -> None:
         leads = self.config.leads
-        if self.calibration is None:  # here, so a failure is the created poll's recorded error
+        # Here, so a failure is the created poll's recorded error; again on every poll until a lead
+        # has shown how the server's filter compares (an empty tenant at start-up).
+        if self.calibration is None or not self.calibration.verified:
             self.calibration = await calibrate(self.client, self.server, self.config.leads.campaign_ids)
             self._lead_search = self.calibration.search
             self._warned_disagreement = self.server.disagreement is not None  # calibrate said so
@@ -342,12 +351,22 @@ class Poller:
         state = self.store.cursor(BASELINE)
         if state is not None and state.walk_from:
             plan = _Plan(BASELINE, CREATED_FILTER, state.walk_from, None, None, start_page=max(1, state.progress or 1))
+            plan.resume_after = state.resume_after
         elif leads.baseline_window <= 0:
             self._commit(PageCommit(BASELINE, self.clock.now(), cursor=self._signature(), finished=True), result)
             return
         else:
-            window_start = await self._fresh_now() - leads.baseline_window
+            server_now = await self._fresh_now()
+            window_start = server_now - leads.baseline_window
             plan = _Plan(BASELINE, CREATED_FILTER, self.server.bound(window_start), None, None)
+            updated = self.store.cursor(UPDATED)
+            if updated is None or updated.cursor is None:
+                # The updated walk's first run must see changes made while the baseline is taken:
+                # it starts from here, not from whenever the baseline ends.
+                start = server_now - leads.safety_lag
+                self._commit(
+                    PageCommit(UPDATED, self.clock.now(), cursor=write_at(start, UTC_OFFSET), cursor_ts=start), result
+                )
             log.info("snapshot baseline started", window=leads.baseline_window)
         await self._walk(plan, result, created=False, finish_cursor=self._signature())
 
@@ -360,14 +379,18 @@ class Poller:
     async def _walk(self, plan: _Plan, result: PollResult, *, created: bool, finish_cursor: str | None = None) -> None:
         """The one page loop of every lead walk: read, decide, commit, page after page."""
         pager = Pager(
-            self.client, "leads", self._lead_params(plan.filter, plan.bound), self.config.convertr.items_per_page
+            self.client,
+            "leads",
+            self._lead_params(plan.filter, plan.bound),
+            self.config.convertr.items_per_page,
+            id_filter="id[]" in (self._lead_search or frozenset()),
         )
         signpost: float | None = None
         cursor = plan.cursor
         first = True
         # aclosing: a failed commit must stop the page read ahead at once, not whenever the
         # abandoned generator is collected.
-        async with aclosing(pager.pages(plan.start_page)) as reads:
+        async with aclosing(pager.pages(plan.start_page, overlap_id=plan.resume_after)) as reads:
             async for read in reads:
                 page = read.page
                 self._observe(page)
@@ -380,7 +403,7 @@ class Poller:
                     commit.baseline_until, commit.floor = plan.baseline_until, plan.floor
                     first = False
                 if plan.cursor_field is None:
-                    commit.progress = page.number  # a resumed walk re-reads this page, then goes on
+                    commit.progress, commit.resume_after = page.number, read.last_id  # where a resume starts
                 cursor = commit.cursor or cursor
                 self._commit(commit, result)
                 if self.progress is not None:
@@ -416,21 +439,23 @@ class Poller:
                 page.members, known, walk, cursor, self.route, cursor_field=plan.cursor_field
             )
             result.changed += len(commit.events)
-        self._skip_unreadable(plan.stream, read, commit)
+        self._skip_unreadable(plan, read, commit)
         return commit
 
     # --- records the server cannot serialise -----------------------------------------------------
 
-    def _skip_unreadable(self, stream: str, read: Read, commit: PageCommit) -> None:
+    def _skip_unreadable(self, plan: _Plan, read: Read, commit: PageCommit) -> None:
         if not read.unreadable:
             return
+        stream = plan.stream
         recorded = {u.lead_id for u in self.store.unreadable(stream)}
         for lead_id, error in read.unreadable:
             if lead_id is None:
                 continue  # logged by the pager; a later walk over the same rows tries again
             if lead_id in recorded:
                 continue  # its own slow schedule decides when it is read next
-            commit.unreadable.append((lead_id, commit.now + UNREADABLE_RETRY[0], error[:200]))
+            # The walk's threshold goes with it: a lead that existed at the baseline stays unannounced.
+            commit.unreadable.append((lead_id, commit.now + UNREADABLE_RETRY[0], error[:200], plan.emit_after))
             log.warning("lead unreadable: skipped, retried later", stream=stream, lead_id=lead_id, error=error)
         self._count_unreadable(len(commit.unreadable))
 
@@ -452,19 +477,25 @@ class Poller:
                 doc = await self.client.item("leads", entry.lead_id, attempts=1)
             except UNREADABLE as exc:
                 due = now + UNREADABLE_RETRY[min(entry.tries, len(UNREADABLE_RETRY) - 1)]
-                commit.unreadable.append((entry.lead_id, due, str(exc)[:200]))
+                commit.unreadable.append((entry.lead_id, due, str(exc)[:200], entry.emit_after))
                 self._commit(commit, result)
                 continue
-            if doc is not None:
+            if doc is not None and self._in_scope(doc):
                 read = Read(Page(0, [doc], None, None, None, frozenset()))
                 signpost = self.server.now() - self.config.leads.safety_lag
-                retry = _Plan(stream, "", "", None, None, emit_after=plan.emit_after)
+                emit_after = entry.emit_after if entry.emit_after is not None else plan.emit_after
+                retry = _Plan(stream, "", "", None, None, emit_after=emit_after)
                 commit = self._decide(retry, read, signpost, None, created, result)
                 commit.cursor = commit.cursor_ts = None  # one old lead never moves a cursor
                 log.info("unreadable lead read at last", stream=stream, lead_id=entry.lead_id)
             commit.readable.append(entry.lead_id)
             self._commit(commit, result)
         self._count_unreadable()
+
+    def _in_scope(self, doc: dict[str, Any]) -> bool:
+        """Whether a lead read on its own belongs to the walks at all (`campaign_ids`)."""
+        wanted = self.config.leads.campaign_ids
+        return not wanted or campaign_id_of(doc.get("campaign")) in wanted
 
     # --- campaigns ----------------------------------------------------------------------------
 

@@ -29,6 +29,11 @@ HOUR = 3600.0
 _STEP = timedelta(hours=12)
 # With nothing learnt yet every zone is possible, and the lowest offset on Earth is UTC−12.
 _LOWEST_POSSIBLE = timedelta(hours=-12)
+# Convertr's PHP carries its own zone database, which may date a clock change differently from
+# this host's (a country that changed its rules): within a week of any candidate's change the
+# lower offset of the two is assumed. It costs an hour of re-reading two weeks a year.
+RULES_MARGIN = 7 * 86400.0
+_LOWEST_WRITABLE = timedelta(hours=-23, minutes=-59)
 
 
 @cache
@@ -49,8 +54,12 @@ def parse_ts(raw: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def offset_of(zone: ZoneInfo, instant: float) -> timedelta:
-    return datetime.fromtimestamp(instant, zone).utcoffset() or timedelta()
+def offset_of(zone: ZoneInfo, instant: float) -> timedelta | None:
+    """The zone's offset at `instant`; None where the instant cannot be written in it (year 9999 east of UTC)."""
+    try:
+        return datetime.fromtimestamp(instant, zone).utcoffset() or timedelta()
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def lowest_offset_in(zone: ZoneInfo, start: float, until: float) -> timedelta:
@@ -62,6 +71,11 @@ def lowest_offset_in(zone: ZoneInfo, start: float, until: float) -> timedelta:
         t = min(t + _STEP, end)
         lowest = min(lowest, t.astimezone(zone).utcoffset() or timedelta())
     return lowest
+
+
+def _plausible(instant: float) -> bool:
+    """An instant every zone can write (years 1 to 9998): anything else teaches nothing."""
+    return -62_000_000_000 < instant < 253_000_000_000
 
 
 def write_at(instant: float, offset: timedelta) -> str:
@@ -106,7 +120,7 @@ class ServerClock:
         except ValueError:
             return
         offset = stamp.utcoffset()
-        if offset is None:
+        if offset is None or not _plausible(stamp.timestamp()):
             return
         self._narrow(stamp.timestamp(), offset)
 
@@ -149,10 +163,14 @@ class ServerClock:
 
     def lowest_offset(self, start: float, until: float) -> timedelta:
         """The lowest offset the server's zone can take from `start` to `until`."""
-        if self._candidates is None:
+        if self._candidates is None or (self.configured is not None and not self._observations):
+            # Nothing learnt yet, or only a configured zone the server has not confirmed.
             lowest = _LOWEST_POSSIBLE
         else:
-            offsets = [lowest_offset_in(z, start, until) for z in self._candidates]
+            offsets = [
+                lowest_offset_in(z, max(start - RULES_MARGIN, -62_000_000_000), until + RULES_MARGIN)
+                for z in self._candidates
+            ]
             if not self._fits or self.disagreement is not None:
                 offsets += [o for _, o in self._observations]
             lowest = min(offsets)
@@ -162,7 +180,12 @@ class ServerClock:
         """`instant` written so its digits sort at or before those of every row the server writes from
         then until `until` (default: an hour from the server's now): a `[strictly_after]` value."""
         end = self.now() + HOUR if until is None else until
-        return write_at(instant, self.lowest_offset(instant, end))
+        offset = self.lowest_offset(instant, end)
+        if offset < _LOWEST_WRITABLE:
+            # An offset must stay within a day: the same digits, written as an earlier instant.
+            instant -= (_LOWEST_WRITABLE - offset).total_seconds()
+            offset = _LOWEST_WRITABLE
+        return write_at(instant, offset)
 
     def describe(self) -> str:
         """One line for `check --connect` and the log: what the zone was learnt to be."""

@@ -113,6 +113,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE campaigns ADD COLUMN last_event TEXT;
     ALTER TABLE cursors ADD COLUMN floor REAL;
     ALTER TABLE cursors ADD COLUMN progress INTEGER;
+    ALTER TABLE cursors ADD COLUMN resume_after INTEGER; -- a resumable walk's last id: it re-reads until it overlaps
     CREATE TABLE tracks (
         signature TEXT PRIMARY KEY,
         track TEXT NOT NULL          -- the JSON list of tracked fields
@@ -125,6 +126,7 @@ MIGRATIONS: tuple[str, ...] = (
         next_try REAL NOT NULL,
         tries INTEGER NOT NULL DEFAULT 1,
         error TEXT,
+        emit_after REAL,             -- created: announced once readable only if created after this
         PRIMARY KEY (stream, lead_id)
     );
     """,
@@ -149,6 +151,7 @@ class Cursor:
     polls: int
     floor: float | None = None  # created stream: leads created before this are the baseline, never announced
     progress: int | None = None  # pages a resumable walk has committed
+    resume_after: int | None = None  # the last id a resumable walk committed
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ class Unreadable:
     next_try: float
     tries: int
     error: str | None
+    emit_after: float | None = None  # created: announced once readable only if created after this
 
 
 @dataclass
@@ -194,8 +198,10 @@ class PageCommit:
     set_walk_from: bool = False  # walk_from is written only when this is true (None clears it)
     baseline_until: float | None = None  # written with walk_from
     floor: float | None = None  # written when not None
-    progress: int | None = None  # written when not None (0 clears it)
-    unreadable: list[tuple[int, float, str]] = field(default_factory=list)  # (lead id, next try, error) to record
+    progress: int | None = None  # written when not None (0 clears it, with resume_after)
+    resume_after: int | None = None  # written with progress
+    # (lead id, next try, error, emit_after) to record
+    unreadable: list[tuple[int, float, str, float | None]] = field(default_factory=list)
     readable: list[int] = field(default_factory=list)  # unreadable leads read at last: forgotten
     leads: list[LeadState] = field(default_factory=list)
     campaigns: list[CampaignState] = field(default_factory=list)
@@ -447,7 +453,7 @@ class Store:
 
     def unreadable(self, stream: str | None = None) -> list[Unreadable]:
         """Leads the server could not serialise, oldest first (all streams, or one)."""
-        sql = "SELECT stream, lead_id, first_seen, next_try, tries, error FROM unreadable"
+        sql = "SELECT stream, lead_id, first_seen, next_try, tries, error, emit_after FROM unreadable"
         params: tuple[Any, ...] = ()
         if stream is not None:
             sql += " WHERE stream = ?"
@@ -514,11 +520,14 @@ class Store:
                 )
             if page.unreadable:
                 c.executemany(
-                    "INSERT INTO unreadable (stream, lead_id, first_seen, last_tried, next_try, error) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(stream, lead_id) DO UPDATE SET "
+                    "INSERT INTO unreadable (stream, lead_id, first_seen, last_tried, next_try, error, emit_after) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(stream, lead_id) DO UPDATE SET "
                     "last_tried = excluded.last_tried, next_try = excluded.next_try, error = excluded.error, "
                     "tries = tries + 1",
-                    [(page.stream, lead_id, page.now, page.now, due, error) for lead_id, due, error in page.unreadable],
+                    [
+                        (page.stream, lead_id, page.now, page.now, due, error, emit_after)
+                        for lead_id, due, error, emit_after in page.unreadable
+                    ],
                 )
             if page.readable:
                 c.executemany(
@@ -528,7 +537,10 @@ class Store:
             if page.floor is not None:
                 c.execute("UPDATE cursors SET floor = ? WHERE stream = ?", (page.floor, page.stream))
             if page.progress is not None:
-                c.execute("UPDATE cursors SET progress = ? WHERE stream = ?", (page.progress or None, page.stream))
+                c.execute(
+                    "UPDATE cursors SET progress = ?, resume_after = ? WHERE stream = ?",
+                    (page.progress or None, page.resume_after if page.progress else None, page.stream),
+                )
             if page.finished:
                 c.execute(
                     "UPDATE cursors SET last_poll_at = ?, last_success_at = ?, last_error = NULL, "
