@@ -391,7 +391,8 @@ class DetectionMachine(RuleBasedStateMachine):
             assert added == set(statuses) - set(self.statuses)
         self.statuses = statuses
         self.checked |= {e["id"] for e in events}
-        self.dormant.clear()  # every snapshot was rewritten under the current track by this poll
+        if self.updates:
+            self.dormant.clear()  # every snapshot was rewritten under the current track by this poll
 
     @invariant()
     def cursors_never_pass_the_signpost(self) -> None:
