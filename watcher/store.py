@@ -294,6 +294,26 @@ def _private(path: Path) -> None:
         raise StateError(f"cannot open state file {path}: {exc.strerror or exc}") from None
 
 
+def _where(tests: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
+    """` WHERE …` (or "") and its parameters from (column and operator, value) pairs, ANDed.
+
+    A test ending in IN takes a sequence of values; a None value or an empty sequence drops its test,
+    so an unset filter matches everything.
+    """
+    parts: list[str] = []
+    params: list[Any] = []
+    for test, value in tests:
+        if value is None or (isinstance(value, list | tuple) and not value):
+            continue
+        if test.endswith(" IN"):
+            parts.append(f"{test} ({','.join('?' * len(value))})")
+            params += list(value)
+        else:
+            parts.append(f"{test} ?")
+            params.append(value)
+    return (f" WHERE {' AND '.join(parts)}" if parts else ""), params
+
+
 class Store:
     """The state file. Open with `Store.open`; close with `close()`."""
 
@@ -958,25 +978,19 @@ class Store:
         Read through sqlite-utils, whose rows are dicts named by column: what the JSON and CSV
         writers take as they are. The filters are ANDed; an empty one matches everything.
         """
-        conditions: list[tuple[str, Sequence[Any]]] = [
-            (f"d.sink IN ({','.join('?' * len(sinks))})", sinks),
-            (f"d.status IN ({','.join('?' * len(statuses))})", statuses),
-            (f"e.type IN ({','.join('?' * len(types))})", types),
-        ]
-        where = [sql for sql, values in conditions if values]
-        params: list[Any] = [v for _, values in conditions for v in values]
-        if resource is not None:
-            where.append("d.resource = ?")
-            params.append(resource)
-        if since is not None:
-            where.append("e.detected_at >= ?")
-            params.append(since)
+        where, params = _where(
+            [
+                ("d.sink IN", sinks),
+                ("d.status IN", statuses),
+                ("e.type IN", types),
+                ("d.resource =", resource),
+                ("e.detected_at >=", since),
+            ]
+        )
         sql = (
             "SELECT e.id, e.type, d.resource, d.sink, d.status, d.attempts, e.detected_at, d.next_attempt_at, "
-            "d.delivered_at, d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-            + (f" WHERE {' AND '.join(where)}" if where else "")
-            + " ORDER BY e.seq DESC, d.sink"
-            + (" LIMIT ?" if limit is not None else "")
+            f"d.delivered_at, d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq{where}"
+            " ORDER BY e.seq DESC, d.sink" + (" LIMIT ?" if limit is not None else "")
         )
         return self._query(sql, [*params, limit] if limit is not None else params)
 
