@@ -156,9 +156,7 @@ def test_a_configured_zone_counts_only_once_the_server_confirms_it() -> None:
     server = ServerClock(FakeClock(), "Europe/London")
     assert server.bound(_instant("2024-06-01T12:00:00+00:00"), None).endswith("-12:00")
     server.observe("2024-06-01T10:00:00+01:00")
-    assert server.bound(_instant("2024-06-01T12:00:00+00:00"), _instant("2024-06-01T13:00:00+00:00")).endswith(
-        "+01:00"
-    )
+    assert server.bound(_instant("2024-06-01T12:00:00+00:00"), _instant("2024-06-01T13:00:00+00:00")).endswith("+01:00")
 
 
 def test_far_future_and_garbled_timestamps_teach_nothing() -> None:
