@@ -297,9 +297,7 @@ class Pager:
     async def _fails(self, ids: list[int]) -> bool:
         params = {**self.params, "id[]": [str(i) for i in ids]}
         try:
-            await self.client.page(
-                self.collection, params, number=1, items_per_page=len(ids), attempts=NARROW_ATTEMPTS
-            )
+            await self.client.page(self.collection, params, number=1, items_per_page=len(ids), attempts=NARROW_ATTEMPTS)
         except UNREADABLE:
             return True
         return False
