@@ -360,7 +360,7 @@ class Poller:
             window_start = server_now - leads.baseline_window
             plan = _Plan(BASELINE, CREATED_FILTER, self.server.bound(window_start), None, None)
             updated = self.store.cursor(UPDATED)
-            if updated is None or updated.cursor is None:
+            if self.updates_filter and (updated is None or updated.cursor is None):
                 # The updated walk's first run must see changes made while the baseline is taken:
                 # it starts from here, not from whenever the baseline ends.
                 start = server_now - leads.safety_lag
