@@ -328,7 +328,10 @@ class DetectionMachine(RuleBasedStateMachine):
                 if field in snap:  # held by the restored file until a poll rewrites it
                     self.dormant.setdefault(lead, {})[field] = snap.pop(field)
             for field in now - then:
-                self.learning.setdefault(lead, set()).add(field)
+                if field in self.dormant.get(lead, {}):  # the restored file still holds it
+                    snap[field] = self.dormant[lead].pop(field)
+                else:
+                    self.learning.setdefault(lead, set()).add(field)
 
     def _remember(self, event: Mapping[str, Any]) -> None:
         """No id may ever name two different changes."""
