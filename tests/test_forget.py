@@ -42,3 +42,44 @@ def test_forget_erases_one_lead_and_keeps_it_from_coming_back(tmp_path: Path, si
     assert cli("once", "-c", str(config)).returncode == 0  # the 1-day lookback reads the lead again
     assert len(_created(receiver)) == before, "the forgotten lead was announced again"
     assert email not in _raw(tmp_path)
+
+
+def test_a_forgotten_lead_stays_forgotten_when_it_changes(tmp_path: Path, sim, receiver: Receiver) -> None:  # type: ignore[no-untyped-def]
+    """After `forget`, later edits of the lead neither refill its row nor send anything about it."""
+    simulator, server = sim
+    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url)], leads={"updates": True})
+    assert cli("once", "-c", str(config)).returncode == 0
+    lead = simulator.lead_ids()[0]
+    email = simulator.lead(lead)["email"]
+    assert cli("forget", "-c", str(config), "--lead", str(lead)).returncode == 0
+    for qa in ("Invalid", "Valid"):
+        simulator.advance(5)
+        simulator.update_lead(lead, qaResult=qa)
+        assert cli("once", "-c", str(config)).returncode == 0
+    assert all(r.json()["data"]["lead"]["id"] != lead for r in receiver.requests)
+    state = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*") if p.is_file())
+    assert email.encode() not in state
+
+
+def test_forget_erases_attempts_whose_events_were_pruned(tmp_path: Path) -> None:
+    """The attempt log outlives delivered events; erasing a lead still finds its attempts by resource."""
+    from watcher.events import Event
+    from watcher.store import Outcome, PageCommit, Store
+
+    store = Store.open(tmp_path / "state.db")
+    event = Event("evt_x", "lead.created", "t", {"lead": {"id": 7}}, "lead:7")
+    store.commit_page(PageCommit("leads.created", 1.0, events=[(event, ["crm"])]))
+    [due] = store.due("crm", 2.0, 10)
+    store.record_outcomes(
+        "crm",
+        [Outcome(due.seq, due.event_id, "delivered", 1, 2.0, None)],
+        now=2.0,
+        status_code=200,
+        duration=0.1,
+        success=True,
+    )
+    store.prune(10**6, delivered_retention=0, attempt_retention=10**9, snapshot_retention=10**9)
+    assert store.events() == [] and len(store.attempts()) == 1
+    assert store.forget(7, 3.0)["attempts"] == 1
+    assert store.attempts() == []
+    store.close()

@@ -30,7 +30,7 @@ from watcher.events import (
     event_id,
 )
 from watcher.servertime import parse_ts, write_at
-from watcher.store import CampaignState, LeadState, PageCommit
+from watcher.store import FORGOTTEN, CampaignState, LeadState, PageCommit
 
 __all__ = ["parse_ts"]
 
@@ -342,8 +342,10 @@ def decide_updated(
         lead_id = lead.get("id")
         if not isinstance(lead_id, int) or isinstance(lead_id, bool):
             continue
-        snap = snapshot(lead, walk.track)
         before = latest.get(lead_id) or known.get(lead_id)
+        if before is not None and before.track == FORGOTTEN:
+            continue  # erased on request: nothing about this person is kept or sent again
+        snap = snapshot(lead, walk.track)
         version = _str(lead.get("updatedTs"))
         if before is None:
             created_ts = timestamp(lead.get("createdTs"))

@@ -33,6 +33,7 @@ HEALTH_INTERVALS = 3
 POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MAX_REQUEST_BYTES = 8192
 REQUEST_DEADLINE = 10.0
+HEADER_DEADLINE = 2.0  # a scraper sends its few header lines at once; a slow one is a slowloris
 # Connections served at once; more are closed on arrival. A scraper needs one, so a flood of idle
 # connections costs at most this many handlers and buffers, whoever can reach the port.
 MAX_CONNECTIONS = 16
@@ -262,17 +263,26 @@ def _handler(
     metrics: Metrics, health_fn: HealthFn, max_connections: int = MAX_CONNECTIONS
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     active = 0
+    # Connections still sending their headers, oldest first: when the cap is reached the oldest of
+    # them makes room, so clients that hold connections open cannot shut scrapes and health out.
+    waiting: dict[asyncio.StreamWriter, None] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal active
         if active >= max_connections:
-            writer.transport.abort()
-            return
+            if not waiting:
+                writer.transport.abort()
+                return
+            oldest = next(iter(waiting))
+            del waiting[oldest]
+            oldest.transport.abort()
         active += 1
+        waiting[writer] = None
         try:
             # A bounded wait and size: a stuck or hostile client cannot pin a connection.
-            async with asyncio.timeout(REQUEST_DEADLINE):
+            async with asyncio.timeout(HEADER_DEADLINE):
                 head = await reader.readuntil(b"\r\n\r\n")
+            waiting.pop(writer, None)
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
                 response = _response("400 Bad Request", b"bad request\n", "text/plain", False)
@@ -288,6 +298,7 @@ def _handler(
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         finally:
+            waiting.pop(writer, None)
             active -= 1
             writer.close()
             with contextlib.suppress(ConnectionError):

@@ -28,6 +28,7 @@ from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
 from watcher.events import Event
 from watcher.logs import known_secrets, scrub
+from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks import Attempt, Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Store
@@ -88,8 +89,9 @@ def decide(due: Due, error: DeliveryError | None, *, now: float, sink: Sink, rng
 
 
 def attempt_excerpt(text: str) -> str | None:
-    """What the attempt log keeps of an answer: secrets and e-mail addresses masked, on one line, short."""
-    flat = " ".join(scrub(text, known_secrets()).split())
+    """What the attempt log keeps of an answer: secrets, e-mail addresses and phone numbers masked, on
+    one line, short (a receiver's error may quote the person it refused)."""
+    flat = " ".join(mask_text(scrub(text, known_secrets())).split())
     return flat[:ATTEMPT_EXCERPT_CHARS] or None
 
 

@@ -24,6 +24,7 @@ from watcher.errors import StateError, StateTooNew
 from watcher.events import Event, dumps, loads
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+FORGOTTEN = "forgotten"  # the `track` of a lead erased by `forget`: a tombstone, never filled in again
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a file has come.
 MIGRATIONS: tuple[str, ...] = (
@@ -134,6 +135,13 @@ MIGRATIONS: tuple[str, ...] = (
     # `events --attempts` can show an operator why a delivery failed before a replay.
     """
     ALTER TABLE attempts ADD COLUMN excerpt TEXT;
+    """,
+    # 5: attempts name their resource, so erasing a lead finds its attempt log after its events are
+    # pruned (the attempt log outlives delivered events by default).
+    """
+    ALTER TABLE attempts ADD COLUMN resource TEXT;
+    UPDATE attempts SET resource = (SELECT e.resource FROM events e WHERE e.id = attempts.event_id);
+    CREATE INDEX attempts_resource ON attempts(resource);
     """,
 )
 
@@ -510,7 +518,8 @@ class Store:
                     "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET version = excluded.version, snapshot = excluded.snapshot, "
-                    "changed_at = excluded.changed_at, track = excluded.track, last_event = excluded.last_event",
+                    "changed_at = excluded.changed_at, track = excluded.track, last_event = excluded.last_event "
+                    f"WHERE leads.track IS NOT '{FORGOTTEN}'",  # a forgotten lead stays forgotten
                     [
                         (s.id, s.created_ts, s.version, dumps(s.snapshot), page.now, s.track, s.last_event)
                         for s in page.leads
@@ -682,9 +691,9 @@ class Store:
                     (o.status, o.attempts, o.next_attempt_at, o.error, o.status, now, sink, o.seq),
                 )
                 c.execute(
-                    "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (sink, o.event_id, o.logged_attempt, status_code, duration, o.error, now, o.excerpt),
+                    "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt, "
+                    "resource) VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT resource FROM events WHERE seq = ?))",
+                    (sink, o.event_id, o.logged_attempt, status_code, duration, o.error, now, o.excerpt, o.seq),
                 )
             c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
             if success:
@@ -1028,7 +1037,8 @@ class Store:
             raise StateError(f"cannot write state file {self.path}: {exc}") from None
         with self.transaction() as c:
             ids = [r[0] for r in c.execute("SELECT id FROM events WHERE resource = ?", (resource,))]
-            attempts = 0
+            # By resource too: the attempt log outlives delivered events, whose ids are then gone.
+            attempts = c.execute("DELETE FROM attempts WHERE resource = ?", (resource,)).rowcount
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
@@ -1036,12 +1046,13 @@ class Store:
             deliveries = c.execute("DELETE FROM deliveries WHERE resource = ?", (resource,)).rowcount
             events = c.execute("DELETE FROM events WHERE resource = ?", (resource,)).rowcount
             c.execute("DELETE FROM unreadable WHERE lead_id = ?", (lead_id,))
-            # The tombstone: a known id with nothing in it. The created walk skips known ids.
+            # The tombstone: a known id with nothing in it, marked so no walk fills it in again and
+            # housekeeping never prunes it. The created walk skips known ids.
             c.execute(
                 "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
-                "VALUES (?, ?, NULL, '{}', ?, NULL, NULL) ON CONFLICT(id) DO UPDATE SET version = NULL, "
-                "snapshot = '{}', changed_at = excluded.changed_at, track = NULL, last_event = NULL",
-                (lead_id, now, now),
+                "VALUES (?, ?, NULL, '{}', ?, ?, NULL) ON CONFLICT(id) DO UPDATE SET version = NULL, "
+                "snapshot = '{}', changed_at = excluded.changed_at, track = excluded.track, last_event = NULL",
+                (lead_id, now, now, FORGOTTEN),
             )
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1104,7 +1115,9 @@ class Store:
             ).rowcount
             c.execute("DELETE FROM events WHERE seq NOT IN (SELECT event_seq FROM deliveries)")
             attempts = c.execute("DELETE FROM attempts WHERE at < ?", (now - attempt_retention,)).rowcount
-            snapshots = c.execute("DELETE FROM leads WHERE changed_at < ?", (now - snapshot_retention,)).rowcount
+            snapshots = c.execute(
+                "DELETE FROM leads WHERE changed_at < ? AND track IS NOT ?", (now - snapshot_retention, FORGOTTEN)
+            ).rowcount
         return {"deliveries": delivered, "attempts": attempts, "snapshots": snapshots}
 
     def integrity_check(self) -> str:
