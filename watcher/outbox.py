@@ -307,9 +307,9 @@ class Dispatcher:
                 return SWEEP_INTERVAL
             lane.disabled = False
             log.warning("sink enabled again; its queued events go out in order", sink=sink.name)
-        paced = sink.min_interval > 0
-        if paced:
+        if sink.min_interval > 0:
             return self._launch_paced(lane)
+        # Unpaced (webhooks): as many singles as the sink's concurrency allows.
         while True:
             mono = self.clock.monotonic()
             paused = max(lane.paused_until, lane.pace.paused_until)
@@ -317,8 +317,6 @@ class Dispatcher:
                 return min(SWEEP_INTERVAL, paused - mono)
             if lane.free <= 0:
                 return SWEEP_INTERVAL  # a finishing attempt wakes the worker
-            if paced and lane.pace.last_send + sink.min_interval > mono:
-                return lane.pace.last_send + sink.min_interval - mono
             now = self.clock.now()
             want = lane.free * sink.max_batch
             if not lane.ahead:
@@ -329,16 +327,11 @@ class Dispatcher:
                 if upcoming is None:
                     return SWEEP_INTERVAL
                 return min(SWEEP_INTERVAL, max(0.01, upcoming - now))
-            # A paced sink sends one message, then looks again: a burst that built up meanwhile
-            # becomes one digest instead of a queue of singles.
-            groups = batches(due, sink)[: 1 if paced else lane.free]
-            for group in groups:
+            for group in batches(due, sink)[: lane.free]:
                 task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{sink.name}")
                 for d in group:
                     lane.in_flight[d.seq] = task
                 task.add_done_callback(partial(self._finished, lane, group))
-            if paced:
-                lane.pace.last_send = self.clock.monotonic()
 
     def _launch_paced(self, lane: _Lane) -> float:
         """A paced sink (Slack): one message at a time, singles while it is quiet, and a burst held
