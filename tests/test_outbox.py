@@ -159,7 +159,8 @@ def test_decide(
     out = decide(d, error, now=NOW, sink=sink, rng=random.Random(5))
     assert (out.status, out.attempts, out.logged_attempt) == (status, attempts, logged)
     assert next_at[0] <= out.next_attempt_at <= next_at[1]
-    assert out.error == (None if error is None else str(error))
+    asked = "" if error is None or error.retry_after is None else f" (receiver asked to wait {error.retry_after:g} s)"
+    assert out.error == (None if error is None else str(error) + asked)
 
 
 def test_decide_keeps_a_short_last_error() -> None:

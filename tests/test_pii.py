@@ -171,3 +171,39 @@ def test_campaign_advertiser_contact_email_is_removed() -> None:
     """An embedded advertiser's email is a person's mailbox; the rest of the campaign stays."""
     data = {"campaign": {"id": 601, "advertiser": {"id": 9, "name": "Acme", "email": "jo@acme.test"}}}
     assert strip_pii(data) == {"campaign": {"id": 601, "advertiser": {"id": 9, "name": "Acme"}}}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "250000000",  # an amount
+        "123456789",  # an order reference
+        "1732645000",  # a Unix time
+        "26/11/2026 18:35",
+        "11/26/2026 06:35 PM",
+        "123e4567-e89b-12d3-a456-426614174000",
+        "100000 - 500000",
+        "/api/v4/lead-datas/900000000",  # Convertr's own IRI
+    ],
+)
+def test_business_values_are_not_taken_for_phone_numbers(value: str) -> None:
+    """Amounts, references, dates, uuids, ranges and Convertr IRIs are kept: only formatted numbers are phones."""
+    from watcher.pii import has_personal_value
+
+    assert not has_personal_value(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["07700900123ext", "Call 07700900123x2", "jöhn@exämple.de", "+44 20 7946 0958", "(020) 7946 0958"]
+)
+def test_phone_numbers_and_addresses_are_found_where_people_write_them(value: str) -> None:
+    """A phone number followed by letters and an address with accents are personal values."""
+    from watcher.pii import has_personal_value
+
+    assert has_personal_value(value)
+
+
+def test_a_lead_data_entry_is_judged_by_its_value_not_its_iri() -> None:
+    """A business leadData entry whose Convertr id is long stays in a webhook without personal data."""
+    entry = {"@id": "/api/v4/lead-datas/900000000", "@type": "LeadData", "name": "Industry", "value": "Retail"}
+    assert strip_pii({"lead": {"id": 1, "leadData": [entry]}})["lead"]["leadData"] == [entry]

@@ -183,3 +183,42 @@ def test_migrations_run_by_version(tmp_path: Path) -> None:
     store.commit_page(PageCommit("campaigns", 1.0, campaigns=[CampaignState(601, "Paused", 3, "Q1")]))
     assert store.campaign_names() == {601: "Q1"}
     store.close()
+
+
+def _store_with_one_failed_delivery(tmp_path: Path, asked: bool, retry_at: float) -> tuple[Store, int]:
+    from watcher.events import Event
+    from watcher.store import ASKED_TO_WAIT, Outcome, PageCommit
+
+    store = Store.open(tmp_path / "state.db")
+    event = Event("evt_a", "lead.created", "t", {"lead": {"id": 1}}, "lead:1", campaign_id=601)
+    store.commit_page(PageCommit("leads.created", 0.0, events=[(event, ["old"])]))
+    [due] = store.due("old", 1.0, 10)
+    store.record_outcomes(
+        "old",
+        [Outcome(due.seq, due.event_id, "pending", 1, retry_at, f"refused ({ASKED_TO_WAIT} 9 s)" if asked else "no")],
+        now=10.0, status_code=503,
+        duration=0.1, success=False,
+    )  # fmt: skip
+    return store, due.seq
+
+
+def test_a_wait_the_receiver_asked_for_survives_a_new_retry_schedule(tmp_path: Path) -> None:
+    """Re-timing on a shorter schedule pulls a plain failure's retry in, but never a wait the receiver asked for."""
+    store, _ = _store_with_one_failed_delivery(tmp_path, True, 310.0)
+    assert store.reschedule("old", [3.0]) == 0
+    assert store.deliveries("old")[0]["next_attempt_at"] == 310.0
+    store.close()
+    (tmp_path / "state.db").unlink()
+    store, _ = _store_with_one_failed_delivery(tmp_path, False, 310.0)
+    assert store.reschedule("old", [3.0]) == 1
+    assert store.deliveries("old")[0]["next_attempt_at"] == 13.0
+    store.close()
+
+
+def test_moving_a_queue_takes_only_what_the_new_sink_accepts(tmp_path: Path) -> None:
+    """`replay --from-sink` hands over only events the new sink's own filters accept; the rest stay put."""
+    store, _ = _store_with_one_failed_delivery(tmp_path, False, 50.0)
+    assert store.move_sink("old", "new", 20.0, lambda event: event.campaign_id == 602) == (0, 1)
+    assert store.move_sink("old", "new", 20.0, lambda event: event.campaign_id == 601) == (1, 0)
+    assert [d["sink"] for d in store.deliveries()] == ["new"]
+    store.close()

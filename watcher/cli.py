@@ -426,6 +426,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _fail("replay: --from-sink OLD needs exactly one --sink NEW to move the events to", 2)
     if args.from_sink is not None and args.from_sink in (args.sink or []):
         return _fail("replay: --from-sink and --sink name the same sink", 2)
+    if args.from_sink is not None and args.from_sink in names:
+        # A running daemon may be sending its rows right now: moving them would send them twice.
+        return _fail(f"replay: --from-sink {args.from_sink} is still configured; remove or rename it first", 2)
     chosen = args.sink or args.event or args.since is not None or args.until is not None or args.all
     if not (chosen or args.pending or args.from_sink):
         return _fail("replay: say what to re-queue: --sink, --event, --since/--until, --pending, or --all", 2)
@@ -440,11 +443,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     store = Store.open(config.state.path)
     try:
         if args.from_sink is not None:
-            moved, skipped = store.move_sink(args.from_sink, args.sink[0], now)
+            from watcher.routing import wants
+
+            target = next(s for s in config.sinks if s.name == args.sink[0])
+            moved, left = store.move_sink(args.from_sink, target.name, now, lambda event: wants(target, event))
             store.enable_sinks(args.sink)
-            print(f"moved {moved} deliveries from {args.from_sink} to {args.sink[0]} (same event ids)")
-            if skipped:
-                print(f"{skipped} stay under {args.from_sink}: {args.sink[0]} already has those events")
+            print(f"moved {moved} deliveries from {args.from_sink} to {target.name} (same event ids)")
+            if left:
+                print(
+                    f"{left} stay under {args.from_sink}: {target.name} does not take them "
+                    "(its events, campaign_ids or include_pii) or already has them"
+                )
             return EXIT_OK
         if args.pending:
             count = store.make_due(

@@ -31,7 +31,7 @@ from watcher.logs import known_secrets, scrub
 from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks import Attempt, Sink
-from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Store
+from watcher.store import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome, Store
 
 log = structlog.get_logger("watcher.outbox")
 
@@ -78,6 +78,9 @@ def decide(due: Due, error: DeliveryError | None, *, now: float, sink: Sink, rng
     if error is None:
         return Outcome(due.seq, due.event_id, DELIVERED, attempt, now, None)
     message = str(error)[:500]
+    if error.retry_after is not None:
+        # Kept in the attempt log: a later re-timing on a new retry_schedule must not shorten it.
+        message = f"{message} ({ASKED_TO_WAIT} {error.retry_after:g} s)"
     if isinstance(error, SinkGone):
         # Not the event's fault: it waits, its schedule untouched, for the sink to be enabled again.
         return Outcome(due.seq, due.event_id, PENDING, due.attempts, now, message, attempt)

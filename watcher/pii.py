@@ -26,14 +26,20 @@ from collections.abc import Mapping
 from typing import Any
 
 # An address with a local part: "@example.com" alone (the `emailDomain` business field) is not one.
-_EMAIL = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_EMAIL = re.compile(r"[\w.%+'-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
 # A run of digits with the separators phone numbers are written with; judged by its digit count.
-_PHONE = re.compile(r"(?<![\w])\+?\(?\d[\d ().\-/\u00a0]{6,}\d(?![\w])")
+_PHONE = re.compile(r"(?<![\w/])\+?\(?\d[\d ().\-/\u00a0]{6,}\d(?!\d)")
 # 9 to 15 digits: E.164 allows 15, and national numbers without a trunk prefix have at least 9.
 _PHONE_DIGITS = range(9, 16)
-# ISO dates ("2026-11-26 18:35") have phone-like digit runs; they are not personal on their own.
-_DATE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")
+# Dates ("2026-11-26 18:35", "26/11/2026 18:35") have phone-like digit runs; not personal on their own.
+_DATE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}/\d{1,2}/\d{4}")
+# A bare run of digits with no phone formatting (no leading + or 0, no separators) is an amount, a
+# reference or a timestamp far more often than a phone number: only a field's name can say.
+_BARE_NUMBER = re.compile(r"[1-9]\d*")
+# Convertr's own IRIs carry long ids ("/api/v4/lead-datas/900000000"): never a person's data.
+_IRI = re.compile(r"^/api/v\d+/")
 HIDDEN = "[personal data hidden]"
+_CONVERTR_KEYS = frozenset({"@id", "@type", "@context"})  # written by Convertr, never by a person
 
 # Top-level lead document fields, exactly as the API spells them.
 LEAD_FIELDS: frozenset[str] = frozenset(
@@ -138,11 +144,22 @@ def is_personal_field(field: str) -> bool:
 
 
 def _phones(text: str) -> list[re.Match[str]]:
+    if _IRI.match(text):
+        return []
     return [
         m
         for m in _PHONE.finditer(text)
-        if sum(ch.isdigit() for ch in m.group()) in _PHONE_DIGITS and not _DATE.search(m.group())
+        if sum(ch.isdigit() for ch in m.group()) in _PHONE_DIGITS
+        and not _DATE.search(text[max(0, m.start() - 6) : m.end() + 6])
+        and not _BARE_NUMBER.fullmatch(m.group())
+        and not _is_range(m.group())
     ]
+
+
+def _is_range(text: str) -> bool:
+    """ "100000 - 500000": two amounts, not one number."""
+    parts = [p.strip() for p in text.split(" - ")]
+    return len(parts) == 2 and all(_BARE_NUMBER.fullmatch(p) for p in parts)
 
 
 def is_personal_text(text: str) -> bool:
@@ -154,8 +171,12 @@ def has_personal_value(value: Any) -> bool:
     """Whether a value, or any string or key anywhere inside it, holds an e-mail address or phone number."""
     if isinstance(value, str):
         return is_personal_text(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return is_personal_text(str(value))
     if isinstance(value, Mapping):
-        return any(has_personal_value(str(k)) or has_personal_value(v) for k, v in value.items())
+        return any(
+            has_personal_value(str(k)) or has_personal_value(v) for k, v in value.items() if k not in _CONVERTR_KEYS
+        )
     if isinstance(value, list | tuple):
         return any(has_personal_value(v) for v in value)
     return False
@@ -173,8 +194,13 @@ def mask_values(value: Any) -> Any:
     """A copy of `value` with every e-mail address and phone number in its strings and keys masked."""
     if isinstance(value, str):
         return mask_text(value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and is_personal_text(str(value)):
+        return HIDDEN
     if isinstance(value, Mapping):
-        return {mask_text(str(k)) if isinstance(k, str) else k: mask_values(v) for k, v in value.items()}
+        return {
+            mask_text(str(k)) if isinstance(k, str) else k: v if k in _CONVERTR_KEYS else mask_values(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [mask_values(v) for v in value]
     return value

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +25,7 @@ from watcher.events import Event, dumps, loads
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 FORGOTTEN = "forgotten"  # the `track` of a lead erased by `forget`: a tombstone, never filled in again
+ASKED_TO_WAIT = "receiver asked to wait"  # marks an attempt whose answer carried a Retry-After
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a file has come.
 MIGRATIONS: tuple[str, ...] = (
@@ -856,24 +857,33 @@ class Store:
             )
             return cur.rowcount
 
-    def move_sink(self, old: str, new: str, now: float) -> tuple[int, int]:
-        """Hand a removed or renamed sink's pending and dead deliveries to `new`, due now, same event ids.
+    def move_sink(
+        self, old: str, new: str, now: float, accept: Callable[[Event], bool] = lambda event: True
+    ) -> tuple[int, int]:
+        """Hand a removed or renamed sink's pending and dead deliveries that `new` accepts (its own
+        event types, campaigns and personal-data setting) to it, due now, same event ids.
 
-        Returns (moved, skipped): an event `new` already has a delivery of stays under `old`.
+        Returns (moved, left): events `new` does not want, or already has, stay under `old`.
         Pending ones keep their attempt count; dead ones start a fresh schedule, as a replay does.
         """
+        rows = self._rows(
+            "SELECT d.event_seq AS seq, d.sink, e.id AS event_id, e.type, d.resource, e.campaign_id, e.payload, "
+            "d.attempts, d.created_at FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+            "WHERE d.sink = ? AND d.status IN ('pending', 'dead')",
+            (old,),
+        )
+        wanted = [(r["seq"],) for r in rows if accept(Due(**dict(r)).event())]
         with self.transaction() as c:
-            moved = c.execute(
-                "UPDATE OR IGNORE deliveries SET sink = ?, next_attempt_at = ?, "
-                "attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END, "
-                "created_at = CASE WHEN status = 'dead' THEN ? ELSE created_at END, status = 'pending' "
-                "WHERE sink = ? AND status IN ('pending', 'dead')",
-                (new, now, now, old),
-            ).rowcount
-            skipped = c.execute(
-                "SELECT count(*) FROM deliveries WHERE sink = ? AND status IN ('pending', 'dead')", (old,)
-            ).fetchone()[0]
-        return moved, int(skipped)
+            moved = 0
+            for (seq,) in wanted:
+                moved += c.execute(
+                    "UPDATE OR IGNORE deliveries SET sink = ?, next_attempt_at = ?, "
+                    "attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END, "
+                    "created_at = CASE WHEN status = 'dead' THEN ? ELSE created_at END, status = 'pending' "
+                    "WHERE sink = ? AND event_seq = ? AND status IN ('pending', 'dead')",
+                    (new, now, now, old, seq),
+                ).rowcount
+        return moved, len(rows) - moved
 
     def reschedule(self, sink: str, schedule: Sequence[float], jitter: float = 0.2) -> int:
         """Re-time the sink's waiting retries on `schedule`, from each one's last attempt; returns how many moved.
@@ -883,9 +893,12 @@ class Store:
         """
         if not schedule:
             return 0
+        # SQLite gives the bare columns of the row holding max(at): the last attempt's error.
         last = {
-            r[0]: float(r[1])
-            for r in self._rows("SELECT event_id, max(at) FROM attempts WHERE sink = ? GROUP BY event_id", (sink,))
+            r[0]: (float(r[1]), ASKED_TO_WAIT in (r[2] or ""))
+            for r in self._rows(
+                "SELECT event_id, max(at), error FROM attempts WHERE sink = ? GROUP BY event_id", (sink,)
+            )
         }
         rows = self._rows(
             "SELECT d.event_seq, e.id, d.attempts, d.next_attempt_at FROM deliveries d "
@@ -894,10 +907,12 @@ class Store:
         )
         changes: list[tuple[float, str, int]] = []
         for seq, event_id, attempts, at in rows:
-            when = last.get(event_id)
-            if when is None:
+            if event_id not in last:
                 continue
+            when, asked = last[event_id]
             step = float(schedule[min(int(attempts), len(schedule)) - 1])
+            if asked and at > when + step:
+                continue  # the receiver asked for this wait (Retry-After): no schedule shortens it
             if not when + step * (1 - jitter) - 1e-6 <= at <= when + step * (1 + jitter) + 1e-6:
                 changes.append((when + step, sink, seq))
         if changes:
