@@ -311,8 +311,10 @@ def _housekeeping(rt: Runtime) -> None:
         stopped=stopped,
     )
     if any(aged.values()):
-        # Counts only: the rows held personal data, the log line must not.
-        log.info("personal data aged out", **aged)
+        # Counts only: the rows held personal data, the log line must not. A stranded queue going
+        # is an operator's loss to hear about, not routine housekeeping.
+        level = log.warning if aged.get("removed_sinks") else log.info
+        level("personal data aged out", **aged)
     pruned = rt.store.prune(
         rt.clock.now(),
         delivered_retention=cfg.state.delivered_retention,
