@@ -27,6 +27,7 @@ import pytest
 
 from tests.support.daemon import PASSWORD, USERNAME, WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
+from tests.support.rig import HookedSimulator
 from tests.support.schemas import validate_event
 from watcher import detect
 from watcher.clock import FakeClock, SystemClock
@@ -35,27 +36,10 @@ from watcher.convertr import ConvertrClient
 from watcher.events import event_id
 from watcher.poller import Poller
 from watcher.simulator import Simulator, SimulatorServer
-from watcher.simulator.filters import LeadQuery, Page
 from watcher.store import Store
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 Event = dict[str, Any]
-
-
-class HookedSimulator(Simulator):
-    """A simulator that runs test code right after computing a chosen page, so writes land between pages."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.hooks: dict[tuple[str, int], Callable[[], object]] = {}
-
-    def lead_page(self, query: LeadQuery, page: Page) -> tuple[int, list[str]]:
-        served = super().lead_page(query, page)
-        walk = "updated" if "updated_wall" in query.where else "created" if "created_wall" in query.where else "other"
-        hook = self.hooks.pop((walk, page.number), None)
-        if hook is not None:
-            hook()
-        return served
 
 
 class World:
@@ -211,8 +195,8 @@ def test_inserts_and_updates_during_a_walk(make_world: Callable[..., World]) -> 
         sim.update_lead(batch[13], lead_data={"jobTitle": "Night Auditor"})
         added.extend(sim.add_leads(1))
 
-    sim.hooks[("created", 2)] = during_created_walk
-    sim.hooks[("updated", 2)] = during_updated_walk
+    sim.hooks[("created", 2, 0)] = during_created_walk
+    sim.hooks[("updated", 2, 0)] = during_updated_walk
     world.once()
     assert not sim.hooks, "both hooks ran mid-walk"
     for _ in range(2):

@@ -799,26 +799,21 @@ class Store:
         statuses: Sequence[str] = (DEAD,),
     ) -> int:
         """Re-queue matching dead or delivered deliveries; they keep their event id. Returns how many."""
-        where = [f"d.status IN ({','.join('?' * len(statuses))})"]
-        params: list[Any] = list(statuses)
-        if sinks:
-            where.append(f"d.sink IN ({','.join('?' * len(sinks))})")
-            params += sinks
-        if event_ids:
-            where.append(f"e.id IN ({','.join('?' * len(event_ids))})")
-            params += event_ids
-        if since is not None:
-            where.append("e.detected_at >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("e.detected_at < ?")
-            params.append(until)
+        where, params = _where(
+            [
+                ("d.status IN", statuses),
+                ("d.sink IN", sinks),
+                ("e.id IN", event_ids),
+                ("e.detected_at >=", since),
+                ("e.detected_at <", until),
+            ]
+        )
         with self.transaction() as c:
             # A replayed delivery starts a fresh schedule: its age for max_age counts from now.
             cur = c.execute(
                 "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?, "
                 "delivered_at = NULL WHERE (sink, event_seq) IN (SELECT d.sink, d.event_seq FROM deliveries d "
-                f"JOIN events e ON e.seq = d.event_seq WHERE {' AND '.join(where)})",
+                f"JOIN events e ON e.seq = d.event_seq{where})",
                 [now, now, *params],
             )
             for sink in sinks:
@@ -835,24 +830,20 @@ class Store:
         until: float | None = None,
     ) -> int:
         """Make matching pending deliveries that wait out a retry delay due now; ids and attempt counts stay."""
-        where = ["d.status = 'pending'", "d.next_attempt_at > ?"]
-        params: list[Any] = [now]
-        if sinks:
-            where.append(f"d.sink IN ({','.join('?' * len(sinks))})")
-            params += sinks
-        if event_ids:
-            where.append(f"e.id IN ({','.join('?' * len(event_ids))})")
-            params += event_ids
-        if since is not None:
-            where.append("e.detected_at >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("e.detected_at < ?")
-            params.append(until)
+        where, params = _where(
+            [
+                ("d.status =", PENDING),
+                ("d.next_attempt_at >", now),
+                ("d.sink IN", sinks),
+                ("e.id IN", event_ids),
+                ("e.detected_at >=", since),
+                ("e.detected_at <", until),
+            ]
+        )
         with self.transaction() as c:
             cur = c.execute(
                 "UPDATE deliveries SET next_attempt_at = ? WHERE (sink, event_seq) IN (SELECT d.sink, d.event_seq "
-                f"FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE {' AND '.join(where)})",
+                f"FROM deliveries d JOIN events e ON e.seq = d.event_seq{where})",
                 [now, *params],
             )
             return cur.rowcount

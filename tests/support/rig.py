@@ -29,7 +29,8 @@ SINK = {"name": "crm", "type": "webhook", "url": "http://127.0.0.1:9/hook", "sec
 
 
 class HookedSimulator(Simulator):
-    """A simulator that runs test code right after serving a chosen page of a lead walk."""
+    """A simulator that runs test code right after serving a chosen page of a lead walk, so writes land
+    between pages. Hooks are keyed (walk, page number, page size); a size of 0 matches any size."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
