@@ -8,8 +8,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from watcher import servertime
 from watcher.clock import FakeClock
-from watcher.servertime import ServerClock, parse_ts
+from watcher.servertime import ServerClock, _lowest_sampled, lowest_offset_in, parse_ts
 
 LONDON = ZoneInfo("Europe/London")
 
@@ -165,3 +166,34 @@ def test_far_future_and_garbled_timestamps_teach_nothing() -> None:
     for raw in ("9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00+14:00", "2024-13-45T99:00:00+00:00", 42, None):
         server.observe(raw)
     assert server.candidates == ()
+
+
+@pytest.mark.parametrize("zone", ["Europe/London", "America/Boise", "Asia/Nicosia", "Africa/Casablanca", "UTC"])
+def test_the_lowest_offset_from_transitions_matches_sampling_the_clock(zone: str) -> None:
+    """Reading a zone's transitions gives the offset that sampling it every 12 hours finds, never higher."""
+    tz = ZoneInfo(zone)
+    rng = random.Random(zone)
+    for _ in range(200):
+        start = rng.uniform(0, 2.3e9)
+        until = start + rng.choice([3600.0, 20 * 86400.0, 200 * 86400.0, 3000 * 86400.0])
+        exact = lowest_offset_in(tz, start, until)
+        sampled = _lowest_sampled(tz, start, until)
+        # Past the zone file's last transition a year or more is taken as the rule's lower offset.
+        assert exact == sampled or (exact < sampled and until > 2.1e9), (start, until)
+
+
+def test_a_26_year_window_over_every_zone_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backfill from 2000 asks dozens of zones for 26 years: transitions answer it, at most a year is ever sampled."""
+    server = ServerClock(FakeClock(_instant("2026-11-28T00:00:00Z")))
+    server.observe("2026-11-28T00:00:00+00:00")
+    assert len(server.candidates) > 20
+    sampled: list[float] = []
+    original = servertime._lowest_sampled
+
+    def measured(zone: ZoneInfo, start: float, until: float) -> timedelta:
+        sampled.append(until - start)
+        return original(zone, start, until)
+
+    monkeypatch.setattr(servertime, "_lowest_sampled", measured)
+    assert server.bound(_instant("2000-01-01T00:00:00Z")) == "2000-01-01T00:00:00+00:00"
+    assert all(span < 366 * 86400 for span in sampled)

@@ -16,6 +16,8 @@ Nothing here does I/O: the poller feeds responses in and asks for bounds.
 
 from __future__ import annotations
 
+import importlib
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from functools import cache
@@ -34,6 +36,7 @@ _LOWEST_POSSIBLE = timedelta(hours=-12)
 # lower offset of the two is assumed. It costs an hour of re-reading two weeks a year.
 RULES_MARGIN = 7 * 86400.0
 _LOWEST_WRITABLE = timedelta(hours=-23, minutes=-59)
+_YEAR = 366 * 86400.0
 
 
 @cache
@@ -64,6 +67,51 @@ def offset_of(zone: ZoneInfo, instant: float) -> timedelta | None:
 
 def lowest_offset_in(zone: ZoneInfo, start: float, until: float) -> timedelta:
     """The lowest UTC offset `zone` takes at any moment from `start` to `until`."""
+    exact = _lowest_from_transitions(zone, start, max(start, until))
+    return exact if exact is not None else _lowest_sampled(zone, start, until)
+
+
+@cache
+def _transitions(key: str) -> tuple[tuple[float, ...], tuple[timedelta, ...], timedelta, tuple[timedelta, ...]] | None:
+    """A zone's transitions read from its TZif data: (UTC instants, offset after each, offset
+    before the first, offsets its rule string can take after the last); None if unreadable.
+
+    The standard library's pure-Python zoneinfo parses the file; its fields are not public API,
+    so anything unexpected falls back to sampling the C implementation.
+    """
+    try:
+        pure: Any = importlib.import_module("zoneinfo._zoneinfo")
+        zone = pure.ZoneInfo.no_cache(key)
+        trans = tuple(float(t) for t in zone._trans_utc)
+        after = tuple(tti.utcoff for tti in zone._ttinfos)
+        before = zone._tti_before.utcoff if zone._tti_before is not None else None
+        rule = zone._tz_after
+        later = (rule.std.utcoff, rule.dst.utcoff) if hasattr(rule, "std") else (rule.utcoff,)
+    except Exception:  # private fields moved, or a zone only the C implementation reads
+        return None
+    if len(trans) != len(after) or not all(isinstance(o, timedelta) for o in (*after, *later)):
+        return None
+    return trans, after, before if before is not None else later[0], later
+
+
+def _lowest_from_transitions(zone: ZoneInfo, start: float, until: float) -> timedelta | None:
+    table = _transitions(zone.key)
+    if table is None:
+        return None
+    trans, after, before, later = table
+    first = bisect_right(trans, start)  # transitions up to `start` are behind it
+    last = bisect_right(trans, until)
+    offsets = [after[first - 1] if first else before, *after[first:last]]
+    if last == len(trans):
+        # Past the last listed transition the zone's rule string decides (from 2037 in full
+        # files, much earlier in "slim" ones): a year or more of it takes every offset it has,
+        # a shorter stretch is sampled.
+        tail = max(start, trans[-1]) if trans else start
+        offsets += later if until - tail >= _YEAR else [_lowest_sampled(zone, tail, until)]
+    return min(offsets)
+
+
+def _lowest_sampled(zone: ZoneInfo, start: float, until: float) -> timedelta:
     t = datetime.fromtimestamp(start, UTC)
     end = datetime.fromtimestamp(max(start, until), UTC)
     lowest = t.astimezone(zone).utcoffset() or timedelta()
