@@ -144,6 +144,11 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE attempts SET resource = (SELECT e.resource FROM events e WHERE e.id = attempts.event_id);
     CREATE INDEX attempts_resource ON attempts(resource);
     """,
+    # 6: the dispatcher reads pending deliveries in seq order from where its last read ended; the
+    # due index (ordered by time) made every read sort all due rows, a cost growing with the queue.
+    """
+    CREATE INDEX deliveries_pending ON deliveries(sink, event_seq, next_attempt_at, attempts) WHERE status = 'pending';
+    """,
 )
 
 
@@ -321,6 +326,21 @@ def _where(tests: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
             parts.append(f"{test} ?")
             params.append(value)
     return (f" WHERE {' AND '.join(parts)}" if parts else ""), params
+
+
+def _due_where(sink: str, now: float, passing: float | None) -> tuple[str, list[Any]]:
+    """The deliveries of `sink` due by `now` (alias `d`); during a `once` pass that began at
+    `passing`, without those it has attempted already.
+
+    An attempt in the pass either settled the delivery or moved its next time past the pass's
+    start and counted it; events committed during the pass have no attempt yet. So nothing needs
+    remembering per delivery (a set that would grow with the pass). A schedule step of zero on a
+    clock that stands still is the exception the dispatcher covers itself.
+    """
+    where = "d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
+    if passing is None:
+        return where, [sink, now]
+    return f"{where} AND (d.attempts = 0 OR d.next_attempt_at <= ?)", [sink, now, passing]
 
 
 class Store:
@@ -622,18 +642,31 @@ class Store:
 
     # --- delivery -----------------------------------------------------------------------------
 
-    def due(self, sink: str, now: float, limit: int, busy: frozenset[int] = frozenset()) -> list[Due]:
-        """Pending deliveries of `sink` that are due, oldest first, at most one per resource.
+    def due(
+        self,
+        sink: str,
+        now: float,
+        limit: int,
+        busy: frozenset[int] = frozenset(),
+        *,
+        after: int = 0,
+        passing: float | None = None,
+    ) -> list[Due]:
+        """Pending deliveries of `sink` that are due, in seq order, at most one per resource.
 
         A delivery waits while an earlier one about the same resource is still pending, so each
-        receiver sees a lead's or a campaign's events in the order they were detected.
+        receiver sees a lead's or a campaign's events in the order they were detected. `after`
+        resumes a reader where its last read ended (a read costs the rows it returns, not the
+        queue before them); `passing` is when a `once` pass began, leaving out what it has
+        already attempted (see `_due_where`).
         """
+        where, params = _due_where(sink, now, passing)
         rows = self._rows(
-            """
+            f"""
             SELECT d.event_seq AS seq, d.sink, e.id AS event_id, e.type, d.resource, e.campaign_id,
                    e.payload, d.attempts, d.created_at
-            FROM deliveries d JOIN events e ON e.seq = d.event_seq
-            WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
+            FROM deliveries d INDEXED BY deliveries_pending JOIN events e ON e.seq = d.event_seq
+            WHERE {where} AND d.event_seq > ?
               AND NOT EXISTS (
                 SELECT 1 FROM deliveries p
                 WHERE p.sink = d.sink AND p.resource = d.resource AND p.status = 'pending'
@@ -641,7 +674,7 @@ class Store:
             ORDER BY d.event_seq
             LIMIT ?
             """,
-            (sink, now, limit + len(busy)),
+            (*params, after, limit + len(busy)),
         )
         return [Due(**dict(r)) for r in rows if r["seq"] not in busy][:limit]
 
@@ -912,7 +945,14 @@ class Store:
         return len(changes)
 
     def due_digest(
-        self, sink: str, now: float, sample: int, limit: int, busy: frozenset[int] = frozenset()
+        self,
+        sink: str,
+        now: float,
+        sample: int,
+        limit: int,
+        busy: frozenset[int] = frozenset(),
+        *,
+        passing: float | None = None,
     ) -> list[Due]:
         """Every due pending delivery of `sink` (at most `limit`), oldest first, for one digest.
 
@@ -920,12 +960,13 @@ class Store:
         digest sends them together, in order. Only the first `sample` carry their payload (the
         rest are counted, not shown), so a backlog of thousands stays small in memory.
         """
+        where, params = _due_where(sink, now, passing)
         rows = self._rows(
-            """
+            f"""
             SELECT d.event_seq AS seq, d.sink, e.id AS event_id, e.type, d.resource, e.campaign_id,
                    '' AS payload, d.attempts, d.created_at
             FROM deliveries d JOIN events e ON e.seq = d.event_seq
-            WHERE d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?
+            WHERE {where}
               AND NOT EXISTS (
                 SELECT 1 FROM deliveries p
                 WHERE p.sink = d.sink AND p.resource = d.resource AND p.status = 'pending'
@@ -933,7 +974,7 @@ class Store:
             ORDER BY d.event_seq
             LIMIT ?
             """,
-            (sink, now, now, limit + len(busy)),
+            (*params, now, limit + len(busy)),
         )
         due = [Due(**dict(r)) for r in rows if r["seq"] not in busy][:limit]
         head = [d.seq for d in due[:sample]]
@@ -945,13 +986,10 @@ class Store:
             due[: len(head)] = [replace(d, payload=payloads[d.seq]) for d in due[: len(head)]]
         return due
 
-    def due_count(self, sink: str, now: float) -> int:
+    def due_count(self, sink: str, now: float, *, passing: float | None = None) -> int:
         """How many pending deliveries of `sink` are due (a paced sink's burst test)."""
-        rows = self._rows(
-            "SELECT count(*) FROM deliveries WHERE sink = ? AND status = 'pending' AND next_attempt_at <= ?",
-            (sink, now),
-        )
-        return int(rows[0][0])
+        where, params = _due_where(sink, now, passing)
+        return int(self._rows(f"SELECT count(*) FROM deliveries d WHERE {where}", params)[0][0])
 
     def deliveries(self, sink: str | None = None) -> list[dict[str, Any]]:
         """Every delivery with its event id and type (status output, tests)."""
