@@ -277,28 +277,42 @@ def warn_stranded(states: list[SinkState], config: Config, metrics: Metrics) -> 
 
 
 async def run_once(config: Config, clock: Clock, **kwargs: Any) -> int:
-    """One poll of every enabled stream and one delivery pass; 0 when all of it succeeded."""
-    ok = True
+    """One poll of every enabled stream and one delivery pass; 0 when all of it succeeded.
+
+    The pass runs beside the polls: a backfill's first pages are being delivered while its last
+    ones are read. It ends once the polls have and nothing due is left untried.
+    """
     async with runtime(config, clock, **kwargs) as rt:
-        jobs: list[Callable[[], Awaitable[object]]] = []
-        if config.leads.enabled:
-            jobs.append(rt.poller.poll_leads)
-        if config.campaigns.enabled:
-            jobs.append(rt.poller.poll_campaigns)
-        for job in jobs:
-            try:
-                await job()
-            except (AuthError, StateError):
-                raise  # nothing the next stream could do better: the CLI says it in one line
-            except WatcherError as exc:
-                log.error("poll failed", error=str(exc))
-                ok = False
-        passed = await rt.dispatcher.deliver_due_once()
-        if passed.failed:
-            ok = False
+        polls = asyncio.create_task(_poll_all(rt))
+        polls.add_done_callback(lambda _: rt.dispatcher.wake())
+        passing = asyncio.create_task(rt.dispatcher.deliver_due_once(producing=lambda: not polls.done()))
+        try:
+            ok = await polls
+        finally:
+            # A poll that failed for good still lets what it committed go out.
+            passed = await passing
         log.info("delivery pass", attempted=passed.attempted, delivered=passed.delivered, failed=passed.failed)
         _housekeeping(rt)
-    return EXIT_OK if ok else EXIT_FAILURE
+    return EXIT_OK if ok and not passed.failed else EXIT_FAILURE
+
+
+async def _poll_all(rt: Runtime) -> bool:
+    """Poll each enabled stream once; False when one failed (the next is polled anyway)."""
+    jobs: list[Callable[[], Awaitable[object]]] = []
+    if rt.config.leads.enabled:
+        jobs.append(rt.poller.poll_leads)
+    if rt.config.campaigns.enabled:
+        jobs.append(rt.poller.poll_campaigns)
+    ok = True
+    for job in jobs:
+        try:
+            await job()
+        except (AuthError, StateError):
+            raise  # nothing the next stream could do better: the CLI says it in one line
+        except WatcherError as exc:
+            log.error("poll failed", error=str(exc))
+            ok = False
+    return ok
 
 
 def _housekeeping(rt: Runtime) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -155,6 +155,31 @@ class _Unwritten:
 
 
 @dataclass
+class _Pass:
+    """A `once` pass on one lane: each due delivery is attempted at most once, then the lane ends."""
+
+    began: float  # wall clock: the store leaves out what the pass attempted by comparing with it
+    producing: Callable[[], bool]  # whether a poll of the same pass may still commit events
+    result: PassResult = field(default_factory=PassResult)
+    # Attempted, failed, and due again by `began` (a zero schedule step on a clock that stands
+    # still): the one case the store's filter cannot tell, kept here. Empty in practice.
+    again: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """How long a worker sleeps before looking again, unless kicked first."""
+
+    seconds: float
+    # True: until a time on the injected clock (a pace, a pause, a retry falling due).
+    # False: an idle sweep for changes made by other processes, in real time.
+    scheduled: bool = False
+
+
+_SWEEP = _Wait(SWEEP_INTERVAL)
+
+
+@dataclass
 class _Lane:
     """One sink's queue state inside the daemon."""
 
@@ -164,7 +189,7 @@ class _Lane:
     off: bool = False  # `enabled = false` in the configuration
     disabled: bool = False  # refused permanently (410, revoked Slack hook) until enabled again
     pace: _Pace = field(default_factory=_Pace)
-    paused_until: float = float("-inf")  # monotonic: the state file failed; hold this lane back
+    held_until: float = float("-inf")  # monotonic: the state file failed; hold this lane back
     retired: bool = False  # removed or replaced by a reload: the worker finishes and leaves
     burst: _Burst | None = None
     last_report: float = float("-inf")
@@ -172,6 +197,13 @@ class _Lane:
     # Due deliveries read ahead, each the oldest pending event of its resource: one query feeds
     # many sends instead of one query per send.
     ahead: deque[Due] = field(default_factory=deque)
+    # Reads resume after the last seq read (a read costs what it returns, not the queue before
+    # it) and go back to the start when they reach the end or a sweep has passed: retries fall
+    # due and events waiting behind a delivered one become due behind the reader.
+    scan_after: int = 0
+    last_rewind: float = float("-inf")  # monotonic
+    exhausted: bool = False  # the last look found nothing this lane could send
+    passing: _Pass | None = None  # set while a `once` pass runs on this lane
     # Outcomes the state file refused, oldest first. Their deliveries still read as pending in the
     # file, so they count as busy: a delivered event is never sent again only because its record
     # failed, and a later event about the same resource still waits behind it.
@@ -179,7 +211,12 @@ class _Lane:
 
     @property
     def busy(self) -> frozenset[int]:
-        return frozenset(self.in_flight).union(d.seq for u in self.unwritten for d in u.batch)
+        again = self.passing.again if self.passing is not None else ()
+        return frozenset(self.in_flight).union(again, (d.seq for u in self.unwritten for d in u.batch))
+
+    @property
+    def paused_until(self) -> float:
+        return max(self.held_until, self.pace.paused_until)
 
     @property
     def free(self) -> int:
@@ -292,51 +329,91 @@ class Dispatcher:
                 wait = self._launch(lane)
             except Exception as exc:  # a broken state file or a bug must not end this sink's deliveries
                 log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
-                wait = ERROR_BACKOFF
-            await _sleep(lane.kick, stopping, wait)
+                wait = _Wait(ERROR_BACKOFF)
+            if lane.passing is not None and self._pass_over(lane):
+                break
+            await self._sleep(lane.kick, stopping, wait)
             if not lane.retired:
                 self._report(lane)
         await self._drain(lane, grace)
 
-    def _launch(self, lane: _Lane) -> float:
+    def _pass_over(self, lane: _Lane) -> bool:
+        """Whether a `once` pass has nothing left to try on this lane (attempts in flight finish first)."""
+        assert lane.passing is not None
+        if lane.in_flight:
+            return False
+        # A sink that is off, disabled, paused by its receiver or unable to record is left for this pass.
+        if lane.off or lane.disabled or lane.unwritten or lane.paused_until > self.clock.monotonic():
+            return True
+        return lane.exhausted and not lane.ahead and not lane.passing.producing()
+
+    def _launch(self, lane: _Lane) -> _Wait:
         """Start every send this lane may start now; return how long to sleep before looking again."""
+        lane.exhausted = False
         if lane.unwritten and not self._write_back(lane):
-            return ERROR_BACKOFF  # nothing new goes out while the file cannot record what it did
+            return _Wait(ERROR_BACKOFF)  # nothing new goes out while the file cannot record what it did
         sink = lane.sink
         if lane.off:
-            return SWEEP_INTERVAL
+            return _SWEEP
         if lane.disabled:
             if self.store.sink_disabled(sink.name):
-                return SWEEP_INTERVAL
+                return _SWEEP
             lane.disabled = False
             log.warning("sink enabled again; its queued events go out in order", sink=sink.name)
+        mono = self.clock.monotonic()
+        if lane.paused_until > mono:
+            return _Wait(min(SWEEP_INTERVAL, lane.paused_until - mono), scheduled=True)
+        if lane.free <= 0:
+            return _SWEEP  # a finishing attempt wakes the worker
         if sink.min_interval > 0:
             return self._launch_paced(lane)
         # Unpaced (webhooks): as many singles as the sink's concurrency allows.
-        while True:
-            mono = self.clock.monotonic()
-            paused = max(lane.paused_until, lane.pace.paused_until)
-            if paused > mono:
-                return min(SWEEP_INTERVAL, paused - mono)
-            if lane.free <= 0:
-                return SWEEP_INTERVAL  # a finishing attempt wakes the worker
-            now = self.clock.now()
-            want = lane.free * sink.max_batch
+        while lane.free > 0:
             if not lane.ahead:
-                lane.ahead.extend(self.store.due(sink.name, now, max(want, READ_AHEAD), lane.busy))
-            due = [lane.ahead.popleft() for _ in range(min(want, len(lane.ahead)))]
-            if not due:
-                upcoming = self.store.next_due_at(sink.name, lane.busy)
-                if upcoming is None:
-                    return SWEEP_INTERVAL
-                return min(SWEEP_INTERVAL, max(0.01, upcoming - now))
-            for group in batches(due, sink)[: lane.free]:
-                task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{sink.name}")
-                for d in group:
-                    lane.in_flight[d.seq] = task
-                task.add_done_callback(partial(self._finished, lane, group))
+                lane.ahead.extend(self._read_ahead(lane, lane.free * sink.max_batch))
+            if not lane.ahead:
+                return self._idle(lane)
+            due = [lane.ahead.popleft() for _ in range(min(lane.free * sink.max_batch, len(lane.ahead)))]
+            for group in batches(due, sink):
+                self._send(lane, group)
+        return _SWEEP  # a finishing attempt wakes the worker
 
-    def _launch_paced(self, lane: _Lane) -> float:
+    def _read_ahead(self, lane: _Lane, want: int) -> list[Due]:
+        """The next due deliveries for this lane, resuming where its last read ended."""
+        sink, now, mono = lane.sink.name, self.clock.now(), self.clock.monotonic()
+        passing = lane.passing.began if lane.passing is not None else None
+        limit = max(want, READ_AHEAD)
+        if lane.scan_after and mono - lane.last_rewind >= SWEEP_INTERVAL:
+            lane.scan_after = 0
+        if not lane.scan_after:
+            lane.last_rewind = mono
+        rows = self.store.due(sink, now, limit, lane.busy, after=lane.scan_after, passing=passing)
+        if len(rows) < limit and lane.scan_after:
+            # The end of the queue: what is due before where this read began comes next.
+            lane.scan_after, lane.last_rewind = 0, mono
+            busy = lane.busy.union(d.seq for d in rows)
+            rows += self.store.due(sink, now, limit - len(rows), busy, passing=passing)
+        if rows:
+            lane.scan_after = rows[-1].seq
+        return rows
+
+    def _idle(self, lane: _Lane) -> _Wait:
+        """Nothing due: sleep until the next delivery falls due, or a sweep."""
+        lane.exhausted = True
+        if lane.passing is not None:
+            return _SWEEP  # a pass never waits for a retry: new commits and finishing attempts wake it
+        upcoming = self.store.next_due_at(lane.sink.name, lane.busy)
+        if upcoming is None:
+            return _SWEEP
+        return _Wait(min(SWEEP_INTERVAL, max(0.01, upcoming - self.clock.now())), scheduled=True)
+
+    def _send(self, lane: _Lane, group: list[Due]) -> None:
+        task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{lane.sink.name}")
+        for d in group:
+            lane.in_flight[d.seq] = task
+        task.add_done_callback(partial(self._finished, lane, group))
+
+    def _launch_paced(self, lane: _Lane) -> _Wait:
         """A paced sink (Slack): one message at a time, singles while it is quiet, and a burst held
         until it settles, then sent as one digest of all of it.
 
@@ -345,47 +422,66 @@ class Dispatcher:
         """
         sink = lane.sink
         mono = self.clock.monotonic()
-        paused = max(lane.paused_until, lane.pace.paused_until)
-        if paused > mono:
-            return min(SWEEP_INTERVAL, paused - mono)
-        if lane.free <= 0:
-            return SWEEP_INTERVAL  # a finishing attempt wakes the worker
         if lane.pace.last_send + sink.min_interval > mono:
-            return lane.pace.last_send + sink.min_interval - mono
+            return _Wait(lane.pace.last_send + sink.min_interval - mono, scheduled=True)
         now = self.clock.now()
-        count = self.store.due_count(sink.name, now) - len(lane.in_flight)
+        passing = lane.passing.began if lane.passing is not None else None
+        count = self.store.due_count(sink.name, now, passing=passing) - len(lane.busy)
         if count <= 0:
             lane.burst = None
-            upcoming = self.store.next_due_at(sink.name, lane.busy)
-            return SWEEP_INTERVAL if upcoming is None else min(SWEEP_INTERVAL, max(0.01, upcoming - now))
+            return self._idle(lane)
         if lane.burst is None and not bursting(count, sink):
-            group = self.store.due(sink.name, now, 1, lane.busy)
+            group = self.store.due(sink.name, now, 1, lane.busy, passing=passing)
         else:
             if lane.burst is None:
                 lane.burst = _Burst(began=mono, count=count, changed=mono)
             elif count != lane.burst.count:
                 lane.burst.count, lane.burst.changed = count, mono
             ready = min(lane.burst.changed + BURST_SETTLE, lane.burst.began + BURST_HOLD)
-            if ready > mono:
-                return min(SWEEP_INTERVAL, ready - mono)
-            group = self.store.due_digest(sink.name, now, sink.max_batch, DIGEST_LIMIT, lane.busy)
+            # A pass whose polls are done has seen the whole burst: nothing to wait for.
+            settled = lane.passing is not None and not lane.passing.producing()
+            if ready > mono and not settled:
+                return _Wait(min(SWEEP_INTERVAL, ready - mono), scheduled=True)
+            group = self.store.due_digest(sink.name, now, sink.max_batch, DIGEST_LIMIT, lane.busy, passing=passing)
             lane.burst = None
         if not group:
-            return SWEEP_INTERVAL
-        task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{sink.name}")
-        for d in group:
-            lane.in_flight[d.seq] = task
-        task.add_done_callback(partial(self._finished, lane, group))
+            return self._idle(lane)
+        self._send(lane, group)
         lane.pace.last_send = self.clock.monotonic()
-        return sink.min_interval
+        return _Wait(sink.min_interval, scheduled=True)
 
     def _finished(self, lane: _Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
         for d in group:
             lane.in_flight.pop(d.seq, None)
         lane.kick.set()
+        failed = task.cancelled() or task.exception() is not None
         if not task.cancelled() and task.exception() is not None:
             # The outcome may not be recorded: the deliveries stay pending and are sent again.
             log.error("delivery attempt failed unexpectedly", sink=lane.sink.name, error=repr(task.exception())[:300])
+        if lane.passing is not None:
+            result = lane.passing.result
+            result.attempted += len(group)
+            if not failed and task.result():
+                result.delivered += len(group)
+            else:
+                result.failed += len(group)
+
+    async def _sleep(self, kick: asyncio.Event, stopping: asyncio.Event, wait: _Wait) -> None:
+        """Wait until kicked, stopping, or the wait is over (on the injected clock when scheduled)."""
+        if kick.is_set() or stopping.is_set():
+            return
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(kick.wait()),
+            asyncio.ensure_future(stopping.wait()),
+        ]
+        if wait.scheduled:
+            waiters.append(asyncio.ensure_future(self.clock.sleep(wait.seconds)))
+        try:
+            timeout = None if wait.scheduled else max(0.0, wait.seconds)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     async def _drain(self, lane: _Lane, grace: float) -> None:
         # Stopping: let attempts in flight finish briefly; an interrupted one stays pending and is sent again.
@@ -474,7 +570,7 @@ class Dispatcher:
                 sink=sink.name,
                 error=self.write_error,
             )
-            lane.paused_until = max(lane.paused_until, self.clock.monotonic() + ERROR_BACKOFF)
+            lane.held_until = max(lane.held_until, self.clock.monotonic() + ERROR_BACKOFF)
             return False
         self._after(lane, batch, outcomes, error, status, duration)
         return error is None
@@ -550,61 +646,25 @@ class Dispatcher:
 
     # --- `once` -------------------------------------------------------------------------------
 
-    async def deliver_due_once(self) -> PassResult:
-        """Attempt every due delivery once (in per-resource order); report what happened."""
-        results = await asyncio.gather(*(self._pass(lane) for lane in self._lanes.values()))
+    async def deliver_due_once(self, producing: Callable[[], bool] = lambda: False) -> PassResult:
+        """Attempt every due delivery once (in per-resource order) on the same lanes `run` uses;
+        report what happened. While `producing()` holds, events committed meanwhile join the
+        pass (call `wake()` when it stops holding), so a backfill's deliveries overlap its walk.
+        """
+        stopping = asyncio.Event()
+        began = self.clock.now()
+        lanes = list(self._lanes.values())
+        for lane in lanes:
+            lane.passing = _Pass(began, producing)
+        try:
+            await asyncio.gather(*(self._worker(lane, stopping, grace=0.0) for lane in lanes))
+        finally:
+            results = [lane.passing.result for lane in lanes if lane.passing is not None]
+            for lane in lanes:
+                lane.passing = None
         total = PassResult()
         for r in results:
             total.attempted += r.attempted
             total.delivered += r.delivered
             total.failed += r.failed
         return total
-
-    def _paused(self, lane: _Lane) -> bool:
-        return max(lane.paused_until, lane.pace.paused_until) > self.clock.monotonic()
-
-    async def _pass(self, lane: _Lane) -> PassResult:
-        result = PassResult()
-        sink = lane.sink
-        tried: set[int] = set()
-        paced = sink.min_interval > 0
-        # A sink that is disabled, or that asked us to wait, is left alone for the rest of the pass.
-        while not (
-            lane.off or lane.disabled or max(lane.paused_until, lane.pace.paused_until) > self.clock.monotonic()
-        ):
-            if paced and bursting(self.store.due_count(sink.name, self.clock.now()) - len(tried), sink):
-                due = self.store.due_digest(sink.name, self.clock.now(), sink.max_batch, DIGEST_LIMIT, frozenset(tried))
-            else:
-                due = self.store.due(
-                    sink.name, self.clock.now(), sink.config.concurrency * sink.max_batch, frozenset(tried)
-                )
-            if not due:
-                break
-            groups = batches(due, sink)[: 1 if paced else None]
-            for group in groups:
-                tried.update(d.seq for d in group)
-            if paced:
-                # Checked again after each sleep: another sink posting to the same URL may have sent meanwhile.
-                while (wait := lane.pace.last_send + sink.min_interval - self.clock.monotonic()) > 0:
-                    await self.clock.sleep(wait)
-                lane.pace.last_send = self.clock.monotonic()
-            oks = await asyncio.gather(*(self._attempt(lane, g) for g in groups))
-            for group, ok in zip(groups, oks, strict=True):
-                result.attempted += len(group)
-                if ok:
-                    result.delivered += len(group)
-                else:
-                    result.failed += len(group)
-        return result
-
-
-async def _sleep(kick: asyncio.Event, stopping: asyncio.Event, seconds: float) -> None:
-    """Wait until kicked, stopping, or `seconds` passed."""
-    if kick.is_set() or stopping.is_set():
-        return
-    waiters = [asyncio.ensure_future(kick.wait()), asyncio.ensure_future(stopping.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
