@@ -421,15 +421,14 @@ class Dispatcher:
         per page would cost a message per page. Pace and throttle are the URL's, across sinks.
         """
         sink = lane.sink
-        mono = self.clock.monotonic()
-        if lane.pace.last_send + sink.min_interval > mono:
-            return _Wait(lane.pace.last_send + sink.min_interval - mono, scheduled=True)
-        now = self.clock.now()
+        mono, now = self.clock.monotonic(), self.clock.now()
         passing = lane.passing.began if lane.passing is not None else None
         count = self.store.due_count(sink.name, now, passing=passing) - len(lane.busy)
         if count <= 0:
             lane.burst = None
             return self._idle(lane)
+        if lane.pace.last_send + sink.min_interval > mono:
+            return _Wait(lane.pace.last_send + sink.min_interval - mono, scheduled=True)
         if lane.burst is None and not bursting(count, sink):
             group = self.store.due(sink.name, now, 1, lane.busy, passing=passing)
         else:
@@ -448,7 +447,7 @@ class Dispatcher:
             return self._idle(lane)
         self._send(lane, group)
         lane.pace.last_send = self.clock.monotonic()
-        return _Wait(sink.min_interval, scheduled=True)
+        return _SWEEP  # the attempt finishing wakes the worker, which then keeps the pace
 
     def _finished(self, lane: _Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
         for d in group:
@@ -556,6 +555,9 @@ class Dispatcher:
         now = self.clock.now()
         answer = attempt_excerpt(attempt.response_excerpt if error is None else error.excerpt)
         outcomes = [replace(decide(d, error, now=now, sink=sink, rng=self.rng), excerpt=answer) for d in batch]
+        if lane.passing is not None:
+            began = lane.passing.began
+            lane.passing.again.update(o.seq for o in outcomes if o.status == PENDING and o.next_attempt_at <= began)
         try:
             self.store.record_outcomes(
                 sink.name, outcomes, now=now, status_code=status, duration=duration, success=error is None
