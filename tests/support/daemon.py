@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -148,16 +147,6 @@ class Daemon:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Read the daemon's state file (read-only) while it runs."""
-        if not self.state.exists():
-            return []
-        try:
-            with sqlite3.connect(f"file:{self.state}?mode=ro", uri=True, timeout=5) as conn:
-                return conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError:
-            return []
 
     def read(self, read: Callable[[Store], T], default: T) -> T:
         """`read(store)` on the daemon's state file, read-only, while it runs; `default` before it exists."""
