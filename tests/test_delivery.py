@@ -21,12 +21,13 @@ from tests.support.daemon import (
     write_config,
 )
 from tests.support.receiver import Receiver, Reply, Request
+from tests.support.state import reading
 from watcher.simulator import Simulator, SimulatorServer
 
 
 def events(daemon: Daemon) -> list[tuple[str, str, str]]:
     """(event id, resource, type) of every detected event, in detection order."""
-    return [(r[0], r[1], r[2]) for r in daemon.query("SELECT id, resource, type FROM events ORDER BY seq")]
+    return [(e["id"], e["resource"], e["type"]) for e in daemon.read(lambda store: store.events(), [])]
 
 
 def detected_count(daemon: Daemon, n: int) -> Callable[[], bool]:
@@ -34,12 +35,11 @@ def detected_count(daemon: Daemon, n: int) -> Callable[[], bool]:
 
 
 def deliveries(daemon: Daemon, sink: str = "crm") -> dict[str, dict[str, Any]]:
-    rows = daemon.query(
-        "SELECT e.id, d.status, d.attempts, d.next_attempt_at FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-        "WHERE d.sink = ? ORDER BY d.event_seq",
-        (sink,),
-    )
-    return {r[0]: {"status": r[1], "attempts": r[2], "next_attempt_at": r[3]} for r in rows}
+    rows = daemon.read(lambda store: store.deliveries(sink), [])
+    return {
+        r["event_id"]: {"status": r["status"], "attempts": r["attempts"], "next_attempt_at": r["next_attempt_at"]}
+        for r in rows
+    }
 
 
 def all_delivered(daemon: Daemon, n: int, sink: str = "crm") -> bool:
@@ -106,18 +106,19 @@ def test_outage_keeps_order_and_ids_and_the_schedule_survives_a_restart(
         wait_until(lambda: all_delivered(daemon, 6), 20, "everything delivered after the restart")
         assert daemon.stop() == 0
     # The schedule was resumed, not restarted: each head's next attempt waited for its stored time.
-    log = daemon.query("SELECT event_id, attempt, status_code, at, error FROM attempts ORDER BY id")
+    with reading(daemon.state) as store:
+        log = store.attempts()
     for head in heads:
-        resumed = [row for row in log if row[0] == head][before[head]["attempts"]]
-        assert resumed[1] == before[head]["attempts"] + 1
-        assert resumed[3] >= before[head]["next_attempt_at"]
+        resumed = [row for row in log if row["event_id"] == head][before[head]["attempts"]]
+        assert resumed["attempt"] == before[head]["attempts"] + 1
+        assert resumed["at"] >= before[head]["next_attempt_at"]
     # The attempt log has one row per request, numbered from 1 per event across the restart.
     assert len(log) == len(receiver.requests)
     for eid, *_ in detected:
-        tries = [row for row in log if row[0] == eid]
-        assert [row[1] for row in tries] == list(range(1, len(tries) + 1))
-        assert [row[2] for row in tries] == [500] * (len(tries) - 1) + [200]
-        assert all(row[4] for row in tries[:-1]) and tries[-1][4] is None
+        tries = [row for row in log if row["event_id"] == eid]
+        assert [row["attempt"] for row in tries] == list(range(1, len(tries) + 1))
+        assert [row["status_code"] for row in tries] == [500] * (len(tries) - 1) + [200]
+        assert all(row["error"] for row in tries[:-1]) and tries[-1]["error"] is None
     assert sorted(accepted(receiver)) == sorted(eid for eid, *_ in detected), "each event accepted exactly once"
     assert order_kept(receiver.requests, detected)
     assert order_kept(receiver.requests[tried_before:], detected)
@@ -190,7 +191,7 @@ def test_changing_a_disabled_sinks_url_enables_it(
     with Daemon(config) as daemon:
         daemon.wait_polls(1)
         ids = simulator.add_leads(3, simulator.campaign_ids()[0])
-        wait_until(lambda: daemon.query("SELECT 1 FROM sinks WHERE disabled_at IS NOT NULL"), 15, "sink disabled")
+        wait_until(lambda: daemon.read(lambda store: store.sink_disabled("crm"), False), 15, "sink disabled")
         wait_until(lambda: len(events(daemon)) == 3, 15, "all detected")
         assert daemon.stop() == 0
     with Receiver() as moved:

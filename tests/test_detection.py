@@ -13,7 +13,7 @@ import json
 import os
 import pty
 import random
-import sqlite3
+import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -29,6 +29,7 @@ from tests.support.daemon import PASSWORD, USERNAME, WEBHOOK_KEY, Daemon, cli, w
 from tests.support.receiver import Receiver
 from tests.support.rig import HookedSimulator
 from tests.support.schemas import validate_event
+from tests.support.state import reading
 from watcher import detect
 from watcher.clock import FakeClock, SystemClock
 from watcher.config import DEFAULT_TRACK, load_config
@@ -366,7 +367,9 @@ def test_recheck_fallback_when_updated_filter_is_missing(tmp_path: Path) -> None
             assert daemon.stop() == 0
         log = daemon.log()
     assert log.count("updatedTs filtering is not offered") == 1
-    assert "leads.updated" not in {row[0] for row in daemon.query("SELECT stream FROM cursors")}
+    with reading(daemon.state) as store:
+        streams = {c.stream for c in store.cursors()}
+    assert "leads.recheck" in streams and "leads.updated" not in streams
     events = []
     for body in receiver.verified_events(WEBHOOK_KEY):
         validate_event(body)
@@ -407,8 +410,8 @@ def test_sigkill_mid_walk_then_restart_keeps_ids_and_loses_nothing(tmp_path: Pat
                 target = len(sim.requests) + rng.randint(2, 14)
                 wait_until(served(target), 20, f"request {target} in round {round_}")
                 daemon.kill()
-            walk = daemon.query("SELECT walk_from FROM cursors WHERE stream = 'leads.created'")
-            mid_walk += bool(walk and walk[0][0])
+            walk = daemon.read(lambda store: store.cursor("leads.created"), None)
+            mid_walk += bool(walk and walk.walk_from)
         sim.faults.latency = 0.0
         created += sim.add_leads(3)
         with daemon:
@@ -426,8 +429,9 @@ def test_sigkill_mid_walk_then_restart_keeps_ids_and_loses_nothing(tmp_path: Pat
         ids_by_lead[body["data"]["lead"]["id"]].add(request.headers["webhook-id"])
     assert set(ids_by_lead) == set(created), f"baseline leads sent: {set(ids_by_lead) & set(baseline)}"
     assert all(ids == {event_id("lead.created", f"lead:{lead}", "")} for lead, ids in ids_by_lead.items())
-    rows = daemon.query("SELECT resource, count(*) FROM events GROUP BY resource HAVING count(*) > 1")
-    assert rows == [], "one outbox row per change"
+    with reading(daemon.state) as store:
+        outbox = Counter(e["resource"] for e in store.events())
+    assert outbox and max(outbox.values()) == 1, "one outbox row per change"
 
 
 def test_walk_cut_after_any_page_resumes_from_its_bound(make_world: Callable[..., World], tmp_path: Path) -> None:
@@ -442,7 +446,7 @@ def test_walk_cut_after_any_page_resumes_from_its_bound(make_world: Callable[...
     expected: list[int] = []
     for age in (500, 100, 400, 50, 300):  # ids ascend, createdTs does not
         expected += sim.add_leads(3, created=now - timedelta(seconds=age))
-    baseline = sqlite3.connect(tmp_path / "state.db")
+    baseline = tmp_path / "state.db"
 
     async def cut_then_resume(config_path: Path, pages: int) -> tuple[str | None, list[int]]:
         config = load_config(config_path)
@@ -462,8 +466,7 @@ def test_walk_cut_after_any_page_resumes_from_its_bound(make_world: Callable[...
     for pages in range(1, 5):
         folder = tmp_path / f"cut-after-{pages}"
         folder.mkdir()
-        with sqlite3.connect(folder / "state.db") as copy:
-            baseline.backup(copy)
+        shutil.copy(baseline, folder / "state.db")  # as an operator copies it: `once` has exited
         sinks = [webhook_sink(world.receiver.url)]  # never called: the events wait in the outbox
         config = write_config(
             folder, world.server.url, sinks, convertr={"items_per_page": 3}, leads={"lookback": "30s"}
@@ -471,7 +474,6 @@ def test_walk_cut_after_any_page_resumes_from_its_bound(make_world: Callable[...
         walk_from, leads = asyncio.run(cut_then_resume(config, pages))
         assert walk_from is not None, "the cut walk left its bound behind"
         assert sorted(leads) == sorted(expected), f"cut after page {pages}: missing {set(expected) - set(leads)}"
-    baseline.close()
 
 
 # --- backfill -------------------------------------------------------------------------------------

@@ -9,25 +9,18 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import serving
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
+from tests.support.daemon import events_json as events
 from tests.support.receiver import Receiver
 from watcher.simulator import Simulator, SimulatorServer
 
 # What the refusing receiver answers: an e-mail address and the sink's own secret, both of which
 # must come out of the attempt log masked.
 REFUSAL = json.dumps({"error": "lead rejected for ava.patel@blueharbour.example", "echo": WEBHOOK_KEY}).encode()
-
-
-def events(config: Path, *args: str) -> list[dict[str, Any]]:
-    """`events --format json` with these filters, parsed; fails on a non-zero exit."""
-    result = cli("events", "-c", str(config), "--format", "json", *args)
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 @pytest.fixture(scope="module")

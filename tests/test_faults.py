@@ -66,6 +66,7 @@ def _latest_score(events: list[dict[str, Any]], lead_id: int) -> Any:
 
 
 def _integrity(path: Path) -> str:
+    # Raw on purpose: the subject is the file's pages, checked without the Store's schema-version gate.
     with sqlite3.connect(path) as conn:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
@@ -204,8 +205,8 @@ def test_proxy_403_at_login_is_ridden_out(tmp_path: Path, sim, receiver: Receive
         during = simulator.add_leads(3, campaign)
 
         def failed_poll() -> str:
-            rows = daemon.query("SELECT last_error FROM cursors WHERE stream = 'leads.created'")
-            return str(rows[0][0]) if rows and rows[0][0] else ""
+            cursor = daemon.read(lambda store: store.cursor("leads.created"), None)
+            return (cursor.last_error or "") if cursor is not None else ""
 
         # The client's own retries (about 10 s of backoff) end, the poll fails, the daemon stays.
         error = wait_until(lambda: failed_poll() or not daemon.running(), 60, "a poll failed by the 403 page")
@@ -263,6 +264,7 @@ def test_receiver_outage_of_several_retry_periods(tmp_path: Path, sim, receiver:
 
 
 def _integrity_cmd(db: Path, mode: str = "rw") -> str:
+    # Raw on purpose: run inside the namespace that mounts the state folder, on the file's pages themselves.
     code = (
         f"import sqlite3; c = sqlite3.connect('file:{db}?mode={mode}', uri=True); "
         "print('integrity=' + c.execute('PRAGMA integrity_check').fetchone()[0])"
@@ -344,9 +346,7 @@ def test_sigterm_during_backfill_resumes_without_duplicates(tmp_path: Path, sim,
         leads={"start": "2000-01-01T00:00:00Z"},
     )
     with Daemon(config) as daemon:
-        wait_until(
-            lambda: (daemon.query("SELECT count(*) FROM leads") or [(0,)])[0][0] > 150, 30, "part of the backfill"
-        )
+        wait_until(lambda: daemon.read(lambda store: store.lead_count(), 0) > 150, 30, "part of the backfill")
         assert daemon.stop(signal.SIGTERM) == 0
     assert (tmp_path / "state.db").exists()
     everything = set(simulator.lead_ids())  # the seeded history is part of the backfill too

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -12,27 +12,32 @@ import structlog
 from tests.conftest import serving
 from tests.support.daemon import webhook_sink, write_config
 from tests.support.receiver import Receiver
+from tests.support.state import reading
 from watcher.clock import SystemClock
 from watcher.config import load_config
 from watcher.daemon import Daemon, runtime
+from watcher.events import Event
 from watcher.notify import Notifier
-from watcher.store import Store
+from watcher.store import PageCommit, Store
 
+DAY = 86_400.0
 SEEDED_DEAD = 5_000  # enough rows that each prune holds its transaction for a noticeable time
 
 
 def _seed_dead_rows(path: Path) -> None:
     """Dead deliveries that prune keeps but must scan every time (its events-without-deliveries pass)."""
-    Store.open(path).close()  # the schema
-    with sqlite3.connect(path) as conn:
-        conn.executemany(
-            "INSERT INTO events (id, type, resource, payload, detected_at) VALUES (?, 'lead.created', ?, '{}', 0)",
-            ((f"seed-{i}", f"seed:{i}") for i in range(SEEDED_DEAD)),
-        )
-        conn.execute(
-            "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
-            "SELECT seq, 'crm', resource, 'dead', 0, 0 FROM events"
-        )
+    now = time.time()
+    store = Store.open(path)
+    try:
+        seeds = [Event(f"seed-{i}", "lead.created", "t", {}, f"seed:{i}") for i in range(SEEDED_DEAD)]
+        # A stream of their own: the seeds must not leave a cursor behind for the real lead walk.
+        store.commit_page(PageCommit("seed", now - 60, events=[(e, ["crm"]) for e in seeds]))
+        # Queued a minute ago for a sink that was off, past a 1 s max_age: dead now, and kept for the
+        # test's length by the default 30-day dead_retention, so every housekeeping pass scans them.
+        aged = store.age_out(now, dead_retention=DAY, configured={"crm": 1.0}, stopped=["crm"])
+        assert aged["expired"] == SEEDED_DEAD
+    finally:
+        store.close()
 
 
 def test_housekeeping_against_a_busy_poller(tmp_path: Path, receiver: Receiver) -> None:
@@ -71,6 +76,8 @@ def test_housekeeping_against_a_busy_poller(tmp_path: Path, receiver: Receiver) 
             code = asyncio.run(scenario())
 
     assert code == 0
+    with reading(config.state.path) as store:
+        assert store.sink_state("crm").dead == SEEDED_DEAD, "the seeds went early: later prunes had nothing to scan"
     messages = [f"{e.get('event')} {e.get('error', '')}" for e in logs]
     assert not [m for m in messages if "transaction" in m], messages
     assert not [m for m in messages if "cannot record" in m or "fatal" in m or "housekeeping failed" in m]

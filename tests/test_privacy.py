@@ -34,7 +34,8 @@ def test_an_older_world_readable_state_file_is_tightened(tmp_path: Path, sim) ->
     """A state file an older release left at 0644 (with its -wal) is 0600 after the next run."""
     _simulator, server = sim
     config = write_config(tmp_path, server.url)
-    holder = sqlite3.connect(tmp_path / "state.db")  # kept open so its -wal stays on disk
+    # Raw on purpose: a file an older release left, held open by a plain connection so its -wal stays on disk.
+    holder = sqlite3.connect(tmp_path / "state.db")
     holder.execute("PRAGMA journal_mode = WAL")
     holder.execute("CREATE TABLE scratch (x)")
     os.chmod(tmp_path / "state.db", 0o644)

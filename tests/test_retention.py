@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 
 from tests.support.daemon import cli, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
+from tests.support.state import reading
 
 
 def _rows(db: Path) -> dict[tuple[str, str], int]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return {(s, st): n for s, st, n in conn.execute("SELECT sink, status, count(*) FROM deliveries GROUP BY 1, 2")}
+    """How many deliveries each (sink, status) holds."""
+    with reading(db) as store:
+        return dict(Counter((d["sink"], d["status"]) for d in store.deliveries()))
 
 
 def _events(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    """How many event payloads the file keeps."""
+    with reading(db) as store:
+        return len(store.events())
 
 
 def _newest(db: Path, column: str = "created_at", status: str = "pending") -> float:
     """The latest queue time (or, with next_attempt_at of dead rows, death time) in Unix seconds."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        sql = f"SELECT max({column}) FROM deliveries WHERE status = ?"
-        return float(conn.execute(sql, (status,)).fetchone()[0])
+    with reading(db) as store:
+        return max(float(d[column]) for d in store.deliveries() if d["status"] == status)
 
 
 def _aged(output: str) -> list[dict[str, object]]:

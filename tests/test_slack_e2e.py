@@ -33,17 +33,15 @@ def slack_sink(url: str, **overrides: Any) -> dict[str, Any]:
 
 
 def delivered(daemon: Daemon) -> int:
-    rows = daemon.query("SELECT count(*) FROM deliveries WHERE sink = 'team' AND status = 'delivered'")
-    return int(rows[0][0]) if rows else 0
+    return daemon.read(lambda store: store.sink_state("team").delivered, 0)
 
 
 def detected(daemon: Daemon) -> list[tuple[str, str]]:
-    return [(r[0], r[1]) for r in daemon.query("SELECT id, type FROM events ORDER BY seq")]
+    return [(e["id"], e["type"]) for e in daemon.read(lambda store: store.events(), [])]
 
 
 def disabled(daemon: Daemon) -> bool:
-    rows = daemon.query("SELECT disabled_at FROM sinks WHERE name = 'team'")
-    return bool(rows) and rows[0][0] is not None
+    return daemon.read(lambda store: store.sink_disabled("team"), False)
 
 
 def status(config: Path) -> dict[str, Any]:

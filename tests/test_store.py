@@ -27,6 +27,7 @@ def test_open_sets_wal_and_schema_version(tmp_path: Path) -> None:
     """A new file is in WAL mode at the newest schema version, and reopening is a no-op."""
     Store.open(tmp_path / "s.db").close()
     s = Store.open(tmp_path / "s.db")
+    # Raw on purpose: the journal mode and schema version are the file's header, this test's subject.
     assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert s.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     s.close()
@@ -35,7 +36,7 @@ def test_open_sets_wal_and_schema_version(tmp_path: Path) -> None:
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     """A file written by a newer release is not touched."""
     path = tmp_path / "s.db"
-    conn = sqlite3.connect(path)
+    conn = sqlite3.connect(path)  # raw on purpose: no Store writes a newer release's file
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     conn.close()
     with pytest.raises(StateError, match="newer than this release"):
@@ -172,7 +173,7 @@ def test_disabled_sink_reenabled_by_config_change(store: Store) -> None:
 def test_migrations_run_by_version(tmp_path: Path) -> None:
     """A file left at schema version 1 is brought forward step by step, keeping its rows."""
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
+    conn = sqlite3.connect(path)  # raw on purpose: a version-1 file, with a row in version 1's columns
     conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
     conn.execute("INSERT INTO campaigns (id, status, transitions, seen_at) VALUES (601, 'Active', 2, 0)")
     conn.commit()

@@ -6,13 +6,17 @@ import base64
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from tests.support.state import peek
+from watcher.store import Store
+
+T = TypeVar("T")
 
 # Known secret values: every test config uses these, and the log scan fails on any of them.
 PASSWORD = "pw-Zq8-never-logged"
@@ -93,6 +97,13 @@ def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -
     )
 
 
+def events_json(config: Path, *args: str) -> list[dict[str, Any]]:
+    """`events --format json` with these filters, parsed (one delivery a row); fails on a non-zero exit."""
+    result = cli("events", "-c", str(config), "--format", "json", *args)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
 class Daemon:
     """`convertr-watcher run -c CONFIG` in a subprocess; its output goes to a log file."""
 
@@ -137,19 +148,13 @@ class Daemon:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Read the daemon's state file (read-only) while it runs."""
-        if not self.state.exists():
-            return []
-        try:
-            with sqlite3.connect(f"file:{self.state}?mode=ro", uri=True, timeout=5) as conn:
-                return conn.execute(sql, params).fetchall()
-        except sqlite3.OperationalError:
-            return []
+    def read(self, read: Callable[[Store], T], default: T) -> T:
+        """`read(store)` on the daemon's state file, read-only, while it runs; `default` before it exists."""
+        return peek(self.state, read, default)
 
     def polls(self, stream: str = "leads.created") -> int:
-        rows = self.query("SELECT polls FROM cursors WHERE stream = ?", (stream,))
-        return int(rows[0][0]) if rows else 0
+        cursor = self.read(lambda store: store.cursor(stream), None)
+        return cursor.polls if cursor is not None else 0
 
     def wait_polls(self, n: int, stream: str = "leads.created", timeout: float = 30.0) -> None:
         """Wait until `stream` has finished `n` more walks than it had when called."""
