@@ -26,12 +26,10 @@ from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 
 from watcher import __version__
 from watcher.cli import EXIT_FAILURE, EXIT_OK
@@ -47,6 +45,9 @@ from watcher.poller import Poller
 from watcher.runinfo import config_fingerprint, write_info
 from watcher.sinks import Sink, build_sink
 from watcher.store import SinkState, Store
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -472,6 +473,10 @@ class Daemon:
         return server
 
     def _schedule(self) -> AsyncIOScheduler:
+        # Imported here: only `run` schedules, and APScheduler is a noticeable share of start-up.
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        from apscheduler.triggers.interval import IntervalTrigger
+
         scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
@@ -482,6 +487,8 @@ class Daemon:
 
     def _poll_jobs(self, scheduler: AsyncIOScheduler, before: Mapping[str, float]) -> None:
         """Make the poll jobs match the configuration: new ones run at once, changed intervals restart."""
+        from apscheduler.triggers.interval import IntervalTrigger
+
         rt = self.rt
         start = datetime.fromtimestamp(rt.clock.now(), UTC)
         # Looked up at each run, so a reload's new poller attributes are what the next run uses.

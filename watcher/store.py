@@ -15,13 +15,15 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from watcher.errors import StateError, StateTooNew
 from watcher.events import Event, dumps, loads
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 FORGOTTEN = "forgotten"  # the `track` of a lead erased by `forget`: a tombstone, never filled in again
@@ -348,8 +350,15 @@ class Store:
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
         self.path = path
+
+    @cached_property
+    def db(self) -> sqlite_utils.Database:
+        """sqlite-utils over the same connection, for the operators' read side (`events`); imported
+        on first use, since the daemon's hot path never needs it and it costs start-up time."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
 
     @classmethod
     def open(cls, path: Path) -> Store:
