@@ -31,7 +31,7 @@ from watcher.logs import known_secrets, scrub
 from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks import Attempt, Sink
-from watcher.store import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome, Store
+from watcher.store import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
 
 log = structlog.get_logger("watcher.outbox")
 
@@ -247,6 +247,7 @@ class Dispatcher:
         self._lanes = {s.name: self._lane(s) for s in self.sinks}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._run: tuple[asyncio.Event, float] | None = None  # (stopping, grace) while `run` runs
+        self._to_record: list[tuple[Recorded, asyncio.Future[None]]] = []  # written at the loop's next turn
 
     def _lane(self, sink: Sink) -> _Lane:
         return _Lane(sink, off=not sink.config.enabled, pace=self._paces.setdefault(sink.config.url, _Pace()))
@@ -559,9 +560,7 @@ class Dispatcher:
             began = lane.passing.began
             lane.passing.again.update(o.seq for o in outcomes if o.status == PENDING and o.next_attempt_at <= began)
         try:
-            self.store.record_outcomes(
-                sink.name, outcomes, now=now, status_code=status, duration=duration, success=error is None
-            )
+            await self._record(Recorded(sink.name, tuple(outcomes), now, status, duration, error is None))
         except WatcherError as exc:
             # Nothing was written: the file still says pending. Keep the outcome and write it when
             # the file accepts it, rather than send a delivered event again every few seconds.
@@ -576,6 +575,29 @@ class Dispatcher:
             return False
         self._after(lane, batch, outcomes, error, status, duration)
         return error is None
+
+    def _record(self, attempt: Recorded) -> asyncio.Future[None]:
+        """Write an attempt's outcomes together with those of every attempt finishing in the same
+        turn of the event loop: one transaction for a burst of answers instead of one each."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+        if not self._to_record:
+            loop.call_soon(self._write_recorded)
+        self._to_record.append((attempt, written))
+        return written
+
+    def _write_recorded(self) -> None:
+        batch, self._to_record = self._to_record, []
+        try:
+            self.store.record_attempts([attempt for attempt, _ in batch])
+        except Exception as exc:  # each attempt keeps its outcome in memory (see _attempt)
+            for _, written in batch:
+                if not written.done():
+                    written.set_exception(exc)
+            return
+        for _, written in batch:
+            if not written.done():
+                written.set_result(None)
 
     def _named(self, event: Event, sink: Sink) -> Event:
         """A lead's event with its campaign's name, for sinks that show it to people (Slack)."""

@@ -282,6 +282,18 @@ class Outcome:
         return self.attempt if self.attempt is not None else self.attempts
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """One attempt's outcomes with what the attempt log and the sink's health keep of it."""
+
+    sink: str
+    outcomes: tuple[Outcome, ...]
+    now: float
+    status_code: int | None
+    duration: float
+    success: bool
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a read-then-write transaction
     # can never fail half-way with SQLITE_BUSY_SNAPSHOT.
@@ -718,7 +730,11 @@ class Store:
         duration: float,
         success: bool,
     ) -> None:
-        """Write what an attempt did to its deliveries, the attempt log and the sink's health, together.
+        """Write what one attempt did to its deliveries, the attempt log and the sink's health, together."""
+        self.record_attempts([Recorded(sink, tuple(outcomes), now, status_code, duration, success)])
+
+    def record_attempts(self, attempts: Sequence[Recorded]) -> None:
+        """Write what several attempts did, in one transaction (all of it or none).
 
         Committed without waiting for the disk (synchronous NORMAL, safe in WAL against a crash of
         the daemon): a power cut can only forget that something was delivered, and the event then
@@ -726,26 +742,37 @@ class Store:
         which move the cursor, keep FULL, and each of them makes everything before it durable too.
         """
         with self._relaxed(), self.transaction() as c:
-            for o in outcomes:
-                c.execute(
-                    "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
-                    "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
-                    "WHERE sink = ? AND event_seq = ?",
-                    (o.status, o.attempts, o.next_attempt_at, o.error, o.status, now, sink, o.seq),
-                )
-                c.execute(
-                    "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt, "
-                    "resource) VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT resource FROM events WHERE seq = ?))",
-                    (sink, o.event_id, o.logged_attempt, status_code, duration, o.error, now, o.excerpt, o.seq),
-                )
-            c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
-            if success:
-                c.execute("UPDATE sinks SET last_success_at = ?, failing_since = NULL WHERE name = ?", (now, sink))
-            else:
-                c.execute(
-                    "UPDATE sinks SET last_failure_at = ?, failing_since = coalesce(failing_since, ?) WHERE name = ?",
-                    (now, now, sink),
-                )
+            c.executemany(
+                "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
+                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
+                "WHERE sink = ? AND event_seq = ?",
+                [
+                    (o.status, o.attempts, o.next_attempt_at, o.error, o.status, a.now, a.sink, o.seq)
+                    for a in attempts
+                    for o in a.outcomes
+                ],
+            )
+            c.executemany(
+                "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt, "
+                "resource) VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT resource FROM events WHERE seq = ?))",
+                [
+                    (a.sink, o.event_id, o.logged_attempt, a.status_code, a.duration, o.error, a.now, o.excerpt, o.seq)
+                    for a in attempts
+                    for o in a.outcomes
+                ],
+            )
+            c.executemany("INSERT OR IGNORE INTO sinks (name) VALUES (?)", [(a.sink,) for a in attempts])
+            for a in attempts:
+                if a.success:
+                    c.execute(
+                        "UPDATE sinks SET last_success_at = ?, failing_since = NULL WHERE name = ?", (a.now, a.sink)
+                    )
+                else:
+                    c.execute(
+                        "UPDATE sinks SET last_failure_at = ?, failing_since = coalesce(failing_since, ?) "
+                        "WHERE name = ?",
+                        (a.now, a.now, a.sink),
+                    )
 
     def disable_sink(self, sink: str, now: float, reason: str) -> None:
         with self.transaction() as c:
