@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from watcher.bodies import Answer, BodyError, read_body, without_entity_headers
 from watcher.clock import Clock
@@ -164,31 +163,13 @@ async def post(
     """
     started = clock.monotonic()
     try:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(httpx.ConnectError),
-            stop=stop_after_attempt(2),
-            wait=wait_fixed(CONNECT_RETRY_WAIT),
-            sleep=clock.sleep,
-            reraise=True,
-        ):
-            with attempt:
-                body, headers = build()
-                # httpx's timeout is per phase (a trickling receiver resets the read timer), so the
-                # whole exchange is bounded too.
-                async with (
-                    asyncio.timeout(timeout),
-                    client.stream(
-                        "POST",
-                        url,
-                        content=body,
-                        headers={**headers, "accept-encoding": "identity"},
-                        timeout=httpx.Timeout(timeout),
-                        follow_redirects=False,
-                    ) as response,
-                ):
-                    answer = Answer(
-                        response.status_code, without_entity_headers(response.headers), await _excerpt_of(response)
-                    )
+        try:
+            answer = await _exchange_once(client, url, build, timeout)
+        except httpx.ConnectError:
+            # One quick second try, written out rather than a retry policy built per request:
+            # this is the hot path of every delivery, and anything longer is the outbox's job.
+            await clock.sleep(CONNECT_RETRY_WAIT)
+            answer = await _exchange_once(client, url, build, timeout)
     except TimeoutError:
         raise DeliveryError(f"timed out after {_seconds(timeout)}") from None
     except httpx.TransportError as exc:
@@ -196,6 +177,26 @@ async def post(
     except httpx.InvalidURL:
         raise DeliveryError("sink URL is not a valid http(s) URL") from None
     return answer, clock.monotonic() - started
+
+
+async def _exchange_once(
+    client: httpx.AsyncClient, url: str, build: Callable[[], tuple[bytes, dict[str, str]]], timeout: float
+) -> Answer:
+    body, headers = build()
+    # httpx's timeout is per phase (a trickling receiver resets the read timer), so the whole
+    # exchange is bounded too.
+    async with (
+        asyncio.timeout(timeout),
+        client.stream(
+            "POST",
+            url,
+            content=body,
+            headers={**headers, "accept-encoding": "identity"},
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+        ) as response,
+    ):
+        return Answer(response.status_code, without_entity_headers(response.headers), await _excerpt_of(response))
 
 
 class HttpSink:
