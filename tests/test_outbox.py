@@ -23,7 +23,7 @@ from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
 from watcher.outbox import Dispatcher, PassResult, batches, decide, pause_for
 from watcher.sinks import Sink, build_sink
-from watcher.store import DEAD, DELIVERED, PENDING, CampaignState, Due, Outcome, PageCommit, Store
+from watcher.store import DEAD, DELIVERED, PENDING, CampaignState, Due, Outcome, PageCommit, Selection, Store
 
 NOW = 1_800_000_000.0
 
@@ -438,7 +438,7 @@ def test_410_disables_the_sink_until_another_process_enables_it(tmp_path: Path, 
         assert all(d["attempts"] == 0 for d in store.deliveries("crm")), "the events' schedules are untouched"
         assert "HTTP 410" in (state.disabled_reason or "")
         rx.respond(200)
-        assert store.replay(time.time(), sinks=["crm"]) == 0  # nothing dead; it only re-enables the sink
+        assert store.replay(time.time(), Selection(sinks=["crm"])) == 0  # nothing dead; it only re-enables the sink
         wait_until(lambda: settled(store), 10, "backlog delivered after re-enabling")
     assert 1 <= refused <= 2, "at most the attempts already in flight"
     delivered = [r.headers["webhook-id"] for r in rx.requests if r.status == 200]

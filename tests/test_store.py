@@ -9,7 +9,18 @@ import pytest
 
 from watcher.errors import StateError
 from watcher.events import Event
-from watcher.store import DEAD, DELIVERED, MIGRATIONS, PENDING, CampaignState, LeadState, Outcome, PageCommit, Store
+from watcher.store import (
+    DEAD,
+    DELIVERED,
+    MIGRATIONS,
+    PENDING,
+    CampaignState,
+    LeadState,
+    Outcome,
+    PageCommit,
+    Selection,
+    Store,
+)
 
 
 def _event(n: int, resource: str = "lead:1") -> Event:
@@ -133,9 +144,9 @@ def test_replay_by_sink_id_and_time(store: Store) -> None:
                 duration=0.0,
                 success=False,
             )
-    assert store.replay(40.0, sinks=["b"]) == 1
-    assert store.replay(40.0, event_ids=["evt_2"]) == 1
-    assert store.replay(40.0, since=5.0, until=15.0) == 1  # evt_1 on sink a
+    assert store.replay(40.0, Selection(sinks=["b"])) == 1
+    assert store.replay(40.0, Selection(event_ids=["evt_2"])) == 1
+    assert store.replay(40.0, Selection(since=5.0, until=15.0)) == 1  # evt_1 on sink a
     assert {(d["sink"], d["event_id"], d["status"]) for d in store.deliveries()} == {
         ("a", "evt_1", PENDING),
         ("b", "evt_1", PENDING),

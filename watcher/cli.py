@@ -415,7 +415,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from watcher.store import DEAD, DELIVERED, Store
+    from watcher.store import DEAD, DELIVERED, Selection, Store
 
     config = _load(args)
     names = {s.name for s in config.sinks}
@@ -456,22 +456,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 )
             return EXIT_OK
         if args.pending:
-            count = store.make_due(
-                now, sinks=args.sink or (), event_ids=args.event or (), since=args.since, until=args.until
-            )
+            count = store.make_due(now, Selection(args.sink or (), args.event or (), args.since, args.until))
             if args.sink:
                 store.enable_sinks(args.sink)
             print(f"made {count} waiting deliveries due now (same ids and attempt counts)")
             return EXIT_OK
-        count = store.replay(
-            now,
-            # Without --sink, only configured sinks: a removed sink's queue is read by nothing.
-            sinks=args.sink or sorted(names),
-            event_ids=args.event or (),
-            since=args.since,
-            until=args.until,
-            statuses=statuses,
-        )
+        # Without --sink, only configured sinks: a removed sink's queue is read by nothing.
+        chosen = Selection(args.sink or sorted(names), args.event or (), args.since, args.until)
+        count = store.replay(now, chosen, statuses)
         stranded = [s for s in store.sink_states(names) if s.name not in names and s.dead + s.pending]
     finally:
         store.close()

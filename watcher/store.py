@@ -342,6 +342,37 @@ def _where(tests: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
     return (f" WHERE {' AND '.join(parts)}" if parts else ""), params
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The deliveries an operator means (`replay`): by sink, event id and detection time; empty means any."""
+
+    sinks: Sequence[str] = ()
+    event_ids: Sequence[str] = ()
+    since: float | None = None
+    until: float | None = None
+
+    def tests(self) -> list[tuple[str, Any]]:
+        """As `_where` tests on a delivery `d` joined to its event `e`."""
+        return [
+            ("d.sink IN", self.sinks),
+            ("e.id IN", self.event_ids),
+            ("e.detected_at >=", self.since),
+            ("e.detected_at <", self.until),
+        ]
+
+
+def _update_chosen(
+    c: sqlite3.Connection, assignments: str, values: Sequence[Any], tests: Sequence[tuple[str, Any]]
+) -> int:
+    """Apply `assignments` to the deliveries `tests` pick (alias `d`, joined to their event `e`)."""
+    where, params = _where(tests)
+    return c.execute(
+        f"UPDATE deliveries SET {assignments} WHERE (sink, event_seq) IN "
+        f"(SELECT d.sink, d.event_seq FROM deliveries d JOIN events e ON e.seq = d.event_seq{where})",
+        [*values, *params],
+    ).rowcount
+
+
 def _due_where(sink: str, now: float, passing: float | None) -> tuple[str, list[Any]]:
     """The deliveries of `sink` due by `now` (alias `d`); during a `once` pass that began at
     `passing`, without those it has attempted already.
@@ -857,65 +888,29 @@ class Store:
             )
         return states
 
-    def replay(
-        self,
-        now: float,
-        *,
-        sinks: Sequence[str] = (),
-        event_ids: Sequence[str] = (),
-        since: float | None = None,
-        until: float | None = None,
-        statuses: Sequence[str] = (DEAD,),
-    ) -> int:
-        """Re-queue matching dead or delivered deliveries; they keep their event id. Returns how many."""
-        where, params = _where(
-            [
-                ("d.status IN", statuses),
-                ("d.sink IN", sinks),
-                ("e.id IN", event_ids),
-                ("e.detected_at >=", since),
-                ("e.detected_at <", until),
-            ]
-        )
+    def replay(self, now: float, chosen: Selection, statuses: Sequence[str] = (DEAD,)) -> int:
+        """Re-queue the chosen dead or delivered deliveries; they keep their event id. Returns how many."""
         with self.transaction() as c:
             # A replayed delivery starts a fresh schedule: its age for max_age counts from now.
-            cur = c.execute(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?, "
-                "delivered_at = NULL WHERE (sink, event_seq) IN (SELECT d.sink, d.event_seq FROM deliveries d "
-                f"JOIN events e ON e.seq = d.event_seq{where})",
-                [now, now, *params],
+            count = _update_chosen(
+                c,
+                "status = 'pending', attempts = 0, next_attempt_at = ?, created_at = ?, delivered_at = NULL",
+                [now, now],
+                [("d.status IN", statuses), *chosen.tests()],
             )
-            for sink in sinks:
+            for sink in chosen.sinks:
                 c.execute("UPDATE sinks SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (sink,))
-            return cur.rowcount
+            return count
 
-    def make_due(
-        self,
-        now: float,
-        *,
-        sinks: Sequence[str] = (),
-        event_ids: Sequence[str] = (),
-        since: float | None = None,
-        until: float | None = None,
-    ) -> int:
-        """Make matching pending deliveries that wait out a retry delay due now; ids and attempt counts stay."""
-        where, params = _where(
-            [
-                ("d.status =", PENDING),
-                ("d.next_attempt_at >", now),
-                ("d.sink IN", sinks),
-                ("e.id IN", event_ids),
-                ("e.detected_at >=", since),
-                ("e.detected_at <", until),
-            ]
-        )
+    def make_due(self, now: float, chosen: Selection) -> int:
+        """Make the chosen pending deliveries that wait out a retry delay due now; ids and attempt counts stay."""
         with self.transaction() as c:
-            cur = c.execute(
-                "UPDATE deliveries SET next_attempt_at = ? WHERE (sink, event_seq) IN (SELECT d.sink, d.event_seq "
-                f"FROM deliveries d JOIN events e ON e.seq = d.event_seq{where})",
-                [now, *params],
+            return _update_chosen(
+                c,
+                "next_attempt_at = ?",
+                [now],
+                [("d.status =", PENDING), ("d.next_attempt_at >", now), *chosen.tests()],
             )
-            return cur.rowcount
 
     def move_sink(
         self, old: str, new: str, now: float, accept: Callable[[Event], bool] = lambda event: True
