@@ -27,7 +27,6 @@ from watcher.convertr import (
     Page,
     RollingWindow,
     page_of,
-    parse_retry_after,
     template_variables,
 )
 from watcher.errors import ApiError, AuthError, RateLimited, TransientError
@@ -346,16 +345,6 @@ def test_retry_after_http_date_is_relative_to_the_clock_and_capped() -> None:
 
     run(go())
     assert clock.slept == [20.0, 60.0]
-
-
-def test_parse_retry_after_edge_values() -> None:
-    """Missing, garbage, past dates and negative numbers never produce a negative or unbounded wait."""
-    now = 1_700_000_000.0
-    assert parse_retry_after(None, now) is None
-    assert parse_retry_after("soon", now) is None
-    assert parse_retry_after("-5", now) == 0.0
-    assert parse_retry_after(email.utils.formatdate(now - 100, usegmt=True), now) == 0.0
-    assert parse_retry_after("1.5", now) == 1.5
 
 
 @pytest.mark.parametrize("status", [400, 403, 404, 422])

@@ -39,6 +39,7 @@ from watcher.errors import (
     TransientError,
 )
 from watcher.events import loads
+from watcher.schedule import retry_after_seconds
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -51,6 +52,8 @@ WINDOW_SECONDS = 300.0
 LOGINS_PER_WINDOW = 20  # Convertr allows 100; a healthy daemon needs about one an hour
 RETRY_ATTEMPTS = 5
 RETRY_TOTAL_SECONDS = 120.0
+# The longest the client sleeps on Convertr's Retry-After before trying a request again: a walk is
+# never held longer than this by one answer (and RETRY_TOTAL_SECONDS bounds all the tries).
 RETRY_AFTER_CAP = 60.0
 BACKOFF = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
 
@@ -97,26 +100,6 @@ class Page:
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delta seconds or HTTP date), capped; None if absent."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
 
 
 def parse_http_date(value: str | None) -> datetime | None:
@@ -621,7 +604,7 @@ class ConvertrClient:
             return
         reason = body_reason(response, self._secrets())
         message = f"Convertr {method} {path}: {status} {reason}".rstrip()
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock.now())
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"), self._clock.now(), RETRY_AFTER_CAP)
         if status == 429:
             raise RateLimited(message, status=status, retry_after=retry_after)
         if status == 500:
