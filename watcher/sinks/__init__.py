@@ -25,6 +25,7 @@ from watcher.config import SinkConfig
 from watcher.errors import DeliveryError
 from watcher.events import Event
 from watcher.pii import strip_pii
+from watcher.schedule import retry_after_seconds
 
 EXCERPT_LIMIT = 512
 # The most of a receiver's answer ever read (decoded): enough for the excerpt's characters in
@@ -33,6 +34,9 @@ EXCERPT_BYTES = 4 * EXCERPT_LIMIT
 # A refused connection right after a receiver restart often succeeds a moment later; anything
 # longer than this blip is the outbox's job, on the sink's schedule.
 CONNECT_RETRY_WAIT = 0.2
+# The longest wait a receiver's Retry-After is passed on as; the outbox clamps it further against
+# the sink's schedule (see schedule.next_attempt_at).
+RECEIVER_RETRY_AFTER_CAP = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,11 @@ def build_sink(config: SinkConfig, *, client: httpx.AsyncClient | None = None, c
 
         return SlackSink(config, client=client, clock=clock, version=version)
     raise ValueError(f"unknown sink type {config.type!r}")
+
+
+def asked_wait(response: Answer, now: float) -> float | None:
+    """The seconds from `now` a receiver's Retry-After asks for, at most RECEIVER_RETRY_AFTER_CAP."""
+    return retry_after_seconds(response.headers.get("retry-after"), now, RECEIVER_RETRY_AFTER_CAP)
 
 
 def excerpt(text: str, secret_url: str, limit: int = EXCERPT_LIMIT) -> str:

@@ -34,8 +34,7 @@ from watcher.events import (
     dumps,
 )
 from watcher.pii import is_personal_field, mask_values
-from watcher.schedule import retry_after_seconds
-from watcher.sinks import Attempt, HttpSink
+from watcher.sinks import Attempt, HttpSink, asked_wait
 
 MAX_BLOCKS = 50
 HEADER_LIMIT = 150
@@ -45,7 +44,6 @@ MAX_FIELDS = 10
 TEXT_LIMIT = 3000  # the notification text; Slack cuts at 40 000 but advises staying near 4 000
 VALUE_LIMIT = 200  # one old or new value inside a change field
 MAX_BATCH = 20
-RETRY_AFTER_CAP = 86_400.0
 
 # Slack's answers that mean the hook will never work again (revoked, archived, or our payload
 # can never be accepted): the sink is disabled and the operator alerted, events kept.
@@ -367,7 +365,7 @@ def classify(response: Answer, *, now: float) -> DeliveryError | None:
     # Only a bare Slack error token is quoted; any other body might echo something private.
     token = body if _ERROR_TOKEN.fullmatch(body) else ""
     what = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip() + (f": {token}" if token else "")
-    retry_after = retry_after_seconds(response.headers.get("retry-after"), now, RETRY_AFTER_CAP)
+    retry_after = asked_wait(response, now)
     if status == 429:
         return Throttled(f"Slack rate limit, {what}", status=status, retry_after=retry_after)
     if token in GONE_ERRORS or status == 410:
