@@ -100,14 +100,23 @@ def test_is_sensitive_key(key: str, sensitive: bool) -> None:
         ("ip_address", True),
         ("leadData.email", True),
         ("leadData.company", False),
+        # pii's lists decide, in any spelling: these were missing from the log's own copy.
+        ("title", True),
+        ("sex", True),
+        ("date_of_birth", True),
+        ("leadData.name", True),
+        ("leaddata.d.o.b", True),
+        ("leadData.emailDomain", False),
+        # The watcher's own keys: a sink's or campaign's name, the metrics listen address.
         ("name", False),
+        ("host", False),
         ("campaign", False),
         ("zip_file", False),
         ("lead_id", False),
     ],
 )
 def test_is_pii_key(key: str, pii: bool) -> None:
-    """Personal lead fields are recognised; campaign names and ids are not personal."""
+    """Personal lead fields are recognised as pii.py lists them; campaign names and ids are not personal."""
     assert is_pii_key(key) is pii
 
 

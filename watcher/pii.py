@@ -131,9 +131,21 @@ def _normalise(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch not in "_-. ")
 
 
+# Every personal name in its normalised spelling: a lead field written another way ("first_name")
+# means the same as the API's own ("firstName").
+_PERSONAL_NAMES: frozenset[str] = _LEAD_DATA_NAMES | {_normalise(f) for f in LEAD_FIELDS}
+
+
 def is_personal_lead_data(name: str) -> bool:
     """Whether a `leadData` entry with this name holds personal data."""
     return _normalise(name) in _LEAD_DATA_NAMES
+
+
+def is_personal_name(name: str) -> bool:
+    """Whether `name`, in any spelling (case, `_`, `-`, `.` and spaces ignored), is one of the
+    personal names above: a lead field or a `leadData` name. For keys not written by Convertr,
+    such as a log line's."""
+    return _normalise(name) in _PERSONAL_NAMES
 
 
 def is_personal_field(field: str) -> bool:
