@@ -54,6 +54,10 @@ def restore_logging() -> Iterator[None]:
         ("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_part", f"token {REDACTED}"),
         ("https://user:pw@api.example.com/x", f"https://{REDACTED}@api.example.com/x"),
         ("lead from jane.doe+x@example.co.uk arrived", f"lead from {REDACTED} arrived"),
+        # pii's address pattern: the log's own left "o'" and "Mü" behind and missed accented domains.
+        ("from o'brien@example.com", f"from {REDACTED}"),
+        ("from Müller@firma.de", f"from {REDACTED}"),
+        ("from josé@exämple.de", f"from {REDACTED}"),
         ("campaign Spring Sale went live", "campaign Spring Sale went live"),
         ("https://acme.cvtr.io/api/leads?page=2", "https://acme.cvtr.io/api/leads?page=2"),
     ],

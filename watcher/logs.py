@@ -20,7 +20,7 @@ from urllib.parse import quote, quote_plus
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from watcher.pii import is_personal_lead_data, is_personal_name
+from watcher.pii import EMAIL, is_personal_lead_data, is_personal_name
 
 LOG_CAPTURE_ENV = "WATCHER_LOG_CAPTURE"
 REDACTED = "[REDACTED]"
@@ -56,7 +56,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), REDACTED),
     # user:password@ in a URL.
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:\"']+:[^/@\s\"']*@"), rf"\1{REDACTED}@"),
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), REDACTED),
+    (EMAIL, REDACTED),
 )
 
 # Rebound (never mutated) so the compiled pattern cache keys on one object per generation.

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # An address with a local part: "@example.com" alone (the `emailDomain` business field) is not one.
-_EMAIL = re.compile(r"[\w.%+'-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
+EMAIL = re.compile(r"[\w.%+'-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
 # A run of digits with the separators phone numbers are written with; judged by its digit count.
 _PHONE = re.compile(r"(?<![\w/])\+?\(?\d[\d ().\-/\u00a0]{6,}\d(?!\d)")
 # 9 to 15 digits: E.164 allows 15, and national numbers without a trunk prefix have at least 9.
@@ -176,7 +176,7 @@ def _is_range(text: str) -> bool:
 
 def is_personal_text(text: str) -> bool:
     """Whether a string holds an e-mail address or a phone number anywhere in it."""
-    return bool(_EMAIL.search(text)) or bool(_phones(text))
+    return bool(EMAIL.search(text)) or bool(_phones(text))
 
 
 def has_personal_value(value: Any) -> bool:
@@ -196,7 +196,7 @@ def has_personal_value(value: Any) -> bool:
 
 def mask_text(text: str) -> str:
     """`text` with every e-mail address and phone number in it replaced by HIDDEN."""
-    masked = _EMAIL.sub(HIDDEN, text)
+    masked = EMAIL.sub(HIDDEN, text)
     for m in reversed(_phones(masked)):
         masked = masked[: m.start()] + HIDDEN + masked[m.end() :]
     return masked
