@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from watcher.errors import ConfigError
 from watcher.events import EVENT_TYPES
+from watcher.pii import CONTACT_FIELDS
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -44,15 +45,7 @@ DEFAULT_TRACK: tuple[str, ...] = (
     "baseCurrencyAdvertiserPayout",
     "baseCurrencyPublisherPayout",
     "visible",
-    "firstName",
-    "lastName",
-    "email",
-    "telephone",
-    "addressLine1",
-    "addressLine2",
-    "addressLine3",
-    "addressLine4",
-    "postcode",
+    *CONTACT_FIELDS,  # a CRM keeps a person's contact details up to date
     "leadData",
 )
 

@@ -41,20 +41,24 @@ _IRI = re.compile(r"^/api/v\d+/")
 HIDDEN = "[personal data hidden]"
 _CONVERTR_KEYS = frozenset({"@id", "@type", "@context"})  # written by Convertr, never by a person
 
-# Top-level lead document fields, exactly as the API spells them.
+# Top-level lead document fields, exactly as the API spells them. The contact details (who the
+# person is and how to reach them) are also what `[leads] track` watches by default (config.py).
+CONTACT_FIELDS: tuple[str, ...] = (
+    "firstName",
+    "lastName",
+    "email",
+    "telephone",
+    "addressLine1",
+    "addressLine2",
+    "addressLine3",
+    "addressLine4",
+    "postcode",
+)
 LEAD_FIELDS: frozenset[str] = frozenset(
     {
+        *CONTACT_FIELDS,
         "title",
-        "firstName",
-        "lastName",
-        "email",
         "emailHash",
-        "telephone",
-        "addressLine1",
-        "addressLine2",
-        "addressLine3",
-        "addressLine4",
-        "postcode",
         "ip",
         "host",
         "fingerprint",
