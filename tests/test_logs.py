@@ -280,7 +280,7 @@ def test_capture_file_receives_every_line(tmp_path: Path) -> None:
     assert [line["event"] for line in lines(stream)] == [f"saw {REDACTED}", "boom"]
 
 
-@pytest.mark.parametrize(("level", "fmt"), [("loud", "auto"), ("info", "xml")])
+@pytest.mark.parametrize(("level", "fmt"), [("loud", "auto"), ("critical", "auto"), ("info", "xml")])
 def test_bad_level_or_format_is_refused(level: str, fmt: str) -> None:
     """Unknown levels and formats raise ValueError before anything is reconfigured."""
     with pytest.raises(ValueError):

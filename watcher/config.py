@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from watcher.errors import ConfigError
 from watcher.events import EVENT_TYPES
+from watcher.logs import FORMATS, LEVELS
 from watcher.pii import CONTACT_FIELDS
 
 MINUTE = 60.0
@@ -417,11 +418,11 @@ def _metrics(t: _Table) -> MetricsConfig:
 def _log(t: _Table) -> LogConfig:
     t.check_keys(("level", "format"))
     level = t.get("level", _LOG.level)
-    if not isinstance(level, str) or level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(t.key("level"), 'must be one of "debug", "info", "warning", "error"')
+    if not isinstance(level, str) or level.lower() not in LEVELS:
+        raise ConfigError(t.key("level"), f"must be one of {_choices(LEVELS)}")
     fmt = t.get("format", _LOG.format)
-    if not isinstance(fmt, str) or fmt.lower() not in ("auto", "json", "console"):
-        raise ConfigError(t.key("format"), 'must be one of "auto", "json", "console"')
+    if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
+        raise ConfigError(t.key("format"), f"must be one of {_choices(FORMATS)}")
     return LogConfig(level=level.lower(), format=fmt.lower())
 
 
@@ -759,6 +760,10 @@ def _quote(value: str, limit: int = 80) -> str:
     if len(value) > limit:
         value = value[:limit] + "…"
     return json.dumps(value, ensure_ascii=False)
+
+
+def _choices(values: Iterable[str]) -> str:
+    return ", ".join(json.dumps(v) for v in values)
 
 
 def _env_name(name: str) -> str:

@@ -24,7 +24,9 @@ from watcher.pii import EMAIL, is_personal_lead_data, is_personal_name
 
 LOG_CAPTURE_ENV = "WATCHER_LOG_CAPTURE"
 REDACTED = "[REDACTED]"
-LEVELS = ("debug", "info", "warning", "error", "critical")
+# What `[log] level` and `format` accept (config.py reads them from here). No "critical": the
+# daemon says a fatal problem at error level, so it would silence the very line that explains a stop.
+LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "json", "console")
 
 # Shorter "secrets" would shred ordinary words out of every line without protecting anything real.
