@@ -34,11 +34,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from watcher import __version__
-from watcher.cli import EXIT_FAILURE, EXIT_OK
 from watcher.clock import Clock
 from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
 from watcher.errors import AuthError, ConfigError, StateError, StateTooNew, WatcherError
+from watcher.exitcodes import EXIT_FAILURE, EXIT_OK
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
