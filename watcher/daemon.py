@@ -43,7 +43,7 @@ from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
 from watcher.outbox import SWEEP_INTERVAL, Dispatcher
-from watcher.poller import Poller
+from watcher.poller import CAMPAIGNS, CREATED, RECHECK, UPDATED, Poller
 from watcher.runinfo import config_fingerprint, write_info
 from watcher.sinks import Sink, build_sink
 from watcher.store import SinkState, Store
@@ -113,14 +113,14 @@ def health_intervals(config: Config, updates_filter: bool | None) -> dict[str, f
     leads = config.leads
     intervals: dict[str, float] = {}
     if leads.enabled:
-        intervals["leads.created"] = leads.interval
+        intervals[CREATED] = leads.interval
         if leads.updates and updates_filter is True:
-            intervals["leads.updated"] = leads.interval
+            intervals[UPDATED] = leads.interval
         elif leads.updates and updates_filter is False:
             # The re-read rides on a leads poll once it is due: up to one leads interval late.
-            intervals["leads.recheck"] = leads.recheck_interval + leads.interval
+            intervals[RECHECK] = leads.recheck_interval + leads.interval
     if config.campaigns.enabled:
-        intervals["campaigns"] = config.campaigns.interval
+        intervals[CAMPAIGNS] = config.campaigns.interval
     return intervals
 
 
@@ -204,9 +204,9 @@ async def runtime(
     streams = [
         s
         for s, on in (
-            ("leads.created", config.leads.enabled),
-            ("leads.updated", config.leads.enabled and config.leads.updates),
-            ("campaigns", config.campaigns.enabled),
+            (CREATED, config.leads.enabled),
+            (UPDATED, config.leads.enabled and config.leads.updates),
+            (CAMPAIGNS, config.campaigns.enabled),
         )
         if on
     ]
