@@ -61,16 +61,6 @@ def _ts(value: float | None) -> str:
     return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds") if value else "-"
 
 
-def _age(now: float, value: float | None) -> str:
-    if not value:
-        return "-"
-    seconds = int(now - value)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")

@@ -350,17 +350,6 @@ class ConvertrClient:
             number += 1
         yield page
 
-    async def first_page(
-        self,
-        collection: str,
-        params: Mapping[str, str | Sequence[str]] | None = None,
-        items_per_page: int | None = None,
-    ) -> Page:
-        """Page 1 only: one request, e.g. `itemsPerPage=1` to read hydra:search or the newest id."""
-        size = self._config.items_per_page if items_per_page is None else items_per_page
-        page, _ = await self._fetch(collection, query_pairs(params), 1, size)
-        return page
-
     async def page(
         self,
         collection: str,
@@ -370,8 +359,9 @@ class ConvertrClient:
         items_per_page: int | None = None,
         attempts: int = RETRY_ATTEMPTS,
     ) -> Page:
-        """One page by number: a walk's position check, or narrowing in on an unreadable record
-        (with fewer `attempts` where a failure only means "look closer")."""
+        """One page by number, one request: page 1 with `items_per_page=1` reads hydra:search or the
+        newest id; a walk checks its position, or narrows in on an unreadable record (with fewer
+        `attempts` where a failure only means "look closer")."""
         size = self._config.items_per_page if items_per_page is None else items_per_page
         page, _ = await self._fetch(collection, query_pairs(params), max(1, number), size, attempts)
         return page
