@@ -41,11 +41,15 @@ RECEIVER_RETRY_AFTER_CAP = 86_400.0
 
 @dataclass(frozen=True)
 class Attempt:
-    """What one successful delivery attempt looked like, for the attempt log."""
+    """What one successful delivery attempt looked like. The attempt log keeps its status and the
+    start of its answer (outbox.attempt_excerpt); a failed attempt's answer rides on its
+    DeliveryError.excerpt instead."""
 
     status: int | None
     duration: float
-    response_excerpt: str  # at most EXCERPT_LIMIT characters, with the sink URL redacted
+    # At most EXCERPT_LIMIT characters, with the sink URL redacted. Read longer than anyone shows it
+    # (send-test and the attempt log, outbox.ATTEMPT_EXCERPT_CHARS), so masking comes before the cut.
+    response_excerpt: str
 
 
 class Sink(Protocol):
