@@ -227,7 +227,7 @@ async def runtime(
         return ConvertrClient(cfg.convertr, clock=clock, transport=api_transport, on_response=on_response)
 
     client = make_client(config)
-    sinks = [build_sink(s, clock=clock, version=__version__) for s in config.sinks]
+    sinks = [build_sink(s, clock=clock, version=__version__, campaign_names=store.campaign_names) for s in config.sinks]
     stopping = asyncio.Event()
     dispatcher = Dispatcher(store, sinks, clock, metrics=metrics, on_progress=lambda: live.tick(clock.monotonic()))
     dispatcher.sync_sinks({s.name: fingerprint(s) for s in config.sinks})
@@ -541,7 +541,8 @@ class Daemon:
                 if sink.name not in {s.name for s in old.sinks}:
                     rt.metrics.add_sink(sink.name)
             rt.sinks = await rt.dispatcher.reconfigure(
-                new.sinks, lambda c: build_sink(c, clock=rt.clock, version=__version__)
+                new.sinks,
+                lambda c: build_sink(c, clock=rt.clock, version=__version__, campaign_names=rt.store.campaign_names),
             )
             rt.dispatcher.sync_sinks({s.name: fingerprint(s) for s in new.sinks})
             rt.config = new

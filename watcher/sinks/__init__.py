@@ -39,6 +39,10 @@ CONNECT_RETRY_WAIT = 0.2
 RECEIVER_RETRY_AFTER_CAP = 86_400.0
 
 
+# The watcher's own record of campaign names by id, as last read (Store.campaign_names in the daemon).
+CampaignNames = Callable[[], Mapping[int, str]]
+
+
 @dataclass(frozen=True)
 class Attempt:
     """What one successful delivery attempt looked like. The attempt log keeps its status and the
@@ -70,8 +74,19 @@ def render_data(event: Event, config: SinkConfig) -> Mapping[str, Any]:
     return event.data if config.include_pii else strip_pii(event.data)
 
 
-def build_sink(config: SinkConfig, *, client: httpx.AsyncClient | None = None, clock: Clock, version: str) -> Sink:
-    """The sink for `config.type`; a passed client is shared (and not closed by the sink)."""
+def build_sink(
+    config: SinkConfig,
+    *,
+    client: httpx.AsyncClient | None = None,
+    clock: Clock,
+    version: str,
+    campaign_names: CampaignNames | None = None,
+) -> Sink:
+    """The sink for `config.type`; a passed client is shared (and not closed by the sink).
+
+    `campaign_names` (campaign id -> name, as the watcher last read them) is for sinks that show a
+    lead's campaign to people by name (Slack); a webhook sends the lead as the API wrote it.
+    """
     # Imported here: both sink modules import this one for Attempt and the HTTP helpers.
     if config.type == "webhook":
         from watcher.sinks.webhook import WebhookSink
@@ -80,7 +95,7 @@ def build_sink(config: SinkConfig, *, client: httpx.AsyncClient | None = None, c
     if config.type == "slack":
         from watcher.sinks.slack import SlackSink
 
-        return SlackSink(config, client=client, clock=clock, version=version)
+        return SlackSink(config, client=client, clock=clock, version=version, campaign_names=campaign_names)
     raise ValueError(f"unknown sink type {config.type!r}")
 
 
