@@ -134,7 +134,7 @@ def test_compressed_pages_are_read_whole(encoding: str) -> None:
 
     async def go(rx: Receiver) -> list[dict[str, Any]]:
         async with _client(rx) as client:
-            return (await client.first_page("leads")).members
+            return (await client.page("leads")).members
 
     with Receiver() as rx:
         rx.respond_sequence([reply(login), reply(page)])
@@ -148,7 +148,7 @@ def test_an_over_ceiling_or_unreadable_page_is_a_classified_error() -> None:
 
     async def read(rx: Receiver, **overrides: Any) -> None:
         async with _client(rx, **overrides) as client:
-            await client.first_page("leads")
+            await client.page("leads")
 
     with Receiver() as rx:
         rx.respond_sequence([login])

@@ -18,8 +18,9 @@ import pytest
 
 from tests.support.daemon import PASSWORD, USERNAME, WEBHOOK_KEY, cli, webhook_sink, write_config
 from tests.support.receiver import Receiver
-from watcher.cli import EXIT_CONFIG, build_parser, main
+from watcher.cli import build_parser, main
 from watcher.config import load_config
+from watcher.exitcodes import EXIT_CONFIG
 from watcher.simulator import Simulator, SimulatorServer
 from watcher.store import MIGRATIONS, Store
 

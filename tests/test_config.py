@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -15,6 +16,7 @@ from watcher.config import (
     LeadsConfig,
     LogConfig,
     MetricsConfig,
+    SinkConfig,
     StateConfig,
     load_config,
     parse_duration,
@@ -147,6 +149,25 @@ url = "https://hooks.slack.com/services/T/B/literal-slack-token"
     assert (crm.timeout, crm.max_age, crm.campaign_ids, crm.enabled) == (15.0, 3 * 86400.0, (), True)
     assert (crm.include_pii, crm.concurrency) == (True, 4)
     assert (chat.include_pii, chat.concurrency, chat.secrets) == (False, 1, ())
+    # A record built by hand defaults exactly as a loaded one: every default has one home.
+    assert crm == SinkConfig(name="crm", type="webhook", url=crm.url, secrets=crm.secrets)
+    assert chat == SinkConfig(name="chat", type="slack", url=chat.url, url_is_secret=chat.url_is_secret)
+
+
+@pytest.mark.parametrize(
+    ("kind", "include_pii", "concurrency"),
+    [
+        # A hand-built Slack record used to get the webhook defaults: personal data in a channel.
+        ("slack", False, 1),
+        ("webhook", True, 4),
+    ],
+)
+def test_sink_defaults_follow_the_type(kind: Literal["webhook", "slack"], include_pii: bool, concurrency: int) -> None:
+    """include_pii and concurrency default by type in a hand-built record; given values are kept."""
+    sink = SinkConfig(name="s", type=kind, url="https://example.com/")
+    assert (sink.include_pii, sink.concurrency) == (include_pii, concurrency)
+    given = SinkConfig(name="s", type=kind, url="https://example.com/", include_pii=not include_pii, concurrency=2)
+    assert (given.include_pii, given.concurrency) == (not include_pii, 2)
 
 
 def test_secret_values_and_repr(tmp_path: Path) -> None:

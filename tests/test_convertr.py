@@ -27,7 +27,6 @@ from watcher.convertr import (
     Page,
     RollingWindow,
     page_of,
-    parse_retry_after,
     template_variables,
 )
 from watcher.errors import ApiError, AuthError, RateLimited, TransientError
@@ -282,13 +281,13 @@ def test_without_view_or_total_a_short_page_ends() -> None:
     ]
 
 
-def test_first_page_and_page_make_one_request_each() -> None:
-    """first_page and page honour their own itemsPerPage and page number, one request each."""
+def test_page_makes_one_request_each() -> None:
+    """page honours its own itemsPerPage and page number (1 by default), one request each."""
     api, clock = FakeApi(250), FakeClock()
 
     async def go() -> tuple[Page, Page, int]:
         async with client_for(api, clock) as client:
-            first = await client.first_page("leads", {"order[id]": "desc"}, items_per_page=1)
+            first = await client.page("leads", {"order[id]": "desc"}, items_per_page=1)
             third = await client.page("leads", {"order[id]": "asc"}, number=3, items_per_page=7)
             return first, third, client.request_count
 
@@ -307,7 +306,7 @@ def test_collection_name_is_validated() -> None:
 
     async def go() -> None:
         async with client_for(api, clock) as client:
-            await client.first_page("leads?x=1")
+            await client.page("leads?x=1")
 
     with pytest.raises(ValueError):
         run(go())
@@ -346,16 +345,6 @@ def test_retry_after_http_date_is_relative_to_the_clock_and_capped() -> None:
 
     run(go())
     assert clock.slept == [20.0, 60.0]
-
-
-def test_parse_retry_after_edge_values() -> None:
-    """Missing, garbage, past dates and negative numbers never produce a negative or unbounded wait."""
-    now = 1_700_000_000.0
-    assert parse_retry_after(None, now) is None
-    assert parse_retry_after("soon", now) is None
-    assert parse_retry_after("-5", now) == 0.0
-    assert parse_retry_after(email.utils.formatdate(now - 100, usegmt=True), now) == 0.0
-    assert parse_retry_after("1.5", now) == 1.5
 
 
 @pytest.mark.parametrize("status", [400, 403, 404, 422])
@@ -498,11 +487,11 @@ def test_token_is_renewed_before_it_expires() -> None:
 
     async def go() -> None:
         async with client_for(api, clock) as client:
-            await client.first_page("leads")
+            await client.page("leads")
             clock.advance(89)
-            await client.first_page("leads")
+            await client.page("leads")
             clock.advance(2)
-            await client.first_page("leads")
+            await client.page("leads")
 
     run(go())
     assert api.logins == 2
@@ -583,7 +572,7 @@ def test_concurrent_callers_share_one_login() -> None:
 
     async def go() -> None:
         async with client_for(api, clock) as client:
-            await asyncio.gather(*(client.first_page("leads") for _ in range(8)))
+            await asyncio.gather(*(client.page("leads") for _ in range(8)))
 
     run(go())
     assert api.logins == 1 and len(api.gets()) == 8
@@ -619,10 +608,10 @@ def test_budget_waits_for_a_slot_in_the_rolling_window() -> None:
 
     async def go() -> None:
         async with client_for(api, clock, request_budget=3) as client:
-            await client.first_page("leads")  # login + 1
+            await client.page("leads")  # login + 1
             clock.advance(10)
-            await client.first_page("leads")  # 3rd request
-            await client.first_page("leads")  # 4th: waits
+            await client.page("leads")  # 3rd request
+            await client.page("leads")  # 4th: waits
 
     run(go())
     assert clock.slept == [290.0]
@@ -672,7 +661,7 @@ def test_in_flight_requests_are_bounded() -> None:
     async def go() -> None:
         transport = httpx.MockTransport(handler)
         async with ConvertrClient(config(max_in_flight=2), clock=FakeClock(), transport=transport) as client:
-            await asyncio.gather(*(client.first_page("leads") for _ in range(6)))
+            await asyncio.gather(*(client.page("leads") for _ in range(6)))
 
     run(go())
     assert peak == 2
@@ -776,9 +765,9 @@ def test_sim_token_is_renewed_before_the_server_expires_it() -> None:
 
     async def go(url: str) -> None:
         async with ConvertrClient(sim_config(url), clock=clock) as client:
-            await client.first_page("leads")
+            await client.page("leads")
             clock.advance(110)
-            await client.first_page("leads")
+            await client.page("leads")
 
     with SimulatorServer(sim, port=0) as server:
         run(go(server.url))

@@ -14,8 +14,8 @@ import pytest
 
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
-from watcher.cli import EXIT_LOCKED
 from watcher.errors import StateError, StateLocked
+from watcher.exitcodes import EXIT_LOCKED
 from watcher.lock import lock_path, read_holder, state_lock
 from watcher.simulator import Simulator, SimulatorServer
 

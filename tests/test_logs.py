@@ -54,6 +54,10 @@ def restore_logging() -> Iterator[None]:
         ("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_part", f"token {REDACTED}"),
         ("https://user:pw@api.example.com/x", f"https://{REDACTED}@api.example.com/x"),
         ("lead from jane.doe+x@example.co.uk arrived", f"lead from {REDACTED} arrived"),
+        # pii's address pattern: the log's own left "o'" and "Mü" behind and missed accented domains.
+        ("from o'brien@example.com", f"from {REDACTED}"),
+        ("from Müller@firma.de", f"from {REDACTED}"),
+        ("from josé@exämple.de", f"from {REDACTED}"),
         ("campaign Spring Sale went live", "campaign Spring Sale went live"),
         ("https://acme.cvtr.io/api/leads?page=2", "https://acme.cvtr.io/api/leads?page=2"),
     ],
@@ -100,14 +104,23 @@ def test_is_sensitive_key(key: str, sensitive: bool) -> None:
         ("ip_address", True),
         ("leadData.email", True),
         ("leadData.company", False),
+        # pii's lists decide, in any spelling: these were missing from the log's own copy.
+        ("title", True),
+        ("sex", True),
+        ("date_of_birth", True),
+        ("leadData.name", True),
+        ("leaddata.d.o.b", True),
+        ("leadData.emailDomain", False),
+        # The watcher's own keys: a sink's or campaign's name, the metrics listen address.
         ("name", False),
+        ("host", False),
         ("campaign", False),
         ("zip_file", False),
         ("lead_id", False),
     ],
 )
 def test_is_pii_key(key: str, pii: bool) -> None:
-    """Personal lead fields are recognised; campaign names and ids are not personal."""
+    """Personal lead fields are recognised as pii.py lists them; campaign names and ids are not personal."""
     assert is_pii_key(key) is pii
 
 
@@ -267,7 +280,7 @@ def test_capture_file_receives_every_line(tmp_path: Path) -> None:
     assert [line["event"] for line in lines(stream)] == [f"saw {REDACTED}", "boom"]
 
 
-@pytest.mark.parametrize(("level", "fmt"), [("loud", "auto"), ("info", "xml")])
+@pytest.mark.parametrize(("level", "fmt"), [("loud", "auto"), ("critical", "auto"), ("info", "xml")])
 def test_bad_level_or_format_is_refused(level: str, fmt: str) -> None:
     """Unknown levels and formats raise ValueError before anything is reconfigured."""
     with pytest.raises(ValueError):

@@ -57,11 +57,15 @@ def test_zero_jitter_gives_the_exact_step() -> None:
         ("-5", 0.0),
         ("999999", 3600.0),
         ("nan", None),
-        ("inf", None),
+        ("inf", None),  # not finite: says nothing about when, so it asks for no particular wait
+        ("-inf", None),
+        ("1e400", None),
         ("soon", None),
         ("Wed, 32 Foo 2024 99:00:00 GMT", None),
+        ("Thu, 32 Oct 2024 07:28:00 GMT", None),  # a day the calendar lacks is no date
         (formatdate(NOW + 90, usegmt=True), 90.0),
         (formatdate(NOW - 90, usegmt=True), 0.0),
+        (formatdate(NOW + 90), 90.0),  # "-0000": no zone given, read as UTC
         (formatdate(NOW + 86_400, usegmt=True), 3600.0),
         (formatdate(NOW + 60, usegmt=True).removesuffix(" GMT"), 60.0),
         (formatdate(NOW + 60, localtime=False).replace("-0000", "+0100"), 0.0),

@@ -14,6 +14,7 @@ from tests.conftest import serving
 from tests.support.daemon import Daemon, cli, wait_until, write_config
 from tests.support.receiver import FakeSlack, Reply
 from watcher.simulator import Simulator, SimulatorServer
+from watcher.sinks.slack import escape
 
 
 @pytest.fixture
@@ -118,6 +119,26 @@ def test_messages_are_paced_a_burst_is_a_digest_and_nothing_personal_leaks(
     assert "changed.person@hidden.example" not in everything
     for lead_id in [lead, *burst]:
         assert not [v for v in personal(simulator, lead_id) if v in everything], "personal data in a Slack message"
+
+
+def test_a_lead_message_names_its_campaign(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], slack: FakeSlack
+) -> None:
+    """A lead carries only its campaign's IRI; the message names the campaign from the watcher's own records."""
+    simulator, server = sim
+    sink = slack_sink(slack.url, events=["lead.created"])
+    config = write_config(tmp_path, server.url, [sink], campaigns={"enabled": True, "interval": 1})
+    campaign = simulator.campaign_ids()[0]
+    with Daemon(config) as daemon:
+        daemon.wait_polls(1)
+        daemon.wait_polls(1, "campaigns")
+        lead = simulator.add_lead(campaign)["id"]
+        slack.wait_for_count(1, 15)
+        assert daemon.stop() == 0
+    [message] = slack.messages()
+    named = f"{escape(simulator.campaign(campaign)['name'])} ({campaign})"
+    assert f"*Campaign*\n{named}" in [f["text"] for f in message["blocks"][1]["fields"]]
+    assert message["text"] == f"lead.created: New lead {lead} in campaign {named}"
 
 
 def test_slack_429_retry_after_is_honoured(

@@ -7,6 +7,7 @@ import json
 import re
 import traceback
 from collections.abc import Awaitable, Iterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
@@ -15,7 +16,7 @@ from tests.support.receiver import FakeSlack
 from watcher import __version__
 from watcher.clock import FakeClock, rfc3339
 from watcher.config import SinkConfig
-from watcher.errors import DeliveryError, SinkGone, Throttled
+from watcher.errors import DeliveryError, SinkGone, StateError, Throttled
 from watcher.events import (
     CAMPAIGN_CREATED,
     CAMPAIGN_STATUS_CHANGED,
@@ -323,6 +324,54 @@ def test_a_batch_posts_one_digest(slack: FakeSlack) -> None:
     run(deliver(config(slack.url), events))
     assert slack.messages() == [render_digest(events)]
     assert len(slack.arrival_times()) == 1
+
+
+def deliver_each(sink: Any, batches: list[list[Event]]) -> None:
+    async def go() -> None:
+        try:
+            for batch in batches:
+                await sink.deliver(batch)
+        finally:
+            await sink.aclose()
+
+    run(go())
+
+
+def test_a_lead_names_its_campaign_from_the_watchers_records(slack: FakeSlack) -> None:
+    """A lead carries only its campaign's IRI: the sink looks the name up, once per message that needs it."""
+    lookups: list[int] = []
+
+    def names() -> dict[int, str]:
+        lookups.append(1)
+        return {601: "Spring Launch"}
+
+    sink = build_sink(config(slack.url), clock=FakeClock(), version=__version__, campaign_names=names)
+    given = replace(EVENTS[LEAD_CREATED], extra={"campaign_name": "Named Already"})
+    deliver_each(sink, [[EVENTS[LEAD_CREATED]], mixed(5), [EVENTS[CAMPAIGN_CREATED]], [given]])
+    lead, digest, campaign, named = slack.messages()
+    assert "*Campaign*\nSpring Launch (601)" in field_texts(lead)
+    assert "New lead 42 in campaign Spring Launch (601)" in lead["text"]
+    assert "in campaign Spring Launch (601)" in json.dumps(digest)
+    assert "*Campaign*\nSpring Launch (601)" in field_texts(campaign)  # from the campaign document itself
+    assert "*Campaign*\nNamed Already (601)" in field_texts(named)
+    assert len(lookups) == 2, "one lookup per message or digest with a lead in it, none otherwise"
+
+
+def test_campaign_names_stay_out_of_the_way_when_they_cannot_help(slack: FakeSlack) -> None:
+    """An unreadable state file leaves the campaign's id; a name holding an address is masked like any value."""
+
+    def unreadable() -> dict[int, str]:
+        raise StateError("state file: database disk image is malformed")
+
+    sink = build_sink(config(slack.url), clock=FakeClock(), version=__version__, campaign_names=unreadable)
+    deliver_each(sink, [[EVENTS[LEAD_CREATED]]])
+    sink = build_sink(
+        config(slack.url), clock=FakeClock(), version=__version__, campaign_names=lambda: {601: "Ask ada@example.org"}
+    )
+    deliver_each(sink, [[EVENTS[LEAD_CREATED]]])
+    by_id, masked = slack.messages()
+    assert "*Campaign*\n601" in field_texts(by_id)
+    assert "ada@example.org" not in json.dumps(masked) and "Ask [personal data hidden] (601)" in field_texts(masked)[1]
 
 
 def test_build_sink_pacing_and_batching() -> None:

@@ -1,9 +1,8 @@
 """The `convertr-watcher` command line.
 
-Exit codes: 0 ok, 1 runtime failure, 75 state file in use by another writer, 78 configuration
-error (EX_CONFIG: systemd's RestartPreventExitStatus keeps a bad config from restart-looping). A
-user mistake prints one line on stderr, never a traceback. This module is the one home of the
-exit codes; the daemon returns them from here.
+Exit codes (watcher.exitcodes): 0 ok, 1 runtime failure, 2 a command line that makes no sense, 75
+state file in use by another writer, 78 configuration error. A user mistake prints one line on
+stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -26,14 +25,9 @@ from watcher.clock import SystemClock
 from watcher.config import Config, load_config
 from watcher.errors import AuthError, ConfigError, StateError, StateLocked, StateTooNew, WatcherError
 from watcher.events import EVENT_TYPES
+from watcher.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging, known_secrets, scrub
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
-# Another process holds the state file's write lock. 75 is EX_TEMPFAIL: nothing is wrong with this
-# process or its config, and the same command succeeds once the holder ends. Distinct from 1 so a
-# script can tell "try later" from a failure, and not in RestartPreventExitStatus, so the unit
-# retries on its restart schedule and starts once a manual `once` (a backfill) has finished.
-EXIT_LOCKED = 75
 PROG = "convertr-watcher"
 RESOLVE_TIMEOUT = 5.0
 
@@ -65,16 +59,6 @@ def _writing(args: argparse.Namespace, config: Config) -> AbstractContextManager
 
 def _ts(value: float | None) -> str:
     return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds") if value else "-"
-
-
-def _age(now: float, value: float | None) -> str:
-    if not value:
-        return "-"
-    seconds = int(now - value)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def _positive(text: str) -> int:
@@ -423,15 +407,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if name not in names:
             return _fail(f"--sink: no sink named {name!r} in {args.config}", EXIT_CONFIG)
     if args.from_sink is not None and len(args.sink or []) != 1:
-        return _fail("replay: --from-sink OLD needs exactly one --sink NEW to move the events to", 2)
+        return _fail("replay: --from-sink OLD needs exactly one --sink NEW to move the events to", EXIT_USAGE)
     if args.from_sink is not None and args.from_sink in (args.sink or []):
-        return _fail("replay: --from-sink and --sink name the same sink", 2)
+        return _fail("replay: --from-sink and --sink name the same sink", EXIT_USAGE)
     if args.from_sink is not None and args.from_sink in names:
         # A running daemon may be sending its rows right now: moving them would send them twice.
-        return _fail(f"replay: --from-sink {args.from_sink} is still configured; remove or rename it first", 2)
+        return _fail(f"replay: --from-sink {args.from_sink} is still configured; remove or rename it first", EXIT_USAGE)
     chosen = args.sink or args.event or args.since is not None or args.until is not None or args.all
     if not (chosen or args.pending or args.from_sink):
-        return _fail("replay: say what to re-queue: --sink, --event, --since/--until, --pending, or --all", 2)
+        return _fail("replay: say what to re-queue: --sink, --event, --since/--until, --pending, or --all", EXIT_USAGE)
     if not config.state.path.exists():
         # Opening would create an empty file (owned by whoever ran this, maybe root): nothing to replay.
         return _fail(f"replay: no state file at {config.state.path} (the daemon has not run yet)", EXIT_FAILURE)
@@ -655,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WatcherError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `status | head`: the reader left. Point stdout at /dev/null so the final flush stays quiet.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -19,12 +19,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 from urllib.parse import SplitResult, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from watcher.errors import ConfigError
 from watcher.events import EVENT_TYPES
+from watcher.logs import FORMATS, LEVELS
+from watcher.pii import CONTACT_FIELDS
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -44,15 +46,7 @@ DEFAULT_TRACK: tuple[str, ...] = (
     "baseCurrencyAdvertiserPayout",
     "baseCurrencyPublisherPayout",
     "visible",
-    "firstName",
-    "lastName",
-    "email",
-    "telephone",
-    "addressLine1",
-    "addressLine2",
-    "addressLine3",
-    "addressLine4",
-    "postcode",
+    *CONTACT_FIELDS,  # a CRM keeps a person's contact details up to date
     "leadData",
 )
 
@@ -60,6 +54,22 @@ DEFAULT_TRACK: tuple[str, ...] = (
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
 
 SinkType = Literal["webhook", "slack"]
+
+
+@dataclass(frozen=True)
+class SinkTypeDefaults:
+    include_pii: bool
+    concurrency: int
+
+
+# What a sink gets for a key its table leaves out, where that depends on its type: a Slack channel
+# is a wider audience than a CRM endpoint, and Slack takes about one message a second per hook.
+SINK_TYPE_DEFAULTS: Mapping[SinkType, SinkTypeDefaults] = {
+    "webhook": SinkTypeDefaults(include_pii=True, concurrency=4),
+    "slack": SinkTypeDefaults(include_pii=False, concurrency=1),
+}
+# Stands for "the default of this sink's type" until SinkConfig.__post_init__ replaces it.
+_BY_TYPE: Any = object()
 
 
 @dataclass(frozen=True)
@@ -113,8 +123,8 @@ class CampaignsConfig:
 
 @dataclass(frozen=True)
 class SinkConfig:
-    """One delivery target. The loader fills `include_pii` and `concurrency` by type (webhook: True, 4;
-    slack: False, 1); the defaults below are the webhook ones, for code that builds records by hand."""
+    """One delivery target. `include_pii` and `concurrency` default by type (SINK_TYPE_DEFAULTS),
+    for the loader and for code that builds records by hand alike."""
 
     name: str
     type: SinkType
@@ -125,10 +135,15 @@ class SinkConfig:
     timeout: float = 15.0
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     max_age: float = 3 * DAY
-    include_pii: bool = True
-    concurrency: int = 4
+    include_pii: bool = _BY_TYPE
+    concurrency: int = _BY_TYPE
     enabled: bool = True
     url_is_secret: bool = field(default=False, repr=False)  # given as url_env / url_file
+
+    def __post_init__(self) -> None:
+        for name in ("include_pii", "concurrency"):
+            if getattr(self, name) is _BY_TYPE:
+                object.__setattr__(self, name, getattr(SINK_TYPE_DEFAULTS[self.type], name))
 
 
 @dataclass(frozen=True)
@@ -174,6 +189,15 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+# Records holding nothing but defaults (blanks where a value is required): the loader reads every
+# default from the dataclasses above, so each is written once.
+_CONVERTR = ConvertrConfig(base_url="", username="", password="")
+_STATE = StateConfig(path=Path())
+_LEADS = LeadsConfig()
+_CAMPAIGNS = CampaignsConfig()
+_SINK = SinkConfig(name="", type="webhook", url="")
+_LOG = LogConfig()
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -263,12 +287,12 @@ def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
         base_url=base_url,
         username=username,
         password=password,
-        items_per_page=t.integer("items_per_page", 100, 1, 100),
-        timeout=t.duration("timeout", 30.0),
-        timezone=_timezone(t.get("timezone", "auto"), t.key("timezone")),
-        max_in_flight=t.integer("max_in_flight", 4, 1, 10),
-        request_budget=t.integer("request_budget", 2000, 1, 2900),
-        max_response_bytes=t.integer("max_response_bytes", 64 * 1024 * 1024, 65_536, 1 << 31),
+        items_per_page=t.integer("items_per_page", _CONVERTR.items_per_page, 1, 100),
+        timeout=t.duration("timeout", _CONVERTR.timeout),
+        timezone=_timezone(t.get("timezone", _CONVERTR.timezone), t.key("timezone")),
+        max_in_flight=t.integer("max_in_flight", _CONVERTR.max_in_flight, 1, 10),
+        request_budget=t.integer("request_budget", _CONVERTR.request_budget, 1, 2900),
+        max_response_bytes=t.integer("max_response_bytes", _CONVERTR.max_response_bytes, 65_536, 1 << 31),
     )
 
 
@@ -277,33 +301,35 @@ def _state(t: _Table, ctx: _Context) -> StateConfig:
     relative = _nonempty_str(t.require("path"), t.key("path"))
     return StateConfig(
         path=ctx.folder / relative,
-        delivered_retention=t.duration("delivered_retention", 7 * DAY),
-        attempt_log_retention=t.duration("attempt_log_retention", 14 * DAY),
-        dead_retention=t.duration("dead_retention", 30 * DAY),
+        delivered_retention=t.duration("delivered_retention", _STATE.delivered_retention),
+        attempt_log_retention=t.duration("attempt_log_retention", _STATE.attempt_log_retention),
+        dead_retention=t.duration("dead_retention", _STATE.dead_retention),
     )
 
 
 def _leads(t: _Table) -> LeadsConfig:
     t.check_keys(_LEADS_KEYS)
     return LeadsConfig(
-        enabled=t.boolean("enabled", True),
-        interval=t.duration("interval", 60.0, minimum=1.0),
-        lookback=t.duration("lookback", 600.0, minimum=0.0),
-        updates=t.boolean("updates", True),
-        campaign_ids=_campaign_ids(t.get("campaign_ids", []), t.key("campaign_ids")),
-        start=_start(t.get("start", "now"), t.key("start")),
-        track=_track(t.get("track", list(DEFAULT_TRACK)), t.key("track")),
-        recheck_window=t.duration("recheck_window", 7 * DAY),
-        recheck_interval=t.duration("recheck_interval", 15 * MINUTE, minimum=1.0),
-        snapshot_retention=t.duration("snapshot_retention", 90 * DAY),
-        safety_lag=t.duration("safety_lag", 2.0, minimum=0.0),
-        baseline_window=t.duration("baseline_window", 30 * DAY, minimum=0.0),
+        enabled=t.boolean("enabled", _LEADS.enabled),
+        interval=t.duration("interval", _LEADS.interval, minimum=1.0),
+        lookback=t.duration("lookback", _LEADS.lookback, minimum=0.0),
+        updates=t.boolean("updates", _LEADS.updates),
+        campaign_ids=_campaign_ids(t.get("campaign_ids", list(_LEADS.campaign_ids)), t.key("campaign_ids")),
+        start=_start(t.get("start", "now"), t.key("start")),  # "now" is how TOML says None
+        track=_track(t.get("track", list(_LEADS.track)), t.key("track")),
+        recheck_window=t.duration("recheck_window", _LEADS.recheck_window),
+        recheck_interval=t.duration("recheck_interval", _LEADS.recheck_interval, minimum=1.0),
+        snapshot_retention=t.duration("snapshot_retention", _LEADS.snapshot_retention),
+        safety_lag=t.duration("safety_lag", _LEADS.safety_lag, minimum=0.0),
+        baseline_window=t.duration("baseline_window", _LEADS.baseline_window, minimum=0.0),
     )
 
 
 def _campaigns(t: _Table) -> CampaignsConfig:
     t.check_keys(("enabled", "interval"))
-    return CampaignsConfig(enabled=t.boolean("enabled", True), interval=t.duration("interval", 300.0, 1.0))
+    return CampaignsConfig(
+        enabled=t.boolean("enabled", _CAMPAIGNS.enabled), interval=t.duration("interval", _CAMPAIGNS.interval, 1.0)
+    )
 
 
 def _sinks(top: _Table, ctx: _Context) -> tuple[SinkConfig, ...]:
@@ -353,20 +379,20 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
         secrets = _webhook_keys(value, secret_key)
         if not indirect:
             ctx.literals.append(secret_key)
-    webhook = kind == "webhook"
+    by_type = SINK_TYPE_DEFAULTS[kind]
     return SinkConfig(
         name=name,
         type=kind,
         url=url,
         secrets=secrets,
-        events=_events(t.get("events", list(EVENT_TYPES)), t.key("events")),
-        campaign_ids=_campaign_ids(t.get("campaign_ids", []), t.key("campaign_ids")),
-        timeout=t.duration("timeout", 15.0),
-        retry_schedule=_retry_schedule(t.get("retry_schedule", list(DEFAULT_RETRY_SCHEDULE)), t.key("retry_schedule")),
-        max_age=t.duration("max_age", 3 * DAY),
-        include_pii=t.boolean("include_pii", webhook),
-        concurrency=t.integer("concurrency", 4 if webhook else 1, 1, 32),
-        enabled=t.boolean("enabled", True),
+        events=_events(t.get("events", sorted(_SINK.events)), t.key("events")),
+        campaign_ids=_campaign_ids(t.get("campaign_ids", list(_SINK.campaign_ids)), t.key("campaign_ids")),
+        timeout=t.duration("timeout", _SINK.timeout),
+        retry_schedule=_retry_schedule(t.get("retry_schedule", list(_SINK.retry_schedule)), t.key("retry_schedule")),
+        max_age=t.duration("max_age", _SINK.max_age),
+        include_pii=t.boolean("include_pii", by_type.include_pii),
+        concurrency=t.integer("concurrency", by_type.concurrency, 1, 32),
+        enabled=t.boolean("enabled", _SINK.enabled),
         url_is_secret=url_is_secret,
     )
 
@@ -391,12 +417,12 @@ def _metrics(t: _Table) -> MetricsConfig:
 
 def _log(t: _Table) -> LogConfig:
     t.check_keys(("level", "format"))
-    level = t.get("level", "info")
-    if not isinstance(level, str) or level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(t.key("level"), 'must be one of "debug", "info", "warning", "error"')
-    fmt = t.get("format", "auto")
-    if not isinstance(fmt, str) or fmt.lower() not in ("auto", "json", "console"):
-        raise ConfigError(t.key("format"), 'must be one of "auto", "json", "console"')
+    level = t.get("level", _LOG.level)
+    if not isinstance(level, str) or level.lower() not in LEVELS:
+        raise ConfigError(t.key("level"), f"must be one of {_choices(LEVELS)}")
+    fmt = t.get("format", _LOG.format)
+    if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
+        raise ConfigError(t.key("format"), f"must be one of {_choices(FORMATS)}")
     return LogConfig(level=level.lower(), format=fmt.lower())
 
 
@@ -734,6 +760,10 @@ def _quote(value: str, limit: int = 80) -> str:
     if len(value) > limit:
         value = value[:limit] + "…"
     return json.dumps(value, ensure_ascii=False)
+
+
+def _choices(values: Iterable[str]) -> str:
+    return ", ".join(json.dumps(v) for v in values)
 
 
 def _env_name(name: str) -> str:

@@ -39,6 +39,7 @@ from watcher.errors import (
     TransientError,
 )
 from watcher.events import loads
+from watcher.schedule import retry_after_seconds
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -51,6 +52,8 @@ WINDOW_SECONDS = 300.0
 LOGINS_PER_WINDOW = 20  # Convertr allows 100; a healthy daemon needs about one an hour
 RETRY_ATTEMPTS = 5
 RETRY_TOTAL_SECONDS = 120.0
+# The longest the client sleeps on Convertr's Retry-After before trying a request again: a walk is
+# never held longer than this by one answer (and RETRY_TOTAL_SECONDS bounds all the tries).
 RETRY_AFTER_CAP = 60.0
 BACKOFF = wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=0.5)
 
@@ -97,26 +100,6 @@ class Page:
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delta seconds or HTTP date), capped; None if absent."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - now
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
 
 
 def parse_http_date(value: str | None) -> datetime | None:
@@ -367,17 +350,6 @@ class ConvertrClient:
             number += 1
         yield page
 
-    async def first_page(
-        self,
-        collection: str,
-        params: Mapping[str, str | Sequence[str]] | None = None,
-        items_per_page: int | None = None,
-    ) -> Page:
-        """Page 1 only: one request, e.g. `itemsPerPage=1` to read hydra:search or the newest id."""
-        size = self._config.items_per_page if items_per_page is None else items_per_page
-        page, _ = await self._fetch(collection, query_pairs(params), 1, size)
-        return page
-
     async def page(
         self,
         collection: str,
@@ -387,8 +359,9 @@ class ConvertrClient:
         items_per_page: int | None = None,
         attempts: int = RETRY_ATTEMPTS,
     ) -> Page:
-        """One page by number: a walk's position check, or narrowing in on an unreadable record
-        (with fewer `attempts` where a failure only means "look closer")."""
+        """One page by number, one request: page 1 with `items_per_page=1` reads hydra:search or the
+        newest id; a walk checks its position, or narrows in on an unreadable record (with fewer
+        `attempts` where a failure only means "look closer")."""
         size = self._config.items_per_page if items_per_page is None else items_per_page
         page, _ = await self._fetch(collection, query_pairs(params), max(1, number), size, attempts)
         return page
@@ -621,7 +594,7 @@ class ConvertrClient:
             return
         reason = body_reason(response, self._secrets())
         message = f"Convertr {method} {path}: {status} {reason}".rstrip()
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock.now())
+        retry_after = retry_after_seconds(response.headers.get("Retry-After"), self._clock.now(), RETRY_AFTER_CAP)
         if status == 429:
             raise RateLimited(message, status=status, retry_after=retry_after)
         if status == 500:

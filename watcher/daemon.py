@@ -32,16 +32,16 @@ import httpx
 import structlog
 
 from watcher import __version__
-from watcher.cli import EXIT_FAILURE, EXIT_OK
 from watcher.clock import Clock
 from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
 from watcher.errors import AuthError, ConfigError, StateError, StateTooNew, WatcherError
+from watcher.exitcodes import EXIT_FAILURE, EXIT_OK
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
 from watcher.outbox import SWEEP_INTERVAL, Dispatcher
-from watcher.poller import Poller
+from watcher.poller import CAMPAIGNS, CREATED, RECHECK, UPDATED, Poller
 from watcher.runinfo import config_fingerprint, write_info
 from watcher.sinks import Sink, build_sink
 from watcher.store import SinkState, Store
@@ -114,14 +114,14 @@ def health_intervals(config: Config, updates_filter: bool | None) -> dict[str, f
     leads = config.leads
     intervals: dict[str, float] = {}
     if leads.enabled:
-        intervals["leads.created"] = leads.interval
+        intervals[CREATED] = leads.interval
         if leads.updates and updates_filter is True:
-            intervals["leads.updated"] = leads.interval
+            intervals[UPDATED] = leads.interval
         elif leads.updates and updates_filter is False:
             # The re-read rides on a leads poll once it is due: up to one leads interval late.
-            intervals["leads.recheck"] = leads.recheck_interval + leads.interval
+            intervals[RECHECK] = leads.recheck_interval + leads.interval
     if config.campaigns.enabled:
-        intervals["campaigns"] = config.campaigns.interval
+        intervals[CAMPAIGNS] = config.campaigns.interval
     return intervals
 
 
@@ -205,9 +205,9 @@ async def runtime(
     streams = [
         s
         for s, on in (
-            ("leads.created", config.leads.enabled),
-            ("leads.updated", config.leads.enabled and config.leads.updates),
-            ("campaigns", config.campaigns.enabled),
+            (CREATED, config.leads.enabled),
+            (UPDATED, config.leads.enabled and config.leads.updates),
+            (CAMPAIGNS, config.campaigns.enabled),
         )
         if on
     ]
@@ -228,7 +228,7 @@ async def runtime(
         return ConvertrClient(cfg.convertr, clock=clock, transport=api_transport, on_response=on_response)
 
     client = make_client(config)
-    sinks = [build_sink(s, clock=clock, version=__version__) for s in config.sinks]
+    sinks = [build_sink(s, clock=clock, version=__version__, campaign_names=store.campaign_names) for s in config.sinks]
     stopping = asyncio.Event()
     dispatcher = Dispatcher(store, sinks, clock, metrics=metrics, on_progress=lambda: live.tick(clock.monotonic()))
     dispatcher.sync_sinks({s.name: fingerprint(s) for s in config.sinks})
@@ -562,7 +562,8 @@ class Daemon:
                 if sink.name not in {s.name for s in old.sinks}:
                     rt.metrics.add_sink(sink.name)
             rt.sinks = await rt.dispatcher.reconfigure(
-                new.sinks, lambda c: build_sink(c, clock=rt.clock, version=__version__)
+                new.sinks,
+                lambda c: build_sink(c, clock=rt.clock, version=__version__, campaign_names=rt.store.campaign_names),
             )
             rt.dispatcher.sync_sinks({s.name: fingerprint(s) for s in new.sinks})
             rt.config = new

@@ -31,6 +31,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from watcher.errors import StateError
 from watcher.events import CAMPAIGN_CREATED, CAMPAIGN_STATUS_CHANGED, LEAD_CREATED, LEAD_UPDATED
+from watcher.exitcodes import EXIT_FAILURE, EXIT_OK
 from watcher.poller import BASELINE, CAMPAIGNS, CREATED, UPDATED
 from watcher.simulator import Simulator, SimulatorServer
 from watcher.store import Store
@@ -301,10 +302,10 @@ def run_demo(duration: float = 30.0, seed: int = 0, rate: float = 4.0) -> int:
         try:
             if not _wait(lambda: _ready(folder / "state.db") or daemon.poll() is not None, 30):
                 say("the daemon did not finish its baseline in 30 s", err=True)
-                return 1
+                return EXIT_FAILURE
             if daemon.poll() is not None:
                 say((folder / "daemon.log").read_text()[-2000:], err=True)
-                return 1
+                return EXIT_FAILURE
             say(
                 f"daemon ready; adding about {rate:g} leads a second for {duration:g} s, changing two leads, "
                 "adding a campaign, pausing and resuming another"
@@ -354,4 +355,4 @@ def _summary(receiver: VerifyingReceiver, changes: _Changes, code: int) -> int:
     say(f"daemon exit status:             {code}")
     if missing:
         say(f"missing: {missing[:20]}", err=True)
-    return 0 if not missing and rejected == 0 else 1
+    return EXIT_OK if not missing and rejected == 0 else EXIT_FAILURE

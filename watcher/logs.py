@@ -1,5 +1,7 @@
 """Structured logging: JSON lines for journald, a console view on a terminal, secrets and PII masked.
 
+What counts as personal is `watcher.pii`'s to say; this module only applies it to log keys.
+
 structlog and the standard library (httpx, apscheduler, ...) share one pipeline, so every line
 passes through `redact` before it is rendered.
 """
@@ -18,37 +20,23 @@ from urllib.parse import quote, quote_plus
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from watcher.pii import EMAIL, is_personal_lead_data, is_personal_name
+
 LOG_CAPTURE_ENV = "WATCHER_LOG_CAPTURE"
 REDACTED = "[REDACTED]"
-LEVELS = ("debug", "info", "warning", "error", "critical")
+# What `[log] level` and `format` accept (config.py reads them from here). No "critical": the
+# daemon says a fatal problem at error level, so it would silence the very line that explains a stop.
+LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "json", "console")
 
 # Shorter "secrets" would shred ordinary words out of every line without protecting anything real.
 MIN_SECRET_LENGTH = 4
 
 SENSITIVE_KEY = re.compile(r"passw(or)?d|token|secret|authorization|api[-_]?key|signature|cookie", re.I)
-# Personal fields of a lead, compared after lower-casing and dropping '_', '-' and '.'.
-PII_KEYS = frozenset(
-    {
-        "email",
-        "telephone",
-        "phone",
-        "mobile",
-        "firstname",
-        "lastname",
-        "postcode",
-        "zipcode",
-        "ip",
-        "ipaddress",
-        "emailhash",
-        "fingerprint",
-        "dob",
-        "dateofbirth",
-        "forename",
-        "surname",
-        "fullname",
-    }
-)
+# Keys the watcher's own lines use for its own things (a sink's, task's or campaign's name, the
+# metrics listen address). pii counts them personal only as a lead's field or leadData entry, and
+# no line logs a lead document.
+_OWN_KEYS = frozenset({"name", "host"})
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*"), f"Bearer {REDACTED}"),
@@ -70,7 +58,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), REDACTED),
     # user:password@ in a URL.
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:\"']+:[^/@\s\"']*@"), rf"\1{REDACTED}@"),
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), REDACTED),
+    (EMAIL, REDACTED),
 )
 
 # Rebound (never mutated) so the compiled pattern cache keys on one object per generation.
@@ -122,20 +110,18 @@ def scrub(text: str, secrets: frozenset[str] = frozenset()) -> str:
     return text
 
 
-def _normal(key: str) -> str:
-    return key.lower().replace("_", "").replace("-", "").replace(".", "")
-
-
 def is_sensitive_key(key: str) -> bool:
     """A key whose value is a credential and is never logged."""
     return SENSITIVE_KEY.search(key) is not None
 
 
 def is_pii_key(key: str) -> bool:
-    """A key holding a person's details (lead fields): masked, ids are logged instead."""
-    # leadData entries arrive as "leadData.<name>": judge the field name.
-    norm = _normal(key.rsplit(".", 1)[-1] if key.lower().startswith("leaddata.") else key)
-    return norm in PII_KEYS or norm.startswith("address") or norm.endswith("email")
+    """A key holding a person's details, by pii's lists in any spelling: masked, ids are logged instead."""
+    # leadData entries arrive as "leadData.<name>": judge the entry's name.
+    prefix, _, entry = key.partition(".")
+    if entry and prefix.lower() == "leaddata":
+        return is_personal_lead_data(entry)
+    return key.lower() not in _OWN_KEYS and is_personal_name(key)
 
 
 def _is_secret_url(value: Any, secrets: frozenset[str]) -> bool:

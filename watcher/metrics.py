@@ -12,6 +12,7 @@ import contextlib
 import logging
 import platform
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -46,8 +47,25 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx"
 
 
-class Metrics:
-    """Every watcher_ metric; the daemon calls these methods, /metrics exposes them."""
+class PollMetrics(Protocol):
+    """What the walks report: all a poller needs of the metrics, so a test can pass its own."""
+
+    def poll_finished(self, stream: str, ok: bool, duration: float, fetched: int, now: float) -> None: ...
+    def event_detected(self, event_type: str, count: int = 1) -> None: ...
+    def set_cursor(self, stream: str, cursor_ts: float, now: float) -> None: ...
+    def set_unreadable(self, count: int) -> None: ...
+
+
+class DeliveryMetrics(Protocol):
+    """What the delivery engine reports: all a dispatcher needs of the metrics."""
+
+    def delivery(self, sink: str, outcome: str) -> None: ...
+    def set_outbox(self, sink: str, pending: int, oldest_age: float) -> None: ...
+
+
+class Metrics(PollMetrics, DeliveryMetrics):
+    """Every watcher_ metric; the daemon calls these methods, /metrics exposes them. Subclassing the
+    two protocols has mypy check that this class is what the poller and the dispatcher take."""
 
     def __init__(self, start: float, streams: Iterable[str] = (), sinks: Iterable[str] = ()) -> None:
         """`start` is the daemon's start time (Unix seconds): never-polled streams are judged from it."""

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # An address with a local part: "@example.com" alone (the `emailDomain` business field) is not one.
-_EMAIL = re.compile(r"[\w.%+'-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
+EMAIL = re.compile(r"[\w.%+'-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
 # A run of digits with the separators phone numbers are written with; judged by its digit count.
 _PHONE = re.compile(r"(?<![\w/])\+?\(?\d[\d ().\-/\u00a0]{6,}\d(?!\d)")
 # 9 to 15 digits: E.164 allows 15, and national numbers without a trunk prefix have at least 9.
@@ -41,20 +41,24 @@ _IRI = re.compile(r"^/api/v\d+/")
 HIDDEN = "[personal data hidden]"
 _CONVERTR_KEYS = frozenset({"@id", "@type", "@context"})  # written by Convertr, never by a person
 
-# Top-level lead document fields, exactly as the API spells them.
+# Top-level lead document fields, exactly as the API spells them. The contact details (who the
+# person is and how to reach them) are also what `[leads] track` watches by default (config.py).
+CONTACT_FIELDS: tuple[str, ...] = (
+    "firstName",
+    "lastName",
+    "email",
+    "telephone",
+    "addressLine1",
+    "addressLine2",
+    "addressLine3",
+    "addressLine4",
+    "postcode",
+)
 LEAD_FIELDS: frozenset[str] = frozenset(
     {
+        *CONTACT_FIELDS,
         "title",
-        "firstName",
-        "lastName",
-        "email",
         "emailHash",
-        "telephone",
-        "addressLine1",
-        "addressLine2",
-        "addressLine3",
-        "addressLine4",
-        "postcode",
         "ip",
         "host",
         "fingerprint",
@@ -131,9 +135,21 @@ def _normalise(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch not in "_-. ")
 
 
+# Every personal name in its normalised spelling: a lead field written another way ("first_name")
+# means the same as the API's own ("firstName").
+_PERSONAL_NAMES: frozenset[str] = _LEAD_DATA_NAMES | {_normalise(f) for f in LEAD_FIELDS}
+
+
 def is_personal_lead_data(name: str) -> bool:
     """Whether a `leadData` entry with this name holds personal data."""
     return _normalise(name) in _LEAD_DATA_NAMES
+
+
+def is_personal_name(name: str) -> bool:
+    """Whether `name`, in any spelling (case, `_`, `-`, `.` and spaces ignored), is one of the
+    personal names above: a lead field or a `leadData` name. For keys not written by Convertr,
+    such as a log line's."""
+    return _normalise(name) in _PERSONAL_NAMES
 
 
 def is_personal_field(field: str) -> bool:
@@ -164,7 +180,7 @@ def _is_range(text: str) -> bool:
 
 def is_personal_text(text: str) -> bool:
     """Whether a string holds an e-mail address or a phone number anywhere in it."""
-    return bool(_EMAIL.search(text)) or bool(_phones(text))
+    return bool(EMAIL.search(text)) or bool(_phones(text))
 
 
 def has_personal_value(value: Any) -> bool:
@@ -184,7 +200,7 @@ def has_personal_value(value: Any) -> bool:
 
 def mask_text(text: str) -> str:
     """`text` with every e-mail address and phone number in it replaced by HIDDEN."""
-    masked = _EMAIL.sub(HIDDEN, text)
+    masked = EMAIL.sub(HIDDEN, text)
     for m in reversed(_phones(masked)):
         masked = masked[: m.start()] + HIDDEN + masked[m.end() :]
     return masked

@@ -1,16 +1,18 @@
-"""When to try a failed delivery again: the per-sink schedule, jitter, Retry-After and max age.
+"""When to try again: the per-sink schedule, jitter, Retry-After and max age.
 
 Pure functions of their arguments (time and randomness are passed in), so the outbox can store
-the answer and a restart resumes exactly where it left off.
+the answer and a restart resumes exactly where it left off. `retry_after_seconds` is the one
+reading of a Retry-After header, for the sinks and the Convertr client alike; each caller caps it
+to what a wait means there.
 """
 
 from __future__ import annotations
 
-import calendar
 import math
 import random
 from collections.abc import Sequence
-from email.utils import parsedate_tz
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 
 # However small the scheduled wait, a receiver may ask for up to an hour (see next_attempt_at).
 RETRY_AFTER_FLOOR_CAP = 3600.0
@@ -29,7 +31,11 @@ def next_delay(attempts_made: int, schedule: Sequence[float], rng: random.Random
 
 
 def retry_after_seconds(header: str | None, now: float, cap: float) -> float | None:
-    """`Retry-After` (delay-seconds or HTTP-date) as seconds from `now`, in [0, cap]; None if unusable."""
+    """`Retry-After` (delay-seconds or HTTP-date) as seconds from `now`, in [0, cap]; None if unusable.
+
+    Unusable: absent, blank, not a number or date, not finite ("inf", "1e400"), or a date that
+    does not exist ("32 Oct"): a header that says nothing sensible asks for no particular wait.
+    """
     if header is None:
         return None
     text = header.strip()
@@ -39,14 +45,14 @@ def retry_after_seconds(header: str | None, now: float, cap: float) -> float | N
         seconds = float(text)
     except ValueError:
         try:
-            parsed = parsedate_tz(text)
-        except (TypeError, ValueError, IndexError):  # older email.utils raise on some garbage
-            parsed = None
-        if parsed is None:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):  # unreadable, or a date the calendar lacks
             return None
-        # HTTP-dates are GMT; a missing zone is read as UTC, never as the host's local time.
-        seconds = calendar.timegm(parsed[:9]) - (parsed[9] or 0) - now
-    if math.isnan(seconds) or math.isinf(seconds):
+        if when.tzinfo is None:
+            # HTTP-dates are GMT; a missing zone is read as UTC, never as the host's local time.
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now
+    if not math.isfinite(seconds):
         return None
     return min(max(0.0, seconds), cap)
 

@@ -24,6 +24,7 @@ from watcher.config import SinkConfig
 from watcher.errors import DeliveryError
 from watcher.events import Event
 from watcher.pii import strip_pii
+from watcher.schedule import retry_after_seconds
 
 EXCERPT_LIMIT = 512
 # The most of a receiver's answer ever read (decoded): enough for the excerpt's characters in
@@ -32,15 +33,26 @@ EXCERPT_BYTES = 4 * EXCERPT_LIMIT
 # A refused connection right after a receiver restart often succeeds a moment later; anything
 # longer than this blip is the outbox's job, on the sink's schedule.
 CONNECT_RETRY_WAIT = 0.2
+# The longest wait a receiver's Retry-After is passed on as; the outbox clamps it further against
+# the sink's schedule (see schedule.next_attempt_at).
+RECEIVER_RETRY_AFTER_CAP = 86_400.0
+
+
+# The watcher's own record of campaign names by id, as last read (Store.campaign_names in the daemon).
+CampaignNames = Callable[[], Mapping[int, str]]
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """What one successful delivery attempt looked like, for the attempt log."""
+    """What one successful delivery attempt looked like. The attempt log keeps its status and the
+    start of its answer (outbox.attempt_excerpt); a failed attempt's answer rides on its
+    DeliveryError.excerpt instead."""
 
     status: int | None
     duration: float
-    response_excerpt: str  # at most EXCERPT_LIMIT characters, with the sink URL redacted
+    # At most EXCERPT_LIMIT characters, with the sink URL redacted. Read longer than anyone shows it
+    # (send-test and the attempt log, outbox.ATTEMPT_EXCERPT_CHARS), so masking comes before the cut.
+    response_excerpt: str
 
 
 class Sink(Protocol):
@@ -61,8 +73,19 @@ def render_data(event: Event, config: SinkConfig) -> Mapping[str, Any]:
     return event.data if config.include_pii else strip_pii(event.data)
 
 
-def build_sink(config: SinkConfig, *, client: httpx.AsyncClient | None = None, clock: Clock, version: str) -> Sink:
-    """The sink for `config.type`; a passed client is shared (and not closed by the sink)."""
+def build_sink(
+    config: SinkConfig,
+    *,
+    client: httpx.AsyncClient | None = None,
+    clock: Clock,
+    version: str,
+    campaign_names: CampaignNames | None = None,
+) -> Sink:
+    """The sink for `config.type`; a passed client is shared (and not closed by the sink).
+
+    `campaign_names` (campaign id -> name, as the watcher last read them) is for sinks that show a
+    lead's campaign to people by name (Slack); a webhook sends the lead as the API wrote it.
+    """
     # Imported here: both sink modules import this one for Attempt and the HTTP helpers.
     if config.type == "webhook":
         from watcher.sinks.webhook import WebhookSink
@@ -71,8 +94,13 @@ def build_sink(config: SinkConfig, *, client: httpx.AsyncClient | None = None, c
     if config.type == "slack":
         from watcher.sinks.slack import SlackSink
 
-        return SlackSink(config, client=client, clock=clock, version=version)
+        return SlackSink(config, client=client, clock=clock, version=version, campaign_names=campaign_names)
     raise ValueError(f"unknown sink type {config.type!r}")
+
+
+def asked_wait(response: Answer, now: float) -> float | None:
+    """The seconds from `now` a receiver's Retry-After asks for, at most RECEIVER_RETRY_AFTER_CAP."""
+    return retry_after_seconds(response.headers.get("retry-after"), now, RECEIVER_RETRY_AFTER_CAP)
 
 
 def excerpt(text: str, secret_url: str, limit: int = EXCERPT_LIMIT) -> str:

@@ -21,7 +21,7 @@ import httpx
 from watcher.bodies import Answer
 from watcher.clock import Clock
 from watcher.config import SinkConfig
-from watcher.errors import DeliveryError, SinkGone, Throttled
+from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
 from watcher.events import (
     CAMPAIGN_CREATED,
     CAMPAIGN_STATUS_CHANGED,
@@ -34,8 +34,7 @@ from watcher.events import (
     dumps,
 )
 from watcher.pii import is_personal_field, mask_values
-from watcher.schedule import retry_after_seconds
-from watcher.sinks import Attempt, HttpSink
+from watcher.sinks import Attempt, CampaignNames, HttpSink, asked_wait
 
 MAX_BLOCKS = 50
 HEADER_LIMIT = 150
@@ -45,7 +44,6 @@ MAX_FIELDS = 10
 TEXT_LIMIT = 3000  # the notification text; Slack cuts at 40 000 but advises staying near 4 000
 VALUE_LIMIT = 200  # one old or new value inside a change field
 MAX_BATCH = 20
-RETRY_AFTER_CAP = 86_400.0
 
 # Slack's answers that mean the hook will never work again (revoked, archived, or our payload
 # can never be accepted): the sink is disabled and the operator alerted, events kept.
@@ -135,6 +133,19 @@ def _campaign_doc(event: Event) -> Mapping[str, Any]:
         return campaign
     embedded = _lead(event).get("campaign")
     return embedded if isinstance(embedded, Mapping) else {}
+
+
+def wants_campaign_name(event: Event) -> bool:
+    """Whether a lead's event names its campaign by id only, so the watcher's records can add the name."""
+    return event.campaign_id is not None and "lead" in event.data and "campaign_name" not in event.extra
+
+
+def with_campaign_name(event: Event, names: Mapping[int, str]) -> Event:
+    """The event with `extra["campaign_name"]` from `names`, when it wants one and `names` has it."""
+    if event.campaign_id is None or not wants_campaign_name(event):
+        return event
+    name = names.get(event.campaign_id)
+    return replace(event, extra={**event.extra, "campaign_name": name}) if name else event
 
 
 def campaign_label(event: Event) -> str | None:
@@ -367,7 +378,7 @@ def classify(response: Answer, *, now: float) -> DeliveryError | None:
     # Only a bare Slack error token is quoted; any other body might echo something private.
     token = body if _ERROR_TOKEN.fullmatch(body) else ""
     what = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip() + (f": {token}" if token else "")
-    retry_after = retry_after_seconds(response.headers.get("retry-after"), now, RETRY_AFTER_CAP)
+    retry_after = asked_wait(response, now)
     if status == 429:
         return Throttled(f"Slack rate limit, {what}", status=status, retry_after=retry_after)
     if token in GONE_ERRORS or status == 410:
@@ -383,22 +394,48 @@ def private(event: Event) -> Event:
 
 
 class SlackSink(HttpSink):
-    """Posts one message per event, or one digest for a batch, to an incoming webhook."""
+    """Posts one message per event, or one digest for a batch, to an incoming webhook.
+
+    A lead carries only its campaign's IRI; with `campaign_names` the sink looks the name up itself,
+    once per message or digest that needs one, so a rename shows in the next message.
+    """
 
     max_batch = MAX_BATCH
     min_interval = 1.0  # Slack allows about one message per second per hook
 
-    def __init__(self, config: SinkConfig, *, client: httpx.AsyncClient | None, clock: Clock, version: str) -> None:
+    def __init__(
+        self,
+        config: SinkConfig,
+        *,
+        client: httpx.AsyncClient | None,
+        clock: Clock,
+        version: str,
+        campaign_names: CampaignNames | None = None,
+    ) -> None:
         super().__init__(config, client=client, clock=clock)
         self._user_agent = f"convertr-watcher/{version}"
+        self._campaign_names = campaign_names
 
     def render(self, events: Sequence[Event]) -> dict[str, Any]:
-        if not self.config.include_pii:
-            # By value as well as by name: a field called "Manager" may hold an e-mail address.
-            events = [private(e) for e in events]
+        events = self._shown(events)
         if len(events) == 1:
             return render_message(events[0], include_pii=self.config.include_pii)
         return render_digest(events, include_pii=self.config.include_pii)
+
+    def _shown(self, events: Sequence[Event]) -> Sequence[Event]:
+        """The events as this channel sees them: campaigns named, and personal values masked unless
+        `include_pii` (by value as well as by name: a field called "Manager" may hold an address)."""
+        events = self._named(events)
+        return events if self.config.include_pii else [private(e) for e in events]
+
+    def _named(self, events: Sequence[Event]) -> Sequence[Event]:
+        if self._campaign_names is None or not any(wants_campaign_name(e) for e in events):
+            return events
+        try:
+            names = self._campaign_names()
+        except WatcherError:
+            return events  # the state file is unreadable just now: the campaign shows by its id
+        return [with_campaign_name(e, names) for e in events]
 
     async def deliver(self, events: Sequence[Event]) -> Attempt:
         """Send one message (or digest) for `events`."""
@@ -408,9 +445,7 @@ class SlackSink(HttpSink):
 
     async def deliver_digest(self, sample: Sequence[Event], counts: Mapping[str, int]) -> Attempt:
         """Send one digest for a whole burst: every event counted by type, `sample` listed."""
-        if not self.config.include_pii:
-            sample = [private(e) for e in sample]
-        return await self._post(render_digest(sample, include_pii=self.config.include_pii, counts=counts))
+        return await self._post(render_digest(self._shown(sample), include_pii=self.config.include_pii, counts=counts))
 
     async def _post(self, message: dict[str, Any]) -> Attempt:
         body = dumps(message).encode()

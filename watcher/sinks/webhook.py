@@ -11,12 +11,8 @@ from watcher.clock import Clock
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import Event
-from watcher.schedule import retry_after_seconds
 from watcher.signing import decode_secret, webhook_headers
-from watcher.sinks import Attempt, HttpSink, render_data
-
-# Longest Retry-After honoured as given; the outbox clamps it further against the schedule.
-RETRY_AFTER_CAP = 86_400.0
+from watcher.sinks import Attempt, HttpSink, asked_wait, render_data
 
 
 def classify(response: Answer, *, now: float) -> DeliveryError | None:
@@ -24,7 +20,7 @@ def classify(response: Answer, *, now: float) -> DeliveryError | None:
     status = response.status_code
     if 200 <= status < 300:
         return None
-    retry_after = retry_after_seconds(response.headers.get("retry-after"), now, RETRY_AFTER_CAP)
+    retry_after = asked_wait(response, now)
     # The receiver's body stays out of the message: it may echo the payload's personal data back,
     # and these messages end up in logs and the attempt log.
     what = f"HTTP {status} {httpx.codes.get_reason_phrase(status)}".rstrip()
