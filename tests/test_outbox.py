@@ -536,7 +536,7 @@ def test_two_sinks_posting_to_one_slack_hook_share_its_pace(tmp_path: Path, stor
 def once(path: Path, configs: Sequence[SinkConfig], clock: FakeClock) -> PassResult:
     async def main() -> PassResult:
         store = Store.open(path)
-        sinks = [build_sink(c, clock=clock, version=__version__) for c in configs]
+        sinks = [build_sink(c, clock=clock, version=__version__, campaign_names=store.campaign_names) for c in configs]
         try:
             dispatcher = Dispatcher(store, sinks, clock, rng=random.Random(1))
             dispatcher.sync_sinks({c.name: "fingerprint" for c in configs})

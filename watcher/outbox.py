@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -32,6 +32,9 @@ from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks import Attempt, Sink
 from watcher.store import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
+
+if TYPE_CHECKING:
+    from watcher.metrics import DeliveryMetrics
 
 log = structlog.get_logger("watcher.outbox")
 
@@ -58,11 +61,6 @@ READ_AHEAD = 64
 ERROR_BACKOFF = 5.0
 # Least time between two outbox gauge refreshes for one sink (they count every row).
 REPORT_INTERVAL = 5.0
-
-
-class Metrics(Protocol):
-    def delivery(self, sink: str, outcome: str) -> None: ...
-    def set_outbox(self, sink: str, pending: int, oldest_age: float) -> None: ...
 
 
 @runtime_checkable
@@ -231,7 +229,7 @@ class Dispatcher:
         clock: Clock,
         *,
         rng: random.Random | None = None,
-        metrics: Metrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         on_progress: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
@@ -537,7 +535,7 @@ class Dispatcher:
         """Send one group once and record what happened; True when the receiver took it."""
         sink = lane.sink
         # A digest's rows beyond its sample carry no body (see Store.due_digest): they are counted.
-        events = [self._named(d.event(), sink) for d in batch if d.payload]
+        events = [d.event() for d in batch if d.payload]
         started = self.clock.monotonic()
         error: DeliveryError | None = None
         status: int | None = None
@@ -598,16 +596,6 @@ class Dispatcher:
         for _, written in batch:
             if not written.done():
                 written.set_result(None)
-
-    def _named(self, event: Event, sink: Sink) -> Event:
-        """A lead's event with its campaign's name, for sinks that show it to people (Slack)."""
-        if sink.config.type != "slack" or event.campaign_id is None or "lead" not in event.data:
-            return event
-        try:
-            name = self.store.campaign_names().get(event.campaign_id)
-        except WatcherError:
-            return event
-        return replace(event, extra={**event.extra, "campaign_name": name}) if name else event
 
     def _after(
         self,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -36,11 +36,14 @@ from watcher.routing import router
 from watcher.servertime import ServerClock, write_at
 from watcher.store import CampaignState, PageCommit, Store
 
+if TYPE_CHECKING:
+    from watcher.metrics import PollMetrics
+
 log = structlog.get_logger("watcher.poller")
 
 CREATED, UPDATED, RECHECK, CAMPAIGNS = "leads.created", "leads.updated", "leads.recheck", "campaigns"
 BASELINE = "leads.baseline"
-CHANGE_STREAMS = ("leads.updated", BASELINE, "leads.recheck")  # walks that compare leads with snapshots
+CHANGE_STREAMS = (UPDATED, BASELINE, RECHECK)  # walks that compare leads with snapshots
 UPDATED_FILTER = "updatedTs[strictly_after]"
 CREATED_FILTER = "createdTs[strictly_after]"
 LEAD_TIMES = ("createdTs", "updatedTs")
@@ -48,13 +51,6 @@ CAMPAIGN_TIMES = ("updatedTs", "startTs", "endTs", "pauseTs", "signTs")
 # How long an unreadable lead waits before its next read: slow, it may stay broken for days.
 UNREADABLE_RETRY = (300.0, 1800.0, 7200.0, 21600.0)
 UTC_OFFSET = timedelta()  # cursors we make up ourselves are written in UTC
-
-
-class Metrics(Protocol):
-    def poll_finished(self, stream: str, ok: bool, duration: float, fetched: int, now: float) -> None: ...
-    def event_detected(self, event_type: str, count: int = 1) -> None: ...
-    def set_cursor(self, stream: str, cursor_ts: float, now: float) -> None: ...
-    def set_unreadable(self, count: int) -> None: ...
 
 
 @dataclass
@@ -98,7 +94,7 @@ class Poller:
         clock: Clock,
         *,
         on_events: Callable[[], None] = lambda: None,
-        metrics: Metrics | None = None,
+        metrics: PollMetrics | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         progress: Callable[[int, int | None], None] | None = None,
     ) -> None:

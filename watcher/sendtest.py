@@ -7,6 +7,7 @@ from watcher.clock import Clock, rfc3339
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError
 from watcher.events import WATCHER_TEST, Event, event_id
+from watcher.outbox import attempt_excerpt
 from watcher.sinks import build_sink
 
 
@@ -32,7 +33,8 @@ async def send_test(sink_config: SinkConfig, clock: Clock) -> tuple[bool, str]:
         return False, f"{sink_config.name}: not accepted: {exc} (event {event.id})"
     finally:
         await sink.aclose()
-    answer = " ".join(attempt.response_excerpt.split())
-    said = f", answer {answer[:200]!r}" if answer else ""
+    # Shown as the attempt log would keep it: one line, short, secrets and personal data masked.
+    answer = attempt_excerpt(attempt.response_excerpt)
+    said = f", answer {answer!r}" if answer else ""
     took = f"HTTP {attempt.status} in {attempt.duration:.3f}s"
     return True, f"{sink_config.name}: accepted: {took}{said} (event {event.id})"
