@@ -264,7 +264,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     # `enabled = false` in the configuration: nothing is queued or sent for it.
                     "off": sink_config is not None and not sink_config.enabled,
                     # Pending or dead events of a sink no longer configured: nothing will ever send them.
-                    "stranded": sink_config is None and (s.pending + s.dead) > 0,
+                    "stranded": s.stranded(configured),
                     "pending": s.pending,
                     "dead": s.dead,
                     "delivered": s.delivered,
@@ -448,7 +448,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         # Without --sink, only configured sinks: a removed sink's queue is read by nothing.
         chosen = Selection(args.sink or sorted(names), args.event or (), args.since, args.until)
         count = store.replay(now, chosen, statuses)
-        stranded = [s for s in store.sink_states(names) if s.name not in names and s.dead + s.pending]
+        stranded = [s for s in store.sink_states(names) if s.stranded(names)]
     finally:
         store.close()
     print(f"re-queued {count} deliveries")

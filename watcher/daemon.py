@@ -257,8 +257,8 @@ async def runtime(
 
 def stranded(states: list[SinkState], config: Config) -> dict[str, int]:
     """Pending and dead deliveries of each sink the configuration no longer names."""
-    names = {s.name for s in config.sinks}
-    return {s.name: s.pending + s.dead for s in states if s.name not in names and s.pending + s.dead}
+    names = [s.name for s in config.sinks]
+    return {s.name: s.pending + s.dead for s in states if s.stranded(names)}
 
 
 def warn_stranded(states: list[SinkState], config: Config, metrics: Metrics) -> None:

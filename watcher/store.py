@@ -263,6 +263,10 @@ class SinkState:
     delivered: int
     oldest_pending_at: float | None
 
+    def stranded(self, configured: Iterable[str]) -> bool:
+        """A sink the configuration no longer names still holds events nothing will send."""
+        return self.name not in set(configured) and self.pending + self.dead > 0
+
 
 @dataclass(frozen=True)
 class Outcome:
