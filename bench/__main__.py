@@ -266,7 +266,8 @@ def render(results: dict[str, Any], previous: str) -> str:
         "",
         "Produced by `make bench` (`python -m bench`), which writes `bench/results.json` and this table.",
         "Every ratio is measured inside one run against a plain baseline on the same machine, so machine",
-        "noise cancels; absolute figures are for the record only.",
+        "noise cancels; absolute figures are for the record only. `python -m bench --only once,slow` re-runs",
+        "single cases (names: " + ", ".join(f"`{name}`" for name in CASES) + ") and merges their figures in.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}.",
         f"Measured {results['measured_at']}; ingest, dispatch and the process cases are the median of"
