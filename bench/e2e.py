@@ -22,7 +22,7 @@ from bench.procs import child_env, receiver, simulator
 
 PY = sys.executable
 # A bound, not an expectation: a process-level case that hangs must fail, not stall `make bench`.
-PROCESS_TIMEOUT = 1800.0
+PROCESS_TIMEOUT = 3600.0
 
 
 # --- running one process ----------------------------------------------------------------------
