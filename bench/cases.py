@@ -61,6 +61,8 @@ format = "json"
 {sinks}
 """
     )
+    # As an operator keeps it (the file holds secrets); a readable one makes every command warn.
+    path.chmod(0o600)
     return path
 
 
