@@ -31,7 +31,14 @@ demo: $(STAMP)
 soak: $(STAMP)
 	WATCHER_SOAK_SECONDS=$${WATCHER_SOAK_SECONDS:-600} $(BIN)/python -m pytest -q -s -m soak -p no:cacheprovider tests/test_model.py
 
-bench: $(STAMP)
+# The bench extra (apprise) has a stamp of its own, so `make test` and `make check` never install it.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 clean:

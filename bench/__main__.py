@@ -1,32 +1,33 @@
 """`make bench`: run every measurement, write bench/results.json and docs/benchmarks.md.
 
-    python -m bench [--runs N] [--quick]
+    python -m bench [--runs N] [--quick] [--only NAME[,NAME]] [--render-only]
 
 --quick uses smaller sizes (for a smoke run); the published figures come from a full run.
+--only runs the named cases (see CASES) and merges their keys into the existing results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import cases
+from bench import cases, e2e
 
 ROOT = Path(__file__).resolve().parent.parent
+E2E_CONCURRENCY = 4  # the webhook sink's default concurrency; a parameter of e2e.backfill
+LARGE_RUNS = 1  # runs of the 20 000-lead `once` case at most: a run of it takes about a minute
+SLOW_DELAY, SLOW_CONCURRENCY = 0.05, 16
 
 
-def run(runs: int, quick: bool) -> dict[str, Any]:
-    from watcher.logs import configure_logging
-
-    configure_logging("warning", "json")
-    small, large = (2_000, 20_000) if quick else (10_000, 100_000)
-    results: dict[str, Any] = {"machine": cases.machine(), "runs": runs, "quick": quick}
-    t0 = time.monotonic()
-
+def case_ingest(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """Backfill through the daemon's poller in-process against a plain httpx walk."""
+    large = 20_000 if quick else 100_000
     print(f"ingest: {large} leads, {runs} runs each (daemon path vs plain httpx walk)", flush=True)
     ingest = cases.ingest(large, runs)
     results["ingest_ratio"] = ingest["ratio"]
@@ -36,6 +37,9 @@ def run(runs: int, quick: bool) -> dict[str, Any]:
     results["ingest_warm_leads_per_s"] = ingest["warm_daemon_leads_per_s"]
     results["ingest_warm_plain_leads_per_s"] = ingest["warm_plain_leads_per_s"]
 
+
+def case_dispatch(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """The dispatcher in-process against plain signed POSTs."""
     n_events = 2_000 if quick else 10_000
     print(f"dispatch: {n_events} events, {runs} runs each (dispatcher vs plain signed POSTs)", flush=True)
     dispatch = cases.dispatch(n_events, runs)
@@ -43,6 +47,9 @@ def run(runs: int, quick: bool) -> dict[str, Any]:
     results["dispatch_events_per_s"] = dispatch["daemon_events_per_s"]
     results["dispatch_plain_events_per_s"] = dispatch["plain_events_per_s"]
 
+
+def case_latency(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """Lead visible to webhook received, with the daemon running."""
     n_latency = 100 if quick else 500
     print(f"latency: {n_latency} leads at a 2 s lead interval", flush=True)
     lat = cases.latency(n_latency)
@@ -51,6 +58,10 @@ def run(runs: int, quick: bool) -> dict[str, Any]:
     results["latency_p99_s"] = lat["p99_s"]
     results["latency_leads"] = lat["leads"]
 
+
+def case_memory(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """Peak RSS and state bytes per lead of `once` backfills."""
+    small, large = (2_000, 20_000) if quick else (10_000, 100_000)
     print(f"memory and state size: backfills of {small} and {large} leads with updates on", flush=True)
     a = cases.backfill_process(small)
     b = cases.backfill_process(large)
@@ -59,12 +70,94 @@ def run(runs: int, quick: bool) -> dict[str, Any]:
     results["rss_growth"] = b["rss_mb"] / a["rss_mb"] - 1
     results["state_bytes_per_lead"] = b["state_bytes_per_lead"]
 
+
+def case_api(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """Requests made by idle polls."""
     print("API cost of an idle poll cycle", flush=True)
     cost = cases.api_cost()
     results["idle_requests_leads"] = cost["leads_created"]
     results["idle_requests_leads_updated"] = cost["leads_updated"]
     results["idle_requests_campaigns"] = cost["campaigns"]
     results["idle_campaign_pages"] = cost["campaign_pages"]
+
+
+def case_once(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """`convertr-watcher once` backfills as processes against the plain program, small and large."""
+    small, large = (500, 5_000) if quick else (2_000, 20_000)
+    # The large size is about ten times the work; fewer runs keep `make bench` near ten minutes.
+    large_runs = min(runs, LARGE_RUNS)
+    for n, label, r in ((small, "2k", runs), (large, "20k", large_runs)):
+        print(f"once: {n} leads, concurrency {E2E_CONCURRENCY}, {r} runs each (process vs plain process)", flush=True)
+        out = e2e.backfill(n, r, E2E_CONCURRENCY)
+        results[f"e2e_once_{label}_s"] = out["once_s"]
+        results[f"e2e_plain_{label}_s"] = out["plain_s"]
+        results[f"e2e_ratio_{label}"] = out["ratio"]
+        results[f"e2e_once_{label}_events_per_s"] = out["events_per_s"]
+        results[f"e2e_once_{label}_delivery_events_per_s"] = out["delivery_events_per_s"]
+    results["e2e_large_runs"] = large_runs
+    # Per-event time at the large size over the small one: 1.0 is a flat cost per event.
+    results["e2e_per_event_growth"] = (results["e2e_once_20k_s"] / large) / (results["e2e_once_2k_s"] / small)
+
+
+def case_apprise(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """Apprise notifying one lead at a time against `once`, measured in the same runs."""
+    n = 500 if quick else 2_000
+    print(f"apprise: {n} leads, {runs} runs each (apprise one by one vs once)", flush=True)
+    out = e2e.apprise_peer(n, runs, E2E_CONCURRENCY)
+    results["apprise_2k_s"] = out["apprise_s"]
+    results["apprise_once_2k_s"] = out["once_s"]
+    results["apprise_speedup"] = out["speedup"]
+
+
+def case_slow(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """`once` against the plain program with a receiver that takes 50 ms per request, 16 at a time."""
+    n = 500 if quick else 2_000
+    print(f"slow receiver: {n} leads, {SLOW_DELAY}s a request, concurrency {SLOW_CONCURRENCY}, {runs} runs", flush=True)
+    out = e2e.backfill(n, runs, SLOW_CONCURRENCY, SLOW_DELAY)
+    results["slow16_once_s"] = out["once_s"]
+    results["slow16_plain_s"] = out["plain_s"]
+    results["slow16_ratio"] = out["ratio"]
+    results["slow16_events_per_s"] = out["events_per_s"]
+    results["slow16_delivery_events_per_s"] = out["delivery_events_per_s"]
+    results["slow16_ideal_events_per_s"] = SLOW_CONCURRENCY / SLOW_DELAY
+
+
+def case_start(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """Spawn to first API request of `once`, against a bare httpx one-liner."""
+    r = max(runs, 5)  # a few hundred milliseconds each: cheap enough for more runs than the rest
+    print(f"start: spawn to first API request, {r} runs each (once vs python -c httpx.get)", flush=True)
+    out = e2e.start(r)
+    results["start_first_request_ms"] = out["daemon_ms"]
+    results["start_plain_first_request_ms"] = out["plain_ms"]
+    results["start_overhead_ms"] = out["overhead_ms"]
+
+
+CASES: dict[str, Callable[[dict[str, Any], int, bool], None]] = {
+    "ingest": case_ingest,
+    "dispatch": case_dispatch,
+    "latency": case_latency,
+    "memory": case_memory,
+    "api": case_api,
+    "once": case_once,
+    "apprise": case_apprise,
+    "slow": case_slow,
+    "start": case_start,
+}
+
+
+def run(runs: int, quick: bool, only: list[str] | None = None) -> dict[str, Any]:
+    """Run the named cases (all by default); the results, with the machine and when."""
+    from watcher.logs import configure_logging
+
+    configure_logging("warning", "json")
+    names = only or list(CASES)
+    if "apprise" in names and importlib.util.find_spec("apprise") is None:
+        # Before anything runs, not ten minutes in.
+        raise SystemExit("the apprise case needs apprise: pip install -e '.[bench]' (make bench does)")
+    results: dict[str, Any] = {"machine": cases.machine(), "runs": runs, "quick": quick}
+    t0 = time.monotonic()
+    for name in names:
+        CASES[name](results, runs, quick)
     results["seconds"] = round(time.monotonic() - t0, 1)
     results["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     return results
@@ -120,6 +213,49 @@ TARGETS: list[tuple[str, str, str, Any]] = [
     ("idle_requests_leads_updated", "Requests per idle leads.updated poll", "(record)", None),
     ("ingest_leads_per_s", "Ingest, absolute (leads/s)", "(record)", None),
     ("dispatch_events_per_s", "Dispatch, absolute (events/s)", "(record)", None),
+    (
+        "e2e_ratio_2k",
+        "`once` backfill as a process, 2 000 leads: plain process ÷ daemon (seconds)",
+        "≥ 0.9",
+        lambda r: r["e2e_ratio_2k"] >= 0.9,
+    ),
+    (
+        "e2e_ratio_20k",
+        "`once` backfill as a process, 20 000 leads: plain process ÷ daemon (seconds)",
+        "≥ 0.9",
+        lambda r: r["e2e_ratio_20k"] >= 0.9,
+    ),
+    (
+        "e2e_per_event_growth",
+        "`once` seconds per event, 20 000 leads ÷ 2 000 leads",
+        "≤ 1.10",
+        lambda r: r["e2e_per_event_growth"] <= 1.10,
+    ),
+    (
+        "apprise_speedup",
+        "Apprise one by one ÷ `once`, 2 000 leads (seconds)",
+        "≥ 2",
+        lambda r: r["apprise_speedup"] >= 2,
+    ),
+    (
+        "slow16_ratio",
+        "Slow receiver (50 ms, concurrency 16), 2 000 leads: plain process ÷ daemon (seconds)",
+        "≥ 0.9",
+        lambda r: r["slow16_ratio"] >= 0.9,
+    ),
+    ("slow16_events_per_s", "Slow receiver: `once` events/s, spawn to exit (ideal 16 ÷ 0.05 = 320)", "(record)", None),
+    ("slow16_delivery_events_per_s", "Slow receiver: `once` events/s, first to last arrival", "(record)", None),
+    ("e2e_once_2k_s", "`once`, 2 000 leads (s)", "(record)", None),
+    ("e2e_plain_2k_s", "Plain process, 2 000 leads (s)", "(record)", None),
+    ("e2e_once_20k_s", "`once`, 20 000 leads (s)", "(record)", None),
+    ("e2e_plain_20k_s", "Plain process, 20 000 leads (s)", "(record)", None),
+    ("e2e_once_2k_delivery_events_per_s", "`once`, 2 000 leads: events/s, first to last arrival", "(record)", None),
+    ("apprise_2k_s", "Apprise, 2 000 leads (s)", "(record)", None),
+    ("slow16_once_s", "Slow receiver: `once` (s)", "(record)", None),
+    ("slow16_plain_s", "Slow receiver: plain process (s)", "(record)", None),
+    ("start_first_request_ms", "Start: spawn → first API request, `once` (ms)", "(record)", None),
+    ("start_plain_first_request_ms", "Start: spawn → first request, `python -c httpx.get` (ms)", "(record)", None),
+    ("start_overhead_ms", "Start: `once` − the httpx one-liner (ms)", "(record)", None),
 ]
 
 
@@ -130,16 +266,22 @@ def render(results: dict[str, Any], previous: str) -> str:
         "",
         "Produced by `make bench` (`python -m bench`), which writes `bench/results.json` and this table.",
         "Every ratio is measured inside one run against a plain baseline on the same machine, so machine",
-        "noise cancels; absolute figures are for the record only.",
+        "noise cancels; absolute figures are for the record only. `python -m bench --only once,slow` re-runs",
+        "single cases (names: " + ", ".join(f"`{name}`" for name in CASES) + ") and merges their figures in.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}.",
-        f"Measured {results['measured_at']}; ingest and dispatch are the median of {results['runs']} runs each;"
-        f" total {results['seconds']} s{' (quick sizes)' if results['quick'] else ''}.",
+        f"Measured {results['measured_at']}; ingest, dispatch and the process cases are the median of"
+        f" {results['runs']} runs each (the 20 000-lead `once` case of {results.get('e2e_large_runs', '?')}, the"
+        f" start case of at least 5); total {results['seconds']} s{' (quick sizes)' if results['quick'] else ''}.",
+        *_remeasured(results),
         "",
         "| figure | value | target | met |",
         "|---|---|---|---|",
     ]
     for key, label, target, ok in TARGETS:
+        if key not in results:  # a case not measured yet (see --only)
+            lines.append(f"| {label} | — | {target} |  |")
+            continue
         value = results[key]
         shown = f"{value:.3f}" if isinstance(value, float) and value < 10 else f"{value:,.0f}"
         met = "" if ok is None else ("yes" if ok(results) else "**no**")
@@ -166,10 +308,68 @@ def render(results: dict[str, Any], previous: str) -> str:
         "  large backfill: the lead snapshots (tracked fields only), cursors and indexes. Events that no",
         "  sink wants are not stored at all.",
         "- **API cost**: requests made by a poll with nothing new (150 campaigns: two pages at 100 per page).",
+        "",
+        "The cases below run everything as its own process, as a user runs it, and time each program from",
+        "`Popen` to exit (interpreter start, imports, login, the walk, every delivery, shutdown). Each run",
+        "starts a fresh simulator (no rate limit); the receiver is one process for the case and must log",
+        "exactly one distinct `webhook-id` per lead, or the case fails.",
+        "",
+        "- **`once` backfill**: `convertr-watcher once -c cfg` with one webhook sink (concurrency 4, the",
+        "  default), updates and campaigns off, backfilling from 2000-01-01, against the plain program",
+        "  (`python -m bench.plain`: log in, walk every page with a bare `httpx.AsyncClient`, then POST each",
+        "  lead as a Standard Webhooks request signed with plain `hmac`, four at a time over one client).",
+        "  The ratio is plain seconds ÷ daemon seconds: above 1 the daemon is faster. The 20 000-lead size",
+        "  runs fewer times than the rest (see above) to keep `make bench` near ten minutes. The",
+        "  first-to-last-arrival rate is the delivery phase alone, from the receiver's stamps.",
+        "- **Flat cost**: seconds per event of `once` at 20 000 leads over the same at 2 000; start-up",
+        "  is a larger share of the small run, so a figure well above 1 is a per-event cost that grows.",
+        "- **Apprise**: `python -m bench.apprise_peer` reads the same leads as the plain program, then calls",
+        '  `Apprise.notify(title="lead.created", body=<the lead as JSON>)` once per lead through a',
+        "  `json://` target to the same receiver; timed against `once` in the same runs (its own runs, so",
+        "  `--only apprise` stands alone). Needs the `bench` extra, which `make bench` installs.",
+        "- **Slow receiver**: the receiver sleeps 50 ms before answering each request; `once` and the",
+        "  plain program both at concurrency 16, so 320 events/s is the ceiling.",
+        "- **Start**: a stub API in the bench process stamps the monotonic time of the first request it",
+        "  receives (503 to everything) and the client is killed then: `once -c cfg` against",
+        '  `python -c "import httpx; httpx.get(URL)"`. The difference is what the daemon does before its',
+        "  first request beyond starting Python and importing httpx.",
     ]
     if previous.strip():
         lines += ["", previous.strip()]
     return "\n".join(lines) + "\n"
+
+
+def _remeasured(results: dict[str, Any]) -> list[str]:
+    """A line naming the cases re-run alone (--only) after the full run, with their runs and time."""
+    alone = results.get("remeasured") or {}
+    if not alone:
+        return []
+    parts = [
+        f"{name} ({meta['runs']} runs{', quick sizes' if meta['quick'] else ''}, {meta['measured_at']})"
+        for name, meta in alone.items()
+    ]
+    return [f"Re-measured alone since: {'; '.join(parts)}."]
+
+
+def _only(text: str) -> list[str]:
+    """The --only value as case names, each checked against CASES."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown case {', '.join(unknown) or text!r}; cases: {', '.join(CASES)}")
+    return names
+
+
+def merge(path: Path, fresh: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The results file at `path` with the keys of the cases just run replaced; the full run's
+    machine, runs and timing stay, and each case run alone is noted under `remeasured`."""
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else dict(fresh)
+    meta = {"machine", "runs", "quick", "seconds", "measured_at"}
+    results.update({k: v for k, v in fresh.items() if k not in meta})
+    alone = results.setdefault("remeasured", {})
+    for name in names:
+        alone[name] = {"runs": fresh["runs"], "quick": fresh["quick"], "measured_at": fresh["measured_at"]}
+    return results
 
 
 def main() -> None:
@@ -177,12 +377,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes for a smoke run")
     parser.add_argument("--render-only", action="store_true", help="rewrite docs/benchmarks.md from results.json")
+    parser.add_argument(
+        "--only",
+        type=_only,
+        metavar="NAME[,NAME]",
+        help=f"run only these cases and merge their keys into results.json ({', '.join(CASES)})",
+    )
     args = parser.parse_args()
+    path = ROOT / "bench" / "results.json"
     if args.render_only:
-        results = json.loads((ROOT / "bench" / "results.json").read_text())
+        results = json.loads(path.read_text())
+    elif args.only:
+        results = merge(path, run(args.runs, args.quick, args.only), args.only)
+        path.write_text(json.dumps(results, indent=2) + "\n")
     else:
         results = run(args.runs, args.quick)
-        (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        path.write_text(json.dumps(results, indent=2) + "\n")
     doc = ROOT / "docs" / "benchmarks.md"
     history = ""
     if doc.exists():

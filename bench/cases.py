@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import statistics
 import subprocess
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from bench.procs import PASSWORD, USERNAME, receiver, simulator
+from bench.procs import PASSWORD, SECRET, USERNAME, child_env, receiver, simulator
 from watcher import __version__
 from watcher.clock import SystemClock, rfc3339
 from watcher.config import load_config
@@ -26,7 +25,6 @@ from watcher.signing import decode_secret, webhook_headers
 from watcher.sinks import build_sink
 from watcher.store import PENDING, PageCommit, Store
 
-SECRET = "whsec_" + base64.b64encode(b"bench-secret-0123456789abcdef").decode()
 BACKFILL_FROM = "2000-01-01T00:00:00Z"
 
 
@@ -63,6 +61,8 @@ format = "json"
 {sinks}
 """
     )
+    # As an operator keeps it (the file holds secrets); a readable one makes every command warn.
+    path.chmod(0o600)
     return path
 
 
@@ -235,6 +235,7 @@ def latency(leads: int = 500, interval: float = 2.0, rate: float = 25.0) -> dict
                 [sys.executable, "-m", "watcher", "run", "-c", str(config)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                env=child_env(),
             )
             try:
                 _wait_baseline(folder / "state.db")
@@ -309,7 +310,8 @@ def backfill_process(n: int) -> dict[str, float]:
         config = write_config(folder, api, updates=True)
         # ru_maxrss of a child counts the forked parent image before exec (Linux keeps the larger
         # high-water mark), so the child reports its own VmHWM when it is done instead.
-        proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, str(config)], capture_output=True, text=True)
+        cmd = [sys.executable, "-c", _PEAK_WRAPPER, str(config)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if proc.returncode != 0:
             raise RuntimeError(f"once failed: {proc.stderr[-2000:]}")
         peak_kb = int(proc.stdout.split("VMHWM_KB", 1)[1].split()[0])

@@ -3,6 +3,7 @@ so neither competes with the code under measurement for the interpreter lock."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
@@ -13,6 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 USERNAME, PASSWORD = "bench@example.com", "bench-password"
+# Here rather than in cases.py so the plain baseline programs can sign without importing watcher.
+SECRET = "whsec_" + base64.b64encode(b"bench-secret-0123456789abcdef").decode()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the checkout first on PYTHONPATH, so every child runs the code under measurement."""
+    rest = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), rest) if p)}
 
 
 def free_port() -> int:
@@ -51,7 +61,7 @@ def simulator(leads: int, campaigns: int = 5) -> Iterator[str]:
         PASSWORD,
         "--no-rate-limit",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
     try:
         wait_port(port)
         yield f"http://127.0.0.1:{port}"
@@ -61,13 +71,11 @@ def simulator(leads: int, campaigns: int = 5) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def receiver(log: Path) -> Iterator[str]:
-    """`python -m bench.receiver`: answers 204 and appends `<webhook-id> <lead id> <monotonic>` per request."""
+def receiver(log: Path, delay: float = 0.0) -> Iterator[str]:
+    """`python -m bench.receiver`: appends `<webhook-id> <lead id> <monotonic>` per request, then
+    answers 204 after `delay` seconds."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.receiver", str(port), str(log)],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "bench.receiver", str(port), str(log), str(delay)], env=child_env())
     try:
         wait_port(port)
         yield f"http://127.0.0.1:{port}/hook"
