@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from watcher.clock import Clock, SystemClock
+from watcher.simulator import DEFAULT_PASSWORD, DEFAULT_USERNAME
 from watcher.simulator.access import RollingLimit, TokenStore
 from watcher.simulator.documents import (
     CAMPAIGN_TIMESTAMPS,
@@ -35,10 +36,6 @@ from watcher.simulator.leadstore import LeadRow, LeadStore
 from watcher.simulator.phptime import iso, to_unix, wall_of
 from watcher.simulator.query import Params
 from watcher.simulator.seeding import DAY, RECEIVING, bulk_rows, campaign_times, lead_times, plan_for
-
-DEFAULT_USERNAME = "api@example.com"
-DEFAULT_PASSWORD = "s3cret"
-DEFAULT_PORT = 8642
 
 
 @dataclass
