@@ -121,10 +121,17 @@ def test_a_pass_leaves_a_retry_for_the_next_pass(store: Store) -> None:
         sink_config(retry_schedule=(60.0,)), clock, answer=lambda e, n: DeliveryError("HTTP 500") if n == 1 else None
     )
     dispatcher = Dispatcher(store, [sink], clock, rng=random.Random(1))
-    assert run_pass(dispatcher) == PassResult(attempted=2, delivered=0, failed=2)
-    assert run_pass(dispatcher) == PassResult()
-    clock.advance(75)
-    assert run_pass(dispatcher) == PassResult(attempted=2, delivered=2, failed=0)
+
+    async def three_passes() -> list[PassResult]:
+        first, second = await dispatcher.deliver_due_once(), await dispatcher.deliver_due_once()
+        clock.advance(75)
+        return [first, second, await dispatcher.deliver_due_once()]
+
+    assert asyncio.run(three_passes()) == [
+        PassResult(attempted=2, delivered=0, failed=2),
+        PassResult(),
+        PassResult(attempted=2, delivered=2, failed=0),
+    ]
 
 
 def test_events_committed_while_the_pass_runs_join_it(store: Store) -> None:

@@ -289,9 +289,14 @@ async def run_once(config: Config, clock: Clock, **kwargs: Any) -> int:
         passing = asyncio.create_task(rt.dispatcher.deliver_due_once(producing=lambda: not polls.done()))
         try:
             ok = await polls
-        finally:
+        except asyncio.CancelledError:
+            passing.cancel()  # interrupted: what is not sent now goes at the next run
+            raise
+        except Exception:
             # A poll that failed for good still lets what it committed go out.
-            passed = await passing
+            await passing
+            raise
+        passed = await passing
         log.info("delivery pass", attempted=passed.attempted, delivered=passed.delivered, failed=passed.failed)
         _housekeeping(rt)
     return EXIT_OK if ok and not passed.failed else EXIT_FAILURE

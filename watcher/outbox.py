@@ -17,7 +17,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -70,23 +70,32 @@ class DigestSink(Protocol):
     async def deliver_digest(self, sample: Sequence[Event], counts: Mapping[str, int]) -> Attempt: ...
 
 
-def decide(due: Due, error: DeliveryError | None, *, now: float, sink: Sink, rng: random.Random) -> Outcome:
+def decide(
+    due: Due,
+    error: DeliveryError | None,
+    *,
+    now: float,
+    sink: Sink,
+    rng: random.Random,
+    excerpt: str | None = None,
+) -> Outcome:
     """The state of one delivery after an attempt: delivered, pending with its next time, or dead."""
     attempt = due.attempts + 1
+    outcome = partial(Outcome, due.seq, due.event_id, excerpt=excerpt, resource=due.resource)
     if error is None:
-        return Outcome(due.seq, due.event_id, DELIVERED, attempt, now, None)
+        return outcome(DELIVERED, attempt, now, None)
     message = str(error)[:500]
     if error.retry_after is not None:
         # Kept in the attempt log: a later re-timing on a new retry_schedule must not shorten it.
         message = f"{message} ({ASKED_TO_WAIT} {error.retry_after:g} s)"
     if isinstance(error, SinkGone):
         # Not the event's fault: it waits, its schedule untouched, for the sink to be enabled again.
-        return Outcome(due.seq, due.event_id, PENDING, due.attempts, now, message, attempt)
+        return outcome(PENDING, due.attempts, now, message, attempt)
     config = sink.config
     when = next_attempt_at(now, attempt, config.retry_schedule, rng, error.retry_after, due.created_at, config.max_age)
     if when is None:
-        return Outcome(due.seq, due.event_id, DEAD, attempt, now, message)
-    return Outcome(due.seq, due.event_id, PENDING, attempt, when, message)
+        return outcome(DEAD, attempt, now, message)
+    return outcome(PENDING, attempt, when, message)
 
 
 def attempt_excerpt(text: str) -> str | None:
@@ -168,13 +177,14 @@ class _Pass:
 class _Wait:
     """How long a worker sleeps before looking again, unless kicked first."""
 
-    seconds: float
+    seconds: float | None  # None: until kicked (an attempt in flight kicks when it ends)
     # True: until a time on the injected clock (a pace, a pause, a retry falling due).
     # False: an idle sweep for changes made by other processes, in real time.
     scheduled: bool = False
 
 
 _SWEEP = _Wait(SWEEP_INTERVAL)
+_KICKED = _Wait(None)
 
 
 @dataclass
@@ -312,6 +322,7 @@ class Dispatcher:
         # Until the stop, not until the workers end: a reload retires some and starts others meanwhile.
         await stopping.wait()
         self._run = None
+        self.wake()  # workers waiting for work see the stop at once
         workers = list(self._workers.values())
         if workers:
             await asyncio.gather(*workers)
@@ -363,7 +374,7 @@ class Dispatcher:
         if lane.paused_until > mono:
             return _Wait(min(SWEEP_INTERVAL, lane.paused_until - mono), scheduled=True)
         if lane.free <= 0:
-            return _SWEEP  # a finishing attempt wakes the worker
+            return _KICKED  # a finishing attempt wakes the worker
         if sink.min_interval > 0:
             return self._launch_paced(lane)
         # Unpaced (webhooks): as many singles as the sink's concurrency allows.
@@ -375,7 +386,7 @@ class Dispatcher:
             due = [lane.ahead.popleft() for _ in range(min(lane.free * sink.max_batch, len(lane.ahead)))]
             for group in batches(due, sink):
                 self._send(lane, group)
-        return _SWEEP  # a finishing attempt wakes the worker
+        return _KICKED
 
     def _read_ahead(self, lane: _Lane, want: int) -> list[Due]:
         """The next due deliveries for this lane, resuming where its last read ended."""
@@ -446,7 +457,7 @@ class Dispatcher:
             return self._idle(lane)
         self._send(lane, group)
         lane.pace.last_send = self.clock.monotonic()
-        return _SWEEP  # the attempt finishing wakes the worker, which then keeps the pace
+        return _KICKED  # the attempt finishing wakes the worker, which then keeps the pace
 
     def _finished(self, lane: _Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
         for d in group:
@@ -468,15 +479,23 @@ class Dispatcher:
         """Wait until kicked, stopping, or the wait is over (on the injected clock when scheduled)."""
         if kick.is_set() or stopping.is_set():
             return
+        if wait.seconds is None:
+            await kick.wait()  # `run` kicks every lane when it stops
+            return
+        if not wait.scheduled:
+            # The common case: a bare timed wait on the kick, rather than futures raced together.
+            with suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wait.seconds)):
+                    await kick.wait()
+            return
         waiters: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(kick.wait()),
             asyncio.ensure_future(stopping.wait()),
         ]
         if wait.scheduled:
-            waiters.append(asyncio.ensure_future(self.clock.sleep(wait.seconds)))
+            waiters.append(asyncio.ensure_future(self.clock.sleep(wait.seconds or 0.0)))
         try:
-            timeout = None if wait.scheduled else max(0.0, wait.seconds)
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 w.cancel()
@@ -553,7 +572,7 @@ class Dispatcher:
         duration = round(self.clock.monotonic() - started, 4)
         now = self.clock.now()
         answer = attempt_excerpt(attempt.response_excerpt if error is None else error.excerpt)
-        outcomes = [replace(decide(d, error, now=now, sink=sink, rng=self.rng), excerpt=answer) for d in batch]
+        outcomes = [decide(d, error, now=now, sink=sink, rng=self.rng, excerpt=answer) for d in batch]
         if lane.passing is not None:
             began = lane.passing.began
             lane.passing.again.update(o.seq for o in outcomes if o.status == PENDING and o.next_attempt_at <= began)

@@ -280,6 +280,7 @@ class Outcome:
     error: str | None
     attempt: int | None = None  # this attempt's number in the attempt log, when it differs from `attempts`
     excerpt: str | None = None  # the start of the receiver's answer to this attempt, for the attempt log
+    resource: str | None = None  # the event's resource, for the attempt log (looked up when not given)
 
     @property
     def logged_attempt(self) -> int:
@@ -789,9 +790,12 @@ class Store:
             )
             c.executemany(
                 "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt, "
-                "resource) VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT resource FROM events WHERE seq = ?))",
+                "resource) VALUES (?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, (SELECT resource FROM events WHERE seq = ?)))",
                 [
-                    (a.sink, o.event_id, o.logged_attempt, a.status_code, a.duration, o.error, a.now, o.excerpt, o.seq)
+                    (
+                        *(a.sink, o.event_id, o.logged_attempt, a.status_code, a.duration, o.error, a.now, o.excerpt),
+                        *(o.resource, o.seq),
+                    )
                     for a in attempts
                     for o in a.outcomes
                 ],

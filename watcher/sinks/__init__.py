@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Protocol
 
 import httpx
@@ -168,6 +169,12 @@ def _describe_transport_error(exc: httpx.TransportError, timeout: float) -> str:
     return f"transport error ({type(exc).__name__})"
 
 
+@cache
+def _phase_timeout(seconds: float) -> httpx.Timeout:
+    """httpx's per-phase timeout for a sink's `timeout`, built once rather than per request."""
+    return httpx.Timeout(seconds)
+
+
 async def _excerpt_of(response: httpx.Response) -> bytes:
     """The first EXCERPT_BYTES of the answer, decoded; empty when it cannot be decoded (the status decides)."""
     try:
@@ -220,7 +227,7 @@ async def _exchange_once(
             url,
             content=body,
             headers={**headers, "accept-encoding": "identity"},
-            timeout=httpx.Timeout(timeout),
+            timeout=_phase_timeout(timeout),
             follow_redirects=False,
         ) as response,
     ):
