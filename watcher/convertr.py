@@ -40,6 +40,7 @@ from watcher.errors import (
 )
 from watcher.events import loads
 from watcher.schedule import retry_after_seconds
+from watcher.tls import client_context
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -288,6 +289,7 @@ class ConvertrClient:
         self._http = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/"),
             transport=transport,
+            verify=client_context(),
             timeout=httpx.Timeout(config.timeout),
             follow_redirects=False,
             headers={

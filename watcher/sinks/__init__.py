@@ -26,6 +26,7 @@ from watcher.errors import DeliveryError
 from watcher.events import Event
 from watcher.pii import strip_pii
 from watcher.schedule import retry_after_seconds
+from watcher.tls import client_context
 
 EXCERPT_LIMIT = 512
 # The most of a receiver's answer ever read (decoded): enough for the excerpt's characters in
@@ -243,7 +244,9 @@ class HttpSink:
         self.config = config
         self._clock = clock
         self._own_client = client is None
-        self._client = client or httpx.AsyncClient(follow_redirects=False, timeout=config.timeout)
+        self._client = client or httpx.AsyncClient(
+            follow_redirects=False, timeout=config.timeout, verify=client_context()
+        )
 
     async def _exchange(
         self,
