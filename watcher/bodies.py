@@ -16,6 +16,8 @@ import httpx
 # identity from receivers), plus identity's aliases.
 _GZIP = frozenset({"gzip", "x-gzip"})
 _IDENTITY = frozenset({"", "identity"})
+# Answers HTTP gives no body whatever the headers say (RFC 9110 15.3.5, 15.4.5).
+_NO_BODY = frozenset({204, 304})
 _ENTITY_HEADERS = ("content-encoding", "content-length", "transfer-encoding")
 # Inflate at most this much at a time: one 64 KB network read of a bomb could otherwise become
 # 64 MB in one piece, on top of what was already held.
@@ -114,9 +116,13 @@ async def read_body(response: httpx.Response, limit: int, *, cut: bool = False) 
         if len(held) > limit and not cut:
             raise BodyTooLarge(limit)
         return held[:limit]
+    if response.status_code in _NO_BODY:
+        return b""
     encoding = response.headers.get("content-encoding", "").strip().lower()
-    inflater = _Inflater(encoding)
     declared = response.headers.get("content-length", "")
+    if declared == "0":
+        return b""  # the usual answer to a delivery: nothing to stream
+    inflater = _Inflater(encoding)
     if not cut and encoding in _IDENTITY and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
     out = bytearray()
@@ -144,6 +150,8 @@ async def read_body(response: httpx.Response, limit: int, *, cut: bool = False) 
 
 def without_entity_headers(headers: httpx.Headers) -> httpx.Headers:
     """`headers` without those describing the encoded body, which no longer match the decoded one."""
+    if "content-encoding" not in headers:
+        return headers  # an identity body: what they say of it is still true
     kept = httpx.Headers(headers)
     for name in _ENTITY_HEADERS:
         kept.pop(name, None)

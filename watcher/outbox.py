@@ -101,6 +101,8 @@ def decide(
 def attempt_excerpt(text: str) -> str | None:
     """What the attempt log keeps of an answer: secrets, e-mail addresses and phone numbers masked, on
     one line, short (a receiver's error may quote the person it refused)."""
+    if not text:
+        return None  # the usual answer to a delivery (204): nothing to mask
     flat = " ".join(mask_text(scrub(text, known_secrets())).split())
     return flat[:ATTEMPT_EXCERPT_CHARS] or None
 
