@@ -262,3 +262,85 @@ def test_claiming_and_recording_cost_the_same_with_a_long_queue(store: Store, tm
     (short_read, short_record), (long_read, long_record) = costs
     assert long_read <= 1.2 * short_read
     assert long_record <= 1.2 * short_record
+
+
+def test_a_digest_never_overtakes_an_event_that_failed_earlier_in_the_pass(store: Store) -> None:
+    """A lead's creation failed in the pass and is due again later in it: its update stays queued, out of every digest."""
+    clock = FakeClock(NOW)
+    created = lead_events(range(1))[0]
+    updated = lead_events(range(1), LEAD_UPDATED, "v2")[0]
+    commit(store, [created])
+    sink = ScriptedSink(
+        sink_config(concurrency=1, retry_schedule=(1.0,)),
+        clock,
+        max_batch=20,
+        min_interval=1.0,
+        answer=lambda e, n: DeliveryError("HTTP 500") if e.id == created.id else None,
+    )
+    digested: list[str] = []
+
+    async def digest(sample: Sequence[Event], counts: dict[str, int]) -> Attempt:
+        digested.extend(e.id for e in sample)
+        return Attempt(status=200, duration=0.0, response_excerpt="")
+
+    sink.deliver_digest = digest  # type: ignore[attr-defined]
+    dispatcher = Dispatcher(store, [sink], clock, rng=random.Random(1))
+
+    async def main() -> None:
+        producing = True
+
+        async def poll() -> None:
+            nonlocal producing
+            while not sink.tries:  # the first page has been tried (and failed)
+                await asyncio.sleep(0.001)
+            commit(store, [updated, *lead_events(range(1, 8))])
+            dispatcher.wake()
+            await asyncio.sleep(0.05)
+            producing = False
+            dispatcher.wake()
+
+        polls = asyncio.create_task(poll())
+        await dispatcher.deliver_due_once(lambda: producing)
+        await polls
+
+    asyncio.run(main())
+    assert len(digested) == 7 and updated.id not in digested
+    status = {d["event_id"]: d["status"] for d in store.deliveries()}
+    assert status[created.id] == status[updated.id] == "pending"
+
+
+def test_a_lead_forgotten_while_read_ahead_is_not_sent(store: Store) -> None:
+    """`forget` from another process erases a lead the lane has already read ahead: it is never sent or logged."""
+    clock = FakeClock(NOW)
+    commit(store, lead_events(range(10)))
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    class Gated(ScriptedSink):
+        async def deliver(self, events: Sequence[Event]) -> Attempt:
+            started.append(events[0].resource)
+            await gate.wait()
+            return await super().deliver(events)
+
+    sink = Gated(sink_config(concurrency=1), clock)
+    dispatcher = Dispatcher(store, [sink], clock)
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        worker = asyncio.create_task(dispatcher.run(stopping, grace=1))
+        async with asyncio.timeout(10):
+            while not started:  # lead 0 in flight, the rest read ahead
+                await asyncio.sleep(0.001)
+        other = Store.open(store.path)  # the `forget` command's own connection
+        assert other.forget(5, NOW)["events"] == 1
+        other.close()
+        gate.set()
+        async with asyncio.timeout(10):
+            while len(sink.got) < 9:
+                await asyncio.sleep(0.001)
+        stopping.set()
+        await worker
+
+    asyncio.run(main())
+    assert [e.resource for e in sink.got] == [f"lead:{i}" for i in range(10) if i != 5]
+    assert [a for a in store.attempts() if a["event_id"] == lead_events(range(5, 6))[0].id] == []

@@ -212,6 +212,8 @@ class _Lane:
     # due and events waiting behind a delivered one become due behind the reader.
     scan_after: int = 0
     last_rewind: float = float("-inf")  # monotonic
+    rewind: bool = False  # the next read starts from the beginning (something before scan_after may be due)
+    seen_version: int | None = None  # the state file's data_version when `ahead` was read
     exhausted: bool = False  # the last look found nothing this lane could send
     passing: _Pass | None = None  # set while a `once` pass runs on this lane
     # Outcomes the state file refused, oldest first. Their deliveries still read as pending in the
@@ -379,6 +381,13 @@ class Dispatcher:
             return _KICKED  # a finishing attempt wakes the worker
         if sink.min_interval > 0:
             return self._launch_paced(lane)
+        version = self.store.outside_writes()
+        if version != lane.seen_version:
+            # Another process wrote (replay, `forget`, a moved sink): rows read ahead may be gone or
+            # others due before them. Read again, from the start.
+            lane.seen_version = version
+            lane.ahead.clear()
+            lane.rewind = True
         # Unpaced (webhooks): as many singles as the sink's concurrency allows.
         while lane.free > 0:
             if not lane.ahead:
@@ -395,13 +404,17 @@ class Dispatcher:
         sink, now, mono = lane.sink.name, self.clock.now(), self.clock.monotonic()
         passing = lane.passing.began if lane.passing is not None else None
         limit = max(want, READ_AHEAD)
-        if lane.scan_after and mono - lane.last_rewind >= SWEEP_INTERVAL:
-            lane.scan_after = 0
-        if not lane.scan_after:
+        if lane.scan_after and not lane.rewind and mono - lane.last_rewind >= SWEEP_INTERVAL:
+            # Another process may have made earlier rows due (replay): look back once a sweep, if
+            # anything is due at all. A read from the start walks every waiting retry before it.
             lane.last_rewind = mono
+            upcoming = self.store.next_due_at(sink, lane.busy)
+            lane.rewind = upcoming is not None and upcoming <= now
+        if lane.rewind:
+            lane.scan_after, lane.rewind, lane.last_rewind = 0, False, mono
         rows = self.store.due(sink, now, limit, lane.busy, after=lane.scan_after, passing=passing)
-        if len(rows) < limit and lane.scan_after:
-            # The end of the queue: what is due before where this read began comes next.
+        if len(rows) < limit and lane.scan_after and lane.passing is not None:
+            # A pass at the end of the queue: what is due before where this read began comes next.
             lane.scan_after, lane.last_rewind = 0, mono
             busy = lane.busy.union(d.seq for d in rows)
             rows += self.store.due(sink, now, limit - len(rows), busy, passing=passing)
@@ -417,7 +430,10 @@ class Dispatcher:
         upcoming = self.store.next_due_at(lane.sink.name, lane.busy)
         if upcoming is None:
             return _SWEEP
-        return _Wait(min(SWEEP_INTERVAL, max(0.01, upcoming - self.clock.now())), scheduled=True)
+        now = self.clock.now()
+        if upcoming <= now:
+            lane.rewind = True  # due, but before where the reads have got to
+        return _Wait(min(SWEEP_INTERVAL, max(0.01, upcoming - now)), scheduled=True)
 
     def _send(self, lane: _Lane, group: list[Due]) -> None:
         task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{lane.sink.name}")
@@ -628,6 +644,8 @@ class Dispatcher:
         duration: float,
     ) -> None:
         sink = lane.sink
+        if any(o.status != PENDING for o in outcomes):
+            lane.rewind = True  # a later event about the same resource, already passed by the reads, is free now
         for due, outcome in zip(batch, outcomes, strict=True):
             kind = {DELIVERED: "success", DEAD: "dead"}.get(outcome.status, "retry")
             if isinstance(error, SinkGone):

@@ -378,19 +378,25 @@ def _update_chosen(
     ).rowcount
 
 
-def _due_where(sink: str, now: float, passing: float | None) -> tuple[str, list[Any]]:
-    """The deliveries of `sink` due by `now` (alias `d`); during a `once` pass that began at
-    `passing`, without those it has attempted already.
+def _due_when(now: float, passing: float | None, alias: str = "d") -> tuple[str, list[Any]]:
+    """Delivery `alias` is due by `now` and, during a `once` pass that began at `passing`, not yet
+    attempted in it.
 
     An attempt in the pass either settled the delivery or moved its next time past the pass's
     start and counted it; events committed during the pass have no attempt yet. So nothing needs
     remembering per delivery (a set that would grow with the pass). A schedule step of zero on a
     clock that stands still is the exception the dispatcher covers itself.
     """
-    where = "d.sink = ? AND d.status = 'pending' AND d.next_attempt_at <= ?"
+    when = f"{alias}.next_attempt_at <= ?"
     if passing is None:
-        return where, [sink, now]
-    return f"{where} AND (d.attempts = 0 OR d.next_attempt_at <= ?)", [sink, now, passing]
+        return when, [now]
+    return f"{when} AND ({alias}.attempts = 0 OR {alias}.next_attempt_at <= ?)", [now, passing]
+
+
+def _due_where(sink: str, now: float, passing: float | None) -> tuple[str, list[Any]]:
+    """The pending deliveries of `sink` (alias `d`) that a read at `now` takes (see `_due_when`)."""
+    when, params = _due_when(now, passing)
+    return f"d.sink = ? AND d.status = 'pending' AND {when}", [sink, *params]
 
 
 class Store:
@@ -460,6 +466,10 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def outside_writes(self) -> int:
+        """A number that changes whenever another connection commits to the file (PRAGMA data_version)."""
+        return int(self._rows("PRAGMA data_version")[0][0])
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -789,12 +799,14 @@ class Store:
                 ],
             )
             c.executemany(
+                # Not for a delivery gone meanwhile (`forget` erased the lead while it was in flight).
                 "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt, "
-                "resource) VALUES (?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, (SELECT resource FROM events WHERE seq = ?)))",
+                "resource) SELECT ?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, (SELECT resource FROM events WHERE seq = ?)) "
+                "WHERE EXISTS (SELECT 1 FROM deliveries WHERE sink = ? AND event_seq = ?)",
                 [
                     (
                         *(a.sink, o.event_id, o.logged_attempt, a.status_code, a.duration, o.error, a.now, o.excerpt),
-                        *(o.resource, o.seq),
+                        *(o.resource, o.seq, a.sink, o.seq),
                     )
                     for a in attempts
                     for o in a.outcomes
@@ -1000,6 +1012,9 @@ class Store:
         rest are counted, not shown), so a backlog of thousands stays small in memory.
         """
         where, params = _due_where(sink, now, passing)
+        # An earlier pending event of the resource that this read would not take itself (not due,
+        # or already tried in this pass) holds every later one back.
+        held, held_params = _due_when(now, passing, alias="p")
         rows = self._rows(
             f"""
             SELECT d.event_seq AS seq, d.sink, e.id AS event_id, e.type, d.resource, e.campaign_id,
@@ -1009,13 +1024,21 @@ class Store:
               AND NOT EXISTS (
                 SELECT 1 FROM deliveries p
                 WHERE p.sink = d.sink AND p.resource = d.resource AND p.status = 'pending'
-                  AND p.event_seq < d.event_seq AND p.next_attempt_at > ?)
+                  AND p.event_seq < d.event_seq AND NOT ({held}))
             ORDER BY d.event_seq
             LIMIT ?
             """,
-            (*params, now, limit + len(busy)),
+            (*params, *held_params, limit + len(busy)),
         )
-        due = [Due(**dict(r)) for r in rows if r["seq"] not in busy][:limit]
+        # Rows busy elsewhere (in flight, or kept for a write) hold the rest of their resource back too.
+        due: list[Due] = []
+        blocked: set[str] = set()
+        for r in rows:
+            if r["seq"] in busy or r["resource"] in blocked:
+                blocked.add(r["resource"])
+                continue
+            due.append(Due(**dict(r)))
+        due = due[:limit]
         head = [d.seq for d in due[:sample]]
         if head:
             payloads: dict[int, str] = {
