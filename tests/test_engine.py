@@ -265,7 +265,7 @@ def test_claiming_and_recording_cost_the_same_with_a_long_queue(store: Store, tm
 
 
 def test_a_digest_never_overtakes_an_event_that_failed_earlier_in_the_pass(store: Store) -> None:
-    """A lead's creation failed in the pass and is due again later in it: its update stays queued, out of every digest."""
+    """A lead's creation failed in the pass and falls due again in it: its update stays queued, out of any digest."""
     clock = FakeClock(NOW)
     created = lead_events(range(1))[0]
     updated = lead_events(range(1), LEAD_UPDATED, "v2")[0]

@@ -339,3 +339,21 @@ def test_build_sink_and_batch_rules() -> None:
     with pytest.raises(ValueError):
         run(sink.deliver([lead_event(), lead_event()]))
     run(sink.aclose())
+
+
+@pytest.mark.parametrize("status", [200, 204])
+def test_deliveries_one_after_another_reuse_one_connection(rx: Receiver, status: int) -> None:
+    """Ten sends to a receiver answering with an empty body keep one connection (each answer is read to its end)."""
+    rx.respond(status)
+
+    async def ten() -> None:
+        sink = build_sink(config(rx.url), clock=SystemClock(), version=__version__)
+        try:
+            for _ in range(10):
+                await sink.deliver([lead_event()])
+        finally:
+            await sink.aclose()
+
+    run(ten())
+    assert len(rx.requests) == 10
+    assert len({r.port for r in rx.requests}) == 1

@@ -16,8 +16,6 @@ import httpx
 # identity from receivers), plus identity's aliases.
 _GZIP = frozenset({"gzip", "x-gzip"})
 _IDENTITY = frozenset({"", "identity"})
-# Answers HTTP gives no body whatever the headers say (RFC 9110 15.3.5, 15.4.5).
-_NO_BODY = frozenset({204, 304})
 _ENTITY_HEADERS = ("content-encoding", "content-length", "transfer-encoding")
 # Inflate at most this much at a time: one 64 KB network read of a bomb could otherwise become
 # 64 MB in one piece, on top of what was already held.
@@ -116,12 +114,9 @@ async def read_body(response: httpx.Response, limit: int, *, cut: bool = False) 
         if len(held) > limit and not cut:
             raise BodyTooLarge(limit)
         return held[:limit]
-    if response.status_code in _NO_BODY:
-        return b""
+    # Even an empty body is read to its end: a response closed before that costs its connection.
     encoding = response.headers.get("content-encoding", "").strip().lower()
     declared = response.headers.get("content-length", "")
-    if declared == "0":
-        return b""  # the usual answer to a delivery: nothing to stream
     inflater = _Inflater(encoding)
     if not cut and encoding in _IDENTITY and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)

@@ -50,6 +50,7 @@ class Request:
     body: bytes
     received_at: float  # time.monotonic()
     status: int | None = None
+    port: int = 0  # the client's port: one per connection it used
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -124,6 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             body=body,
             received_at=time.monotonic(),
+            port=int(self.client_address[1]),
         )
         reply = receiver._arrive(request)
         if reply is None:  # closing while the request was held
