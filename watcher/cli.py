@@ -181,10 +181,8 @@ def _disabled_in_state(config: Config) -> dict[str, str]:
         store = Store.open_readonly(config.state.path)
     except StateError:
         return {}
-    try:
+    with store:
         states = store.sink_states([s.name for s in config.sinks], only=True)
-    finally:
-        store.close()
     secrets = known_secrets()
     return {
         s.name: f"since {_ts(s.disabled_at)} ({scrub(s.disabled_reason or 'refused', secrets)})"
@@ -386,11 +384,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if not config.state.path.exists():
         return _fail(f"forget: no state file at {config.state.path}", EXIT_FAILURE)
     # No write lock, like replay: one short transaction that a running daemon serialises with.
-    store = Store.open(config.state.path)
-    try:
+    with Store.open(config.state.path) as store:
         erased = store.forget(args.lead, SystemClock().now())
-    finally:
-        store.close()
     print(
         f"lead {args.lead} forgotten: {erased['events']} events, {erased['deliveries']} deliveries and "
         f"{erased['attempts']} attempt-log rows erased; a bare tombstone keeps it from being announced again"
@@ -424,8 +419,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # No write lock: a replay is one short transaction that a running daemon is meant to pick up
     # (it is how a fixed receiver gets its backlog without a restart); SQLite serialises it with
     # the daemon's own writes. Only processes that poll and deliver must be alone.
-    store = Store.open(config.state.path)
-    try:
+    with Store.open(config.state.path) as store:
         if args.from_sink is not None:
             from watcher.routing import wants
 
@@ -449,8 +443,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         chosen = Selection(args.sink or sorted(names), args.event or (), args.since, args.until)
         count = store.replay(now, chosen, statuses)
         stranded = [s for s in store.sink_states(names) if s.stranded(names)]
-    finally:
-        store.close()
     print(f"re-queued {count} deliveries")
     for s in stranded:
         print(

@@ -52,8 +52,7 @@ def _clean(value: Any, secrets: frozenset[str]) -> Any:
 
 def read(path: Path, query: Query) -> list[dict[str, Any]]:
     """The matching deliveries as printable rows (times in RFC 3339, text scrubbed), newest first."""
-    store = Store.open_readonly(path)
-    try:
+    with Store.open_readonly(path) as store:
         rows = store.outbox(
             sinks=query.sinks,
             statuses=query.statuses,
@@ -63,8 +62,6 @@ def read(path: Path, query: Query) -> list[dict[str, Any]]:
             limit=query.limit,
         )
         log = store.attempt_log(sorted({r["id"] for r in rows})) if query.attempts else []
-    finally:
-        store.close()
     secrets = known_secrets()
     attempts: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for a in log:

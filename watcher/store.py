@@ -467,6 +467,12 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def outside_writes(self) -> int:
         """A number that changes whenever another connection commits to the file (PRAGMA data_version)."""
         return int(self._rows("PRAGMA data_version")[0][0])
