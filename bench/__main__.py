@@ -20,7 +20,7 @@ from typing import Any
 from bench import cases, e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-E2E_CONCURRENCY = 4  # the webhook sink's default concurrency; a parameter of e2e.backfill
+E2E_CONCURRENCY = 8  # the webhook sink's default concurrency; a parameter of e2e.backfill
 LARGE_RUNS = 1  # runs of the 20 000-lead `once` case at most: a run of it takes about a minute
 SLOW_DELAY, SLOW_CONCURRENCY = 0.05, 16
 
@@ -314,10 +314,10 @@ def render(results: dict[str, Any], previous: str) -> str:
         "starts a fresh simulator (no rate limit); the receiver is one process for the case and must log",
         "exactly one distinct `webhook-id` per lead, or the case fails.",
         "",
-        "- **`once` backfill**: `convertr-watcher once -c cfg` with one webhook sink (concurrency 4, the",
+        "- **`once` backfill**: `convertr-watcher once -c cfg` with one webhook sink (concurrency 8, the",
         "  default), updates and campaigns off, backfilling from 2000-01-01, against the plain program",
         "  (`python -m bench.plain`: log in, walk every page with a bare `httpx.AsyncClient`, then POST each",
-        "  lead as a Standard Webhooks request signed with plain `hmac`, four at a time over one client).",
+        "  lead as a Standard Webhooks request signed with plain `hmac`, eight at a time over one client).",
         "  The ratio is plain seconds ÷ daemon seconds: above 1 the daemon is faster. The 20 000-lead size",
         "  runs fewer times than the rest (see above) to keep `make bench` near ten minutes. The",
         "  first-to-last-arrival rate is the delivery phase alone, from the receiver's stamps.",

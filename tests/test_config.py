@@ -147,7 +147,7 @@ url = "https://hooks.slack.com/services/T/B/literal-slack-token"
     assert crm.events == chat.events == frozenset(EVENT_TYPES)
     assert crm.retry_schedule == (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
     assert (crm.timeout, crm.max_age, crm.campaign_ids, crm.enabled) == (15.0, 3 * 86400.0, (), True)
-    assert (crm.include_pii, crm.concurrency) == (True, 4)
+    assert (crm.include_pii, crm.concurrency) == (True, 8)
     assert (chat.include_pii, chat.concurrency, chat.secrets) == (False, 1, ())
     # A record built by hand defaults exactly as a loaded one: every default has one home.
     assert crm == SinkConfig(name="crm", type="webhook", url=crm.url, secrets=crm.secrets)
@@ -159,7 +159,7 @@ url = "https://hooks.slack.com/services/T/B/literal-slack-token"
     [
         # A hand-built Slack record used to get the webhook defaults: personal data in a channel.
         ("slack", False, 1),
-        ("webhook", True, 4),
+        ("webhook", True, 8),
     ],
 )
 def test_sink_defaults_follow_the_type(kind: Literal["webhook", "slack"], include_pii: bool, concurrency: int) -> None:

@@ -65,7 +65,7 @@ class SinkTypeDefaults:
 # What a sink gets for a key its table leaves out, where that depends on its type: a Slack channel
 # is a wider audience than a CRM endpoint, and Slack takes about one message a second per hook.
 SINK_TYPE_DEFAULTS: Mapping[SinkType, SinkTypeDefaults] = {
-    "webhook": SinkTypeDefaults(include_pii=True, concurrency=4),
+    "webhook": SinkTypeDefaults(include_pii=True, concurrency=8),
     "slack": SinkTypeDefaults(include_pii=False, concurrency=1),
 }
 # Stands for "the default of this sink's type" until SinkConfig.__post_init__ replaces it.
