@@ -455,7 +455,7 @@ def test_hung_sink_never_delays_another(tmp_path: Path, store: Store) -> None:
         queue(store, [_event(n, f"lead:{n}") for n in range(20)], sinks=("stuck", "ok"))
         started = time.monotonic()
         with Running(
-            store.path, [webhook(hung.url, "stuck", timeout=20.0), webhook(healthy.url, "ok")], grace=0.5
+            store.path, [webhook(hung.url, "stuck", timeout=20.0, concurrency=4), webhook(healthy.url, "ok")], grace=0.5
         ) as d:
             wait_until(lambda: settled(store, "ok"), 3, "the healthy sink's whole queue within 3 s")
             took = time.monotonic() - started
