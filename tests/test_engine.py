@@ -13,11 +13,11 @@ import pytest
 
 from watcher.clock import FakeClock, rfc3339
 from watcher.config import SinkConfig
-from watcher.errors import DeliveryError, Throttled
+from watcher.errors import DeliveryError, StateError, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
 from watcher.outbox import Dispatcher, PassResult
 from watcher.sinks import Attempt
-from watcher.store import DELIVERED, Outcome, PageCommit, Store
+from watcher.store import DELIVERED, Due, Outcome, PageCommit, Store
 
 NOW = 1_800_000_000.0
 
@@ -344,3 +344,23 @@ def test_a_lead_forgotten_while_read_ahead_is_not_sent(store: Store) -> None:
     asyncio.run(main())
     assert [e.resource for e in sink.got] == [f"lead:{i}" for i in range(10) if i != 5]
     assert [a for a in store.attempts() if a["event_id"] == lead_events(range(5, 6))[0].id] == []
+
+
+def test_a_pass_whose_state_file_refuses_reads_ends_and_says_so(store: Store) -> None:
+    """An error reading the queue ends the sink's pass as broken (once exits 1) instead of retrying it forever."""
+    clock = FakeClock(NOW)
+    commit(store, lead_events(range(3)))
+
+    class Refusing(Store):
+        def due(self, *args: object, **kwargs: object) -> list[Due]:
+            raise StateError("cannot read state file: disk I/O error")
+
+    refusing = Refusing(store.conn, store.path)
+    sink = ScriptedSink(sink_config(), clock)
+
+    async def main() -> PassResult:
+        async with asyncio.timeout(10):
+            return await Dispatcher(refusing, [sink], clock).deliver_due_once()
+
+    assert asyncio.run(main()) == PassResult(broken=1)
+    assert sink.got == []

@@ -297,9 +297,15 @@ async def run_once(config: Config, clock: Clock, **kwargs: Any) -> int:
             await passing
             raise
         passed = await passing
-        log.info("delivery pass", attempted=passed.attempted, delivered=passed.delivered, failed=passed.failed)
+        log.info(
+            "delivery pass",
+            attempted=passed.attempted,
+            delivered=passed.delivered,
+            failed=passed.failed,
+            broken=passed.broken,
+        )
         _housekeeping(rt)
-    return EXIT_OK if ok and not passed.failed else EXIT_FAILURE
+    return EXIT_OK if ok and not passed.failed and not passed.broken else EXIT_FAILURE
 
 
 async def _poll_all(rt: Runtime) -> bool:

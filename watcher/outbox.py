@@ -132,6 +132,7 @@ class PassResult:
     attempted: int = 0
     delivered: int = 0
     failed: int = 0
+    broken: int = 0  # sinks whose pass ended on an error of the engine or the state file
 
 
 @dataclass
@@ -342,6 +343,11 @@ class Dispatcher:
             try:
                 wait = self._launch(lane)
             except Exception as exc:  # a broken state file or a bug must not end this sink's deliveries
+                if lane.passing is not None:
+                    # A pass leaves the sink to the next run rather than retry an error forever.
+                    log.error("delivery pass stopped for this sink", sink=lane.sink.name, error=str(exc)[:300])
+                    lane.passing.result.broken += 1
+                    break
                 log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
                 wait = _Wait(ERROR_BACKOFF)
             if lane.passing is not None and self._pass_over(lane):
@@ -708,7 +714,9 @@ class Dispatcher:
         for lane in lanes:
             lane.passing = _Pass(began, producing)
         try:
-            await asyncio.gather(*(self._worker(lane, stopping, grace=0.0) for lane in lanes))
+            # A lane ends its pass with nothing in flight, unless an error broke it: then what is in
+            # flight gets the sink's timeout to finish.
+            await asyncio.gather(*(self._worker(lane, stopping, lane.sink.config.timeout) for lane in lanes))
         finally:
             results = [lane.passing.result for lane in lanes if lane.passing is not None]
             for lane in lanes:
@@ -718,4 +726,5 @@ class Dispatcher:
             total.attempted += r.attempted
             total.delivered += r.delivered
             total.failed += r.failed
+            total.broken += r.broken
         return total
