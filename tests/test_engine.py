@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from watcher.clock import FakeClock, rfc3339
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, StateError, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
-from watcher.outbox import Dispatcher, PassResult
+from watcher.outbox import SWEEP_INTERVAL, Dispatcher, PassResult
 from watcher.sinks import Attempt
 from watcher.store import DELIVERED, Due, Outcome, PageCommit, Store
 
@@ -364,3 +365,80 @@ def test_a_pass_whose_state_file_refuses_reads_ends_and_says_so(store: Store) ->
 
     assert asyncio.run(main()) == PassResult(broken=1)
     assert sink.got == []
+
+
+def test_a_reload_while_the_disk_refuses_writes_sends_nothing_twice(store: Store) -> None:
+    """Outcomes the state file refused survive a reload: the rebuilt lane writes them rather than send again."""
+    clock = FakeClock(NOW)
+    commit(store, lead_events(range(3)))
+
+    class Refusing(Store):
+        refusing = True
+
+        def transaction(self) -> Iterator[sqlite3.Connection]:  # type: ignore[override]
+            if self.refusing:
+                raise StateError("cannot write state file: database or disk is full")
+            return super().transaction()
+
+    refusing = Refusing(store.conn, store.path)
+    sent: list[str] = []
+
+    def taken(event: Event, n: int) -> None:
+        sent.append(event.id)  # and answered 2xx
+
+    def build(config: SinkConfig) -> ScriptedSink:
+        return ScriptedSink(config, clock, answer=taken)
+
+    dispatcher = Dispatcher(refusing, [build(sink_config(concurrency=4))], clock)
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        worker = asyncio.create_task(dispatcher.run(stopping))
+        async with asyncio.timeout(10):
+            while len(sent) < 3:
+                await asyncio.sleep(0.001)
+        await dispatcher.reconfigure([sink_config(concurrency=5)], build)
+        await asyncio.sleep(0.1)
+        refusing.refusing = False
+        async with asyncio.timeout(20):
+            while store.sink_states(["crm"])[0].pending:
+                await asyncio.sleep(0.01)
+        stopping.set()
+        await worker
+
+    asyncio.run(main())
+    assert sorted(sent) == sorted(e.id for e in lead_events(range(3)))
+
+
+def test_a_retry_and_the_event_it_frees_wait_at_most_a_sweep_behind_a_backlog(store: Store) -> None:
+    """A retry falling due, and the event it frees, go out within about a sweep, not behind the read-ahead."""
+    clock = FakeClock(NOW)
+    created = lead_events(range(1))[0]
+    updated = lead_events(range(1), LEAD_UPDATED, "v2")[0]
+    commit(store, [created, updated])
+    commit(store, lead_events(range(1, 400)))  # other leads' backlog, behind them
+    takes = 0.1
+    sink = ScriptedSink(
+        sink_config(concurrency=1, retry_schedule=(0.3,)),
+        clock,
+        takes=takes,
+        answer=lambda e, n: DeliveryError("HTTP 500") if e.id == created.id and n == 1 else None,
+    )
+    dispatcher = Dispatcher(store, [sink], clock, rng=random.Random(1))
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        worker = asyncio.create_task(dispatcher.run(stopping))
+        async with asyncio.timeout(20):
+            while updated not in sink.got:
+                await asyncio.sleep(0.001)
+        stopping.set()
+        await worker
+
+    asyncio.run(main())
+    order = [e.id for e in sink.got]
+    # The retry is due 0.36 s (0.3 s + 20 % jitter) after the first attempt, which was the first send.
+    due_after = int(0.36 / takes) + 1
+    a_sweep = int(SWEEP_INTERVAL / takes) + 2
+    assert order.index(created.id) - due_after <= a_sweep
+    assert order.index(updated.id) - order.index(created.id) - 1 <= a_sweep

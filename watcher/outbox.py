@@ -215,6 +215,7 @@ class _Lane:
     last_rewind: float = float("-inf")  # monotonic
     rewind: bool = False  # the next read starts from the beginning (something before scan_after may be due)
     seen_version: int | None = None  # the state file's data_version when `ahead` was read
+    read_at: float = float("-inf")  # monotonic: when `ahead` was read
     exhausted: bool = False  # the last look found nothing this lane could send
     passing: _Pass | None = None  # set while a `once` pass runs on this lane
     # Outcomes the state file refused, oldest first. Their deliveries still read as pending in the
@@ -298,18 +299,23 @@ class Dispatcher:
         for lane in retire:
             lane.retired = True
             lane.kick.set()
+        # Outcomes the state file refused stay with the sink's name: the new lane keeps their rows
+        # busy and writes them, rather than send delivered events again.
+        carried: dict[str, list[_Unwritten]] = {}
         for lane in retire:
             worker = self._workers.pop(lane.sink.name, None)
             if worker is not None:
                 await worker
             else:
                 await self._drain(lane, 5.0)
+            carried[lane.sink.name] = lane.unwritten
             del self._lanes[lane.sink.name]
             with suppress(Exception):
                 await lane.sink.aclose()
         for name, cfg in wanted.items():
             if name not in self._lanes:
                 lane = self._lane(build(cfg))
+                lane.unwritten = carried.pop(name, [])
                 self._lanes[name] = lane
                 if self._run is not None and not self._run[0].is_set():
                     self._start(lane, *self._run)
@@ -388,6 +394,11 @@ class Dispatcher:
         if sink.min_interval > 0:
             return self._launch_paced(lane)
         version = self.store.outside_writes()
+        if lane.ahead and mono - lane.read_at >= SWEEP_INTERVAL:
+            # A retry due by now, or an event freed by one just delivered, must not wait behind
+            # everything read before it: what was read ahead is read again, from the start, once a sweep.
+            lane.ahead.clear()
+            lane.rewind = True
         if version != lane.seen_version:
             # Another process wrote (replay, `forget`, a moved sink): rows read ahead may be gone or
             # others due before them. Read again, from the start.
@@ -426,6 +437,7 @@ class Dispatcher:
             rows += self.store.due(sink, now, limit - len(rows), busy, passing=passing)
         if rows:
             lane.scan_after = rows[-1].seq
+        lane.read_at = mono
         return rows
 
     def _idle(self, lane: _Lane) -> _Wait:
