@@ -394,14 +394,10 @@ class Dispatcher:
         if sink.min_interval > 0:
             return self._launch_paced(lane)
         version = self.store.outside_writes()
-        if lane.ahead and mono - lane.read_at >= SWEEP_INTERVAL:
-            # A retry due by now, or an event freed by one just delivered, must not wait behind
-            # everything read before it: what was read ahead is read again, from the start, once a sweep.
-            lane.ahead.clear()
-            lane.rewind = True
-        if version != lane.seen_version:
-            # Another process wrote (replay, `forget`, a moved sink): rows read ahead may be gone or
-            # others due before them. Read again, from the start.
+        if version != lane.seen_version or (lane.ahead and mono - lane.read_at >= SWEEP_INTERVAL):
+            # Read again, from the start, when another process wrote (replay, `forget`, a moved sink:
+            # rows read ahead may be gone, others due before them) and once a sweep (a retry due by
+            # now, or an event freed by one just delivered, must not wait behind the read-ahead).
             lane.seen_version = version
             lane.ahead.clear()
             lane.rewind = True
