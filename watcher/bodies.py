@@ -97,13 +97,53 @@ class _Inflater:
         return bool(self._pending)
 
 
-async def read_body(response: httpx.Response, limit: int, *, cut: bool = False) -> bytes:
-    """The decoded body of a streamed response, at most `limit` bytes of it.
+class Decoding:
+    """A body decoded as its raw chunks arrive, held to `limit` bytes.
 
-    With `cut`, reading stops at `limit` and what was read is returned (an excerpt); without it a
-    body that would pass `limit` raises BodyTooLarge as soon as it does. Raw bytes count too, so
-    a stream that never inflates to anything cannot run on forever either.
+    With `cut`, `feed` says stop once `limit` is reached and `value` is what was read (an excerpt);
+    without it a body that would pass `limit` raises BodyTooLarge as soon as it does. Raw bytes
+    count too, so a stream that never inflates to anything cannot run on forever either.
     """
+
+    def __init__(self, encoding: str, limit: int, *, cut: bool) -> None:
+        self._inflater = _Inflater(encoding)
+        self._limit = limit
+        self._cut = cut
+        self._out = bytearray()
+        self._raw = 0
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take one raw chunk; True when nothing more should be read."""
+        self._raw += len(chunk)
+        data = chunk
+        while True:
+            room = self._limit - len(self._out)
+            piece = self._inflater.feed(data, min(room + 1, STEP))
+            data = b""
+            self._out += piece
+            if len(self._out) > self._limit:
+                if not self._cut:
+                    raise BodyTooLarge(self._limit)
+                del self._out[self._limit :]
+                return True
+            if not piece or not self._inflater.has_pending():
+                break
+        if self._raw > self._limit:
+            if not self._cut:
+                raise BodyTooLarge(self._limit)
+            return True
+        return False
+
+    def value(self) -> bytes:
+        return bytes(self._out)
+
+
+def content_encoding(headers: httpx.Headers) -> str:
+    return str(headers.get("content-encoding", "")).strip().lower()
+
+
+async def read_body(response: httpx.Response, limit: int, *, cut: bool = False) -> bytes:
+    """The decoded body of a streamed response, at most `limit` bytes of it (see Decoding)."""
     try:
         # Already in memory (a response built in-process, as a mock transport returns): nothing
         # left to bound but the length.
@@ -115,32 +155,15 @@ async def read_body(response: httpx.Response, limit: int, *, cut: bool = False) 
             raise BodyTooLarge(limit)
         return held[:limit]
     # Even an empty body is read to its end: a response closed before that costs its connection.
-    encoding = response.headers.get("content-encoding", "").strip().lower()
+    encoding = content_encoding(response.headers)
     declared = response.headers.get("content-length", "")
-    inflater = _Inflater(encoding)
+    decoding = Decoding(encoding, limit, cut=cut)
     if not cut and encoding in _IDENTITY and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
-    out = bytearray()
-    raw = 0
     async for chunk in response.aiter_raw():
-        raw += len(chunk)
-        data = chunk
-        while True:
-            room = limit - len(out)
-            piece = inflater.feed(data, min(room + 1, STEP))
-            data = b""
-            out += piece
-            if len(out) > limit:
-                if cut:
-                    return bytes(out[:limit])
-                raise BodyTooLarge(limit)
-            if not piece or not inflater.has_pending():
-                break
-        if raw > limit and not cut:
-            raise BodyTooLarge(limit)
-        if raw > limit:
-            return bytes(out)
-    return bytes(out)
+        if decoding.feed(chunk):
+            break
+    return decoding.value()
 
 
 def without_entity_headers(headers: httpx.Headers) -> httpx.Headers:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -158,8 +159,9 @@ class Receiver:
 
     default_reply = Reply()
 
-    def __init__(self, path: str = "/hook") -> None:
+    def __init__(self, path: str = "/hook", tls: ssl.SSLContext | None = None) -> None:
         self.path = path
+        self.scheme = "https" if tls else "http"
         self._cond = threading.Condition()
         self._requests: list[Request] = []
         self._default = self.default_reply
@@ -167,6 +169,9 @@ class Receiver:
         self._hanging = False
         self._closing = False
         self._server = _Server(self)
+        if tls is not None:
+            # Each accepted connection does its handshake before its request is read.
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         # A short poll interval only bounds how long close() takes; requests are served as they come.
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), name="receiver", daemon=True)
         self._started = False
@@ -205,7 +210,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{self.path}"
 
     # -- policy ---------------------------------------------------------------------------
 

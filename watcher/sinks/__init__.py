@@ -9,24 +9,20 @@ anything derived from one, into a message or an excerpt.
 from __future__ import annotations
 
 import asyncio
-import errno
-import socket
-import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Protocol
 
 import httpx
 
-from watcher.bodies import Answer, BodyError, read_body, without_entity_headers
+from watcher.bodies import Answer
 from watcher.clock import Clock
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError
 from watcher.events import Event
 from watcher.pii import strip_pii
 from watcher.schedule import retry_after_seconds
-from watcher.tls import client_context
+from watcher.sinks.transport import Transport, TransportFailure, transport_for
 
 EXCERPT_LIMIT = 512
 # The most of a receiver's answer ever read (decoded): enough for the excerpt's characters in
@@ -78,12 +74,11 @@ def render_data(event: Event, config: SinkConfig) -> Mapping[str, Any]:
 def build_sink(
     config: SinkConfig,
     *,
-    client: httpx.AsyncClient | None = None,
     clock: Clock,
     version: str,
     campaign_names: CampaignNames | None = None,
 ) -> Sink:
-    """The sink for `config.type`; a passed client is shared (and not closed by the sink).
+    """The sink for `config.type`.
 
     `campaign_names` (campaign id -> name, as the watcher last read them) is for sinks that show a
     lead's campaign to people by name (Slack); a webhook sends the lead as the API wrote it.
@@ -92,11 +87,11 @@ def build_sink(
     if config.type == "webhook":
         from watcher.sinks.webhook import WebhookSink
 
-        return WebhookSink(config, client=client, clock=clock, version=version)
+        return WebhookSink(config, clock=clock, version=version)
     if config.type == "slack":
         from watcher.sinks.slack import SlackSink
 
-        return SlackSink(config, client=client, clock=clock, version=version, campaign_names=campaign_names)
+        return SlackSink(config, clock=clock, version=version, campaign_names=campaign_names)
     raise ValueError(f"unknown sink type {config.type!r}")
 
 
@@ -126,73 +121,14 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def _root_os_error(exc: BaseException) -> OSError | None:
-    """The innermost OSError under an httpx error (anyio wraps the real one in a generic OSError)."""
-    found: OSError | None = None
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError):
-            found = current
-        current = current.__cause__ or current.__context__
-    return found
-
-
-_ERRNO_TEXT = {
-    errno.ECONNREFUSED: "connection refused",
-    errno.ECONNRESET: "connection reset by the receiver",
-    errno.ENETUNREACH: "network unreachable",
-    errno.EHOSTUNREACH: "host unreachable",
-}
-
-
-def _describe_transport_error(exc: httpx.TransportError, timeout: float) -> str:
-    # Messages are built from the exception's class and errno, never its text: httpx and the OS
-    # may quote the host or URL, and a URL can be a secret.
-    if isinstance(exc, httpx.ConnectTimeout):
-        return f"connect timed out after {_seconds(timeout)}"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out after {_seconds(timeout)}"
-    root = _root_os_error(exc)
-    if isinstance(root, socket.gaierror):
-        return "host name did not resolve"
-    if isinstance(root, ssl.SSLError):
-        return "TLS handshake failed"
-    if root is not None and root.errno in _ERRNO_TEXT:
-        return _ERRNO_TEXT[root.errno]
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return "receiver closed the connection without a valid response"
-    if isinstance(exc, httpx.ProxyError):
-        return "proxy error"
-    if isinstance(exc, httpx.ConnectError):
-        return "connection failed"
-    return f"transport error ({type(exc).__name__})"
-
-
-@cache
-def _phase_timeout(seconds: float) -> httpx.Timeout:
-    """httpx's per-phase timeout for a sink's `timeout`, built once rather than per request."""
-    return httpx.Timeout(seconds)
-
-
-async def _excerpt_of(response: httpx.Response) -> bytes:
-    """The first EXCERPT_BYTES of the answer, decoded; empty when it cannot be decoded (the status decides)."""
-    try:
-        return await read_body(response, EXCERPT_BYTES, cut=True)
-    except BodyError:
-        return b""
-
-
 async def post(
-    client: httpx.AsyncClient,
-    url: str,
+    transport: Transport,
     *,
     build: Callable[[], tuple[bytes, dict[str, str]]],
     timeout: float,
     clock: Clock,
 ) -> tuple[Answer, float]:
-    """POST `build()` -> (body, headers) to `url`; (answer, seconds taken) or DeliveryError(status=None).
+    """POST `build()` -> (body, headers); (answer, seconds taken) or DeliveryError(status=None).
 
     `build` is called per try so each try carries its own timestamp and signature. Only the
     first EXCERPT_BYTES of the answer are read, and it is asked for uncompressed.
@@ -200,53 +136,39 @@ async def post(
     started = clock.monotonic()
     try:
         try:
-            answer = await _exchange_once(client, url, build, timeout)
-        except httpx.ConnectError:
+            answer = await _exchange_once(transport, build, timeout)
+        except TransportFailure as exc:
+            if not exc.connecting:
+                raise
             # One quick second try, written out rather than a retry policy built per request:
             # this is the hot path of every delivery, and anything longer is the outbox's job.
             await clock.sleep(CONNECT_RETRY_WAIT)
-            answer = await _exchange_once(client, url, build, timeout)
+            answer = await _exchange_once(transport, build, timeout)
     except TimeoutError:
         raise DeliveryError(f"timed out after {_seconds(timeout)}") from None
-    except httpx.TransportError as exc:
-        raise DeliveryError(_describe_transport_error(exc, timeout)) from None
-    except httpx.InvalidURL:
-        raise DeliveryError("sink URL is not a valid http(s) URL") from None
+    except TransportFailure as exc:
+        raise DeliveryError(str(exc)) from None
     return answer, clock.monotonic() - started
 
 
 async def _exchange_once(
-    client: httpx.AsyncClient, url: str, build: Callable[[], tuple[bytes, dict[str, str]]], timeout: float
+    transport: Transport, build: Callable[[], tuple[bytes, dict[str, str]]], timeout: float
 ) -> Answer:
     body, headers = build()
-    # httpx's timeout is per phase (a trickling receiver resets the read timer), so the whole
-    # exchange is bounded too.
-    async with (
-        asyncio.timeout(timeout),
-        client.stream(
-            "POST",
-            url,
-            content=body,
-            headers={**headers, "accept-encoding": "identity"},
-            timeout=_phase_timeout(timeout),
-            follow_redirects=False,
-        ) as response,
-    ):
-        return Answer(response.status_code, without_entity_headers(response.headers), await _excerpt_of(response))
+    # The whole exchange is bounded, not each read: a trickling receiver must not hold a slot.
+    async with asyncio.timeout(timeout):
+        return await transport.post(body, {**headers, "accept-encoding": "identity"}, EXCERPT_BYTES)
 
 
 class HttpSink:
     """What every sink shares: its configuration, an HTTP client of its own (unless one is
     passed in), and the exchange of one request for an Attempt or a DeliveryError."""
 
-    def __init__(self, config: SinkConfig, *, client: httpx.AsyncClient | None, clock: Clock) -> None:
+    def __init__(self, config: SinkConfig, *, clock: Clock) -> None:
         self.name = config.name
         self.config = config
         self._clock = clock
-        self._own_client = client is None
-        self._client = client or httpx.AsyncClient(
-            follow_redirects=False, timeout=config.timeout, verify=client_context()
-        )
+        self._transport = transport_for(config.url, clock.monotonic)
 
     async def _exchange(
         self,
@@ -254,9 +176,7 @@ class HttpSink:
         classify: Callable[..., DeliveryError | None],
     ) -> Attempt:
         """POST `build()`; a 2xx is an Attempt, anything else the DeliveryError `classify` names."""
-        response, duration = await post(
-            self._client, self.config.url, build=build, timeout=self.config.timeout, clock=self._clock
-        )
+        response, duration = await post(self._transport, build=build, timeout=self.config.timeout, clock=self._clock)
         error = classify(response, now=self._clock.now())
         if error is not None:
             error.excerpt = excerpt(response.text, self.config.url)
@@ -268,5 +188,4 @@ class HttpSink:
         )
 
     async def aclose(self) -> None:
-        if self._own_client:
-            await self._client.aclose()
+        await self._transport.aclose()

@@ -407,12 +407,11 @@ class SlackSink(HttpSink):
         self,
         config: SinkConfig,
         *,
-        client: httpx.AsyncClient | None,
         clock: Clock,
         version: str,
         campaign_names: CampaignNames | None = None,
     ) -> None:
-        super().__init__(config, client=client, clock=clock)
+        super().__init__(config, clock=clock)
         self._user_agent = f"convertr-watcher/{version}"
         self._campaign_names = campaign_names
 

@@ -40,8 +40,8 @@ class WebhookSink(HttpSink):
     max_batch = 1
     min_interval = 0.0
 
-    def __init__(self, config: SinkConfig, *, client: httpx.AsyncClient | None, clock: Clock, version: str) -> None:
-        super().__init__(config, client=client, clock=clock)
+    def __init__(self, config: SinkConfig, *, clock: Clock, version: str) -> None:
+        super().__init__(config, clock=clock)
         self._version = version
         self._keys = tuple(decode_secret(s) for s in config.secrets)
 

@@ -1,0 +1,321 @@
+"""The sinks' own HTTP/1.1 path: TLS, kept connections and their failures, proxies, against real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.support.receiver import Receiver, Reply
+from tests.test_webhook_sink import SECRET_A, config, deliver, fail, lead_event, run, secret_free
+from watcher import __version__
+from watcher.clock import SystemClock
+from watcher.errors import DeliveryError
+from watcher.sinks import build_sink
+from watcher.sinks.transport import proxied
+from watcher.tls import client_context
+
+# --- a server that follows a script, one function per connection --------------------------
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One request's head and Content-Length body off `conn`; b"" when the client closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+Script = Callable[[socket.socket, list[bytes]], None]
+
+
+class Scripted:
+    """A TCP server on 127.0.0.1 that hands its n-th connection to the n-th script and records
+    every request head it reads (in `heads`, with the connection's number in `conns`)."""
+
+    def __init__(self, *scripts: Script) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.heads: list[bytes] = []
+        self.conns: list[int] = []
+        self._scripts = scripts
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        for number, script in enumerate(self._scripts):
+            conn, _ = self.sock.accept()
+            with conn:
+                heads: list[bytes] = []
+                try:
+                    script(conn, heads)
+                finally:
+                    self.heads += heads
+                    self.conns += [number] * len(heads)
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., Scripted]]:
+    made: list[Scripted] = []
+
+    def make(*scripts: Script) -> Scripted:
+        made.append(Scripted(*scripts))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def answer(*replies: bytes, then_close: bool = False, read_more: bool = False) -> Script:
+    """A connection that answers its requests with `replies` in turn; with `read_more`, it reads
+    one more request and closes without answering it (the race of a server closing an idle
+    connection just as a request goes out)."""
+
+    def script(conn: socket.socket, heads: list[bytes]) -> None:
+        for reply in replies:
+            head = read_request(conn)
+            if not head:
+                return
+            heads.append(head)
+            conn.sendall(reply)
+        if read_more and (head := read_request(conn)):
+            heads.append(head)
+
+    return script
+
+
+async def deliver_twice(url: str) -> tuple[int | None, int | None]:
+    """Two deliveries through one sink (so the second may reuse the first's connection)."""
+    sink = build_sink(config(url), clock=SystemClock(), version=__version__)
+    try:
+        first = await sink.deliver([lead_event()])
+        second = await sink.deliver([lead_event()])
+        return first.status, second.status
+    finally:
+        await sink.aclose()
+
+
+# --- kept connections ---------------------------------------------------------------------
+
+
+def test_a_kept_connection_closed_as_the_request_goes_out_is_replaced(scripted: Callable[..., Scripted]) -> None:
+    """The receiver drops a kept connection under the second request: it goes again on a new one and succeeds."""
+    server = scripted(answer(NO_CONTENT, read_more=True), answer(NO_CONTENT))
+    assert run(deliver_twice(server.url)) == (204, 204)
+    assert server.conns == [0, 0, 1]  # the second request was seen on both: at least once, never lost
+
+
+def test_a_kept_connection_closed_while_idle_is_not_used(scripted: Callable[..., Scripted]) -> None:
+    """A receiver that closes after each answer costs a new connection per request, not a failure."""
+    server = scripted(answer(NO_CONTENT), answer(NO_CONTENT))
+    assert run(deliver_twice(server.url)) == (204, 204)
+    assert server.conns == [0, 1]
+
+
+def test_an_answer_cut_off_mid_body_fails_without_a_status(scripted: Callable[..., Scripted]) -> None:
+    """Headers promising 100 bytes, then 5 and a close: no status, the transport's words, nothing resent."""
+    server = scripted(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"))
+    error = fail(config(server.url), [lead_event()])
+    assert type(error) is DeliveryError
+    assert (error.status, str(error)) == (None, "receiver closed the connection without a valid response")
+    assert len(server.heads) == 1
+
+
+def test_garbage_instead_of_an_answer_is_a_failure_without_a_status(scripted: Callable[..., Scripted]) -> None:
+    """A reply that is not HTTP fails the attempt with no status, and the URL stays out of the text."""
+    server = scripted(answer(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
+    error = fail(config(server.url), [lead_event()])
+    assert (error.status, str(error)) == (None, "receiver closed the connection without a valid response")
+    secret_free(error)
+
+
+def test_a_chunked_answer_is_excerpted_and_its_connection_kept(scripted: Callable[..., Scripted]) -> None:
+    """A chunked 200 is read to its end: the excerpt holds its text and the next request reuses the connection."""
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nthx\r\n0\r\n\r\n"
+    server = scripted(answer(chunked, chunked))
+
+    async def two() -> list[str]:
+        sink = build_sink(config(server.url), clock=SystemClock(), version=__version__)
+        try:
+            return [(await sink.deliver([lead_event()])).response_excerpt for _ in range(2)]
+        finally:
+            await sink.aclose()
+
+    assert run(two()) == ["thx", "thx"]
+    assert server.conns == [0, 0]
+
+
+def test_after_a_timeout_the_late_answer_is_never_taken_for_the_next(rx: Receiver) -> None:
+    """A timed-out exchange closes its connection, so the next request cannot read the late answer as its own."""
+    rx.respond(204)
+    rx.respond_sequence([Reply(200, b"late", delay=0.6)])
+
+    async def two() -> tuple[str, str]:
+        sink = build_sink(config(rx.url, timeout=0.3), clock=SystemClock(), version=__version__)
+        try:
+            with pytest.raises(DeliveryError) as info:
+                await sink.deliver([lead_event()])
+            second = await sink.deliver([lead_event()])
+            return str(info.value), second.response_excerpt
+        finally:
+            await sink.aclose()
+
+    assert run(two()) == ("timed out after 0.3s", "")
+    first, second = rx.wait_for_count(2)[:2]
+    assert first.port != second.port
+
+
+@pytest.fixture
+def rx() -> Iterator[Receiver]:
+    with Receiver() as receiver:
+        yield receiver
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_rx(ca: trustme.CA) -> Iterator[Receiver]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    with Receiver(tls=context) as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def fresh_trust() -> Iterator[None]:
+    """The process's shared TLS context is rebuilt for the test and again after it."""
+    client_context.cache_clear()
+    yield
+    client_context.cache_clear()
+
+
+def test_https_receiver_with_a_trusted_certificate_gets_the_signed_event(
+    tls_rx: Receiver, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_trust: None
+) -> None:
+    """With its CA in SSL_CERT_FILE, an https receiver gets events that verify, over one kept connection."""
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    assert run(deliver_twice(tls_rx.url)) == (200, 200)
+    assert len(tls_rx.verified_events(SECRET_A)) == 2
+    assert len({r.port for r in tls_rx.requests}) == 1
+
+
+def test_an_untrusted_certificate_fails_the_handshake_and_names_no_url(tls_rx: Receiver, fresh_trust: None) -> None:
+    """A receiver whose certificate no trusted CA signed gets nothing; the error says so without the URL."""
+    error = fail(config(tls_rx.url), [lead_event()])
+    assert (error.status, str(error)) == (None, "TLS handshake failed")
+    assert tls_rx.requests == []
+
+
+# --- the URL itself -------------------------------------------------------------------------
+
+
+def test_userinfo_in_the_url_is_sent_as_basic_auth(rx: Receiver) -> None:
+    """`https://user:pass@host/...` authenticates as httpx would, with the credentials decoded."""
+    url = rx.url.replace("://", "://hook%40user:s3cret@")
+    run(deliver(config(url), [lead_event()]))
+    [request] = rx.requests
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"hook@user:s3cret").decode()
+    assert request.headers["host"] == f"127.0.0.1:{rx.port}"
+
+
+def test_a_path_with_spaces_and_non_ascii_is_percent_encoded(rx: Receiver) -> None:
+    """Characters a request line cannot hold are escaped; existing escapes are kept as they are."""
+    rx.path = "/hook/caf%C3%A9%20bar"
+    run(deliver(config(f"http://127.0.0.1:{rx.port}/hook/café bar"), [lead_event()]))
+    assert [r.path for r in rx.requests] == ["/hook/caf%C3%A9%20bar"]
+
+
+# --- proxies --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "expected"),
+    [
+        ({}, "https://hooks.example.com/x", False),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https://hooks.example.com/x", True),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "http://hooks.example.com/x", False),
+        ({"http_proxy": "http://proxy:3128"}, "http://hooks.example.com/x", True),
+        ({"ALL_PROXY": "http://proxy:3128"}, "http://hooks.example.com/x", True),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "example.com"}, "https://hooks.example.com/x", False),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "other.org"}, "https://hooks.example.com/x", True),
+    ],
+)
+def test_which_urls_the_environment_sends_through_a_proxy(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], url: str, expected: bool
+) -> None:
+    """A sink goes through a proxy when the environment names one for its scheme and NO_PROXY does not exempt it."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert proxied(url) is expected
+
+
+def test_a_proxied_sink_sends_its_request_to_the_proxy(
+    scripted: Callable[..., Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With HTTP_PROXY set, the POST goes to the proxy in absolute form, and the proxy's answer counts."""
+    proxy = scripted(answer(NO_CONTENT))
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url.removesuffix("/hook"))
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # nothing listens here: only the proxy can answer
+        target = f"http://127.0.0.1:{unused.getsockname()[1]}/hook"
+        attempt = run(deliver(config(target), [lead_event()]))
+    assert attempt.status == 204
+    [head] = proxy.heads
+    assert head.startswith(f"POST {target} HTTP/1.1".encode())
+
+
+def test_many_concurrent_deliveries_share_a_few_connections(rx: Receiver) -> None:
+    """Forty deliveries eight at a time are all answered, over at most eight connections."""
+    rx.respond(204)
+
+    async def forty() -> list[int | None]:
+        sink = build_sink(config(rx.url), clock=SystemClock(), version=__version__)
+        gate = asyncio.Semaphore(8)
+
+        async def one() -> int | None:
+            async with gate:
+                return (await sink.deliver([lead_event()])).status
+
+        try:
+            return await asyncio.gather(*(one() for _ in range(40)))
+        finally:
+            await sink.aclose()
+
+    assert run(forty()) == [204] * 40
+    assert len({r.port for r in rx.requests}) <= 8
