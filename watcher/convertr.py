@@ -341,10 +341,7 @@ class ConvertrClient:
             ahead = asyncio.create_task(self._fetch(collection, pairs, number + 1, size))
             ahead.add_done_callback(_consume)
             try:
-                # httpx takes a few turns of the loop (budget, connection pool, write) before the
-                # request is on the wire; after that the prefetch just waits for Convertr.
-                for _ in range(PREFETCH_TURNS):
-                    await asyncio.sleep(0)
+                await let_requests_start()
                 yield page
                 page, has_view = await ahead
             finally:
@@ -629,6 +626,17 @@ def _json_or_none(response: Answer) -> Any:
         return loads(response.content)
     except ValueError:
         return None
+
+
+async def let_requests_start() -> None:
+    """Give requests just made as tasks the loop turns they need to get on the wire.
+
+    httpx takes a few turns (budget, connection pool, write) before a request is sent; a caller
+    that goes on to detect and commit a page without yielding would hold a prefetch back until
+    it is done, and the walk would cost the sum of Convertr's time and ours, not the larger.
+    """
+    for _ in range(PREFETCH_TURNS):
+        await asyncio.sleep(0)
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from watcher.convertr import ConvertrClient, Page, is_last
+from watcher.convertr import ConvertrClient, Page, is_last, let_requests_start
 from watcher.errors import MalformedResponse, ServerFault
 
 log = structlog.get_logger("watcher.pager")
@@ -95,12 +95,19 @@ class Pager:
         # the next page is read ahead, so it costs a request, not a round trip.
         check: asyncio.Task[bool] | None = None
         boundary: int | None = None
+        position: int | None = None
         while True:
             last = is_last(current.page, current.page.has_view, self.size) and not current.unreadable
+            # The next page first: it takes the connection kept from the last read and is on the
+            # wire at once, where the check may have to open a connection of its own.
             ahead = None if last else asyncio.create_task(self._read(number + 1, after_id=current.last_id))
+            if boundary is not None and position is not None:
+                check = asyncio.create_task(self._still_at(position, boundary))
+                check.add_done_callback(_consume)
             try:
                 if ahead is not None:
                     ahead.add_done_callback(_consume)
+                    await let_requests_start()
                 yield current
                 if check is not None and boundary is not None and not await check:
                     if ahead is not None:
@@ -118,9 +125,6 @@ class Pager:
             boundary = _last_readable_id(current.page)
             position = current.last_position
             check = None
-            if boundary is not None and position is not None:
-                check = asyncio.create_task(self._still_at(position, boundary))
-                check.add_done_callback(_consume)
             number += 1
             current = following
 
