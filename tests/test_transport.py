@@ -18,8 +18,8 @@ from tests.test_webhook_sink import SECRET_A, config, deliver, fail, lead_event,
 from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.errors import DeliveryError
+from watcher.http11 import proxied
 from watcher.sinks import build_sink
-from watcher.sinks.transport import proxied
 from watcher.tls import client_context
 
 # --- a server that follows a script, one function per connection --------------------------

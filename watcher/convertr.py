@@ -39,6 +39,7 @@ from watcher.errors import (
     TransientError,
 )
 from watcher.events import loads
+from watcher.http11 import Transport, proxied
 from watcher.schedule import retry_after_seconds
 from watcher.tls import client_context
 
@@ -286,6 +287,8 @@ class ConvertrClient:
         self._config = config
         self._clock: Clock = clock or SystemClock()
         self._on_response = on_response
+        if transport is None and not proxied(config.base_url):
+            transport = Transport(self._clock.monotonic)
         self._http = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/"),
             transport=transport,

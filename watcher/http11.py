@@ -1,0 +1,338 @@
+"""HTTP/1.1 with h11 over asyncio streams: the kept connections to one origin, and their httpx face.
+
+httpx's own pool (httpcore on anyio) costs about 2 ms of CPU a request on the benchmark machine;
+h11 alone over asyncio streams about 0.3 ms (docs/benchmarks.md). Delivery is CPU-bound in the
+daemon, and a walk's read-ahead must be on the wire before the page in hand is detected and
+committed: here a request on a kept connection is written in its task's first step, where
+httpcore needed several turns of the loop.
+
+`Connections` does the protocol (h11) and keeps connections; sinks use it directly, and the
+Convertr client through `Transport`, an httpx transport, so the client keeps httpx's API (and its
+MockTransport in tests). Failures are `ConnectFailed` (no connection was made) or `ExchangeFailed`
+(after that), whose texts come from the error's class and errno, never its message: the OS may
+quote the host, and a sink URL can be a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import socket
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urlsplit
+
+import h11
+import httpx
+
+from watcher.tls import client_context
+
+# How long a kept connection may sit unused before it is closed rather than reused: httpx's
+# keep-alive expiry, shorter than most servers' and load balancers' idle timeouts.
+KEEPALIVE_EXPIRY = 5.0
+MAX_IDLE = 32  # connections kept for reuse at most: a sink's concurrency is at most 32
+READ_SIZE = 65_536
+# Characters left as they are on the request line; the rest (spaces, non-ASCII) are
+# percent-encoded, as httpx does.
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+NO_VALID_ANSWER = "receiver closed the connection without a valid response"
+_ERRNO_TEXT = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by the receiver",
+    errno.EPIPE: "connection reset by the receiver",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EHOSTUNREACH: "host unreachable",
+}
+
+
+class Http11Error(Exception):
+    """An exchange that got no complete answer; the text never holds the URL."""
+
+
+class ConnectFailed(Http11Error):
+    """No connection could be made (refused, unresolvable, TLS handshake): nothing was sent."""
+
+
+class ExchangeFailed(Http11Error):
+    """The request may have been sent, and no complete answer came back."""
+
+
+class InvalidURL(Http11Error):
+    """Not an http(s) URL this client can reach."""
+
+
+def describe_os_error(exc: BaseException | None, fallback: str) -> str:
+    """What a socket-level failure was, in words that hold no host or URL."""
+    if isinstance(exc, socket.gaierror):
+        return "host name did not resolve"
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return "TLS handshake failed"
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_TEXT:
+        return _ERRNO_TEXT[exc.errno]
+    return fallback
+
+
+def proxied(url: str) -> bool:
+    """Whether the environment's proxy variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, as
+    httpx reads them) send requests for `url` through a proxy: then httpx's own transport, which
+    speaks to proxies, serves it instead."""
+    proxies = urllib.request.getproxies_environment()
+    parts = urlsplit(url)
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2])
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where requests go: host, port, TLS, and the headers every request to it carries."""
+
+    host: str
+    port: int
+    tls: bool
+    headers: tuple[tuple[bytes, bytes], ...]  # Host, and Authorization when the URL has userinfo
+
+    @classmethod
+    def of(cls, url: str) -> tuple[Origin, bytes]:
+        """The origin of `url` and its request target (path and query, percent-encoded)."""
+        parts = urlsplit(url)
+        try:
+            host = parts.hostname or ""
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            authority = parts.netloc.rpartition("@")[2].encode("ascii" if parts.netloc.isascii() else "idna")
+        except (ValueError, UnicodeError):
+            raise InvalidURL("not a valid http(s) URL") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise InvalidURL("not a valid http(s) URL")
+        target = quote(parts.path or "/", safe=_PATH_SAFE)
+        if parts.query:
+            target += "?" + quote(parts.query, safe=_QUERY_SAFE)
+        headers: list[tuple[bytes, bytes]] = [(b"host", authority)]
+        if parts.username is not None:
+            # httpx sends a URL's userinfo as basic auth; receivers set up that way keep working.
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            headers.append((b"authorization", b"Basic " + base64.b64encode(pair)))
+        return cls(host, port, parts.scheme == "https", tuple(headers)), target.encode("ascii")
+
+
+class _Stale(Exception):
+    """A kept connection the server had closed before answering: the request may go again."""
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.protocol = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        # Not awaited: the transport finishes closing on its own, and a TLS peer that never
+        # answers the close must not hold anything up.
+        self.writer.close()
+
+    async def next_event(self, *, kept: bool, answered: bool) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next h11 event, reading as needed. On a kept connection, an end before any answer is _Stale."""
+        while True:
+            event = self.protocol.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                chunk = await self.reader.read(READ_SIZE)
+            except ConnectionError:
+                if kept and not answered:
+                    raise _Stale from None
+                raise
+            if not chunk and kept and not answered:
+                raise _Stale
+            self.protocol.receive_data(chunk)
+
+
+class Exchange:
+    """One answer whose body is still to be read: `chunks()` to the end, then `close()` (always)."""
+
+    def __init__(self, owner: Connections, connection: _Connection, response: h11.Response) -> None:
+        self.status = response.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(response.headers)
+        self._owner = owner
+        self._connection: _Connection | None = connection
+        self._complete = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The raw body, as it arrives."""
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            while True:
+                event = await connection.next_event(kept=False, answered=True)
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._complete = True
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ExchangeFailed(NO_VALID_ANSWER)
+        except h11.RemoteProtocolError:
+            raise ExchangeFailed(NO_VALID_ANSWER) from None
+        except OSError as exc:
+            raise ExchangeFailed(describe_os_error(exc, NO_VALID_ANSWER)) from None
+
+    def close(self) -> None:
+        """Keep the connection when the answer was read to its end, else close it (a connection with
+        an answer half read cannot carry the next request, nor can one a timeout cut short)."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        protocol = connection.protocol
+        if self._complete and protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
+            protocol.start_next_cycle()
+            self._owner.keep(connection)
+        else:
+            connection.close()
+
+
+class Connections:
+    """Kept HTTP/1.1 connections to one origin, any number of requests at once (the caller bounds it)."""
+
+    def __init__(self, origin: Origin, monotonic: Callable[[], float]) -> None:
+        self.origin = origin
+        self._monotonic = monotonic
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> Exchange:
+        """Send one request (`headers` are all but the origin's, Content-Length included); the
+        answer's status and headers, its body left to read.
+
+        A kept connection that the server closed while it sat idle (or closes under this request
+        before any answer) is replaced and the request sent again: the server never answered it,
+        and at-least-once allows the rare second copy.
+        """
+        request = h11.Request(method=method, target=target, headers=[*self.origin.headers, *headers])
+        kept = self._take()
+        if kept is not None:
+            try:
+                return await self._exchange(kept, request, body, kept=True)
+            except _Stale:
+                pass
+        return await self._exchange(await self._connect(), request, body, kept=False)
+
+    def keep(self, connection: _Connection) -> None:
+        if self._closed or len(self._idle) >= MAX_IDLE:
+            connection.close()
+            return
+        connection.idle_since = self._monotonic()
+        self._idle.append(connection)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def _take(self) -> _Connection | None:
+        """The most recently used kept connection still fit for a request, if any."""
+        now = self._monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if now - connection.idle_since <= KEEPALIVE_EXPIRY and not connection.reader.at_eof():
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        origin = self.origin
+        try:
+            if origin.tls:
+                reader, writer = await asyncio.open_connection(
+                    origin.host, origin.port, ssl=client_context(), server_hostname=origin.host
+                )
+            else:
+                reader, writer = await asyncio.open_connection(origin.host, origin.port)
+        except OSError as exc:  # gaierror, ssl.SSLError and the connection errors are all OSErrors
+            raise ConnectFailed(describe_os_error(exc, "connection failed")) from None
+        return _Connection(reader, writer)
+
+    async def _exchange(self, connection: _Connection, request: h11.Request, body: bytes, *, kept: bool) -> Exchange:
+        protocol = connection.protocol
+        try:
+            try:
+                data = b"".join(protocol.send(e) or b"" for e in (request, h11.Data(data=body), h11.EndOfMessage()))
+            except h11.LocalProtocolError:
+                raise ExchangeFailed("the request could not be written (an invalid header value)") from None
+            connection.writer.write(data)
+            try:
+                await connection.writer.drain()
+            except ConnectionError:
+                if kept:
+                    raise _Stale from None
+                raise
+            while True:
+                event = await connection.next_event(kept=kept, answered=False)
+                if isinstance(event, h11.Response):
+                    return Exchange(self, connection, event)
+                if isinstance(event, h11.ConnectionClosed):
+                    raise ExchangeFailed(NO_VALID_ANSWER)
+                # An InformationalResponse (1xx) comes before the answer: read on.
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, h11.RemoteProtocolError):
+                raise ExchangeFailed(NO_VALID_ANSWER) from None
+            if isinstance(exc, OSError):
+                raise ExchangeFailed(describe_os_error(exc, NO_VALID_ANSWER)) from None
+            raise
+
+
+# --- httpx's face -----------------------------------------------------------------------------
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._exchange.chunks():
+                yield chunk
+        except ExchangeFailed as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from None
+
+    async def aclose(self) -> None:
+        self._exchange.close()
+
+
+class Transport(httpx.AsyncBaseTransport):
+    """An httpx transport on `Connections`, one per origin it is asked to reach."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self._monotonic = monotonic
+        self._pools: dict[tuple[str, str, int], Connections] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol("only http and https are supported")
+        key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        pool = self._pools.get(key)
+        if pool is None:
+            # httpx has already put Host (and any auth) into the request's own headers.
+            pool = self._pools[key] = Connections(Origin(key[1], key[2], key[0] == "https", ()), self._monotonic)
+        body = await request.aread()
+        headers = [(k.lower(), v) for k, v in request.headers.raw]
+        try:
+            exchange = await pool.request(request.method.encode(), url.raw_path, headers, body)
+        except ConnectFailed as exc:
+            raise httpx.ConnectError(str(exc), request=request) from None
+        except ExchangeFailed as exc:
+            raise httpx.RemoteProtocolError(str(exc), request=request) from None
+        return httpx.Response(exchange.status, headers=exchange.headers, stream=_Body(exchange), request=request)
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            await pool.aclose()
+        self._pools.clear()
