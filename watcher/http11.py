@@ -21,7 +21,7 @@ import errno
 import socket
 import ssl
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
@@ -162,7 +162,7 @@ class Exchange:
         self._connection: _Connection | None = connection
         self._complete = False
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The raw body, as it arrives."""
         connection = self._connection
         if connection is None:
@@ -294,15 +294,18 @@ class Connections:
 class _Body(httpx.AsyncByteStream):
     def __init__(self, exchange: Exchange) -> None:
         self._exchange = exchange
+        self._chunks = exchange.chunks()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._exchange.chunks():
+            async for chunk in self._chunks:
                 yield chunk
         except ExchangeFailed as exc:
             raise httpx.RemoteProtocolError(str(exc)) from None
 
     async def aclose(self) -> None:
+        # A reader that stopped early (a body over its ceiling) leaves the chunks suspended.
+        await self._chunks.aclose()
         self._exchange.close()
 
 

@@ -8,6 +8,7 @@ text never holds the URL (a sink URL can be a secret).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import aclosing
 from typing import Protocol
 
 import httpx
@@ -72,9 +73,10 @@ class Direct:
             content = b""
             try:
                 decoding = Decoding(content_encoding(answer), limit, cut=True)
-                async for chunk in exchange.chunks():
-                    if decoding.feed(chunk):
-                        break  # the excerpt is full; the rest is never read, so the connection goes
+                async with aclosing(exchange.chunks()) as chunks:
+                    async for chunk in chunks:
+                        if decoding.feed(chunk):
+                            break  # the excerpt is full; the rest is never read, so the connection goes
                 content = decoding.value()
             except BodyError:
                 pass  # an encoding not decoded here, or a corrupt one: the status decides
