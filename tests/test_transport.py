@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
 import ssl
 import threading
@@ -20,6 +21,7 @@ from watcher.clock import SystemClock
 from watcher.errors import DeliveryError
 from watcher.http11 import proxied
 from watcher.sinks import build_sink
+from watcher.sinks.transport import Direct
 from watcher.tls import client_context
 
 # --- a server that follows a script, one function per connection --------------------------
@@ -269,6 +271,11 @@ def test_a_path_with_spaces_and_non_ascii_is_percent_encoded(rx: Receiver) -> No
         ({"ALL_PROXY": "http://proxy:3128"}, "http://hooks.example.com/x", True),
         ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "example.com"}, "https://hooks.example.com/x", False),
         ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "other.org"}, "https://hooks.example.com/x", True),
+        # As httpx reads NO_PROXY: a leading dot or "*." exempts subdomains only, not the domain.
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": ".example.com"}, "https://example.com/x", True),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "*.example.com"}, "https://example.com/x", True),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": ".example.com"}, "https://a.example.com/x", False),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "*"}, "https://example.com/x", False),
     ],
 )
 def test_which_urls_the_environment_sends_through_a_proxy(
@@ -319,3 +326,134 @@ def test_many_concurrent_deliveries_share_a_few_connections(rx: Receiver) -> Non
 
     assert run(forty()) == [204] * 40
     assert len({r.port for r in rx.requests}) <= 8
+
+
+# --- what an earlier version got wrong (each failed before its fix) ---------------------------
+
+
+def test_bytes_after_an_answer_never_become_the_next_answer(scripted: Callable[..., Scripted]) -> None:
+    """A stray second answer sent with the first makes the connection unfit: the next request gets its own 503."""
+    stray = NO_CONTENT + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+    rejected = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+    server = scripted(answer(stray), answer(rejected))
+
+    async def two() -> tuple[int | None, DeliveryError]:
+        sink = build_sink(config(server.url), clock=SystemClock(), version=__version__)
+        try:
+            first = await sink.deliver([lead_event()])
+            with pytest.raises(DeliveryError) as info:
+                await sink.deliver([lead_event()])
+            return first.status, info.value
+        finally:
+            await sink.aclose()
+
+    status, error = run(two())
+    assert (status, error.status) == (204, 503)
+    assert server.conns == [0, 1]
+
+
+def test_bytes_arriving_on_an_idle_connection_retire_it(scripted: Callable[..., Scripted]) -> None:
+    """Data arriving while the connection sits idle is never read as an answer: the next request opens a new one."""
+    sent_stray = threading.Event()
+
+    def answer_then_stray(conn: socket.socket, heads: list[bytes]) -> None:
+        heads.append(read_request(conn))
+        conn.sendall(NO_CONTENT)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+        sent_stray.set()
+        read_request(conn)  # hold the connection open until the client drops it
+
+    rejected = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+    server = scripted(answer_then_stray, answer(rejected))
+
+    async def two() -> int | None:
+        sink = build_sink(config(server.url), clock=SystemClock(), version=__version__)
+        try:
+            await sink.deliver([lead_event()])
+            assert sent_stray.wait(5)
+            # Wait (with a deadline) until the stray bytes have reached the client's connection.
+            idle = sink._transport._connections._idle  # type: ignore[attr-defined]
+            deadline = asyncio.get_running_loop().time() + 5
+            while idle and idle[0].fit_for_reuse() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            with pytest.raises(DeliveryError) as info:
+                await sink.deliver([lead_event()])
+            return info.value.status
+        finally:
+            await sink.aclose()
+
+    assert run(two()) == 503
+    assert server.conns == [0, 1]
+
+
+def test_an_answer_head_larger_than_16_kb_in_two_reads_is_accepted(scripted: Callable[..., Scripted]) -> None:
+    """A 40 KB answer head that arrives in two pieces is read whole (httpx took up to 100 KB)."""
+    head = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-Padding: " + b"p" * 40_000 + b"\r\n\r\n"
+
+    def in_two(conn: socket.socket, heads: list[bytes]) -> None:
+        heads.append(read_request(conn))
+        conn.sendall(head[:20_000])
+        threading.Event().wait(0.2)  # the server's pacing: the head reaches the client in two reads
+        conn.sendall(head[20_000:])
+
+    server = scripted(in_two)
+    assert run(deliver(config(server.url), [lead_event()])).status == 204
+
+
+def test_a_close_after_the_first_byte_of_an_answer_is_not_resent(scripted: Callable[..., Scripted]) -> None:
+    """Part of an answer, then a close: the attempt failed, and is not sent again at once (the outbox retries it)."""
+
+    def half_answer(conn: socket.socket, heads: list[bytes]) -> None:
+        heads.append(read_request(conn))
+        conn.sendall(NO_CONTENT)
+        heads.append(read_request(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-")
+
+    server = scripted(half_answer, answer(NO_CONTENT))
+
+    async def two() -> str:
+        sink = build_sink(config(server.url), clock=SystemClock(), version=__version__)
+        try:
+            await sink.deliver([lead_event()])
+            with pytest.raises(DeliveryError) as info:
+                await sink.deliver([lead_event()])
+            return str(info.value)
+        finally:
+            await sink.aclose()
+
+    assert run(two()) == "receiver closed the connection without a valid response"
+    assert server.conns == [0, 0]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_timed_out_request_with_unsent_bytes_frees_its_socket(scripted: Callable[..., Scripted]) -> None:
+    """A receiver that stops reading under a 16 MB body: after the timeout the socket is gone, not left draining."""
+    stop = threading.Event()
+
+    def never_read(conn: socket.socket, heads: list[bytes]) -> None:
+        stop.wait(10)
+
+    server = scripted(never_read)
+
+    async def go() -> int:
+        transport = Direct(server.url, SystemClock().monotonic)
+        before = open_fds()
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await transport.post(b"x" * 16_000_000, {"content-type": "text/plain"}, 100)
+            # One descriptor stays: the receiver's end, held open by the server thread in this process.
+            deadline = asyncio.get_running_loop().time() + 5
+            while open_fds() > before + 1 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            return open_fds() - before
+        finally:
+            await transport.aclose()
+
+    try:
+        assert run(go()) == 1
+    finally:
+        stop.set()

@@ -592,7 +592,7 @@ def _is_http_url(value: str) -> bool:
 
 
 def _http_parts(value: str) -> SplitResult | None:
-    if not value or any(ch.isspace() for ch in value):
+    if not value or any(ch.isspace() for ch in value) or not value.isprintable():
         return None
     try:
         parts = urlsplit(value)

@@ -20,7 +20,6 @@ import base64
 import errno
 import socket
 import ssl
-import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
@@ -34,7 +33,8 @@ from watcher.tls import client_context
 # keep-alive expiry, shorter than most servers' and load balancers' idle timeouts.
 KEEPALIVE_EXPIRY = 5.0
 MAX_IDLE = 32  # connections kept for reuse at most: a sink's concurrency is at most 32
-READ_SIZE = 65_536
+READ_SIZE = 65_536  # bytes held unread before the server is asked to wait
+MAX_HEAD_BYTES = 100 * 1024
 # Characters left as they are on the request line; the rest (spaces, non-ASCII) are
 # percent-encoded, as httpx does.
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
@@ -77,14 +77,21 @@ def describe_os_error(exc: BaseException | None, fallback: str) -> str:
 
 
 def proxied(url: str) -> bool:
-    """Whether the environment's proxy variables (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY, as
-    httpx reads them) send requests for `url` through a proxy: then httpx's own transport, which
-    speaks to proxies, serves it instead."""
-    proxies = urllib.request.getproxies_environment()
-    parts = urlsplit(url)
-    if not (proxies.get(parts.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2])
+    """Whether httpx, reading the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY), would
+    send requests for `url` through a proxy: then httpx's own transport, which speaks to proxies,
+    serves it. Decided by httpx's own rules, so that no NO_PROXY spelling sends traffic around a
+    proxy that httpx would have used."""
+    # Private to httpx (pinned below 1.0); tests/test_transport.py pins the decisions.
+    from httpx._utils import URLPattern, get_environment_proxies
+
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False  # the direct path refuses it with a clear error
+    for key, proxy in sorted(get_environment_proxies().items(), key=lambda item: URLPattern(item[0])):
+        if URLPattern(key).matches(target):
+            return proxy is not None
+    return False
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class Origin:
     @classmethod
     def of(cls, url: str) -> tuple[Origin, bytes]:
         """The origin of `url` and its request target (path and query, percent-encoded)."""
+        if not url.isprintable():
+            raise InvalidURL("not a valid http(s) URL")  # a control character would reach the request line
         parts = urlsplit(url)
         try:
             host = parts.hostname or ""
@@ -120,36 +129,112 @@ class Origin:
 
 
 class _Stale(Exception):
-    """A kept connection the server had closed before answering: the request may go again."""
+    """A kept connection the server had closed before a byte of answer: the request may go again."""
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.protocol = h11.Connection(h11.CLIENT)
+class _Connection(asyncio.Protocol):
+    """One connection: bytes in are held until h11 asks for them; any byte arriving while the
+    connection sits idle, or left over after an answer, makes it unfit for another request."""
+
+    def __init__(self) -> None:
+        # httpcore's ceiling for an answer's head; h11's own 16 KB refuses answers httpx took.
+        self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.idle_since = 0.0
+        self.received_since_request = False
+        self._transport: asyncio.Transport | None = None
+        self._held = bytearray()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
 
-    def close(self) -> None:
-        # Not awaited: the transport finishes closing on its own, and a TLS peer that never
-        # answers the close must not hold anything up.
-        self.writer.close()
+    # -- asyncio.Protocol -------------------------------------------------------------------
 
-    async def next_event(self, *, kept: bool, answered: bool) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        """The next h11 event, reading as needed. On a kept connection, an end before any answer is _Stale."""
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._held += data
+        if len(self._held) >= READ_SIZE and not self._paused and self._transport is not None:
+            # Bounded like a StreamReader: a server sending faster than the body is read waits.
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = True
+        self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- used by the exchange ---------------------------------------------------------------
+
+    def fit_for_reuse(self) -> bool:
+        transport = self._transport
+        return not self._held and not self._ended and transport is not None and not transport.is_closing()
+
+    def send(self, data: bytes) -> None:
+        assert self._transport is not None
+        self.received_since_request = False
+        self._transport.write(data)
+
+    async def _read(self) -> bytes:
+        """What has arrived (waiting for something); b"" once the server has closed."""
+        while not self._held and not self._ended:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._held:
+            data = bytes(self._held)
+            self._held.clear()
+            if self._paused and self._transport is not None:
+                self._paused = False
+                self._transport.resume_reading()
+            self.received_since_request = True
+            return data
+        if isinstance(self._error, OSError):
+            raise self._error
+        return b""
+
+    async def next_event(self, *, kept: bool) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next h11 event, reading as needed. On a kept connection, an end before any byte of
+        answer to this request is _Stale; after one, it is the server's failure to answer."""
         while True:
             event = self.protocol.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            retry = kept and not self.received_since_request
             try:
-                chunk = await self.reader.read(READ_SIZE)
+                chunk = await self._read()
             except ConnectionError:
-                if kept and not answered:
+                if retry:
                     raise _Stale from None
                 raise
-            if not chunk and kept and not answered:
+            if not chunk and retry:
                 raise _Stale
             self.protocol.receive_data(chunk)
+
+    def close(self) -> None:
+        """End the connection now: unsent bytes are dropped, not waited for (a receiver that
+        stopped reading must not keep the socket open)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def release(self) -> None:
+        """A clean close of a connection in good order (the pool is full or closing)."""
+        if self._transport is not None:
+            self._transport.close()
 
 
 class Exchange:
@@ -169,7 +254,7 @@ class Exchange:
             return
         try:
             while True:
-                event = await connection.next_event(kept=False, answered=True)
+                event = await connection.next_event(kept=False)
                 if isinstance(event, h11.Data):
                     yield bytes(event.data)
                 elif isinstance(event, h11.EndOfMessage):
@@ -189,7 +274,10 @@ class Exchange:
         if connection is None:
             return
         protocol = connection.protocol
-        if self._complete and protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
+        clean = protocol.our_state is h11.DONE and protocol.their_state is h11.DONE
+        # Bytes after the answer's end (pipelined by the server, or a stray second answer) would
+        # be read as the next request's answer: such a connection is not reused.
+        if self._complete and clean and protocol.trailing_data == (b"", False):
             protocol.start_next_cycle()
             self._owner.keep(connection)
         else:
@@ -213,7 +301,11 @@ class Connections:
         before any answer) is replaced and the request sent again: the server never answered it,
         and at-least-once allows the rare second copy.
         """
-        request = h11.Request(method=method, target=target, headers=[*self.origin.headers, *headers])
+        try:
+            request = h11.Request(method=method, target=target, headers=[*self.origin.headers, *headers])
+        except h11.LocalProtocolError:
+            # h11's text quotes the offending value, which may be a secret URL's host.
+            raise ExchangeFailed("the request could not be written (an invalid header value)") from None
         kept = self._take()
         if kept is not None:
             try:
@@ -224,7 +316,7 @@ class Connections:
 
     def keep(self, connection: _Connection) -> None:
         if self._closed or len(self._idle) >= MAX_IDLE:
-            connection.close()
+            connection.release()
             return
         connection.idle_since = self._monotonic()
         self._idle.append(connection)
@@ -233,30 +325,31 @@ class Connections:
         self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
-            connection.close()
+            connection.release()
 
     def _take(self) -> _Connection | None:
         """The most recently used kept connection still fit for a request, if any."""
         now = self._monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if now - connection.idle_since <= KEEPALIVE_EXPIRY and not connection.reader.at_eof():
+            if now - connection.idle_since <= KEEPALIVE_EXPIRY and connection.fit_for_reuse():
                 return connection
             connection.close()
         return None
 
     async def _connect(self) -> _Connection:
         origin = self.origin
+        loop = asyncio.get_running_loop()
         try:
             if origin.tls:
-                reader, writer = await asyncio.open_connection(
-                    origin.host, origin.port, ssl=client_context(), server_hostname=origin.host
+                _, connection = await loop.create_connection(
+                    _Connection, origin.host, origin.port, ssl=client_context(), server_hostname=origin.host
                 )
             else:
-                reader, writer = await asyncio.open_connection(origin.host, origin.port)
+                _, connection = await loop.create_connection(_Connection, origin.host, origin.port)
         except OSError as exc:  # gaierror, ssl.SSLError and the connection errors are all OSErrors
             raise ConnectFailed(describe_os_error(exc, "connection failed")) from None
-        return _Connection(reader, writer)
+        return connection
 
     async def _exchange(self, connection: _Connection, request: h11.Request, body: bytes, *, kept: bool) -> Exchange:
         protocol = connection.protocol
@@ -265,15 +358,9 @@ class Connections:
                 data = b"".join(protocol.send(e) or b"" for e in (request, h11.Data(data=body), h11.EndOfMessage()))
             except h11.LocalProtocolError:
                 raise ExchangeFailed("the request could not be written (an invalid header value)") from None
-            connection.writer.write(data)
-            try:
-                await connection.writer.drain()
-            except ConnectionError:
-                if kept:
-                    raise _Stale from None
-                raise
+            connection.send(data)
             while True:
-                event = await connection.next_event(kept=kept, answered=False)
+                event = await connection.next_event(kept=kept)
                 if isinstance(event, h11.Response):
                     return Exchange(self, connection, event)
                 if isinstance(event, h11.ConnectionClosed):
