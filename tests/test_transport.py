@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import socket
 import ssl
@@ -17,9 +18,9 @@ import trustme
 from tests.support.receiver import Receiver, Reply
 from tests.test_webhook_sink import SECRET_A, config, deliver, fail, lead_event, run, secret_free
 from watcher import __version__
-from watcher.clock import SystemClock
+from watcher.clock import FakeClock, SystemClock
 from watcher.errors import DeliveryError
-from watcher.http11 import proxied
+from watcher.http11 import Origin, describe_exchange_error, proxied
 from watcher.sinks import build_sink
 from watcher.sinks.transport import Direct
 from watcher.tls import client_context
@@ -31,7 +32,10 @@ def read_request(conn: socket.socket) -> bytes:
     """One request's head and Content-Length body off `conn`; b"" when the client closed first."""
     data = b""
     while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionError:  # the client dropped the connection (an abort resets it)
+            return b""
         if not chunk:
             return b""
         data += chunk
@@ -457,3 +461,91 @@ def test_a_timed_out_request_with_unsent_bytes_frees_its_socket(scripted: Callab
         assert run(go()) == 1
     finally:
         stop.set()
+
+
+def test_bytes_waiting_in_the_socket_of_an_idle_connection_retire_it(scripted: Callable[..., Scripted]) -> None:
+    """A stray answer that reached the socket while the loop was busy (not yet read) still retires the connection."""
+    may_send, sent = threading.Event(), threading.Event()
+
+    def answer_then_stray(conn: socket.socket, heads: list[bytes]) -> None:
+        heads.append(read_request(conn))
+        conn.sendall(NO_CONTENT)
+        may_send.wait(5)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+        sent.set()
+        read_request(conn)  # hold the connection open until the client drops it
+
+    rejected = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+    server = scripted(answer_then_stray, answer(rejected))
+
+    async def two() -> int | None:
+        sink = build_sink(config(server.url), clock=SystemClock(), version=__version__)
+        try:
+            await sink.deliver([lead_event()])
+            # The loop is held (as a busy daemon holds it) while the stray bytes arrive: on loopback
+            # they sit in the socket once sendall returns, unseen by the event loop.
+            may_send.set()
+            assert sent.wait(5)
+            with pytest.raises(DeliveryError) as info:
+                await sink.deliver([lead_event()])
+            return info.value.status
+        finally:
+            await sink.aclose()
+
+    assert run(two()) == 503
+    assert server.conns == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "host_header", "target"),
+    [
+        ("https://faß.de/h", "xn--fa-hia.de", 443, b"xn--fa-hia.de", b"/h"),  # IDNA 2008, as httpx (not fass.de)
+        ("http://[::1]:8080/a b?x=é", "::1", 8080, b"[::1]:8080", b"/a%20b?x=%C3%A9"),
+        ("http://EXAMPLE.com/%2Fx", "example.com", 80, b"example.com", b"/%2Fx"),
+    ],
+)
+def test_an_origin_is_what_httpx_would_connect_to(
+    url: str, host: str, port: int, host_header: bytes, target: bytes
+) -> None:
+    """Host, port, Host header and request target come from httpx's reading of the URL."""
+    origin, got_target = Origin.of(url)
+    assert (origin.host, origin.port, origin.headers[0], got_target) == (host, port, (b"host", host_header), target)
+
+
+def test_a_host_label_too_long_to_resolve_is_a_delivery_error() -> None:
+    """A 70-character label fails the attempt with words, not a UnicodeError traceback (nothing is looked up)."""
+    error = fail(config("http://" + "a" * 70 + ".example/hook"), [lead_event()], FakeClock())
+    assert (type(error), str(error)) == (DeliveryError, "host name is not valid")
+
+
+def test_connections_idle_past_the_expiry_are_closed_though_a_newer_one_is_busy(rx: Receiver) -> None:
+    """After a burst, one delivery a second keeps one connection; the others are closed once expired, not kept."""
+    rx.respond(204, delay=0.05)  # slow enough that the burst needs three connections
+    clock = FakeClock()
+
+    async def go() -> None:
+        sink = build_sink(config(rx.url), clock=clock, version=__version__)
+        try:
+            await asyncio.gather(*(sink.deliver([lead_event()]) for _ in range(3)))
+            for _ in range(8):
+                clock.advance(1.0)
+                await sink.deliver([lead_event()])
+            open_now = rx.wait_for(lambda _: len(rx._server.connections) <= 1, what="the expired connections closed")
+            assert len({r.port for r in open_now}) == 3
+        finally:
+            await sink.aclose()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (ssl.SSLError(1, "bad record mac"), "TLS error during the exchange"),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), "connection reset by the receiver"),
+        (OSError(errno.EIO, "io"), "receiver closed the connection without a valid response"),
+    ],
+)
+def test_failures_once_connected_are_named_for_what_they_are(error: OSError, text: str) -> None:
+    """A TLS error mid-answer is not called a handshake failure; other socket errors keep their plain names."""
+    assert describe_exchange_error(error) == text

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import select
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit
 
 import h11
 import httpx
@@ -35,10 +35,6 @@ KEEPALIVE_EXPIRY = 5.0
 MAX_IDLE = 32  # connections kept for reuse at most: a sink's concurrency is at most 32
 READ_SIZE = 65_536  # bytes held unread before the server is asked to wait
 MAX_HEAD_BYTES = 100 * 1024
-# Characters left as they are on the request line; the rest (spaces, non-ASCII) are
-# percent-encoded, as httpx does.
-_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-_QUERY_SAFE = _PATH_SAFE + "?"
 NO_VALID_ANSWER = "receiver closed the connection without a valid response"
 _ERRNO_TEXT = {
     errno.ECONNREFUSED: "connection refused",
@@ -94,6 +90,13 @@ def proxied(url: str) -> bool:
     return False
 
 
+def describe_exchange_error(exc: OSError) -> str:
+    """A socket-level failure once connected: a TLS error then is not about the handshake."""
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error during the exchange"
+    return describe_os_error(exc, NO_VALID_ANSWER)
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where requests go: host, port, TLS, and the headers every request to it carries."""
@@ -105,27 +108,24 @@ class Origin:
 
     @classmethod
     def of(cls, url: str) -> tuple[Origin, bytes]:
-        """The origin of `url` and its request target (path and query, percent-encoded)."""
+        """The origin of `url` and its request target, both as httpx would send them (the host in
+        IDNA 2008 form, the path and query percent-encoded)."""
         if not url.isprintable():
             raise InvalidURL("not a valid http(s) URL")  # a control character would reach the request line
-        parts = urlsplit(url)
         try:
-            host = parts.hostname or ""
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            authority = parts.netloc.rpartition("@")[2].encode("ascii" if parts.netloc.isascii() else "idna")
-        except (ValueError, UnicodeError):
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
             raise InvalidURL("not a valid http(s) URL") from None
-        if parts.scheme not in ("http", "https") or not host:
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
             raise InvalidURL("not a valid http(s) URL")
-        target = quote(parts.path or "/", safe=_PATH_SAFE)
-        if parts.query:
-            target += "?" + quote(parts.query, safe=_QUERY_SAFE)
-        headers: list[tuple[bytes, bytes]] = [(b"host", authority)]
-        if parts.username is not None:
+        tls = parsed.scheme == "https"
+        headers: list[tuple[bytes, bytes]] = [(b"host", parsed.netloc)]
+        if parsed.username or parsed.password:
             # httpx sends a URL's userinfo as basic auth; receivers set up that way keep working.
-            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            pair = f"{parsed.username}:{parsed.password}".encode()
             headers.append((b"authorization", b"Basic " + base64.b64encode(pair)))
-        return cls(host, port, parts.scheme == "https", tuple(headers)), target.encode("ascii")
+        host = parsed.raw_host.decode("ascii")
+        return cls(host, parsed.port or (443 if tls else 80), tls, tuple(headers)), parsed.raw_path
 
 
 class _Stale(Exception):
@@ -179,8 +179,13 @@ class _Connection(asyncio.Protocol):
     # -- used by the exchange ---------------------------------------------------------------
 
     def fit_for_reuse(self) -> bool:
+        """Nothing arrived since the last answer, the server has not closed it, and the socket has
+        nothing waiting either (the loop may not have delivered what came while it was busy)."""
         transport = self._transport
-        return not self._held and not self._ended and transport is not None and not transport.is_closing()
+        if self._held or self._ended or transport is None or transport.is_closing():
+            return False
+        sock = transport.get_extra_info("socket")
+        return sock is None or not select.select([sock], [], [], 0)[0]
 
     def send(self, data: bytes) -> None:
         assert self._transport is not None
@@ -265,7 +270,7 @@ class Exchange:
         except h11.RemoteProtocolError:
             raise ExchangeFailed(NO_VALID_ANSWER) from None
         except OSError as exc:
-            raise ExchangeFailed(describe_os_error(exc, NO_VALID_ANSWER)) from None
+            raise ExchangeFailed(describe_exchange_error(exc)) from None
 
     def close(self) -> None:
         """Keep the connection when the answer was read to its end, else close it (a connection with
@@ -328,11 +333,14 @@ class Connections:
             connection.release()
 
     def _take(self) -> _Connection | None:
-        """The most recently used kept connection still fit for a request, if any."""
+        """The most recently used kept connection still fit for a request, if any. Expired ones
+        are closed as they are found, oldest first (kept in the order they went idle)."""
         now = self._monotonic()
+        while self._idle and now - self._idle[0].idle_since > KEEPALIVE_EXPIRY:
+            self._idle.pop(0).close()
         while self._idle:
             connection = self._idle.pop()
-            if now - connection.idle_since <= KEEPALIVE_EXPIRY and connection.fit_for_reuse():
+            if connection.fit_for_reuse():
                 return connection
             connection.close()
         return None
@@ -349,6 +357,8 @@ class Connections:
                 _, connection = await loop.create_connection(_Connection, origin.host, origin.port)
         except OSError as exc:  # gaierror, ssl.SSLError and the connection errors are all OSErrors
             raise ConnectFailed(describe_os_error(exc, "connection failed")) from None
+        except UnicodeError:  # a host label the resolver cannot encode (longer than 63 characters)
+            raise ConnectFailed("host name is not valid") from None
         return connection
 
     async def _exchange(self, connection: _Connection, request: h11.Request, body: bytes, *, kept: bool) -> Exchange:
@@ -371,7 +381,7 @@ class Connections:
             if isinstance(exc, h11.RemoteProtocolError):
                 raise ExchangeFailed(NO_VALID_ANSWER) from None
             if isinstance(exc, OSError):
-                raise ExchangeFailed(describe_os_error(exc, NO_VALID_ANSWER)) from None
+                raise ExchangeFailed(describe_exchange_error(exc)) from None
             raise
 
 
@@ -407,7 +417,8 @@ class Transport(httpx.AsyncBaseTransport):
         url = request.url
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol("only http and https are supported")
-        key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        # raw_host: the IDNA 2008 form httpx resolves and names in TLS, never Python's IDNA 2003 codec.
+        key = (url.scheme, url.raw_host.decode("ascii"), url.port or (443 if url.scheme == "https" else 80))
         pool = self._pools.get(key)
         if pool is None:
             # httpx has already put Host (and any auth) into the request's own headers.
