@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.daemon import PASSWORD, USERNAME
 from tests.support.receiver import Receiver
+from tests.support.scripted import Script, Scripted
 from watcher.logs import LOG_CAPTURE_ENV
 from watcher.simulator import Simulator, SimulatorServer
 
@@ -42,3 +43,17 @@ def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
 def receiver() -> Iterator[Receiver]:
     with Receiver() as r:
         yield r
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., Scripted]]:
+    """Scripted servers made by the test, closed after it."""
+    made: list[Scripted] = []
+
+    def make(*scripts: Script) -> Scripted:
+        made.append(Scripted(*scripts))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()

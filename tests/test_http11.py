@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.scripted import Scripted, answer
 from tests.test_convertr import SIM_PASSWORD, SIM_USER, run, sim_config
-from tests.test_transport import Scripted, answer
 from watcher.clock import FakeClock
 from watcher.convertr import ConvertrClient
 from watcher.errors import TransientError
@@ -120,16 +120,3 @@ def test_an_answer_that_is_not_http_is_a_transient_error_without_the_host(script
         run(go())
     assert "127.0.0.1" not in str(info.value)
     assert str(info.value) == "Convertr POST /api/login: RemoteProtocolError"
-
-
-@pytest.fixture
-def scripted() -> Iterator[Callable[..., Scripted]]:
-    made: list[Scripted] = []
-
-    def make(*scripts: Any) -> Scripted:
-        made.append(Scripted(*scripts))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.close()
