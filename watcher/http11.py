@@ -1,12 +1,13 @@
-"""HTTP/1.1 with h11 over asyncio streams: the kept connections to one origin, and their httpx face.
+"""HTTP/1.1 with h11 over asyncio: the kept connections to one origin, and their httpx face.
 
 httpx's own pool (httpcore on anyio) costs about 2 ms of CPU a request on the benchmark machine;
-h11 alone over asyncio streams about 0.3 ms (docs/benchmarks.md). Delivery is CPU-bound in the
+h11 alone over asyncio about 0.3 ms (docs/benchmarks.md). Delivery is CPU-bound in the
 daemon, and a walk's read-ahead must be on the wire before the page in hand is detected and
 committed: here a request on a kept connection is written in its task's first step, where
 httpcore needed several turns of the loop.
 
-`Connections` does the protocol (h11) and keeps connections; sinks use it directly, and the
+`Connections` does the protocol (h11) and keeps connections, each a small asyncio Protocol that
+knows when bytes arrive while it sits idle; sinks use it directly, and the
 Convertr client through `Transport`, an httpx transport, so the client keeps httpx's API (and its
 MockTransport in tests). Failures are `ConnectFailed` (no connection was made) or `ExchangeFailed`
 (after that), whose texts come from the error's class and errno, never its message: the OS may
