@@ -48,18 +48,31 @@ class Scripted:
 
     def _serve(self) -> None:
         for number, script in enumerate(self._scripts):
-            conn, _ = self.sock.accept()
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed by the test before every script had its connection
             with conn:
-                heads: list[bytes] = []
-                try:
-                    script(conn, heads)
-                finally:
-                    self.heads += heads
-                    self.conns += [number] * len(heads)
+                script(conn, _Heads(self, number))
 
     def close(self) -> None:
         self.sock.close()
         self._thread.join(5)
+
+
+class _Heads(list[bytes]):
+    """A script's record of the heads it read, written through to its server at once: scripts
+    record a head before answering it, so a client that has its answer finds the head recorded."""
+
+    def __init__(self, server: Scripted, number: int) -> None:
+        super().__init__()
+        self._server = server
+        self._number = number
+
+    def append(self, head: bytes) -> None:
+        super().append(head)
+        self._server.heads.append(head)
+        self._server.conns.append(self._number)
 
 
 def answer(*replies: bytes, read_more: bool = False) -> Script:
