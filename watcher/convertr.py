@@ -634,9 +634,10 @@ def _json_or_none(response: Answer) -> Any:
 async def let_requests_start() -> None:
     """Give requests just made as tasks the loop turns they need to get on the wire.
 
-    httpx takes a few turns (budget, connection pool, write) before a request is sent; a caller
-    that goes on to detect and commit a page without yielding would hold a prefetch back until
-    it is done, and the walk would cost the sum of Convertr's time and ours, not the larger.
+    On a kept connection (watcher.http11) one turn writes it; a new connection, or httpx's own
+    transport (behind a proxy, or a MockTransport), takes a few. A caller that goes on to detect
+    and commit a page without yielding would hold a read-ahead back until it is done, and the walk
+    would cost the sum of Convertr's time and ours, not the larger.
     """
     for _ in range(PREFETCH_TURNS):
         await asyncio.sleep(0)

@@ -425,7 +425,7 @@ class Transport(httpx.AsyncBaseTransport):
             # httpx has already put Host (and any auth) into the request's own headers.
             pool = self._pools[key] = Connections(Origin(key[1], key[2], key[0] == "https", ()), self._monotonic)
         body = await request.aread()
-        headers = [(k.lower(), v) for k, v in request.headers.raw]
+        headers = list(request.headers.raw)  # h11 lower-cases the names itself
         try:
             exchange = await pool.request(request.method.encode(), url.raw_path, headers, body)
         except ConnectFailed as exc:

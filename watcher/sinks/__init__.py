@@ -161,8 +161,8 @@ async def _exchange_once(
 
 
 class HttpSink:
-    """What every sink shares: its configuration, an HTTP client of its own (unless one is
-    passed in), and the exchange of one request for an Attempt or a DeliveryError."""
+    """What every sink shares: its configuration, a transport of its own (kept connections to its
+    receiver), and the exchange of one request for an Attempt or a DeliveryError."""
 
     def __init__(self, config: SinkConfig, *, clock: Clock) -> None:
         self.name = config.name

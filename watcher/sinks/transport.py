@@ -116,8 +116,7 @@ def _root_os_error(exc: BaseException) -> OSError | None:
 
 
 def describe_httpx_error(exc: httpx.TransportError) -> str:
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
+    # No TimeoutException: the client has no timeouts of its own, sinks.post bounds the exchange.
     if isinstance(exc, httpx.RemoteProtocolError):
         return NO_VALID_ANSWER
     if isinstance(exc, httpx.ProxyError):
