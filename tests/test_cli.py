@@ -193,7 +193,7 @@ def test_status_without_a_state_file_creates_nothing(tmp_path: Path) -> None:
     config = write_config(tmp_path, "http://127.0.0.1:9")
     result = cli("status", "-c", str(config), "--json")
     assert result.returncode == 0
-    assert json.loads(result.stdout) == {"streams": [], "sinks": [], "tracked_leads": 0}
+    assert json.loads(result.stdout) == {"running": False, "role": None, "streams": [], "sinks": [], "tracked_leads": 0}
     assert "no state file" in result.stderr
     assert not (tmp_path / "state.db").exists()
 

@@ -37,8 +37,10 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+def _load(args: argparse.Namespace, *, secrets_required: bool = True) -> Config:
+    """The configuration, logging set up from it. Commands that only read or change the state pass
+    `secrets_required=False`: they must work while the service's credentials are not on disk."""
+    config = load_config(args.config, secrets_required=secrets_required)
     configure_logging(
         config.log.level, config.log.format, secrets=config.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
     )
@@ -207,19 +209,46 @@ async def _resolve(url: str) -> tuple[str, str | None]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from watcher.config import state_path_of
+
+    config: Config | None = None
+    refused = None
+    try:
+        config = _load(args, secrets_required=False)
+        state_path = config.state.path
+    except ConfigError as exc:
+        # The state is still worth showing: a daemon may be running on the configuration it loaded
+        # before the file broke, and the operator needs to see it before fixing the file.
+        found = state_path_of(args.config)
+        if found is None:
+            raise
+        state_path, refused = found, f"{args.config}: {exc}"
+        print(f"{PROG}: warning: the configuration does not load ({refused}); showing the state", file=sys.stderr)
+    if not state_path.exists():
+        # Opening would create the file, possibly owned by the wrong user: report instead.
+        print(f"{PROG}: no state file at {state_path} yet (the daemon has not run)", file=sys.stderr)
+        if args.json:
+            print(
+                json.dumps({"running": False, "role": None, "streams": [], "sinks": [], "tracked_leads": 0}, indent=2)
+            )
+        return EXIT_OK
+    report = _status_report(state_path, config, refused)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return EXIT_OK
+
+
+def _status_report(state_path: Path, config: Config | None, refused: str | None) -> dict[str, Any]:
+    """What `status` shows, as the JSON it prints with `--json`; the config is None when it does not load."""
+    from watcher.lock import running_holder
     from watcher.outbox import FAILING_ALERT_AFTER
     from watcher.store import Store
 
-    config = _load(args)
-    if not config.state.path.exists():
-        # Opening would create the file, possibly owned by the wrong user: report instead.
-        print(f"{PROG}: no state file at {config.state.path} yet (the daemon has not run)", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"streams": [], "sinks": [], "tracked_leads": 0}, indent=2))
-        return EXIT_OK
     # Read-only and never migrated: run between an upgrade and the restart, status must not touch
     # the file the old daemon still writes.
-    store = Store.open_readonly(config.state.path)
+    store = Store.open_readonly(state_path)
     secrets = known_secrets()
     now = SystemClock().now()
     try:
@@ -251,18 +280,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             for u in store.unreadable()
         ]
         sinks: list[dict[str, Any]] = []
-        configured = {c.name: c for c in config.sinks}
-        for s in store.sink_states(list(configured)):
+        # Unknown when the file does not load: then no sink is called stranded or "not in config".
+        configured = {c.name: c for c in config.sinks} if config is not None else None
+        for s in store.sink_states(list(configured or ())):
             failing = s.failing_since is not None and now - s.failing_since >= FAILING_ALERT_AFTER
-            sink_config = configured.get(s.name)
+            sink_config = configured.get(s.name) if configured is not None else None
             sinks.append(
                 {
                     "sink": s.name,
-                    "configured": sink_config is not None,
+                    "configured": None if configured is None else sink_config is not None,
                     # `enabled = false` in the configuration: nothing is queued or sent for it.
                     "off": sink_config is not None and not sink_config.enabled,
                     # Pending or dead events of a sink no longer configured: nothing will ever send them.
-                    "stranded": s.stranded(configured),
+                    "stranded": configured is not None and s.stranded(configured),
                     "pending": s.pending,
                     "dead": s.dead,
                     "delivered": s.delivered,
@@ -275,27 +305,32 @@ def cmd_status(args: argparse.Namespace) -> int:
                 }
             )
         leads = store.lead_count()
+        forgotten = [{"lead_id": lead, "forgotten_at": _ts(at)} for lead, at in store.tombstones()]
     finally:
         store.close()
-    daemon = _daemon_info(config)
-    storage = _storage(config.state.path)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "streams": streams,
-                    "sinks": sinks,
-                    "tracked_leads": leads,
-                    "unreadable_leads": unreadable,
-                    "daemon": daemon,
-                    "storage": storage,
-                },
-                indent=2,
-            )
-        )
-        return EXIT_OK
+    holder = running_holder(state_path)
+    return {
+        # Whether a `run` or `once` holds the state file now: the lock, not the pid a file remembers.
+        "running": holder is not None,
+        # One writer per SQLite file: the one running is the leader.
+        "role": "leader" if holder is not None else None,
+        "holder": None
+        if holder is None
+        else {"pid": holder.pid, "command": holder.command, "host": holder.host, "since": holder.started_at},
+        "config_error": refused,
+        "streams": streams,
+        "sinks": sinks,
+        "tracked_leads": leads,
+        "unreadable_leads": unreadable,
+        "forgotten_leads": forgotten,
+        "daemon": _daemon_info(state_path, config, holder.pid if holder is not None else None),
+        "storage": _storage(state_path),
+    }
+
+
+def _print_status(report: dict[str, Any]) -> None:
     print(f"{'STREAM':<16} {'CURSOR':<26} {'LAST POLL':<10} {'POLLS':>6}  ERROR")
-    for st in streams:
+    for st in report["streams"]:
         age = f"{int(st['last_poll_age_s'])}s ago" if st["last_poll_age_s"] is not None else "never"
         note = st["last_error"] or ""
         if st["walking"] and st["pages_done"]:
@@ -303,34 +338,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{st['stream']:<16} {(st['cursor'] or '-')[:26]:<26} {age:<10} {st['polls']:>6}  {note}")
     print()
     print(f"{'SINK':<16} {'PENDING':>8} {'DEAD':>6} {'OLDEST':>7}  {'LAST SUCCESS':<26} STATE")
-    for sk in sinks:
+    for sk in report["sinks"]:
         state = "off" if sk["off"] else "disabled" if sk["disabled"] else ("FAILING" if sk["failing"] else "ok")
         if sk["stranded"]:
             state = "STRANDED (not in config): move with replay --sink NEW --from-sink " + sk["sink"]
-        elif not sk["configured"]:
+        elif sk["configured"] is False:
             state += " (not in config)"
         oldest = f"{int(sk['oldest_pending_age_s'])}s" if sk["oldest_pending_age_s"] is not None else "-"
         print(
             f"{sk['sink']:<16} {sk['pending']:>8} {sk['dead']:>6} {oldest:>7}  "
             f"{sk['last_success_at'] or '-':<26} {state}"
         )
-    print(f"\n{leads} leads tracked")
+    print(f"\n{report['tracked_leads']} leads tracked")
+    storage, daemon, holder = report["storage"], report["daemon"], report["holder"]
     if storage["problem"]:
         print(f"STATE FILE: {storage['problem']}")
-    if daemon is not None:
+    if report["config_error"]:
+        print(f"CONFIG: does not load, so sinks are listed from the state alone: {report['config_error']}")
+    if holder is None:
+        print("daemon: not running (no process holds the state file)")
+    elif daemon is None:
+        print(f"daemon: running, pid {holder['pid']} ({holder['command']}) on {holder['host']} since {holder['since']}")
+    else:
         changed = " (the file has changed since: send SIGHUP to apply it)" if daemon["config_changed"] else ""
+        print(f"daemon: running, pid {holder['pid']} on {holder['host']} since {holder['since']}")
         print(
             f"config loaded {daemon['config_loaded_at']} fingerprint {daemon['config_fingerprint']}, "
             f"{daemon['reloads']} reloads{changed}"
         )
         if daemon.get("reload_refused"):
             print(f"last reload REFUSED at {daemon['reload_refused_at']}: {daemon['reload_refused']}")
-    for u in unreadable:
+    for u in report["unreadable_leads"]:
         print(
             f"lead {u['lead_id']} unreadable ({u['stream']}): {u['tries']} tries since {u['first_seen']}, "
             f"next {u['next_try']}: {u['error'] or ''}"
         )
-    return EXIT_OK
+    for f in report["forgotten_leads"]:
+        print(f"lead {f['lead_id']} forgotten at {f['forgotten_at']} (a tombstone: never announced again)")
 
 
 # Less free space than this, and a page of leads or an outcome may not fit.
@@ -357,19 +401,30 @@ def _storage(path: Path) -> dict[str, Any]:
     return {"free_bytes": free, "read_only": read_only, "problem": problem}
 
 
-def _daemon_info(config: Config) -> dict[str, Any] | None:
-    """What the daemon last wrote about its configuration, and whether the file on disk differs now."""
+def _daemon_info(state_path: Path, config: Config | None, pid: int | None) -> dict[str, Any] | None:
+    """What the running daemon wrote about its configuration, and whether the file on disk differs.
+
+    None unless that daemon still runs: a stopped one's record would read as live advice.
+    """
+    from watcher.config import file_digest
     from watcher.runinfo import config_fingerprint, read_info
 
-    info = read_info(config.state.path)
-    if info is None:
+    info = read_info(state_path)
+    if info is None or pid is None or info.get("pid") != pid:
         return None
+    if config is not None and not config.unresolved:
+        # Every secret readable here too: rotated credential files count as a change.
+        changed = info.get("fingerprint") != config_fingerprint(config)
+    else:
+        # The file's bytes alone, as the daemon read them at its last successful load.
+        path = Path(str(info.get("config_path") or "")) if config is None else config.path
+        changed = info.get("config_digest") != file_digest(path)
     refused = info.get("reload_refused")
     return {
         "pid": info.get("pid"),
         "config_loaded_at": _ts(info.get("loaded_at")),
         "config_fingerprint": info.get("fingerprint"),
-        "config_changed": info.get("fingerprint") != config_fingerprint(config),
+        "config_changed": changed,
         "reloads": info.get("reloads", 0),
         "reload_refused": scrub(str(refused), known_secrets()) if refused else None,
         "reload_refused_at": _ts(info.get("reload_refused_at")) if refused else None,
@@ -380,12 +435,19 @@ def cmd_forget(args: argparse.Namespace) -> int:
     """An erasure request: the lead's snapshot, payloads and attempt log go; a tombstone stays."""
     from watcher.store import Store
 
-    config = _load(args)
+    config = _load(args, secrets_required=False)
     if not config.state.path.exists():
         return _fail(f"forget: no state file at {config.state.path}", EXIT_FAILURE)
     # No write lock, like replay: one short transaction that a running daemon serialises with.
     with Store.open(config.state.path) as store:
-        erased = store.forget(args.lead, SystemClock().now())
+        erased = store.forget(args.lead, SystemClock().now(), unseen=args.unseen)
+    if erased is None:
+        return _fail(
+            f"forget: the state holds nothing about lead {args.lead} (a mistyped id, or one not polled yet); "
+            "nothing erased. For a lead not yet polled, --unseen records a tombstone that keeps it from ever "
+            "being announced",
+            EXIT_FAILURE,
+        )
     print(
         f"lead {args.lead} forgotten: {erased['events']} events, {erased['deliveries']} deliveries and "
         f"{erased['attempts']} attempt-log rows erased; a bare tombstone keeps it from being announced again"
@@ -396,7 +458,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from watcher.store import DEAD, DELIVERED, Selection, Store
 
-    config = _load(args)
+    config = _load(args, secrets_required=False)
     names = {s.name for s in config.sinks}
     for name in args.sink or []:
         if name not in names:
@@ -498,7 +560,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     from watcher.listing import Query, read, write
 
-    config = _load(args)
+    config = _load(args, secrets_required=False)
     # Read-only (SQLite mode=ro): safe beside a running daemon, and never creates or migrates the file.
     rows = read(
         config.state.path,
@@ -582,6 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_send_test)
     p = with_config("forget", "erase one lead's personal data from the state file, keeping a bare tombstone")
     p.add_argument("--lead", required=True, type=int, metavar="ID", help="the Convertr lead id")
+    p.add_argument(
+        "--unseen",
+        action="store_true",
+        help="the state has never seen this lead (not polled yet): record the tombstone anyway",
+    )
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import json
 import math
@@ -169,6 +170,12 @@ class Config:
     log: LogConfig = LogConfig()
     # Problems worth a warning but not a refusal (the CLI logs them once logging is set up).
     warnings: tuple[str, ...] = ()
+    # Key paths of secrets left unread: only a load with `secrets_required=False` leaves any, for
+    # commands that read or change the state and never speak to Convertr or a sink.
+    unresolved: tuple[str, ...] = ()
+    # SHA-256 of the file's bytes as this load read them: what the daemon runs is told apart from
+    # what is on disk now, even after the file changed under it.
+    source_digest: str = ""
 
     def secret_values(self) -> tuple[str, ...]:
         """Every secret string the log redactor must hide."""
@@ -200,12 +207,20 @@ _SINK = SinkConfig(name="", type="webhook", url="")
 _LOG = LogConfig()
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read, parse and validate the TOML file at `path`; raise ConfigError on the first problem."""
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, secrets_required: bool = True
+) -> Config:
+    """Read, parse and validate the TOML file at `path`; raise ConfigError on the first problem.
+
+    With `secrets_required=False` a secret whose `_env` or `_file` cannot be read is left empty
+    and named in `Config.unresolved` instead of refused: the maintenance commands need the state,
+    not the credentials, which under systemd exist only while the service runs.
+    """
     shown = str(path)
     try:
         with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+            data = fh.read()
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(shown, "file not found") from None
     except IsADirectoryError:
@@ -217,10 +232,48 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(shown, f"invalid TOML: {_one_line(str(exc))}") from None
     config_path = Path(path).absolute()
-    ctx = _Context(environ=os.environ if environ is None else environ, folder=config_path.parent)
+    ctx = _Context(
+        environ=os.environ if environ is None else environ, folder=config_path.parent, lenient=not secrets_required
+    )
     config = _build(raw, config_path, ctx)
     warning = _exposed_secrets(config_path, ctx.literals)
-    return replace(config, warnings=(warning,)) if warning else config
+    return replace(
+        config,
+        warnings=(warning,) if warning else (),
+        unresolved=tuple(ctx.unresolved),
+        source_digest=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def state_path_of(path: str | os.PathLike[str]) -> Path | None:
+    """`[state] path` of a configuration that does not load, so `status` can still show the state.
+
+    The whole file is tried first, then the `[state]` table's lines on their own (a syntax error
+    elsewhere leaves them readable). None when neither gives a path.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = Path(path).absolute().parent
+    try:
+        table = tomllib.loads(text).get("state")
+    except tomllib.TOMLDecodeError:
+        match = re.search(r"^[ \t]*\[state\][ \t]*(?:#.*)?$(.*?)(?=^[ \t]*\[|\Z)", text, flags=re.M | re.S)
+        try:
+            table = tomllib.loads(match.group(1)) if match else None
+        except tomllib.TOMLDecodeError:
+            table = None
+    value = table.get("path") if isinstance(table, dict) else None
+    return folder / value if isinstance(value, str) and value.strip() else None
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file's bytes as `Config.source_digest` has it; None when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _exposed_secrets(path: Path, literals: list[str]) -> str | None:
@@ -244,7 +297,9 @@ def _exposed_secrets(path: Path, literals: list[str]) -> str | None:
 class _Context:
     environ: Mapping[str, str]
     folder: Path
+    lenient: bool = False  # an unreadable `_env`/`_file` secret is noted in `unresolved`, not refused
     literals: list[str] = field(default_factory=list)  # key paths of secrets written in the file itself
+    unresolved: list[str] = field(default_factory=list)
 
 
 _TOP_KEYS = ("convertr", "state", "leads", "campaigns", "sinks", "metrics", "log")
@@ -362,9 +417,11 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
         raise ConfigError(t.key("type"), 'must be "webhook" or "slack"')
     kind: SinkType = "webhook" if type_ == "webhook" else "slack"
     url, url_key, url_is_secret = _secret(t, "url", ctx)
-    if not _is_http_url(url):
-        raise ConfigError(url_key, "must be an http(s) URL")
-    _require_https(url, url_key, t.boolean("allow_http", False), t.key("allow_http"))
+    allow_http = t.boolean("allow_http", False)
+    if url or url_key not in ctx.unresolved:
+        if not _is_http_url(url):
+            raise ConfigError(url_key, "must be an http(s) URL")
+        _require_https(url, url_key, allow_http, t.key("allow_http"))
     if kind == "slack" and not url_is_secret:
         ctx.literals.append(url_key)  # a Slack incoming-webhook URL is itself the credential
     secrets: tuple[str, ...] = ()
@@ -376,7 +433,7 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
         if not any(key in t.data for key in _secret_keys("secret")):
             raise ConfigError(t.key("secret"), "required for webhook sinks (secret, secret_env or secret_file)")
         value, secret_key, indirect = _secret(t, "secret", ctx)
-        secrets = _webhook_keys(value, secret_key)
+        secrets = _webhook_keys(value, secret_key) if value else ()
         if not indirect:
             ctx.literals.append(secret_key)
     by_type = SINK_TYPE_DEFAULTS[kind]
@@ -706,14 +763,20 @@ def _secret(t: _Table, name: str, ctx: _Context) -> tuple[str, str, bool]:
     if not isinstance(raw, str) or not raw.strip():
         what = "an environment variable name" if key.endswith("_env") else "a file path"
         raise ConfigError(path, f"must be {what}")
-    if key.endswith("_env"):
-        if raw not in ctx.environ:
-            raise ConfigError(path, f"{_env_name(raw)} is not set")
-        value = ctx.environ[raw]
-        if not value:
-            raise ConfigError(path, f"{_env_name(raw)} is empty")
-        return value, path, True
-    return _read_secret_file(ctx.folder / raw, path, relative=not Path(raw).is_absolute()), path, True
+    try:
+        if key.endswith("_env"):
+            if raw not in ctx.environ:
+                raise ConfigError(path, f"{_env_name(raw)} is not set")
+            value = ctx.environ[raw]
+            if not value:
+                raise ConfigError(path, f"{_env_name(raw)} is empty")
+            return value, path, True
+        return _read_secret_file(ctx.folder / raw, path, relative=not Path(raw).is_absolute()), path, True
+    except ConfigError:
+        if not ctx.lenient:
+            raise
+        ctx.unresolved.append(path)
+        return "", path, True
 
 
 def _read_secret_file(file: Path, path: str, *, relative: bool) -> str:

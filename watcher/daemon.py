@@ -613,6 +613,7 @@ class Daemon:
             "config_path": str(cfg.path),
             "loaded_at": self.loaded_at,
             "fingerprint": config_fingerprint(cfg),
+            "config_digest": cfg.source_digest,
             "reloads": self.reloads,
             "reload_refused": self._refused[0] if self._refused else None,
             "reload_refused_at": self._refused[1] if self._refused else None,

@@ -11,7 +11,8 @@ reason the file is never deleted: unlinking it while a starter has it open would
 processes each lock a different inode under one name.
 
 `run` and `once` hold it: they poll and deliver. `replay` does not: it is one short transaction
-the running daemon is meant to pick up. `status` and `check` only read.
+the running daemon is meant to pick up. `status` and `check` only read; `status` asks whether a
+writer holds the lock now (`running_holder`).
 
 The holder writes who it is into the file (pid, command, host, start time) so that a refused
 writer can name it.
@@ -24,6 +25,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +83,30 @@ def read_holder(state_path: Path) -> Holder | None:
         return None
 
 
+def running_holder(state_path: Path) -> Holder | None:
+    """The process holding the state file's lock right now, or None when no `run` or `once` does.
+
+    The record alone cannot tell: it stays after its writer ends. So this asks the kernel, with a
+    shared lock taken and dropped at once; it never creates the file. A writer starting in that
+    instant retries (see `state_lock`), so the probe cannot make it refuse to start.
+    """
+    try:
+        fd = os.open(lock_path(state_path), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Holder.parse(os.pread(fd, RECORD_LIMIT, 0))
+            return holder or Holder(0, "a process that is starting up", "?", "?")
+        except OSError:
+            return None
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def state_lock(state_path: Path, command: str) -> Iterator[Holder]:
     """Hold the state file's write lock for the block; StateLocked at once if another process holds it.
@@ -91,7 +117,7 @@ def state_lock(state_path: Path, command: str) -> Iterator[Holder]:
     fd = _open(path)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except BlockingIOError:
             holder = Holder.parse(os.pread(fd, RECORD_LIMIT, 0))
             # The holder writes its record just after locking: an empty file means it is starting.
@@ -108,6 +134,25 @@ def state_lock(state_path: Path, command: str) -> Iterator[Holder]:
     finally:
         # Closing the only descriptor releases the lock; the file stays for the next writer.
         os.close(fd)
+
+
+# A `status` probe holds a shared lock for microseconds; a writer that meets one tries again
+# within this long before it concludes that another writer holds the file.
+PROBE_GRACE = 0.25
+
+
+def _lock_exclusive(fd: int) -> None:
+    """LOCK_EX without blocking; BlockingIOError when another writer holds it (a probe is waited out)."""
+    deadline = time.monotonic() + PROBE_GRACE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            # The record cannot tell a writer from a probe: it outlives the writer that wrote it.
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
 
 
 def _open(path: Path) -> int:

@@ -4,7 +4,9 @@ A small JSON file beside the state file (`<state>.run.json`, mode 0600), rewritt
 and on each SIGHUP. It lives outside the SQLite file so `status` can read it without touching the
 database's schema, and a reload never competes with deliveries for the database's write lock.
 The fingerprint hashes the file's bytes and the secrets it resolved (from `_env`/`_file` too), so
-rotating a secret file changes it as well; only the hash is written, never a value.
+rotating a secret file changes it as well; only the hash is written, never a value. The file's
+own digest is written too, so a command that reads no secrets (`status` with the service stopped)
+can still tell whether the file on disk is the one the daemon loaded.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ def info_path(state_path: Path) -> Path:
 
 
 def config_fingerprint(config: Config) -> str:
-    """A short hash of the configuration as loaded: the file's bytes and every secret it resolved."""
-    digest = hashlib.sha256()
-    try:
-        digest.update(config.path.read_bytes())
-    except OSError:
-        digest.update(b"\0unreadable")
+    """A short hash of the configuration as loaded: the file's bytes and every secret it resolved.
+
+    The bytes are those the load read (`source_digest`), not the file as it is now: after a refused
+    reload the file on disk is the broken one, while the daemon still runs what it loaded before.
+    """
+    digest = hashlib.sha256(config.source_digest.encode())
     for value in config.secret_values():
         digest.update(b"\x1f" + value.encode())
     return digest.hexdigest()[:12]

@@ -1135,9 +1135,12 @@ class Store:
 
     # --- erasure ------------------------------------------------------------------------------
 
-    def forget(self, lead_id: int, now: float) -> dict[str, int]:
+    def forget(self, lead_id: int, now: float, *, unseen: bool = True) -> dict[str, int] | None:
         """Erase one lead's personal data: its snapshot, its events' payloads and deliveries, its
         attempt log and unreadable record; keep a bare tombstone so the lead is never announced again.
+
+        With `unseen=False` a lead the state holds nothing about is left alone and None comes back:
+        a bare tombstone for a mistyped id would silence some other person's lead for good.
 
         secure_delete zeroes the freed pages, and the WAL is checkpointed and truncated, so the bytes
         leave the file rather than lingering in free pages or old WAL frames.
@@ -1148,6 +1151,8 @@ class Store:
         except sqlite3.Error as exc:
             raise StateError(f"cannot write state file {self.path}: {exc}") from None
         with self.transaction() as c:
+            if not unseen and not self._knows_lead(c, lead_id, resource):
+                return None
             ids = [r[0] for r in c.execute("SELECT id FROM events WHERE resource = ?", (resource,))]
             # By resource too: the attempt log outlives delivered events, whose ids are then gone.
             attempts = c.execute("DELETE FROM attempts WHERE resource = ?", (resource,)).rowcount
@@ -1171,6 +1176,22 @@ class Store:
         except sqlite3.Error as exc:
             raise StateError(f"cannot checkpoint state file {self.path}: {exc}") from None
         return {"events": events, "deliveries": deliveries, "attempts": attempts}
+
+    @staticmethod
+    def _knows_lead(c: sqlite3.Connection, lead_id: int, resource: str) -> bool:
+        found = c.execute(
+            "SELECT EXISTS (SELECT 1 FROM leads WHERE id = ?) "
+            "OR EXISTS (SELECT 1 FROM events WHERE resource = ?) "
+            "OR EXISTS (SELECT 1 FROM attempts WHERE resource = ?) "
+            "OR EXISTS (SELECT 1 FROM unreadable WHERE lead_id = ?)",
+            (lead_id, resource, resource, lead_id),
+        ).fetchone()
+        return bool(found[0])
+
+    def tombstones(self) -> list[tuple[int, float]]:
+        """The leads `forget` erased: (lead id, when), oldest first."""
+        sql = "SELECT id, changed_at FROM leads WHERE track = ? ORDER BY changed_at, id"
+        return [(int(r["id"]), float(r["changed_at"])) for r in self._rows(sql, (FORGOTTEN,))]
 
     # --- housekeeping -------------------------------------------------------------------------
 
