@@ -49,6 +49,7 @@ def plain_install() -> Iterator[Path]:
             300,
         )
         assert built.returncode == 0, built.stderr[-3000:]
+        (folder / "build.log").write_text(built.stdout + built.stderr)
         wheel = next((folder / "dist").glob("convertr_watcher-*.whl"))
         made = _run([sys.executable, "-m", "venv", str(folder / "venv")], folder, 120)
         assert made.returncode == 0, made.stderr[-3000:]
@@ -79,3 +80,9 @@ def test_demo_from_a_plain_install_misses_nothing(plain_install: Path) -> None:
         assert row, f"no summary row for {kind}:\n{result.stdout[-3000:]}"
         made, received, missing = map(int, row.groups())
         assert made >= 1 and received >= made and missing == 0, row.group(0)
+
+
+def test_the_build_draws_no_deprecation_warning(plain_install: Path) -> None:
+    """Building the wheel says nothing about a deprecated pyproject.toml (the license as a table did)."""
+    log = (plain_install.parent.parent / "build.log").read_text()
+    assert "deprecated" not in log.lower(), log[-3000:]

@@ -24,7 +24,7 @@ from watcher import __version__
 from watcher.clock import SystemClock
 from watcher.config import Config, load_config
 from watcher.errors import AuthError, ConfigError, StateError, StateLocked, StateTooNew, WatcherError
-from watcher.events import EVENT_TYPES
+from watcher.events import EVENT_TYPES, WATCHER_TEST
 from watcher.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging, known_secrets, scrub
 
@@ -70,10 +70,20 @@ def _positive(text: str) -> int:
 
 
 def _time_arg(text: str) -> float:
+    """An RFC 3339 time, or a duration back from now (`90m`, `1h`, `2d`): Unix seconds."""
+    from watcher.config import parse_duration
+
+    if text[:1].isdigit() and text[-1:].isalpha():
+        try:
+            return SystemClock().now() - parse_duration(text, "")
+        except ConfigError:
+            pass
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not an RFC 3339 time or a duration back from now (1h, 2d): {text!r}"
+        ) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.timestamp()
@@ -482,6 +492,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     # (it is how a fixed receiver gets its backlog without a restart); SQLite serialises it with
     # the daemon's own writes. Only processes that poll and deliver must be alone.
     with Store.open(config.state.path) as store:
+        # Without --sink, only configured sinks: a removed sink's queue is read by nothing.
+        enabling = args.sink or ([] if args.pending else sorted(names))
+        disabled = [s for s in store.sink_states(enabling, only=True) if s.disabled_at is not None]
         if args.from_sink is not None:
             from watcher.routing import wants
 
@@ -494,24 +507,37 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     f"{left} stay under {args.from_sink}: {target.name} does not take them "
                     "(its events, campaign_ids or include_pii) or already has them"
                 )
+            _say_enabled(disabled)
             return EXIT_OK
         if args.pending:
             count = store.make_due(now, Selection(args.sink or (), args.event or (), args.since, args.until))
             if args.sink:
                 store.enable_sinks(args.sink)
             print(f"made {count} waiting deliveries due now (same ids and attempt counts)")
+            _say_enabled(disabled)
             return EXIT_OK
-        # Without --sink, only configured sinks: a removed sink's queue is read by nothing.
-        chosen = Selection(args.sink or sorted(names), args.event or (), args.since, args.until)
+        chosen = Selection(enabling, args.event or (), args.since, args.until)
         count = store.replay(now, chosen, statuses)
         stranded = [s for s in store.sink_states(names) if s.stranded(names)]
     print(f"re-queued {count} deliveries")
+    _say_enabled(disabled)
     for s in stranded:
         print(
             f"sink {s.name} is no longer configured and holds {s.pending} pending and {s.dead} dead deliveries: "
             f"move them with `replay --sink NEW --from-sink {s.name}`"
         )
     return EXIT_OK
+
+
+def _say_enabled(disabled: Sequence[Any]) -> None:
+    """Name each sink a replay enabled again: the daemon had stopped sending to it after a refusal."""
+    secrets = known_secrets()
+    for s in disabled:
+        why = scrub(s.disabled_reason or "a refusal", secrets)
+        print(
+            f"sink {s.name} was disabled by the daemon since {_ts(s.disabled_at)} ({why}): enabled again, "
+            "its pending events go out in order"
+        )
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
@@ -527,9 +553,18 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     refused = _disabled_in_state(config).get(sink.name)
     if refused is not None:
         print(f"sink {sink.name} is DISABLED by the daemon {refused}; `replay --sink {sink.name}` enables it")
-    ok, line = asyncio.run(send_test(sink, SystemClock()))
+    if args.type != WATCHER_TEST and args.type not in sink.events:
+        print(f"sink {sink.name} does not take {args.type} events (its `events`): the daemon never sends it one")
+    ok, line = asyncio.run(send_test(sink, SystemClock(), args.type))
     print(line)
     return EXIT_OK if ok else EXIT_FAILURE
+
+
+def cmd_new_secret(args: argparse.Namespace) -> int:
+    from watcher.signing import new_secret
+
+    print(new_secret())
+    return EXIT_OK
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -558,23 +593,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from watcher.listing import Query, read, write
+    from watcher.listing import Query, follow, read, show, write
 
+    if args.show and (len(args.show) != 2 or args.show[0] != "show"):
+        return _fail("events: the only action is `events -c FILE show EVENT_ID`", EXIT_USAGE)
     config = _load(args, secrets_required=False)
     # Read-only (SQLite mode=ro): safe beside a running daemon, and never creates or migrates the file.
-    rows = read(
-        config.state.path,
-        Query(
-            sinks=args.sink or (),
-            statuses=[args.status] if args.status else (),
-            types=args.type or (),
-            lead=args.lead,
-            since=args.since,
-            limit=args.limit,
-            attempts=args.attempts,
-        ),
+    if args.show:
+        found = show(config.state.path, args.show[1])
+        if found is None:
+            return _fail(f"events show: no event {args.show[1]!r} in {config.state.path}", EXIT_FAILURE)
+        print(json.dumps(found, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    query = Query(
+        sinks=args.sink or (),
+        statuses=[args.status] if args.status else (),
+        types=args.type or (),
+        lead=args.lead,
+        since=args.since,
+        limit=args.limit,
+        attempts=args.attempts,
     )
-    write(rows, args.format)
+    if args.follow:
+        follow(config.state.path, query, args.format)
+        return EXIT_OK
+    write(read(config.state.path, query), args.format)
     return EXIT_OK
 
 
@@ -612,8 +655,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sink", action="append", metavar="NAME", help="only this sink (repeatable); also re-enables it")
     p.add_argument("--event", action="append", metavar="ID", help="only this event id (repeatable)")
-    p.add_argument("--since", type=_time_arg, metavar="TIME", help="events detected at or after this RFC 3339 time")
-    p.add_argument("--until", type=_time_arg, metavar="TIME", help="events detected before this RFC 3339 time")
+    p.add_argument(
+        "--since",
+        type=_time_arg,
+        metavar="TIME",
+        help="events detected at or after this RFC 3339 time or this long ago (1h, 2d)",
+    )
+    p.add_argument(
+        "--until",
+        type=_time_arg,
+        metavar="TIME",
+        help="events detected before this RFC 3339 time or this long ago (1h, 2d)",
+    )
     p.add_argument("--all", action="store_true", help="every dead event of every sink")
     p.add_argument("--delivered", action="store_true", help="also re-queue events already delivered")
     p.add_argument(
@@ -634,14 +687,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--type", action="append", choices=EVENT_TYPES, metavar="TYPE", help="only this event type (repeatable)"
     )
     p.add_argument("--lead", type=int, metavar="ID", help="only events about this lead")
-    p.add_argument("--since", type=_time_arg, metavar="TIME", help="events detected at or after this RFC 3339 time")
+    p.add_argument(
+        "--since",
+        type=_time_arg,
+        metavar="TIME",
+        help="events detected at or after this RFC 3339 time or this long ago (1h, 2d)",
+    )
     p.add_argument("--limit", type=_positive, metavar="N", help="at most N rows, most recently detected first")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format (default table)")
     p.add_argument("--attempts", action="store_true", help="add each delivery's attempt log with the answer's start")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep printing: each delivery of a newer event as it appears and whenever it changes (Ctrl-C ends)",
+    )
+    p.add_argument(
+        "show",
+        nargs="*",
+        metavar="show ID",
+        help="print one event: its body without personal data, secrets masked, and its deliveries",
+    )
     p.set_defaults(func=cmd_events)
     p = with_config("send-test", "send a watcher.test event through the real delivery path (exit 0 on a 2xx)")
     p.add_argument("--sink", required=True, metavar="NAME", help="the sink to test")
+    p.add_argument(
+        "--type",
+        choices=EVENT_TYPES,
+        default=WATCHER_TEST,
+        metavar="TYPE",
+        help="send a realistic sample of this event type instead (a new id each time; made-up lead and campaign)",
+    )
     p.set_defaults(func=cmd_send_test)
+    p = sub.add_parser(
+        "new-secret",
+        help="print a new webhook signing secret (whsec_ and 32 random bytes in base64)",
+        description="Print a new webhook signing secret, whsec_ followed by 32 random bytes in base64, for a "
+        "sink's secret and its receiver. Several, separated by spaces, sign together while keys rotate.",
+    )
+    p.set_defaults(func=cmd_new_secret)
     p = with_config("forget", "erase one lead's personal data from the state file, keeping a bare tombstone")
     p.add_argument("--lead", required=True, type=int, metavar="ID", help="the Convertr lead id")
     p.add_argument(

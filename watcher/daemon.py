@@ -393,8 +393,10 @@ class Daemon:
                 self.storage_error = None
                 log.warning("state file writable again; polls resume", job=name)
         except AuthError as exc:
-            log.error("fatal", error=str(exc))
-            self.fatal = exc
+            # Every poll under way meets the same refused login; the stop is said once.
+            if self.fatal is None:
+                log.error("fatal", error=str(exc))
+                self.fatal = exc
             self.rt.stopping.set()
         except StateError as exc:
             # A full disk or a read-only directory passes when space returns; exiting would not

@@ -1,4 +1,4 @@
-"""`send-test`: one `watcher.test` event through the sink's real delivery path."""
+"""`send-test`: one `watcher.test` event (or a sample of another type) through the sink's real delivery path."""
 
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ def test_event(sink: SinkConfig, now: float) -> Event:
     )
 
 
-async def send_test(sink_config: SinkConfig, clock: Clock) -> tuple[bool, str]:
-    """Deliver a test event; return whether it was accepted and a line describing the answer."""
-    event = test_event(sink_config, clock.now())
+async def send_test(sink_config: SinkConfig, clock: Clock, type_: str = WATCHER_TEST) -> tuple[bool, str]:
+    """Deliver a test event (or a sample of another type); return whether it was accepted and a line
+    describing the answer."""
+    from watcher.samples import sample_event
+
+    event = test_event(sink_config, clock.now()) if type_ == WATCHER_TEST else sample_event(type_, clock.now())
     sink = build_sink(sink_config, clock=clock, version=__version__)
     try:
         attempt = await sink.deliver([event])

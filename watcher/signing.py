@@ -10,9 +10,19 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 from collections.abc import Sequence
 
 SECRET_PREFIX = "whsec_"
+
+
+# What `new-secret` draws: the middle of what a sink accepts (24 to 64 bytes), HMAC-SHA256's block half.
+NEW_SECRET_BYTES = 32
+
+
+def new_secret() -> str:
+    """A fresh `whsec_<base64>` key from the operating system's random source."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(NEW_SECRET_BYTES)).decode()
 
 
 def decode_secret(whsec: str) -> bytes:

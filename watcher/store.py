@@ -1093,6 +1093,7 @@ class Store:
         resource: str | None = None,
         since: float | None = None,
         limit: int | None = None,
+        after_seq: int | None = None,
     ) -> list[dict[str, Any]]:
         """Deliveries with their event, most recently detected first, as plain dicts (`events`).
 
@@ -1106,14 +1107,24 @@ class Store:
                 ("e.type IN", types),
                 ("d.resource =", resource),
                 ("e.detected_at >=", since),
+                ("e.seq >", after_seq),
             ]
         )
         sql = (
-            "SELECT e.id, e.type, d.resource, d.sink, d.status, d.attempts, e.detected_at, d.next_attempt_at, "
+            "SELECT e.seq, e.id, e.type, d.resource, d.sink, d.status, d.attempts, e.detected_at, d.next_attempt_at, "
             f"d.delivered_at, d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq{where}"
             " ORDER BY e.seq DESC, d.sink" + (" LIMIT ?" if limit is not None else "")
         )
         return self._query(sql, [*params, limit] if limit is not None else params)
+
+    def last_event_seq(self) -> int:
+        """The newest event's sequence number (0 for none): where `events --follow` starts."""
+        return int(self._rows("SELECT coalesce(max(seq), 0) FROM events")[0][0])
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """One event as detected (its payload is the body before per-sink filtering), or None."""
+        rows = self._query("SELECT seq, id, type, resource, payload, detected_at FROM events WHERE id = ?", [event_id])
+        return rows[0] if rows else None
 
     def attempt_log(self, event_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The attempt log of these events, oldest first: answer status, error and answer excerpt."""
