@@ -93,7 +93,10 @@ def test_metrics_endpoint_exposes_counts_over_a_real_socket() -> None:
         assert value(p, "watcher_outbox_pending", sink="slack") == 0
         assert value(p, "watcher_cursor_lag_seconds", stream="leads") == 90
         assert [v for (name, _), v in p.items() if name == "watcher_build_info"] == [1]
-        assert all(name.startswith("watcher_") for name, _ in p)
+        assert value(p, "watcher_outbox_dead", sink="crm") == 0
+        assert value(p, "process_resident_memory_bytes") > 10_000_000  # the process collector: this process
+        # Every series is the watcher's own or the process collector's; no stray registry leaks in.
+        assert all(name.startswith(("watcher_", "process_")) for name, _ in p)
 
     asyncio.run(with_server(m, lambda: m.health(clock.now(), INTERVALS), check))
 

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import serving
-from tests.support.daemon import Daemon, wait_until, webhook_sink, write_config
+from tests.support.daemon import Daemon, cli, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
 from watcher.simulator import Simulator, SimulatorServer
 
@@ -35,6 +35,19 @@ REQUIRED_ALERTS = {
     "sink disabled": "ConvertrWatcherSinkDisabled",
     "dead letters growing": "ConvertrWatcherDeadLetters",
     "request budget near the limit": "ConvertrWatcherRequestBudgetNearLimit",
+    # Issue 23: each metric a bad day shows has an alert, and dead letters one that stays while they wait.
+    "a refused reload": "ConvertrWatcherConfigReloadFailed",
+    "stranded deliveries": "ConvertrWatcherOutboxStranded",
+    "unreadable leads": "ConvertrWatcherUnreadableLeads",
+    "memory near MemoryMax": "ConvertrWatcherMemoryNearLimit",
+}
+# Series an alert must read, by alert: the dead-letter alert on the gauge of dead deliveries waiting.
+REQUIRED_SERIES = {
+    "ConvertrWatcherDeadLetters": "watcher_outbox_dead",
+    "ConvertrWatcherConfigReloadFailed": "watcher_config_reload_failed",
+    "ConvertrWatcherOutboxStranded": "watcher_outbox_stranded",
+    "ConvertrWatcherUnreadableLeads": "watcher_unreadable_leads",
+    "ConvertrWatcherMemoryNearLimit": "process_resident_memory_bytes",
 }
 # Grafana's built-in interval variables, replaced by a duration PromQL accepts.
 GRAFANA_INTERVALS = re.compile(r"\$__(rate_interval|interval|range)\b")
@@ -231,8 +244,15 @@ def test_rules_and_dashboard_use_only_what_a_running_daemon_exports(
     tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver
 ) -> None:
     """Every series, matcher label and label value in the alert rules and the dashboard exists on the /metrics of
-    a real daemon that has polled, detected a new and an updated lead, and delivered them."""
+    a real daemon that has polled, detected a new and an updated lead, and delivered them, with the queue of a
+    removed sink stranded in its state."""
     simulator, server = sim
+    # A sink that failed its first attempts, then left the configuration: its events are stranded.
+    with Receiver() as first, Receiver() as gone:
+        gone.respond(500)
+        old = [webhook_sink(first.url), webhook_sink(gone.url, "old", retry_schedule=["1h"])]
+        write_config(tmp_path, server.url, old, leads={"start": "2000-01-01T00:00:00Z"})
+        assert cli("once", "-c", str(tmp_path / "config.toml")).returncode == 1
     config = write_config(
         tmp_path,
         server.url,
@@ -246,9 +266,9 @@ def test_rules_and_dashboard_use_only_what_a_running_daemon_exports(
         port = _metrics_port(daemon)
         daemon.wait_polls(1)
         lead = simulator.add_lead(simulator.campaign_ids()[0])["id"]
-        receiver.wait_for(lambda reqs: len(reqs) >= 1, 20, "lead.created delivered")
+        receiver.wait_for(lambda reqs: any(r.json()["type"] == "lead.created" for r in reqs), 20, "lead.created")
         simulator.update_lead(lead, score=42)
-        receiver.wait_for(lambda reqs: len(reqs) >= 2, 20, "lead.updated delivered")
+        receiver.wait_for(lambda reqs: any(r.json()["type"] == "lead.updated" for r in reqs), 20, "lead.updated")
 
         def missing() -> list[str]:
             seen = scrape(port)
@@ -268,6 +288,9 @@ def test_rules_cover_what_operators_need_and_are_well_formed() -> None:
     assert len(names) == len(set(names)), "alert names are unique"
     for need, alert in REQUIRED_ALERTS.items():
         assert alert in names, f"no alert for {need}"
+    for alert, series in REQUIRED_SERIES.items():
+        [rule] = [r for r in rules if r["alert"] == alert]
+        assert series in {s.name for s in promql_uses(rule["expr"]).selectors}, f"{alert} does not read {series}"
     for rule in rules:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
@@ -355,3 +378,40 @@ def test_a_misspelt_series_label_or_value_is_reported() -> None:
     assert problems(promql_uses("sum by (stream) (watcher_deliveries_total)"), seen) == [
         "grouping label stream is on none of ['watcher_deliveries_total']"
     ]
+
+
+def _gauge(port: int, name: str, **labels: str) -> float | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+def test_dead_deliveries_gauge_stays_until_a_replay(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver
+) -> None:
+    """watcher_outbox_dead counts the dead deliveries waiting, minutes after they died, and drops once replayed."""
+    simulator, server = sim
+    receiver.respond(500)
+    config = write_config(
+        tmp_path, server.url, [webhook_sink(receiver.url)], extra='\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
+    with Daemon(config) as daemon:
+        port = _metrics_port(daemon)
+        daemon.wait_polls(1)
+        simulator.add_lead(simulator.campaign_ids()[0])
+        # Two attempts (the schedule is one 1 s retry), then dead; the gauge follows at the next poll.
+        wait_until(lambda: _gauge(port, "watcher_outbox_dead", sink="crm") == 1, 30, "one dead delivery counted")
+        daemon.wait_polls(2)
+        assert _gauge(port, "watcher_outbox_dead", sink="crm") == 1, "still dead, still counted"
+        receiver.respond(200)
+        assert cli("replay", "-c", str(config), "--sink", "crm").returncode == 0
+        wait_until(lambda: _gauge(port, "watcher_outbox_dead", sink="crm") == 0, 30, "the replayed delivery uncounted")
+        assert daemon.stop() == 0

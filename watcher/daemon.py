@@ -430,6 +430,7 @@ class Daemon:
         for s in states:
             age = now - s.oldest_pending_at if s.oldest_pending_at else 0.0
             self.rt.metrics.set_outbox(s.name, s.pending, age)
+            self.rt.metrics.set_dead(s.name, s.dead)
             self.rt.metrics.set_sink_disabled(s.name, s.disabled_at is not None)
         self.rt.metrics.set_stranded(stranded(states, self.rt.config))
         pending = sum(s.pending for s in states)

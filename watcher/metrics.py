@@ -20,6 +20,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -149,6 +150,16 @@ class Metrics(PollMetrics, DeliveryMetrics):
         self.config_reload_failed = Gauge(
             "watcher_config_reload_failed", "1 when the last reload was refused (the old config runs on).", registry=r
         )
+        # The dead deliveries waiting now: the count of attempts that died only rises, so an alert on
+        # its increase resolves while dead events still wait for a replay.
+        self.outbox_dead = Gauge(
+            "watcher_outbox_dead",
+            "Deliveries that ran out of retries or max_age and wait for a replay.",
+            ["sink"],
+            registry=r,
+        )
+        # process_resident_memory_bytes and friends, to watch memory against the unit's MemoryMax.
+        ProcessCollector(registry=r)
         build = Gauge("watcher_build_info", "Version information.", ["version", "python"], registry=r)
         build.labels(version=__version__, python=platform.python_version()).set(1)
 
@@ -164,6 +175,7 @@ class Metrics(PollMetrics, DeliveryMetrics):
                 self.deliveries.labels(sink=sink, outcome=outcome)
             self.set_outbox(sink, 0, 0.0)
             self.sink_disabled.labels(sink=sink).set(0)
+            self.outbox_dead.labels(sink=sink).set(0)
 
     def poll_finished(self, stream: str, ok: bool, duration: float, fetched: int, now: float) -> None:
         """Record one poll of `stream` that ended at `now` (Unix seconds)."""
@@ -192,6 +204,9 @@ class Metrics(PollMetrics, DeliveryMetrics):
         self.outbox_pending.labels(sink=sink).set(pending)
         self.outbox_oldest_age.labels(sink=sink).set(max(0.0, oldest_age) if pending else 0.0)
 
+    def set_dead(self, sink: str, dead: int) -> None:
+        self.outbox_dead.labels(sink=sink).set(dead)
+
     def set_unreadable(self, count: int) -> None:
         self.unreadable_leads.set(count)
 
@@ -213,6 +228,7 @@ class Metrics(PollMetrics, DeliveryMetrics):
         for outcome in DELIVERY_OUTCOMES:
             self.deliveries.labels(sink=sink, outcome=outcome)
         self.sink_disabled.labels(sink=sink).set(0)
+        self.outbox_dead.labels(sink=sink).set(0)
 
     def set_sink_disabled(self, sink: str, disabled: bool) -> None:
         self.sink_disabled.labels(sink=sink).set(1 if disabled else 0)
