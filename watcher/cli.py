@@ -626,6 +626,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from watcher.simulator import DEFAULT_PASSWORD, DEFAULT_PORT, DEFAULT_USERNAME
+    from watcher.simulator.admin import ADMIN_HEADER, describe_routes
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -739,6 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the built-in Convertr API simulator on 127.0.0.1",
         description="Run the built-in Convertr API v4 simulator on 127.0.0.1 (for trying the daemon and "
         "building receivers without Convertr access).",
+        epilog="admin API, JSON in and out, loopback only; a call that changes anything must send "
+        f"Content-Type: application/json or {ADMIN_HEADER}: 1:\n{describe_routes()}\n\n"
+        f"example:\n  curl -X POST -H 'Content-Type: application/json' -d '{{\"campaign_id\": 601}}' "
+        f"http://127.0.0.1:{DEFAULT_PORT}/_sim/leads",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated data (default 0)")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from typing import Any
 
 from watcher.simulator.api import Request, Response, json_response
-from watcher.simulator.model import Simulator
+from watcher.simulator.model import Faults, Simulator
 
 _LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -172,25 +172,70 @@ def _requests(sim: Simulator, _: dict[str, Any], __: int | None) -> tuple[int, A
         return 200, [asdict(r) for r in sim.requests]
 
 
-_ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
-    ("POST", re.compile(r"^/_sim/leads$"), _add_lead),
-    ("POST", re.compile(r"^/_sim/leads/bulk$"), _bulk),
-    ("GET", re.compile(r"^/_sim/leads/(\d+)$"), _get_lead),
-    ("PATCH", re.compile(r"^/_sim/leads/(\d+)$"), _update_lead),
-    ("POST", re.compile(r"^/_sim/leads/(\d+)/reveal$"), _reveal),
-    ("POST", re.compile(r"^/_sim/campaigns$"), _add_campaign),
-    ("PATCH", re.compile(r"^/_sim/campaigns/(\d+)$"), _update_campaign),
-    ("POST", re.compile(r"^/_sim/campaigns/(\d+)/pause$"), _pause),
-    ("POST", re.compile(r"^/_sim/campaigns/(\d+)/resume$"), _resume),
-    ("GET", re.compile(r"^/_sim/clock$"), _now),
-    ("POST", re.compile(r"^/_sim/clock$"), _clock),
-    ("GET", re.compile(r"^/_sim/faults$"), _get_faults),
-    ("POST", re.compile(r"^/_sim/faults$"), _faults),
-    ("POST", re.compile(r"^/_sim/expire-tokens$"), _expire),
-    ("POST", re.compile(r"^/_sim/password-expired$"), _password_expired),
-    ("GET", re.compile(r"^/_sim/stats$"), _stats),
-    ("GET", re.compile(r"^/_sim/requests$"), _requests),
-]
+@dataclass(frozen=True)
+class Route:
+    """One admin endpoint: `GET /_sim/` lists them, `simulate --help` and the README describe them."""
+
+    method: str
+    path: str  # as shown to people: `{id}` stands for a lead or campaign id
+    handler: Handler
+    what: str
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.escape(self.path).replace(re.escape("{id}"), r"(\d+)") + "$")
+
+
+def _index(_sim: Simulator, _: dict[str, Any], __: int | None) -> tuple[int, Any]:
+    return 200, [{"method": r.method, "path": r.path, "what": r.what} for r in ROUTES]
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/_sim/", _index, "this list"),
+    Route("POST", "/_sim/leads", _add_lead, "add a lead: {campaign_id, created, visible, lead_data, <field>: value}"),
+    Route("POST", "/_sim/leads/bulk", _bulk, "add {count} generated leads at once: {count, campaign_id, created}"),
+    Route("GET", "/_sim/leads/{id}", _get_lead, "a lead's document, hidden or not"),
+    Route("PATCH", "/_sim/leads/{id}", _update_lead, "edit a lead: {<field>: value, lead_data: {name: value}}"),
+    Route("POST", "/_sim/leads/{id}/reveal", _reveal, "make a lead added with visible=false visible"),
+    Route("POST", "/_sim/campaigns", _add_campaign, "add a campaign: {<field>: value}"),
+    Route("PATCH", "/_sim/campaigns/{id}", _update_campaign, "edit a campaign: {<field>: value}"),
+    Route("POST", "/_sim/campaigns/{id}/pause", _pause, "pause a campaign (its status becomes Paused)"),
+    Route("POST", "/_sim/campaigns/{id}/resume", _resume, "resume a paused campaign"),
+    Route("GET", "/_sim/clock", _now, "the simulator's virtual time"),
+    Route("POST", "/_sim/clock", _clock, "move the virtual clock forward: {advance: seconds}"),
+    Route("GET", "/_sim/faults", _get_faults, "the fault switches in force"),
+    Route(
+        "POST",
+        "/_sim/faults",
+        _faults,
+        "set fault switches: {" + ", ".join(f.name for f in fields(Faults)) + "}",
+    ),
+    Route(
+        "POST",
+        "/_sim/expire-tokens",
+        _expire,
+        "expire every token issued so far: the next API read is refused with a 401",
+    ),
+    Route("POST", "/_sim/password-expired", _password_expired, "refuse logins as an expired password: {expired}"),
+    Route(
+        "GET",
+        "/_sim/stats",
+        _stats,
+        "the virtual time; counts of leads, hidden leads, campaigns, logins, requests, tokens",
+    ),
+    Route(
+        "GET",
+        "/_sim/requests",
+        _requests,
+        "every API request received: method, path, query, status, how it authenticated",
+    ),
+)
+
+
+def describe_routes() -> str:
+    """The admin API as lines of text, for `simulate --help`."""
+    width = max(len(f"{r.method} {r.path}") for r in ROUTES)
+    return "\n".join(f"  {f'{r.method} {r.path}':<{width}}  {r.what}" for r in ROUTES)
 
 
 def _reply(status: int, data: Any) -> Response:
@@ -205,12 +250,12 @@ def handle_admin(sim: Simulator, request: Request) -> Response:
     if refused is not None:
         return _reply(403, {"error": refused})
     allowed = []
-    for method, pattern, handler in _ROUTES:
-        match = pattern.match(request.path)
+    for route in ROUTES:
+        match = route.pattern.match(request.path)
         if match is None:
             continue
-        if method != request.method:
-            allowed.append(method)
+        if route.method != request.method:
+            allowed.append(route.method)
             continue
         try:
             body = json.loads(request.body or b"{}")
@@ -219,7 +264,7 @@ def handle_admin(sim: Simulator, request: Request) -> Response:
         if not isinstance(body, dict):
             return _reply(400, {"error": "the body must be a JSON object"})
         try:
-            status, data = handler(sim, body, int(match.group(1)) if match.groups() else None)
+            status, data = route.handler(sim, body, int(match.group(1)) if match.groups() else None)
         except KeyError as exc:
             return _reply(404, {"error": str(exc.args[0]) if exc.args else "not found"})
         except (ValueError, TypeError) as exc:
