@@ -4,7 +4,10 @@ knows whether a daemon runs, and `forget` refuses an id the state never saw."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +152,31 @@ def test_status_tells_whether_a_daemon_runs(tmp_path: Path, sim: tuple[Simulator
     assert stopped["holder"] is None and stopped["daemon"] is None
     table = cli("status", "-c", str(config)).stdout
     assert "daemon: not running" in table and "config loaded" not in table
+
+
+def test_the_secret_warning_says_what_the_systemd_unit_needs(tmp_path: Path) -> None:
+    """A literal secret in a file others can read draws a warning that names the unit's needs (0644, root,
+    secrets in X_file), not a bare chmod 600 that the DynamicUser= service could not read."""
+    config = write_config(tmp_path, "http://127.0.0.1:9", [webhook_sink("http://127.0.0.1:9/hook")])
+    config.chmod(0o644)
+    result = cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert "DynamicUser=" in warning and "0644" in warning and "X_file" in warning and "LoadCredential=" in warning
+
+
+def test_an_unreadable_config_says_what_the_systemd_unit_needs(tmp_path: Path) -> None:
+    """`permission denied` on the config names this process's uid, the file's owner and mode, and what the
+    units' DynamicUser= needs; one line, exit 78."""
+    config = write_config(tmp_path, "http://127.0.0.1:9")
+    config.chmod(0)
+    # Root reads any file; without the capabilities that let it, it meets the file's mode like anyone.
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    result = subprocess.run(
+        [*drop, sys.executable, "-m", "watcher", "check", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 78
+    [line] = result.stderr.splitlines()
+    assert "permission denied" in line and f"uid {os.geteuid()}" in line and "mode 0000" in line
+    assert "DynamicUser=" in line and "0644" in line
+    assert line.count(str(config)) == 1

@@ -33,6 +33,10 @@ def checkable_copy(shipped: str, name: str, tmp_path: Path) -> Path:
     assert f"ExecStart={BINARY} " in text
     copy = tmp_path / name
     copy.write_text(text.replace(f"ExecStart={BINARY} ", f"ExecStart={sys.executable} "))
+    # The credentials drop-in beside it, where systemd reads drop-ins of a unit in that folder.
+    dropin = tmp_path / f"{shipped}.d"
+    dropin.mkdir(exist_ok=True)
+    (dropin / "credentials.conf").write_text((SYSTEMD_DIR / f"{shipped}.d" / "credentials.conf").read_text())
     return copy
 
 
@@ -103,10 +107,17 @@ def test_unit_runs_the_daemon_as_a_watched_notify_service(shipped: str, config: 
     assert service["TimeoutStopSec"]
     text = (SYSTEMD_DIR / shipped).read_text()
     assert "Environment=PYTHONUNBUFFERED=1" in text
-    credentials = re.findall(r"^LoadCredential=([\w-]+):", text, re.M)
+    # Secrets are listed in a drop-in (`systemctl edit`), so copying a new release's unit over the
+    # old one never drops the operator's list.
+    assert not re.search(r"^LoadCredential=", text, re.M), "credentials belong in the drop-in"
+    dropin = (SYSTEMD_DIR / f"{shipped}.d" / "credentials.conf").read_text()
+    assert dropin.splitlines()[dropin.splitlines().index("[Service]") :][0] == "[Service]"
+    credentials = re.findall(r"^LoadCredential=([\w-]+):", dropin, re.M)
     assert credentials, "secrets come in through LoadCredential="
     for credential in credentials:
         assert f"{creds}{credential}" in text, f"the header must document where {credential} appears"
+    assert "systemctl edit" in text and "systemctl edit" in dropin
+    assert "0644" in text, "the header says what mode the DynamicUser= service needs on its config"
 
 
 @pytest.mark.parametrize("shipped", [shipped for shipped, _ in UNITS])

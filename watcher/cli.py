@@ -774,7 +774,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        return _fail(f"{getattr(args, 'config', '')}: {exc}", EXIT_CONFIG)
+        where = getattr(args, "config", "")
+        # A problem with the file itself already starts with its path.
+        return _fail(str(exc) if str(exc).startswith(f"{where}: ") else f"{where}: {exc}", EXIT_CONFIG)
     except AuthError as exc:
         return _fail(f"convertr: {exc}", EXIT_CONFIG)
     except StateLocked as exc:

@@ -225,6 +225,8 @@ def load_config(
         raise ConfigError(shown, "file not found") from None
     except IsADirectoryError:
         raise ConfigError(shown, "is a directory, not a file") from None
+    except PermissionError as exc:
+        raise ConfigError(shown, f"cannot read file: {_strerror(exc)}{_unreadable_hint(Path(path))}") from None
     except OSError as exc:
         raise ConfigError(shown, f"cannot read file: {_strerror(exc)}") from None
     except UnicodeDecodeError:
@@ -286,10 +288,26 @@ def _exposed_secrets(path: Path, literals: list[str]) -> str | None:
         return None
     if not mode & 0o077:
         return None
-    # Key paths only, never values: the warning goes to the log.
+    # Key paths only, never values: the warning goes to the log. chmod 600 alone is no fix for the
+    # shipped units: their DynamicUser= owns nothing, so the file must stay readable by others.
     return (
         f"{path} holds a literal secret ({', '.join(literals)}) and is readable by group or others "
-        f"(mode {mode & 0o777:04o}): chmod 600 it, or give the secret as X_file or X_env"
+        f"(mode {mode & 0o777:04o}): give the secret as X_file or X_env instead (under the systemd units, "
+        "X_file from a LoadCredential= credential, see docs/operations.md 1.2), or, for a daemon that runs "
+        "as the file's owner, chmod 600 it; the units' DynamicUser= needs the file root-owned with mode 0644"
+    )
+
+
+def _unreadable_hint(path: Path) -> str:
+    """Why a config file is unreadable to this process, in the terms of the shipped systemd units."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    return (
+        f" (this process runs as uid {os.geteuid()}; the file is owned by uid {st.st_uid} with mode "
+        f"{st.st_mode & 0o777:04o}. The systemd units run as a DynamicUser= that owns nothing: make the file "
+        "root-owned with mode 0644 and keep secrets out of it, in LoadCredential= files given as X_file)"
     )
 
 
