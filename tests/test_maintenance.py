@@ -80,6 +80,14 @@ def test_maintenance_commands_work_without_the_services_secrets(
         assert refused.returncode == 78, (command, refused.stderr)
         assert "convertr.password_file: cannot read the file" in refused.stderr
 
+    # A credential file that is there but broken locks them out no more than a missing one.
+    creds.mkdir()
+    (creds / "convertr-password").write_text("pw-Zq8-never-logged\n")
+    (creds / "crm-url").write_text(receiver.url + "\n")
+    (creds / "crm-secret").write_text("not-a-webhook-key\n")
+    assert cli("events", "-c", str(config)).returncode == 0
+    assert "sinks[0].secret_file" in cli("check", "-c", str(config)).stderr
+
 
 def test_status_shows_the_state_when_the_config_no_longer_parses(
     tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver

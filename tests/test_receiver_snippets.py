@@ -11,40 +11,24 @@ where none is installed.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import WEBHOOK_KEY, WEBHOOK_KEY_2, cli, wait_until, write_config
+from tests.support.snippets import npm_install, readme_blocks, tool
 from watcher import __version__
 from watcher.signing import decode_secret, webhook_headers
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-
 
 def _snippet(language: str) -> str:
-    [block] = re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+    [block] = readme_blocks(language)
     return block
-
-
-def _tool(name: str, *, optional: bool = False) -> str:
-    """The path of a toolchain command. Node and npm are on every machine the project runs on, so
-    their absence fails; Go is not, and only a machine without it skips the Go receiver."""
-    found = shutil.which(name)
-    if found is None:
-        if optional:
-            pytest.skip(f"no {name} toolchain on this machine")
-        pytest.fail(f"{name} is not installed")
-    return found
 
 
 def _free_port() -> int:
@@ -108,23 +92,18 @@ def _check_receiver(receiver: Running, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def npm_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def npm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with the npm packages of tests/js/package.json installed, as a receiver's project has them."""
-    _tool("node")
+    tool("node")
     folder = tmp_path_factory.mktemp("js")
-    for name in ("package.json", "package-lock.json"):
-        shutil.copy2(ROOT / "tests" / "js" / name, folder / name)
-    installed = subprocess.run(
-        [_tool("npm"), "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True, text=True, timeout=300
-    )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    yield folder
+    npm_install(folder)
+    return folder
 
 
 def test_javascript_receiver_verifies_what_the_daemon_sends(npm_folder: Path, tmp_path: Path) -> None:
     """The README's JavaScript receiver (Node, npm standardwebhooks) takes the daemon's requests, refuses forgeries."""
     (npm_folder / "receiver.mjs").write_text(_snippet("js"))
-    receiver = Running([_tool("node"), "receiver.mjs"], npm_folder)
+    receiver = Running([tool("node"), "receiver.mjs"], npm_folder)
     try:
         _check_receiver(receiver, tmp_path)
     finally:
@@ -133,7 +112,7 @@ def test_javascript_receiver_verifies_what_the_daemon_sends(npm_folder: Path, tm
 
 def test_go_receiver_verifies_what_the_daemon_sends(tmp_path: Path) -> None:
     """The README's Go receiver (standard library only) builds, accepts the daemon's requests and refuses forgeries."""
-    go = _tool("go", optional=True)
+    go = tool("go", optional=True)
     folder = tmp_path / "go"
     folder.mkdir()
     (folder / "receiver.go").write_text(_snippet("go"))

@@ -422,13 +422,16 @@ def _daemon_info(state_path: Path, config: Config | None, pid: int | None) -> di
     info = read_info(state_path)
     if info is None or pid is None or info.get("pid") != pid:
         return None
+    changed: bool | None
     if config is not None and not config.unresolved:
         # Every secret readable here too: rotated credential files count as a change.
         changed = info.get("fingerprint") != config_fingerprint(config)
-    else:
+    elif "config_digest" in info:
         # The file's bytes alone, as the daemon read them at its last successful load.
         path = Path(str(info.get("config_path") or "")) if config is None else config.path
-        changed = info.get("config_digest") != file_digest(path)
+        changed = info["config_digest"] != file_digest(path)
+    else:
+        changed = None  # a daemon of an older release, which wrote no digest: unknown, not "changed"
     refused = info.get("reload_refused")
     return {
         "pid": info.get("pid"),

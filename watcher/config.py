@@ -437,9 +437,16 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
     url, url_key, url_is_secret = _secret(t, "url", ctx)
     allow_http = t.boolean("allow_http", False)
     if url or url_key not in ctx.unresolved:
-        if not _is_http_url(url):
-            raise ConfigError(url_key, "must be an http(s) URL")
-        _require_https(url, url_key, allow_http, t.key("allow_http"))
+        try:
+            if not _is_http_url(url):
+                raise ConfigError(url_key, "must be an http(s) URL")
+            _require_https(url, url_key, allow_http, t.key("allow_http"))
+        except ConfigError:
+            # A maintenance command never sends: a broken credential file must not lock it out.
+            if not (ctx.lenient and url_is_secret):
+                raise
+            ctx.unresolved.append(url_key)
+            url = ""
     if kind == "slack" and not url_is_secret:
         ctx.literals.append(url_key)  # a Slack incoming-webhook URL is itself the credential
     secrets: tuple[str, ...] = ()
@@ -451,7 +458,12 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
         if not any(key in t.data for key in _secret_keys("secret")):
             raise ConfigError(t.key("secret"), "required for webhook sinks (secret, secret_env or secret_file)")
         value, secret_key, indirect = _secret(t, "secret", ctx)
-        secrets = _webhook_keys(value, secret_key) if value else ()
+        try:
+            secrets = _webhook_keys(value, secret_key) if value else ()
+        except ConfigError:
+            if not (ctx.lenient and indirect):
+                raise
+            ctx.unresolved.append(secret_key)
         if not indirect:
             ctx.literals.append(secret_key)
     by_type = SINK_TYPE_DEFAULTS[kind]

@@ -1,0 +1,42 @@
+"""What the README's receiver snippets need to run: their text, and the npm packages they import."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+README = ROOT / "README.md"
+
+
+def readme_blocks(language: str, section: str | None = None) -> list[str]:
+    """The README's fenced blocks in `language`, of one `## section` or of the whole file."""
+    text = README.read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def tool(name: str, *, optional: bool = False) -> str:
+    """The path of a toolchain command. Node and npm are on every machine the project runs on, so
+    their absence fails; Go is not, and only a machine without it skips what needs it."""
+    found = shutil.which(name)
+    if found is None:
+        if optional:
+            pytest.skip(f"no {name} toolchain on this machine")
+        pytest.fail(f"{name} is not installed")
+    return found
+
+
+def npm_install(folder: Path) -> None:
+    """Install tests/js's npm packages (by its lock file) into `folder`, as a receiver's project has them."""
+    for name in ("package.json", "package-lock.json"):
+        shutil.copy2(ROOT / "tests" / "js" / name, folder / name)
+    installed = subprocess.run(
+        [tool("npm"), "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True, text=True, timeout=300
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
