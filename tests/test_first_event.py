@@ -11,30 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.support.daemon import wait_until
-from tests.support.snippets import npm_install, readme_blocks, tool
+from tests.support.snippets import free_port, listening, npm_install, readme_blocks, tool
 
 SECTION = "From install to a first event"
 BINARY = "~/cw/bin/convertr-watcher"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_the_first_event_walk_works_as_printed(tmp_path: Path) -> None:
@@ -44,7 +29,7 @@ def test_the_first_event_walk_works_as_printed(tmp_path: Path) -> None:
     npm_install(tmp_path)
     [receiver] = [b for b in readme_blocks("js") if "standardwebhooks" in b]
     (tmp_path / "receiver.mjs").write_text(receiver)
-    api, hooks = _free_port(), _free_port()
+    api, hooks = free_port(), free_port()
     ports = {"127.0.0.1:8642": f"127.0.0.1:{api}", "127.0.0.1:8000": f"127.0.0.1:{hooks}", "PORT=8000": f"PORT={hooks}"}
     [config] = readme_blocks("toml", SECTION)
     for printed, here in ports.items():
@@ -70,9 +55,9 @@ def test_the_first_event_walk_works_as_printed(tmp_path: Path) -> None:
                 )
                 background.append(proc)
                 if "simulate" in line:
-                    wait_until(lambda: _listening(api), 30, "the simulator")
+                    wait_until(lambda: listening(api), 30, "the simulator")
                 elif "receiver.mjs" in line:
-                    wait_until(lambda: _listening(hooks), 30, "the receiver")
+                    wait_until(lambda: listening(hooks), 30, "the receiver")
                 else:
                     # As a person would: the daemon's first poll (the baseline) before a lead is added.
                     wait_until(lambda: _polled(command, tmp_path, env), 30, "the daemon's first poll")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import WEBHOOK_KEY, WEBHOOK_KEY_2, cli, wait_until, write_config
-from tests.support.snippets import npm_install, readme_blocks, tool
+from tests.support.snippets import free_port, npm_install, readme_blocks, tool
 from watcher import __version__
 from watcher.signing import decode_secret, webhook_headers
 
@@ -31,17 +31,11 @@ def _snippet(language: str) -> str:
     return block
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Running:
     """A receiver process on `port`, its stdout collected in a file."""
 
     def __init__(self, argv: list[str], folder: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.out = folder / "receiver.out"
         env = {**os.environ, "WEBHOOK_SECRET": WEBHOOK_KEY_2, "PORT": str(self.port)}
         with self.out.open("wb") as out:

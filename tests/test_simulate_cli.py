@@ -17,20 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import cli, wait_until
+from tests.support.snippets import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def simulate() -> Iterator[int]:
     """A real `convertr-watcher simulate --port N` process; yields N once it accepts connections."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "watcher", "simulate", "--port", str(port)],
         stdout=subprocess.DEVNULL,

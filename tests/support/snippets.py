@@ -1,9 +1,10 @@
-"""What the README's receiver snippets need to run: their text, and the npm packages they import."""
+"""What the README's snippets need to run: their text, the npm packages they import, free loopback ports."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -40,3 +41,19 @@ def npm_install(folder: Path) -> None:
         [tool("npm"), "ci", "--no-audit", "--no-fund"], cwd=folder, capture_output=True, text=True, timeout=300
     )
     assert installed.returncode == 0, installed.stdout + installed.stderr
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a server the test starts as a process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
