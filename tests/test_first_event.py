@@ -63,7 +63,7 @@ def test_the_first_event_walk_works_as_printed(tmp_path: Path) -> None:
                     wait_until(lambda: _polled(command, tmp_path, env), 30, "the daemon's first poll")
                 continue
             if " events " in line:
-                # "within 5 s": the next poll finds the lead and the receiver answers.
+                # "within 2 s": the next poll finds the lead and the receiver answers.
                 wait_until(lambda line=line: "delivered" in _run(line, tmp_path, env), 30, "the lead delivered")
             outputs[shown] = _run(line, tmp_path, env)
     finally:
