@@ -35,7 +35,7 @@ REQUIRED_ALERTS = {
     "sink disabled": "ConvertrWatcherSinkDisabled",
     "dead letters growing": "ConvertrWatcherDeadLetters",
     "request budget near the limit": "ConvertrWatcherRequestBudgetNearLimit",
-    # Issue 23: each metric a bad day shows has an alert, and dead letters one that stays while they wait.
+    # What a bad day shows: each such metric has an alert, and dead letters one that stays while they wait.
     "a refused reload": "ConvertrWatcherConfigReloadFailed",
     "stranded deliveries": "ConvertrWatcherOutboxStranded",
     "unreadable leads": "ConvertrWatcherUnreadableLeads",
