@@ -269,4 +269,8 @@ def configure_logging(
     # each job run at INFO. Warnings and errors still come through.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The AMQP client logs each failed connection with a traceback; the sink's own error line says
+    # what happened (without the URL), so only its critical lines come through.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("apscheduler").setLevel(number if number <= logging.DEBUG else max(number, logging.WARNING))
