@@ -111,11 +111,16 @@ def own_nats(store: Path, *, password: str | None = None) -> OwnServer:
     return OwnServer(argv, port)
 
 
-def own_redis(*, password: str | None = None) -> OwnServer:
+def own_redis(*, password: str | None = None, persist: Path | None = None) -> OwnServer:
+    """A redis-server of the test's own; with `persist`, an append-only file there keeps every
+    acknowledged write across a restart (fsync on each), as a production Redis holding a stream would."""
     port = free_port()
-    argv = [binary("redis-server", "/usr/bin/redis-server"), "--bind", "127.0.0.1", "--port", str(port)]
-    # Kept in memory across nothing: a stop loses what it held, so outage tests read entries as they come.
-    argv += ["--save", "", "--appendonly", "no", "--dir", tempfile.gettempdir()]
+    argv = [binary("redis-server", "/usr/bin/redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+    if persist is None:
+        argv += ["--appendonly", "no", "--dir", tempfile.gettempdir()]
+    else:
+        persist.mkdir(parents=True, exist_ok=True)
+        argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(persist)]
     if password:
         argv += ["--requirepass", password]
     return OwnServer(argv, port)
@@ -133,6 +138,19 @@ class JetStream:
     def messages(self) -> list[Any]:
         """Every message in the stream, in stream order (nats-py RawStreamMsg: .data, .headers)."""
         return asyncio.run(_nats_messages(self.url, self.stream))
+
+    def count(self) -> int:
+        return int(asyncio.run(_nats_count(self.url, self.stream)))
+
+
+async def _nats_count(url: str, stream: str) -> int:
+    import nats
+
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.messages)
+    finally:
+        await nc.close()
 
 
 async def _nats_messages(url: str, stream: str) -> list[Any]:
@@ -221,6 +239,27 @@ async def _amqp_setup(url: str, exchange: str, queue: str, bind: str | None, del
             await q.bind(ex, bind)
     finally:
         await connection.close()
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def rabbit_connections(vhost: str) -> int:
+    """How many client connections the vhost has now."""
+    return len([line for line in rabbitmqctl("list_connections", "-p", vhost, "pid").splitlines() if "<" in line])
+
+
+@contextmanager
+def rabbit_vhost() -> Iterator[str]:
+    """A vhost of the test's own (guest may use it): its connections can be closed without touching others'."""
+    vhost = name("cw-vh-")
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
 
 
 @contextmanager

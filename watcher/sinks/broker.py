@@ -127,8 +127,9 @@ class BrokerSink(Generic[L]):
                 # Nothing was confirmed on this connection since the attempt began: it is probably
                 # dead without having noticed (a broker that stopped answering), so make a new one.
                 await self._drop(link)
-            waited = "an answer while connecting" if link is None else "a confirmation"
-            raise DeliveryError(f"no {waited} from the {self.kind} within {self.config.timeout:g}s") from None
+            waited = "answer" if link is None else "confirmation"
+            during = " while connecting" if link is None else ""
+            raise DeliveryError(f"no {waited} from the {self.kind} within {self.config.timeout:g}s{during}") from None
         except DeliveryError:
             raise
         except Exception as exc:
