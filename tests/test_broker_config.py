@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -175,3 +176,28 @@ def test_a_type_whose_extra_is_missing_exits_78_naming_the_extra(
         [sys.executable, "-m", "watcher", "check", "-c", str(config)], capture_output=True, text=True, timeout=60
     )
     assert ok.returncode == 0, ok.stderr
+
+
+def test_example_config_documents_the_broker_sinks_and_they_load(tmp_path: Path) -> None:
+    """config.example.toml's commented broker blocks name every broker key and, uncommented, load."""
+    from tests.test_config import EXAMPLE, EXAMPLE_ENVIRON
+
+    text = EXAMPLE.read_text()
+    head, _, brokers = text.partition("# Broker sinks:")
+    assert brokers, "the example has no broker sinks"
+    for key in ("subject", "exchange", "routing_key", "stream", "maxlen"):
+        assert f"\n# {key} = " in brokers, key
+    uncommented = re.sub(r"^# (\[\[sinks\]\]|[a-z_]+ = .*)$", r"\1", brokers, flags=re.M)
+    path = tmp_path / "config.toml"
+    path.write_text(head + "#" + uncommented)
+    environ = {
+        **EXAMPLE_ENVIRON,
+        "NATS_URL": "nats://127.0.0.1:4222",
+        "AMQP_URL": f"amqps://watcher:{BROKER_PASSWORD}@rabbit.example.com/",
+        "REDIS_URL": "rediss://:secret@redis.example.com:6380/0",
+    }
+    config = load_config(path, environ)
+    bus, rabbit, stream = config.sinks[2:]
+    assert (bus.type, bus.subject) == ("nats", "convertr.{type}")
+    assert (rabbit.type, rabbit.exchange, rabbit.routing_key) == ("amqp", "convertr", "{type}")
+    assert (stream.type, stream.stream, stream.maxlen) == ("redis", "convertr:events", 1000000)
