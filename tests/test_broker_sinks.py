@@ -113,7 +113,7 @@ def test_nats_message_is_the_webhook_body_signed_with_msg_id(nats_up: None) -> N
     assert headers["Nats-Msg-Id"] == headers["webhook-id"] == event.id
     assert headers["type"] == "lead.created"
     assert _verified(message) == {"type": "lead.created", "timestamp": event.timestamp, "data": dict(event.data)}
-    assert attempt.status is None and attempt.response_excerpt == f"stream {js.stream} seq 1"
+    assert attempt.status is None and attempt.response_excerpt == ""
 
 
 def test_amqp_message_is_persistent_with_id_type_and_signature(amqp_up: None) -> None:
@@ -142,7 +142,7 @@ def test_redis_entry_holds_the_body_and_headers_as_fields(redis_up: None) -> Non
     assert fields == {b"body", b"webhook-id", b"webhook-timestamp", b"webhook-signature", b"type"}
     assert body_of(entry) == event.body()
     assert _verified(entry)["data"]["lead"]["id"] == 1
-    assert attempt.response_excerpt == f"stream {stream.key} entry {entry[0].decode()}"
+    assert attempt.response_excerpt == ""
 
 
 def test_without_a_secret_no_signature_is_sent(redis_up: None) -> None:
@@ -180,8 +180,8 @@ def test_nats_resend_inside_the_duplicate_window_is_stored_once(nats_up: None) -
         config = SinkConfig("bus", "nats", NATS_URL, subject=js.prefix + ".{type}")
         first, second = _deliver(config, event, event)
         assert len(js.messages()) == 1
-    assert "duplicate" not in first.response_excerpt
-    assert "duplicate" in second.response_excerpt
+    assert first.response_excerpt == ""
+    assert second.response_excerpt == f"a duplicate: stream {js.stream} already had this id (seq 1)"
 
 
 # --- refusals: each a clear, failed attempt -------------------------------------------------

@@ -69,7 +69,7 @@ class AmqpSink(BrokerSink[_Link]):
             raise DeliveryError(f"the broker refused the message ({getattr(exc.frame, 'name', 'nack')})") from None
         if not isinstance(confirm, Basic.Ack):
             raise DeliveryError(f"the broker did not confirm the message ({type(confirm).__name__})")
-        return f"confirmed: exchange {self.config.exchange}, routing key {routing_key}"
+        return ""  # the ack carries nothing more to show
 
     async def _check(self, link: _Link) -> str:
         return f"exchange {self.config.exchange} exists; publisher confirms on"

@@ -81,7 +81,7 @@ class BrokerSink(Generic[L]):
         raise NotImplementedError
 
     async def _publish(self, link: L, event: Event, body: bytes, headers: dict[str, str]) -> str:
-        """Publish and wait for the confirmation; a short description of it for the attempt log."""
+        """Publish and wait for the confirmation; anything worth a line in the attempt log, else ""."""
         raise NotImplementedError
 
     async def _check(self, link: L) -> str:
