@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -143,10 +144,15 @@ class JetStream:
         return int(asyncio.run(_nats_count(self.url, self.stream)))
 
 
-async def _nats_count(url: str, stream: str) -> int:
+async def _nats_connect(url: str, ca: Path | None = None) -> Any:
     import nats
 
-    nc = await nats.connect(url, allow_reconnect=False)
+    tls = ssl.create_default_context(cafile=str(ca)) if ca else None
+    return await nats.connect(url, allow_reconnect=False, tls=tls)
+
+
+async def _nats_count(url: str, stream: str) -> int:
+    nc = await _nats_connect(url)
     try:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:
@@ -154,9 +160,7 @@ async def _nats_count(url: str, stream: str) -> int:
 
 
 async def _nats_messages(url: str, stream: str) -> list[Any]:
-    import nats
-
-    nc = await nats.connect(url, allow_reconnect=False)
+    nc = await _nats_connect(url)
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)
@@ -169,10 +173,8 @@ async def _nats_messages(url: str, stream: str) -> list[Any]:
         await nc.close()
 
 
-async def _nats_stream(url: str, stream: str, prefix: str, delete: bool) -> None:
-    import nats
-
-    nc = await nats.connect(url, allow_reconnect=False)
+async def _nats_stream(url: str, stream: str, prefix: str, delete: bool, ca: Path | None = None) -> None:
+    nc = await _nats_connect(url, ca)
     try:
         js = nc.jetstream()
         if delete:
@@ -185,14 +187,15 @@ async def _nats_stream(url: str, stream: str, prefix: str, delete: bool) -> None
 
 
 @contextmanager
-def jetstream(url: str = NATS_URL) -> Iterator[JetStream]:
+def jetstream(url: str = NATS_URL, ca: Path | None = None) -> Iterator[JetStream]:
+    """A stream storing "<prefix>.>" (`ca`: the CA of a TLS server; messages() does not read over TLS)."""
     stream = name("CW")
     made = JetStream(url, stream, stream.lower())
-    asyncio.run(_nats_stream(url, stream, made.prefix, delete=False))
+    asyncio.run(_nats_stream(url, stream, made.prefix, delete=False, ca=ca))
     try:
         yield made
     finally:
-        asyncio.run(_nats_stream(url, stream, made.prefix, delete=True))
+        asyncio.run(_nats_stream(url, stream, made.prefix, delete=True, ca=ca))
 
 
 @dataclass

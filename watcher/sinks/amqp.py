@@ -8,6 +8,7 @@ operator's: it is checked passively when the connection is made, never declared.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions as amqp_errors
@@ -17,6 +18,7 @@ from pamqp.commands import Basic
 from watcher.errors import DeliveryError, SinkGone
 from watcher.events import Event
 from watcher.sinks.broker import BrokerSink, target
+from watcher.tls import client_context
 
 
 @dataclass
@@ -32,10 +34,13 @@ class AmqpSink(BrokerSink[_Link]):
     async def _connect(self) -> _Link:
         # Not connect_robust: its reconnect replays nothing in flight; a lost connection fails
         # its attempts (retried by the outbox under the same message_id) and is made anew here.
+        tls = urlsplit(self.config.url).scheme.lower() == "amqps"
         connection = await aio_pika.connect(
             self.config.url,
             timeout=self.config.timeout,
             client_properties={"connection_name": f"convertr-watcher {self.name}"},
+            # amqps: verified against what webhooks trust (certifi, SSL_CERT_FILE / _DIR).
+            ssl_context=client_context() if tls else None,
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -106,6 +111,7 @@ class AmqpSink(BrokerSink[_Link]):
     def _reason(self, exc: BaseException) -> str:
         """The broker's or the system's words for it (AMQP reply text, strerror), redacted."""
         if isinstance(exc, OSError) and exc.strerror:
-            return exc.strerror.lower()
+            why = self.redact(exc.strerror)
+            return why[:1].lower() + why[1:]
         args = [a for a in getattr(exc, "args", ()) if isinstance(a, str)]
         return self.redact(args[-1] if args else type(exc).__name__)

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from watcher.errors import DeliveryError, SinkGone
 from watcher.events import Event
 from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, target
+from watcher.tls import client_context
 
 
 @dataclass
@@ -56,6 +57,9 @@ class NatsSink(BrokerSink[_Link]):
                 max_reconnect_attempts=1,
                 reconnect_time_wait=CONNECT_RETRY_WAIT,
                 connect_timeout=min(self.config.timeout, 5.0),
+                # Used when the server requires TLS (tls:// or its INFO says so): the process's
+                # verifying context, trusting what webhooks trust (certifi, SSL_CERT_FILE / _DIR).
+                tls=client_context(),
                 error_cb=on_error,
                 disconnected_cb=quiet,
                 closed_cb=quiet,
@@ -107,5 +111,6 @@ class NatsSink(BrokerSink[_Link]):
         if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.StaleConnectionError):
             return DeliveryError(f"the connection to the {self.kind} was lost")
         if isinstance(exc, OSError):
-            return DeliveryError(f"cannot connect to the {self.kind}: {(exc.strerror or text).lower()}")
+            why = self.redact(exc.strerror or text)
+            return DeliveryError(f"cannot connect to the {self.kind}: {why[:1].lower()}{why[1:]}")
         return DeliveryError(f"{self.kind}: {type(exc).__name__}: {text}")

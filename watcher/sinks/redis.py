@@ -6,6 +6,11 @@ re-send an XADD whose reply was lost, and the outbox already retries, with the s
 
 from __future__ import annotations
 
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+import certifi
 import redis.asyncio as aredis
 import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
@@ -17,12 +22,30 @@ from watcher.events import Event
 from watcher.sinks.broker import BrokerSink
 
 
+def _trust(url: str) -> dict[str, Any]:
+    """For rediss://, the CAs webhooks trust: SSL_CERT_FILE / SSL_CERT_DIR when set, else certifi's
+    bundle (redis-py takes paths, not a context)."""
+    if urlsplit(url).scheme.lower() != "rediss":
+        return {}
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        return {
+            key: value
+            for key, value in (
+                ("ssl_ca_certs", os.environ.get("SSL_CERT_FILE", "")),
+                ("ssl_ca_path", os.environ.get("SSL_CERT_DIR", "")),
+            )
+            if value
+        }
+    return {"ssl_ca_certs": certifi.where()}
+
+
 class RedisSink(BrokerSink["aredis.Redis"]):
     kind = "Redis server"
 
     async def _connect(self) -> aredis.Redis:
         client = aredis.Redis.from_url(
             self.config.url,
+            **_trust(self.config.url),
             socket_timeout=self.config.timeout,
             socket_connect_timeout=min(self.config.timeout, 5.0),
             retry=Retry(NoBackoff(), 0),
@@ -77,5 +100,6 @@ class RedisSink(BrokerSink["aredis.Redis"]):
         if isinstance(exc, redis_errors.ConnectionError):
             return DeliveryError(f"cannot reach the {self.kind}: {text}")
         if isinstance(exc, OSError):
-            return DeliveryError(f"cannot reach the {self.kind}: {(exc.strerror or text).lower()}")
+            why = self.redact(exc.strerror or text)
+            return DeliveryError(f"cannot reach the {self.kind}: {why[:1].lower()}{why[1:]}")
         return DeliveryError(f"{self.kind}: {type(exc).__name__}: {text}")
