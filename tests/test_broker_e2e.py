@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
@@ -19,6 +20,7 @@ from tests.conftest import serving
 from tests.support import brokers
 from tests.support.brokers import REDIS_URL, body_of, headers_of
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, events_json, wait_until, write_config
+from tests.test_metrics import samples, value
 from watcher.simulator import Simulator, SimulatorServer
 
 
@@ -126,11 +128,17 @@ def test_send_test_and_check_connect_use_the_broker(tmp_path: Path, sim) -> None
 
 def test_dead_events_are_replayed_to_a_broker(tmp_path: Path, sim) -> None:
     """An entry Redis keeps refusing (the key is not a stream) dies after its schedule; once the key is
-    fixed, `replay` sends it again with the same webhook-id."""
+    fixed, `replay` sends it again with the same webhook-id; /metrics counts each outcome for the sink."""
     simulator, server = sim
     with brokers.redis_stream() as rs:
         brokers.asyncio.run(brokers._redis(REDIS_URL, "set", rs.key, "in the way"))
-        config = write_config(tmp_path, server.url, [redis_sink(rs, retry_schedule=["1s"])])
+        port = brokers.free_port()
+        config = write_config(
+            tmp_path,
+            server.url,
+            [redis_sink(rs, retry_schedule=["1s"])],
+            extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+        )
         with Daemon(config) as daemon:
             daemon.wait_polls(1)
             [lead] = simulator.add_leads(1, simulator.campaign_ids()[0])
@@ -140,6 +148,11 @@ def test_dead_events_are_replayed_to_a_broker(tmp_path: Path, sim) -> None:
             result = cli("replay", "-c", str(config), "--all")
             assert result.returncode == 0, result.stderr
             wait_until(rs.entries, 20, "the replayed entry")
+            # Per-sink metrics count a broker sink's outcomes as they do a webhook's.
+            scraped = samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+            assert value(scraped, "watcher_deliveries_total", sink="stream", outcome="retry") == 1
+            assert value(scraped, "watcher_deliveries_total", sink="stream", outcome="dead") == 1
+            assert value(scraped, "watcher_deliveries_total", sink="stream", outcome="success") == 1
             assert daemon.stop() == 0
         [(event_id, event)] = verified(rs.entries())
     assert event_id == dead[0]["id"] and event["data"]["lead"]["id"] == lead
