@@ -157,7 +157,8 @@ def test_a_type_whose_extra_is_missing_exits_78_naming_the_extra(
     (site / "sitecustomize.py").write_text(_BLOCKER.format(blocked={module}))
     config = _config(tmp_path, f'type = "{kind}"\nurl = "{kind}://127.0.0.1/"\n{where}\n')
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
-    for command in ("check", "run"):
+    # `run` loads the configuration the same way; one type shows it refuses as `check` does.
+    for command in ("check", "run") if kind == "nats" else ("check",):
         result = subprocess.run(
             [sys.executable, "-m", "watcher", command, "-c", str(config)],
             capture_output=True,
@@ -172,10 +173,7 @@ def test_a_type_whose_extra_is_missing_exits_78_naming_the_extra(
             f'pip install "convertr-watcher[{kind}]"'
         ]
     # The same config with the library importable is valid.
-    ok = subprocess.run(
-        [sys.executable, "-m", "watcher", "check", "-c", str(config)], capture_output=True, text=True, timeout=60
-    )
-    assert ok.returncode == 0, ok.stderr
+    assert load_config(config).sinks[0].type == kind
 
 
 def test_example_config_documents_the_broker_sinks_and_they_load(tmp_path: Path) -> None:

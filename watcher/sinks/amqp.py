@@ -17,7 +17,7 @@ from pamqp.commands import Basic
 
 from watcher.errors import DeliveryError, SinkGone
 from watcher.events import Event
-from watcher.sinks.broker import BrokerSink, target
+from watcher.sinks.broker import BrokerSink, lowered, target
 from watcher.tls import client_context
 
 
@@ -98,8 +98,10 @@ class AmqpSink(BrokerSink[_Link]):
             )
         if isinstance(exc, amqp_errors.ChannelNotFoundEntity):
             return DeliveryError(f"exchange {self.config.exchange} does not exist on the {self.kind}")
-        if isinstance(exc, amqp_errors.ChannelInvalidStateError | amqp_errors.ChannelClosed):
-            return DeliveryError(f"the channel to the {self.kind} was closed: {self._reason(exc)}")
+        if isinstance(exc, amqp_errors.ChannelInvalidStateError):
+            return DeliveryError(f"the channel to the {self.kind} was closed (the connection was lost)")
+        if isinstance(exc, amqp_errors.ChannelClosed):
+            return DeliveryError(f"the {self.kind} closed the channel: {self._reason(exc)}")
         if isinstance(exc, amqp_errors.ConnectionClosed):
             return DeliveryError(f"the {self.kind} closed the connection: {self._reason(exc)}")
         if isinstance(exc, amqp_errors.AMQPConnectionError) and exc.args and isinstance(exc.args[0], int):
@@ -111,7 +113,6 @@ class AmqpSink(BrokerSink[_Link]):
     def _reason(self, exc: BaseException) -> str:
         """The broker's or the system's words for it (AMQP reply text, strerror), redacted."""
         if isinstance(exc, OSError) and exc.strerror:
-            why = self.redact(exc.strerror)
-            return why[:1].lower() + why[1:]
+            return lowered(self.redact(exc.strerror))
         args = [a for a in getattr(exc, "args", ()) if isinstance(a, str)]
         return self.redact(args[-1] if args else type(exc).__name__)

@@ -41,6 +41,12 @@ def target(template: str, event_type: str) -> str:
     return template.replace(TYPE_PLACEHOLDER, event_type)
 
 
+def lowered(reason: str) -> str:
+    """A system's reason as the middle of a sentence: "Connection refused" -> "connection refused";
+    an acronym or code ("CONNECTION_FORCED", "[SSL: …]") stays as written."""
+    return reason[:1].lower() + reason[1:] if reason[1:2].islower() else reason
+
+
 def message_headers(event: Event, stamp: int, body: bytes, keys: Sequence[bytes]) -> dict[str, str]:
     """The Standard Webhooks headers of one attempt, plus `type`; a signature only when keys are set."""
     headers = {"webhook-id": event.id, "webhook-timestamp": str(stamp), "type": event.type}

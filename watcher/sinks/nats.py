@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from watcher.errors import DeliveryError, SinkGone
 from watcher.events import Event
-from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, target
+from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, lowered, target
 from watcher.tls import client_context
 
 
@@ -111,6 +111,5 @@ class NatsSink(BrokerSink[_Link]):
         if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.StaleConnectionError):
             return DeliveryError(f"the connection to the {self.kind} was lost")
         if isinstance(exc, OSError):
-            why = self.redact(exc.strerror or text)
-            return DeliveryError(f"cannot connect to the {self.kind}: {why[:1].lower()}{why[1:]}")
+            return DeliveryError(f"cannot connect to the {self.kind}: {lowered(self.redact(exc.strerror or text))}")
         return DeliveryError(f"{self.kind}: {type(exc).__name__}: {text}")

@@ -19,7 +19,7 @@ from redis.typing import EncodableT, FieldT
 
 from watcher.errors import DeliveryError, SinkGone
 from watcher.events import Event
-from watcher.sinks.broker import BrokerSink
+from watcher.sinks.broker import BrokerSink, lowered
 
 
 def _trust(url: str) -> dict[str, Any]:
@@ -100,6 +100,5 @@ class RedisSink(BrokerSink["aredis.Redis"]):
         if isinstance(exc, redis_errors.ConnectionError):
             return DeliveryError(f"cannot reach the {self.kind}: {text}")
         if isinstance(exc, OSError):
-            why = self.redact(exc.strerror or text)
-            return DeliveryError(f"cannot reach the {self.kind}: {why[:1].lower()}{why[1:]}")
+            return DeliveryError(f"cannot reach the {self.kind}: {lowered(self.redact(exc.strerror or text))}")
         return DeliveryError(f"{self.kind}: {type(exc).__name__}: {text}")
