@@ -269,6 +269,28 @@ def test_nats_refused_credentials_disable_the_sink_without_leaking_them(tmp_path
     assert "refused the credentials" in str(error) and brokers.BROKER_PASSWORD not in str(error)
 
 
+def test_nats_subject_the_user_may_not_publish_disables_the_sink(tmp_path: Path) -> None:
+    """A permissions violation (sent out of band; the publish itself only times out) is named and
+    disables the sink: retrying cannot help until someone grants the subject."""
+    port = brokers.free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f'listen: 127.0.0.1:{port}\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        "authorization { users = [\n"
+        f'  {{user: admin, password: "{brokers.BROKER_PASSWORD}"}}\n'
+        f'  {{user: app, password: "{brokers.BROKER_PASSWORD}", permissions: {{publish: {{deny: ["cw.>"]}}}}}}\n'
+        "] }\n"
+    )
+    server = brokers.OwnServer([brokers.binary("nats-server", "/usr/sbin/nats-server"), "-c", str(conf)], port)
+    with server, brokers.jetstream(f"nats://admin:{brokers.BROKER_PASSWORD}@127.0.0.1:{port}") as js:
+        url = f"nats://app:{brokers.BROKER_PASSWORD}@127.0.0.1:{port}"
+        error = _refused(SinkConfig("bus", "nats", url, subject="cw.x.{type}", timeout=1.0))
+        assert js.count() == 0
+    assert isinstance(error, SinkGone)
+    assert 'permissions violation for publish to "cw.x.lead.created"' in str(error)
+    assert brokers.BROKER_PASSWORD not in str(error)
+
+
 def test_redis_refused_credentials_disable_the_sink_without_leaking_them() -> None:
     with brokers.own_redis(password=brokers.BROKER_PASSWORD) as server:
         url = f"redis://:wrong-{brokers.BROKER_PASSWORD}@127.0.0.1:{server.port}/0"

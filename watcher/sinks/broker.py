@@ -97,6 +97,12 @@ class BrokerSink(Generic[L]):
     def _alive(self, link: L) -> bool:
         return True
 
+    def _unanswered(self, *, connected: bool, since: float) -> DeliveryError:
+        """The error for an attempt that ran out of time (`since`: when it began, monotonic)."""
+        waited = "confirmation" if connected else "answer"
+        during = "" if connected else " while connecting"
+        return DeliveryError(f"no {waited} from the {self.kind} within {self.config.timeout:g}s{during}")
+
     def _lost(self, exc: BaseException) -> bool:
         """Whether this error means the connection is gone (it is then made anew)."""
         return False
@@ -133,9 +139,7 @@ class BrokerSink(Generic[L]):
                 # Nothing was confirmed on this connection since the attempt began: it is probably
                 # dead without having noticed (a broker that stopped answering), so make a new one.
                 await self._drop(link)
-            waited = "answer" if link is None else "confirmation"
-            during = " while connecting" if link is None else ""
-            raise DeliveryError(f"no {waited} from the {self.kind} within {self.config.timeout:g}s{during}") from None
+            raise self._unanswered(connected=link is not None, since=started) from None
         except DeliveryError:
             raise
         except Exception as exc:

@@ -33,16 +33,17 @@ class NatsSink(BrokerSink[_Link]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # What the server last said out of band (a permissions violation comes this way, and the
-        # publish that caused it only times out): quoted when an attempt fails.
+        # What the server last said out of band, and when (monotonic): a permissions violation
+        # comes this way, and the publish that caused it only times out.
         self._said = ""
+        self._said_at = float("-inf")
 
     async def _connect(self) -> _Link:
         failures: list[BaseException] = []
 
         async def on_error(exc: Exception) -> None:
             failures.append(exc)
-            self._said = self.redact(str(exc))
+            self._said, self._said_at = self.redact(str(exc)), self._clock.monotonic()
 
         async def quiet() -> None:
             return None
@@ -76,9 +77,6 @@ class NatsSink(BrokerSink[_Link]):
             )
         except nats.js.errors.NoStreamResponseError:
             raise DeliveryError(f"no JetStream stream stores subject {subject}") from None
-        except nats.errors.TimeoutError:
-            said = f" (the server said: {self._said})" if self._said else ""
-            raise DeliveryError(f"no acknowledgement from JetStream within {self.config.timeout:g}s{said}") from None
         # Only what an operator needs to see: a routine ack leaves the attempt log's answer empty,
         # which also spares every delivery the log's masking pass.
         return f"a duplicate: stream {ack.stream} already had this id (seq {ack.seq})" if ack.duplicate else ""
@@ -92,6 +90,16 @@ class NatsSink(BrokerSink[_Link]):
             except nats.js.errors.NotFoundError:
                 raise DeliveryError(f"no JetStream stream stores subject {subject}") from None
         return f"JetStream stream {', '.join(sorted(streams))} stores {', '.join(subjects)}"
+
+    def _unanswered(self, *, connected: bool, since: float) -> DeliveryError:
+        said = self._said if self._said_at >= since else ""
+        if "permissions violation" in said.lower():
+            # The server refused this user the subject: no retry can help until someone grants it.
+            return SinkGone(
+                f"the {self.kind} refused to let this user publish ({said}): grant it, then `replay --sink`"
+            )
+        error = super()._unanswered(connected=connected, since=since)
+        return DeliveryError(f"{error} (the server said: {said})") if said else error
 
     def _alive(self, link: _Link) -> bool:
         return bool(link.client.is_connected)
