@@ -299,6 +299,20 @@ def test_redis_refused_credentials_disable_the_sink_without_leaking_them() -> No
     assert "refused the credentials" in str(error) and brokers.BROKER_PASSWORD not in str(error)
 
 
+def test_redis_acl_user_without_xadd_disables_the_sink() -> None:
+    """A least-privilege ACL user (no CLIENT SETNAME needed to connect) without XADD: named, and final."""
+    with brokers.own_redis() as server:
+        admin = f"redis://127.0.0.1:{server.port}/0"
+        rules = ["on", f">{brokers.BROKER_PASSWORD}", "~*", "+@read", "+ping"]
+        asyncio.run(brokers._redis(admin, "execute_command", "ACL", "SETUSER", "reader", *rules))
+        url = f"redis://reader:{brokers.BROKER_PASSWORD}@127.0.0.1:{server.port}/0"
+        config = SinkConfig("stream", "redis", url, stream="s")
+        assert _probe(config) == "stream s does not exist yet: the first event creates it"
+        error = _refused(config)
+    assert isinstance(error, SinkGone)
+    assert "no permissions to run the 'xadd' command" in str(error)
+
+
 def test_amqp_refused_credentials_disable_the_sink_without_leaking_them(amqp_up: None) -> None:
     url = f"amqp://guest:wrong-{brokers.BROKER_PASSWORD}@127.0.0.1:5672/"
     error = _refused(SinkConfig("rabbit", "amqp", url, exchange="amq.topic"))

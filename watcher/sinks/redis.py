@@ -49,7 +49,6 @@ class RedisSink(BrokerSink["aredis.Redis"]):
             socket_timeout=self.config.timeout,
             socket_connect_timeout=min(self.config.timeout, 5.0),
             retry=Retry(NoBackoff(), 0),
-            client_name=f"convertr-watcher-{self.name}",
         )
         try:
             await client.ping()  # the handshake (AUTH, SELECT) now, so refused credentials show at once
@@ -81,12 +80,10 @@ class RedisSink(BrokerSink["aredis.Redis"]):
 
     def _explain(self, exc: BaseException) -> DeliveryError:
         text = self.redact(str(exc))
-        if isinstance(
-            exc,
-            redis_errors.AuthenticationError
-            | redis_errors.AuthenticationWrongNumberOfArgsError
-            | redis_errors.NoPermissionError,
-        ):
+        if isinstance(exc, redis_errors.NoPermissionError):
+            # An ACL user without XADD on the key (or PING): as final as a wrong password.
+            return SinkGone(f"the {self.kind} refused this user a command ({text}): grant it, then `replay --sink`")
+        if isinstance(exc, redis_errors.AuthenticationError | redis_errors.AuthenticationWrongNumberOfArgsError):
             return SinkGone(
                 f"the {self.kind} refused the credentials in the sink's url ({text}): "
                 "fix them, then reload or `replay --sink` the sink"
