@@ -45,37 +45,26 @@ def _error(tmp_path: Path, sink: str) -> str:
 
 
 def test_broker_sinks_load_with_their_destinations(tmp_path: Path) -> None:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [convertr]
-            base_url = "http://127.0.0.1:9"
-            username = "api@example.com"
-            password = "{PASSWORD}"
-            [state]
-            path = "state.db"
-            [[sinks]]
-            name = "bus"
-            type = "nats"
-            url = "nats://127.0.0.1:4222"
-            subject = "convertr.{{type}}"
-            [[sinks]]
-            name = "rabbit"
-            type = "amqp"
-            url = "amqp://guest:{BROKER_PASSWORD}@127.0.0.1:5672/"
-            exchange = "convertr"
-            secret = "{WEBHOOK_KEY}"
-            [[sinks]]
-            name = "stream"
-            type = "redis"
-            url = "redis://127.0.0.1:6379/0"
-            stream = "convertr:events"
-            maxlen = 100000
-            """
-        )
+    path = _config(
+        tmp_path,
+        f"""
+        type = "nats"
+        url = "nats://127.0.0.1:4222"
+        subject = "convertr.{{type}}"
+        [[sinks]]
+        name = "rabbit"
+        type = "amqp"
+        url = "amqp://guest:{BROKER_PASSWORD}@127.0.0.1:5672/"
+        exchange = "convertr"
+        secret = "{WEBHOOK_KEY}"
+        [[sinks]]
+        name = "stream"
+        type = "redis"
+        url = "redis://127.0.0.1:6379/0"
+        stream = "convertr:events"
+        maxlen = 100000
+        """,
     )
-    path.chmod(0o600)
     config = load_config(path)
     bus, rabbit, stream = config.sinks
     assert (bus.type, bus.subject, bus.include_pii, bus.concurrency) == ("nats", "convertr.{type}", True, 8)
