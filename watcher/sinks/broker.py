@@ -70,7 +70,7 @@ class BrokerSink(Generic[L]):
         self.name = config.name
         self.config = config
         self._clock = clock
-        self._version = version
+        del version  # a broker message carries no User-Agent; the parameter keeps build_sink uniform
         self._keys = tuple(decode_secret(s) for s in config.secrets)
         self._link: L | None = None
         self._lock = asyncio.Lock()
