@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,12 @@ import httpx
 from bench.procs import PASSWORD, SECRET, USERNAME, child_env, receiver, simulator
 from watcher import __version__
 from watcher.clock import SystemClock, rfc3339
-from watcher.config import load_config
+from watcher.config import SinkConfig, load_config
 from watcher.daemon import runtime
 from watcher.events import Event, event_id
 from watcher.outbox import Dispatcher
-from watcher.signing import decode_secret, webhook_headers
-from watcher.sinks import build_sink
+from watcher.signing import decode_secret, sign, webhook_headers
+from watcher.sinks import Attempt, build_sink
 from watcher.store import PENDING, PageCommit, Store
 
 BACKFILL_FROM = "2000-01-01T00:00:00Z"
@@ -187,15 +189,15 @@ async def plain_posts(url: str, events: list[Event], concurrency: int) -> float:
 
 
 async def daemon_dispatch(url: str, events: list[Event], concurrency: int, folder: Path) -> float:
-    state = folder / "dispatch.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{state}{suffix}").unlink(missing_ok=True)
-    store = Store.open(state)
-    for start in range(0, len(events), 100):
-        store.commit_page(PageCommit("bench", 0.0, events=[(e, ["bench"]) for e in events[start : start + 100]]))
+    store = _outbox(folder, events)
     config = load_config(write_config(folder, "http://127.0.0.1:9", sinks=webhook_sink(url, concurrency=concurrency)))
+    return await _dispatched(store, config.sinks[0])
+
+
+async def _dispatched(store: Store, sink_config: SinkConfig, make: Callable[[SinkConfig], Any] | None = None) -> float:
+    """Seconds the dispatcher takes to deliver everything pending in `store` through one sink."""
     clock = SystemClock()
-    sinks = [build_sink(config.sinks[0], clock=clock, version=__version__)]
+    sinks = [make(sink_config) if make else build_sink(sink_config, clock=clock, version=__version__)]
     dispatcher = Dispatcher(store, sinks, clock)
     stopping = asyncio.Event()
     started = time.perf_counter()
@@ -220,6 +222,189 @@ def dispatch(n: int, runs: int, concurrency: int = 4) -> dict[str, float]:
             daemon.append(n / asyncio.run(daemon_dispatch(url, events, concurrency, Path(tmp))))
     p, d = statistics.median(plain), statistics.median(daemon)
     return {"plain_events_per_s": p, "daemon_events_per_s": d, "ratio": d / p}
+
+
+def _outbox(folder: Path, events: list[Event]) -> Store:
+    """A fresh state file whose outbox holds `events`, pending for the sink "bench"."""
+    state = folder / "dispatch.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{state}{suffix}").unlink(missing_ok=True)
+    store = Store.open(state)
+    for start in range(0, len(events), 100):
+        store.commit_page(PageCommit("bench", 0.0, events=[(e, ["bench"]) for e in events[start : start + 100]]))
+    return store
+
+
+# --- broker sinks -----------------------------------------------------------------------------
+# The daemon's path (outbox, dispatcher, broker sink) against a plain loop with the same client
+# library and the same confirmation semantics: every message persistent where the broker offers
+# it, signed the same way, each publish awaiting its confirmation, `concurrency` in flight.
+
+BROKER_URLS = {
+    "nats": "nats://127.0.0.1:4222",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/",
+    "redis": "redis://127.0.0.1:6379/0",
+}
+
+
+async def _broker_destination(kind: str, name: str, make: bool) -> None:
+    """Create (or remove) the stream, exchange and queue, or key a run publishes to."""
+    url = BROKER_URLS[kind]
+    if kind == "nats":
+        import nats
+
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        with suppress(Exception):
+            await js.delete_stream(name)
+        if make:
+            await js.add_stream(name=name, subjects=[f"{name}.>"])
+        await nc.close()
+    elif kind == "amqp":
+        import aio_pika
+
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel()
+            with suppress(Exception):
+                await channel.queue_delete(name)
+            with suppress(Exception):
+                await channel.exchange_delete(name)
+            if make:
+                exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+                queue = await channel.declare_queue(name, durable=True)
+                await queue.bind(exchange, "#")
+    else:
+        import redis.asyncio as aredis
+
+        client = aredis.Redis.from_url(url)
+        await client.delete(name)
+        await client.aclose()
+
+
+def broker_sink_config(kind: str, name: str, concurrency: int) -> SinkConfig:
+    where = {"nats": {"subject": name + ".{type}"}, "amqp": {"exchange": name}, "redis": {"stream": name}}[kind]
+    return SinkConfig(
+        "bench",
+        kind,
+        BROKER_URLS[kind],
+        secrets=(SECRET,),
+        concurrency=concurrency,
+        **where,  # type: ignore[arg-type]
+    )
+
+
+async def plain_publish(kind: str, name: str, events: list[Event], concurrency: int) -> float:
+    """Seconds a plain loop takes to publish every event and have each confirmed."""
+    keys = [decode_secret(SECRET)]
+    gate = asyncio.Semaphore(concurrency)
+    url = BROKER_URLS[kind]
+
+    def signed(event: Event) -> tuple[bytes, dict[str, str]]:
+        body = event.body()
+        stamp = int(time.time())
+        return body, {"webhook-id": event.id, "webhook-timestamp": str(stamp), "type": event.type,
+                      "webhook-signature": sign(event.id, stamp, body, keys)}  # fmt: skip
+
+    if kind == "nats":
+        import nats
+
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def one(event: Event) -> None:
+            body, headers = signed(event)
+            async with gate:
+                await js.publish(f"{name}.{event.type}", body, headers={"Nats-Msg-Id": event.id, **headers})
+
+        close: Any = nc.close
+    elif kind == "amqp":
+        import aio_pika
+
+        connection = await aio_pika.connect(url)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(name, ensure=True)
+
+        async def one(event: Event) -> None:
+            body, headers = signed(event)
+            message = aio_pika.Message(
+                body,
+                headers=dict(headers),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=event.id,
+                type=event.type,
+            )
+            async with gate:
+                await exchange.publish(message, routing_key=event.type, mandatory=True)
+
+        close = connection.close
+    else:
+        import redis.asyncio as aredis
+
+        client = aredis.Redis.from_url(url)
+
+        async def one(event: Event) -> None:
+            body, headers = signed(event)
+            async with gate:
+                await client.xadd(name, {"body": body, **headers})
+
+        close = client.aclose
+    started = time.perf_counter()
+    await asyncio.gather(*(one(e) for e in events))
+    elapsed = time.perf_counter() - started
+    await close()
+    return elapsed
+
+
+class _Confirmed:
+    """A sink whose every attempt is confirmed at once: what the delivery engine alone costs."""
+
+    max_batch = 1
+    min_interval = 0.0
+
+    def __init__(self, config: SinkConfig) -> None:
+        self.name = config.name
+        self.config = config
+
+    async def deliver(self, events: Sequence[Event]) -> Attempt:
+        await asyncio.sleep(0)
+        return Attempt(status=None, duration=0.0, response_excerpt="")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def brokers(n: int, runs: int, concurrency: int = 8) -> dict[str, float]:
+    """Events per second through each broker sink and through its plain loop, and their ratio; and
+    the engine's own ceiling (a sink that confirms at once), which bounds every broker figure."""
+    events = _events(n)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ceiling = []
+        for _ in range(runs):
+            store = _outbox(Path(tmp), events)
+            ceiling.append(
+                n / asyncio.run(_dispatched(store, broker_sink_config("redis", "x", concurrency), _Confirmed))
+            )
+        out["engine_ceiling_events_per_s"] = statistics.median(ceiling)
+        for kind in BROKER_URLS:
+            plain, daemon = [], []
+            for run in range(runs):
+                for phase, results in (("plain", plain), ("daemon", daemon)):
+                    name = f"bench{kind}{phase}{run}{os.getpid()}"
+                    asyncio.run(_broker_destination(kind, name, make=True))
+                    try:
+                        if phase == "plain":
+                            seconds = asyncio.run(plain_publish(kind, name, events, concurrency))
+                        else:
+                            store = _outbox(Path(tmp), events)
+                            seconds = asyncio.run(_dispatched(store, broker_sink_config(kind, name, concurrency)))
+                        results.append(n / seconds)
+                    finally:
+                        asyncio.run(_broker_destination(kind, name, make=False))
+            p, d = statistics.median(plain), statistics.median(daemon)
+            out |= {f"{kind}_plain_events_per_s": p, f"{kind}_daemon_events_per_s": d, f"{kind}_ratio": d / p}
+    return out
 
 
 # --- latency ----------------------------------------------------------------------------------

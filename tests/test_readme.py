@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def _snippet() -> str:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    [snippet] = [b for b in blocks if "standardwebhooks" in b]
+    [snippet] = [b for b in blocks if "standardwebhooks" in b and "def handle(" in b]
     return snippet.replace('"whsec_…"', repr(WEBHOOK_KEY))
 
 

@@ -10,6 +10,7 @@ import base64
 import re
 
 from tests.conftest import CAPTURE
+from tests.support.brokers import BROKER_PASSWORD
 from tests.support.daemon import PASSWORD, WEBHOOK_KEY, WEBHOOK_KEY_2
 
 
@@ -27,7 +28,13 @@ def test_no_secret_in_any_log_line() -> None:
     text = CAPTURE.read_text()
     assert text.count("\n") > 50, "suspiciously few log lines captured"
     secrets = set()
-    for secret in (PASSWORD, WEBHOOK_KEY, WEBHOOK_KEY_2, "T0FAKE000/B0FAKE000/abcdefghijklmnopqrstuvwx"):
+    for secret in (
+        PASSWORD,
+        WEBHOOK_KEY,
+        WEBHOOK_KEY_2,
+        BROKER_PASSWORD,
+        "T0FAKE000/B0FAKE000/abcdefghijklmnopqrstuvwx",
+    ):
         secrets |= _forms(secret)
     leaks = [s for s in secrets if s in text]
     assert leaks == [], f"secrets found in logs: {len(leaks)} distinct values"

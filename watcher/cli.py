@@ -169,6 +169,13 @@ async def _connect(config: Config) -> int:
         if sink.name in refused:
             why = refused[sink.name]
             print(f"  sink {sink.name}: DISABLED by the daemon {why}; `replay --sink {sink.name}` enables it")
+        if sink.broker:  # the broker's own handshake and a look for the stream or exchange
+            from watcher.sinks.broker import probe_config
+
+            ok, said = await probe_config(sink, SystemClock(), __version__)
+            print(f"  sink {sink.name}: {said}" if ok else f"  sink {sink.name}: cannot deliver ({said})")
+            code = code or (EXIT_OK if ok else EXIT_FAILURE)
+            continue
         # Only the host name is shown: the rest of a sink URL (a Slack hook's path) may be a secret.
         host, problem = await _resolve(sink.url)
         if problem is None:

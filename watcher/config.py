@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -54,7 +55,17 @@ DEFAULT_TRACK: tuple[str, ...] = (
 # 5s, 5m, 30m, 2h, 5h, 10h, 14h, 20h, 24h: about 3.1 days of waits, so the 3-day max_age ends it first.
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
 
-SinkType = Literal["webhook", "slack"]
+SinkType = Literal["webhook", "slack", "nats", "amqp", "redis"]
+SINK_TYPES: tuple[SinkType, ...] = ("webhook", "slack", "nats", "amqp", "redis")
+# Broker sinks: the URL schemes each takes (TLS first) and the modules its optional extra installs.
+BROKER_SCHEMES: Mapping[str, tuple[str, str]] = {
+    "nats": ("tls", "nats"),
+    "amqp": ("amqps", "amqp"),
+    "redis": ("rediss", "redis"),
+}
+BROKER_MODULES: Mapping[str, tuple[str, ...]] = {"nats": ("nats",), "amqp": ("aio_pika", "aiormq"), "redis": ("redis",)}
+# The one placeholder a subject or routing key may hold: the event type ("lead.created").
+TYPE_PLACEHOLDER = "{type}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,9 @@ class SinkTypeDefaults:
 SINK_TYPE_DEFAULTS: Mapping[SinkType, SinkTypeDefaults] = {
     "webhook": SinkTypeDefaults(include_pii=True, concurrency=8),
     "slack": SinkTypeDefaults(include_pii=False, concurrency=1),
+    "nats": SinkTypeDefaults(include_pii=True, concurrency=8),
+    "amqp": SinkTypeDefaults(include_pii=True, concurrency=8),
+    "redis": SinkTypeDefaults(include_pii=True, concurrency=8),
 }
 # Stands for "the default of this sink's type" until SinkConfig.__post_init__ replaces it.
 _BY_TYPE: Any = object()
@@ -140,6 +154,16 @@ class SinkConfig:
     concurrency: int = _BY_TYPE
     enabled: bool = True
     url_is_secret: bool = field(default=False, repr=False)  # given as url_env / url_file
+    # Broker sinks only: where a message goes. `subject` (nats) and `routing_key` (amqp) may hold {type}.
+    subject: str = ""
+    exchange: str = ""
+    routing_key: str = TYPE_PLACEHOLDER
+    stream: str = ""
+    maxlen: int | None = None  # redis: trim the stream to about this many entries
+
+    @property
+    def broker(self) -> bool:
+        return self.type in BROKER_SCHEMES
 
     def __post_init__(self) -> None:
         for name in ("include_pii", "concurrency"):
@@ -181,8 +205,10 @@ class Config:
         """Every secret string the log redactor must hide."""
         values = [self.convertr.password]
         for sink in self.sinks:
-            if sink.type == "slack" or sink.url_is_secret:
+            if sink.type == "slack" or sink.broker or sink.url_is_secret:
                 values.append(sink.url)
+            if sink.broker:
+                values.append(urlsplit(sink.url).password or "")  # in case a library quotes it alone
             for key in sink.secrets:
                 # Also the bare base64, in case something logs the key without its prefix.
                 values.extend((key, key.removeprefix("whsec_")))
@@ -334,6 +360,12 @@ _SINK_KEYS = (
     *("campaign_ids", "timeout", "retry_schedule", "max_age", "include_pii", "concurrency", "enabled"),
     "allow_http",
 )
+# Keys only broker sinks take, by type.
+_BROKER_KEYS: Mapping[str, tuple[str, ...]] = {
+    "nats": ("subject",),
+    "amqp": ("exchange", "routing_key"),
+    "redis": ("stream", "maxlen"),
+}
 
 
 def _build(raw: dict[str, object], config_path: Path, ctx: _Context) -> Config:
@@ -426,31 +458,51 @@ _SINK_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _sink(t: _Table, ctx: _Context) -> SinkConfig:
-    t.check_keys(_SINK_KEYS)
+    broker_keys = tuple(k for keys in _BROKER_KEYS.values() for k in keys)
+    t.check_keys(_SINK_KEYS + broker_keys)
     name = t.require("name")
     if not isinstance(name, str) or not _SINK_NAME.fullmatch(name):
         raise ConfigError(t.key("name"), "must be 1 to 64 letters, digits, '-' or '_'")
     type_ = t.require("type")
-    if type_ not in ("webhook", "slack"):
-        raise ConfigError(t.key("type"), 'must be "webhook" or "slack"')
-    kind: SinkType = "webhook" if type_ == "webhook" else "slack"
+    if type_ not in SINK_TYPES:
+        raise ConfigError(t.key("type"), f"must be one of {_choices(SINK_TYPES)}")
+    kind: SinkType = type_
+    for key in broker_keys:
+        if key in t.data and key not in _BROKER_KEYS.get(kind, ()):
+            owners = [k for k, keys in _BROKER_KEYS.items() if key in keys]
+            raise ConfigError(t.key(key), f"only for {owners[0]} sinks")
+    if kind in BROKER_SCHEMES:
+        _require_extra(kind, t.key("type"))
     url, url_key, url_is_secret = _secret(t, "url", ctx)
     allow_http = t.boolean("allow_http", False)
     if url or url_key not in ctx.unresolved:
         try:
-            if not _is_http_url(url):
-                raise ConfigError(url_key, "must be an http(s) URL")
-            _require_https(url, url_key, allow_http, t.key("allow_http"))
+            if kind in BROKER_SCHEMES:
+                _broker_url(url, url_key, kind, allow_http, t.key("allow_http"))
+            else:
+                if not _is_http_url(url):
+                    raise ConfigError(url_key, "must be an http(s) URL")
+                _require_https(url, url_key, allow_http, t.key("allow_http"))
         except ConfigError:
             # A maintenance command never sends: a broken credential file must not lock it out.
             if not (ctx.lenient and url_is_secret):
                 raise
             ctx.unresolved.append(url_key)
             url = ""
+    if kind in BROKER_SCHEMES and not url_is_secret and urlsplit(url).password:
+        ctx.literals.append(url_key)  # a password written in the file
     if kind == "slack" and not url_is_secret:
         ctx.literals.append(url_key)  # a Slack incoming-webhook URL is itself the credential
     secrets: tuple[str, ...] = ()
-    if kind == "slack":
+    if kind in BROKER_SCHEMES:
+        # Optional here: a broker's own access control says who may publish; a key lets consumers
+        # check that a message came from this daemon.
+        if any(key in t.data for key in _secret_keys("secret")):
+            value, secret_key, indirect = _secret(t, "secret", ctx)
+            secrets = _webhook_keys(value, secret_key)
+            if not indirect:
+                ctx.literals.append(secret_key)
+    elif kind == "slack":
         for key in _secret_keys("secret"):
             if key in t.data:
                 raise ConfigError(t.key(key), "slack sinks take no secret")
@@ -481,7 +533,75 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
         concurrency=t.integer("concurrency", by_type.concurrency, 1, 32),
         enabled=t.boolean("enabled", _SINK.enabled),
         url_is_secret=url_is_secret,
+        **_destination(t, kind),
     )
+
+
+def _require_extra(kind: str, path: str) -> None:
+    """Refuse a broker type whose client library is not installed, naming the extra that brings it."""
+    for module in BROKER_MODULES[kind]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(path, f'"{kind}" sinks need the [{kind}] extra: pip install "convertr-watcher[{kind}]"')
+
+
+def _broker_url(url: str, path: str, kind: str, allow_plain: bool, allow_key: str) -> None:
+    """A broker URL of the type's scheme with a host; plain (unencrypted) only to loopback or when allowed.
+
+    Messages never quote the URL: it usually carries the broker password.
+    """
+    secure, plain = BROKER_SCHEMES[kind]
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(path, f"must be a {secure}:// or {plain}:// URL with a valid host and port") from None
+    if any(ch.isspace() for ch in url) or parts.scheme.lower() not in (secure, plain) or not parts.hostname:
+        raise ConfigError(path, f"must be a {secure}:// or {plain}:// URL with a host")
+    if parts.scheme.lower() == plain and not allow_plain and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            path,
+            f"must be a {secure}:// URL (plain {plain}:// only to a loopback host, or with {allow_key} = true)",
+        )
+
+
+def _destination(t: _Table, kind: SinkType) -> dict[str, Any]:
+    """Where a broker sink's messages go: its subject, exchange and routing key, or stream."""
+    if kind == "nats":
+        return {"subject": _template(t.require("subject"), t.key("subject"), subject=True)}
+    if kind == "amqp":
+        exchange = t.require("exchange")
+        if not isinstance(exchange, str) or not exchange or len(exchange) > 255:
+            raise ConfigError(t.key("exchange"), "must be the name of an existing exchange (1 to 255 characters)")
+        routing_key = _template(t.get("routing_key", _SINK.routing_key), t.key("routing_key"), subject=False)
+        return {"exchange": exchange, "routing_key": routing_key}
+    if kind == "redis":
+        stream = _nonempty_str(t.require("stream"), t.key("stream"))
+        maxlen = t.get("maxlen", None)
+        if maxlen is not None:
+            maxlen = t.integer("maxlen", 0, 1, 1 << 62)
+        return {"stream": stream, "maxlen": maxlen}
+    return {}
+
+
+_SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
+
+
+def _template(value: object, path: str, *, subject: bool) -> str:
+    """A subject or routing key in which `{type}` is the only placeholder."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, "must be a non-empty string")
+    filled = value.replace(TYPE_PLACEHOLDER, "lead.created")
+    if "{" in filled or "}" in filled:
+        raise ConfigError(path, f"{TYPE_PLACEHOLDER} is the only placeholder")
+    if len(filled.encode()) > 255 and not subject:
+        raise ConfigError(path, "must be at most 255 bytes once {type} is filled in")
+    if subject and not all(_SUBJECT_TOKEN.fullmatch(token) for token in filled.split(".")):
+        raise ConfigError(path, 'must be a NATS subject: dot-separated tokens, no spaces and no wildcards ("*", ">")')
+    return value
 
 
 def _metrics(t: _Table) -> MetricsConfig:

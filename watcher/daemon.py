@@ -44,6 +44,7 @@ from watcher.outbox import SWEEP_INTERVAL, Dispatcher
 from watcher.poller import CAMPAIGNS, CREATED, RECHECK, UPDATED, Poller
 from watcher.runinfo import config_fingerprint, write_info
 from watcher.sinks import Sink, build_sink
+from watcher.sinks.broker import probe_at_start
 from watcher.store import SinkState, Store
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ def fingerprint(sink: SinkConfig) -> str:
         str(sink.concurrency),
         str(sink.enabled),
     )
+    if sink.broker:  # only for them, so an upgrade leaves every other sink's fingerprint as it was
+        parts += (sink.subject, sink.exchange, sink.routing_key, sink.stream, str(sink.maxlen))
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
@@ -637,6 +640,7 @@ class Daemon:
         scheduler.start()
         dispatcher = asyncio.create_task(rt.dispatcher.run(rt.stopping), name="dispatcher")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        probing = asyncio.create_task(probe_at_start(rt.sinks), name="probe")
         self.rt.metrics.config_applied(self.loaded_at, ok=True)
         self._write_info()
         self.notifier.ready()
@@ -665,6 +669,7 @@ class Daemon:
         scheduler.shutdown(wait=False)
         await dispatcher
         watchdog.cancel()
+        probing.cancel()
         if server is not None:
             server.close()
             with suppress(Exception):

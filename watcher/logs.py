@@ -217,6 +217,14 @@ class _FileHandler(logging.FileHandler, _OurHandler):
     pass
 
 
+class _TlsUpgradeNoise(logging.Filter):
+    """asyncio warns on every connection the NATS client upgrades to TLS (its stream protocol's
+    eof_received return value means nothing under TLS); the warning says nothing to an operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -269,4 +277,12 @@ def configure_logging(
     # each job run at INFO. Warnings and errors still come through.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The AMQP client logs each failed connection with a traceback; the sink's own error line says
+    # what happened (without the URL), so only its critical lines come through.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _TlsUpgradeNoise) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_TlsUpgradeNoise())
+
     logging.getLogger("apscheduler").setLevel(number if number <= logging.DEBUG else max(number, logging.WARNING))

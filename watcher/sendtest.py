@@ -39,5 +39,6 @@ async def send_test(sink_config: SinkConfig, clock: Clock, type_: str = WATCHER_
     # Shown as the attempt log would keep it: one line, short, secrets and personal data masked.
     answer = attempt_excerpt(attempt.response_excerpt)
     said = f", answer {answer!r}" if answer else ""
-    took = f"HTTP {attempt.status} in {attempt.duration:.3f}s"
+    took = f"HTTP {attempt.status}" if attempt.status is not None else "confirmed by the broker"
+    took += f" in {attempt.duration:.3f}s"
     return True, f"{sink_config.name}: accepted: {took}{said} (event {event.id})"

@@ -92,6 +92,10 @@ def build_sink(
         from watcher.sinks.slack import SlackSink
 
         return SlackSink(config, clock=clock, version=version, campaign_names=campaign_names)
+    if config.type in ("nats", "amqp", "redis"):
+        from watcher.sinks.broker import broker_sink
+
+        return broker_sink(config, clock=clock, version=version)
     raise ValueError(f"unknown sink type {config.type!r}")
 
 

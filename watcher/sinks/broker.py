@@ -1,0 +1,266 @@
+"""What the broker sinks (NATS JetStream, AMQP, Redis Streams) share.
+
+A broker sink publishes the webhook body byte for byte with the Standard Webhooks headers beside
+it, and an attempt counts only once the broker confirms it (a JetStream ack, an AMQP publisher
+confirm, an XADD reply). One connection is kept per sink and re-made after it breaks, with a
+growing pause between failed connection attempts so a broker that is down is not hammered.
+
+Broker URLs carry passwords: no message here quotes one, and any text taken from a client
+library has the URL and its password cut out first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import structlog
+
+from watcher.clock import Clock
+from watcher.config import TYPE_PLACEHOLDER, SinkConfig
+from watcher.errors import ConfigError, DeliveryError
+from watcher.events import Event
+from watcher.signing import decode_secret, sign
+from watcher.sinks import Attempt, render_data
+
+# The pause after a failed connection attempt, doubling up to the cap while the broker stays away.
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 30.0
+# A refused connection right after a broker restart often succeeds a moment later.
+CONNECT_RETRY_WAIT = 0.2
+
+L = TypeVar("L")
+
+log = structlog.get_logger("watcher.sinks")
+
+
+def target(template: str, event_type: str) -> str:
+    """A subject or routing key with the event type filled in: `convertr.{type}` -> `convertr.lead.created`."""
+    return template.replace(TYPE_PLACEHOLDER, event_type)
+
+
+def lowered(reason: str) -> str:
+    """A system's reason as the middle of a sentence: "Connection refused" -> "connection refused";
+    an acronym or code ("CONNECTION_FORCED", "[SSL: …]") stays as written."""
+    return reason[:1].lower() + reason[1:] if reason[1:2].islower() else reason
+
+
+def message_headers(event: Event, stamp: int, body: bytes, keys: Sequence[bytes]) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt, plus `type`; a signature only when keys are set."""
+    headers = {"webhook-id": event.id, "webhook-timestamp": str(stamp), "type": event.type}
+    if keys:
+        headers["webhook-signature"] = sign(event.id, stamp, body, keys)
+    return headers
+
+
+class BrokerSink(Generic[L]):
+    """One kept connection (`L`, whatever the client library calls one) and the attempt around it.
+
+    Subclasses say how to connect, publish one message and read its confirmation, whether a
+    connection still works, and what a library error means (`_explain`).
+    """
+
+    max_batch = 1
+    min_interval = 0.0
+    kind = "broker"  # how errors name the other side: "NATS server", "AMQP broker", "Redis server"
+
+    def __init__(self, config: SinkConfig, *, clock: Clock, version: str) -> None:
+        self.name = config.name
+        self.config = config
+        self._clock = clock
+        del version  # a broker message carries no User-Agent; the parameter keeps build_sink uniform
+        self._keys = tuple(decode_secret(s) for s in config.secrets)
+        self._link: L | None = None
+        self._lock = asyncio.Lock()
+        self._retry_at = float("-inf")  # monotonic: no connection attempt before this
+        self._backoff = BACKOFF_FIRST
+        self._down = ""  # why the last connection attempt failed
+        self._confirmed_at = float("-inf")  # monotonic: the last confirmation on any connection
+        password = urlsplit(config.url).password or ""
+        self._hide = tuple(s for s in (config.url, password) if len(s) > 1)
+
+    # --- what each broker supplies ---------------------------------------------------------------
+
+    async def _connect(self) -> L:
+        raise NotImplementedError
+
+    async def _publish(self, link: L, event: Event, body: bytes, headers: dict[str, str]) -> str:
+        """Publish and wait for the confirmation; anything worth a line in the attempt log, else ""."""
+        raise NotImplementedError
+
+    async def _check(self, link: L) -> str:
+        """What `check --connect` shows once connected: that the destination exists."""
+        raise NotImplementedError
+
+    def _alive(self, link: L) -> bool:
+        return True
+
+    def _unanswered(self, *, connected: bool, since: float) -> DeliveryError:
+        """The error for an attempt that ran out of time (`since`: when it began, monotonic)."""
+        waited = "confirmation" if connected else "answer"
+        during = "" if connected else " while connecting"
+        return DeliveryError(f"no {waited} from the {self.kind} within {self.config.timeout:g}s{during}")
+
+    def _lost(self, exc: BaseException) -> bool:
+        """Whether this error means the connection is gone (it is then made anew)."""
+        return False
+
+    async def _close(self, link: L) -> None:
+        raise NotImplementedError
+
+    def _explain(self, exc: BaseException) -> DeliveryError:
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------
+
+    def redact(self, text: str) -> str:
+        """Library text fit for a log line: the URL and its password cut out, one line, short."""
+        for secret in self._hide:
+            text = text.replace(secret, "[redacted]")
+        return " ".join(text.split())[:300]
+
+    async def deliver(self, events: Sequence[Event]) -> Attempt:
+        """Publish the single event and wait for the broker's confirmation, all within `timeout`."""
+        if len(events) != 1:
+            raise ValueError(f"a broker sink delivers one event at a time, got {len(events)}")
+        event = events[0]
+        body = event.body(render_data(event, self.config))
+        started = self._clock.monotonic()
+        link: L | None = None
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                link = await self._connected()
+                headers = message_headers(event, int(self._clock.now()), body, self._keys)
+                answer = await self._publish(link, event, body, headers)
+        except TimeoutError:
+            if link is not None and self._confirmed_at < started:
+                # Nothing was confirmed on this connection since the attempt began: it is probably
+                # dead without having noticed (a broker that stopped answering), so make a new one.
+                await self._drop(link)
+            raise self._unanswered(connected=link is not None, since=started) from None
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            if link is not None and self._lost(exc):
+                await self._drop(link)
+            raise self._explain(exc) from None
+        self._confirmed_at = self._clock.monotonic()
+        return Attempt(status=None, duration=self._confirmed_at - started, response_excerpt=answer)
+
+    async def probe(self) -> str:
+        """Connect (the broker's own handshake, credentials included) and check the destination
+        exists, without publishing; a line saying what was found, or DeliveryError."""
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                return await self._check(await self._connected())
+        except TimeoutError:
+            raise DeliveryError(f"no answer from the {self.kind} within {self.config.timeout:g}s") from None
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise self._explain(exc) from None
+
+    async def _connected(self) -> L:
+        """The kept connection, or a new one; fails at once while the last failure's pause runs."""
+        async with self._lock:
+            link = self._link
+            if link is not None and self._alive(link):
+                return link
+            if link is not None:
+                self._link = None
+                await self._quietly_close(link)
+            now = self._clock.monotonic()
+            if now < self._retry_at:
+                raise DeliveryError(f"{self._down}; next connection attempt in {self._retry_at - now:.1f}s")
+            try:
+                link = await self._connect()
+            except BaseException as exc:
+                # Cancelled too (a broker that accepts and never answers): the pause applies all the same.
+                self._retry_at = now + self._backoff
+                self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+                error = (
+                    DeliveryError(f"no answer from the {self.kind} while connecting")
+                    if isinstance(exc, asyncio.CancelledError | TimeoutError)
+                    else exc
+                    if isinstance(exc, DeliveryError)
+                    else self._explain(exc)
+                )
+                self._down = str(error)
+                if isinstance(exc, Exception):
+                    raise error from None
+                raise
+            self._backoff = BACKOFF_FIRST
+            self._retry_at = float("-inf")
+            self._link = link
+            return link
+
+    async def _drop(self, link: L) -> None:
+        if self._link is link:
+            self._link = None
+        await self._quietly_close(link)
+
+    async def _quietly_close(self, link: L) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                await self._close(link)
+        except Exception:  # closing a broken connection may fail in any way; it is gone either way
+            pass
+
+    async def aclose(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            await self._quietly_close(link)
+
+
+def broker_sink(config: SinkConfig, *, clock: Clock, version: str) -> BrokerSink[Any]:
+    """The sink for a broker type, its client library imported only now (each is an optional extra)."""
+    try:
+        if config.type == "nats":
+            from watcher.sinks.nats import NatsSink
+
+            return NatsSink(config, clock=clock, version=version)
+        if config.type == "amqp":
+            from watcher.sinks.amqp import AmqpSink
+
+            return AmqpSink(config, clock=clock, version=version)
+        if config.type == "redis":
+            from watcher.sinks.redis import RedisSink
+
+            return RedisSink(config, clock=clock, version=version)
+    except ImportError as exc:
+        # The configuration check found the package, but it does not import (a broken install).
+        raise ConfigError(
+            f"sinks.{config.name}.type",
+            f'"{config.type}" sinks need the [{config.type}] extra, which does not import ({exc.name or exc}): '
+            f'pip install "convertr-watcher[{config.type}]"',
+        ) from None
+    raise ValueError(f"not a broker sink type: {config.type!r}")
+
+
+async def probe_at_start(sinks: Sequence[object]) -> None:
+    """At start-up, say at once (not at the first event) when a broker sink cannot deliver: its
+    broker refuses or is away, its stream or exchange is missing. Each probe is bounded by its
+    sink's timeout and runs beside the others, so a hung broker holds up nothing."""
+
+    async def one(sink: BrokerSink[Any]) -> None:
+        try:
+            found = await sink.probe()
+        except DeliveryError as exc:
+            log.error("broker sink cannot deliver yet; its events wait and are retried", sink=sink.name, error=str(exc))
+        else:
+            log.info("broker sink ready", sink=sink.name, found=found)
+
+    await asyncio.gather(*(one(s) for s in sinks if isinstance(s, BrokerSink) and s.config.enabled))
+
+
+async def probe_config(config: SinkConfig, clock: Clock, version: str) -> tuple[bool, str]:
+    """`check --connect` for one broker sink: (reachable and its destination exists, what was found or why not)."""
+    sink = broker_sink(config, clock=clock, version=version)
+    try:
+        return True, await sink.probe()
+    except DeliveryError as exc:
+        return False, str(exc)
+    finally:
+        await sink.aclose()

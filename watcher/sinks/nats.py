@@ -1,0 +1,123 @@
+"""The NATS JetStream sink: publish to `subject` and wait for the stream's acknowledgement.
+
+`Nats-Msg-Id` is the event id, so a resend inside the stream's duplicate window (two minutes by
+default) is stored once. The stream is the operator's: a subject no stream stores is a failed
+attempt that says so, never a publish into nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from watcher.errors import DeliveryError, SinkGone
+from watcher.events import Event
+from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, lowered, target
+from watcher.tls import client_context
+
+
+@dataclass
+class _Link:
+    client: Client
+    js: JetStreamContext
+
+
+class NatsSink(BrokerSink[_Link]):
+    kind = "NATS server"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # What the server last said out of band, and when (monotonic): a permissions violation
+        # comes this way, and the publish that caused it only times out.
+        self._said = ""
+        self._said_at = float("-inf")
+
+    async def _connect(self) -> _Link:
+        failures: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:
+            failures.append(exc)
+            self._said, self._said_at = self.redact(str(exc)), self._clock.monotonic()
+
+        async def quiet() -> None:
+            return None
+
+        try:
+            # Two quick tries (a restarting server), then the sink's own backoff; nats-py's
+            # reconnect loop stays off: a broken connection fails its attempts and is made anew.
+            client = await nats.connect(
+                self.config.url,
+                name=f"convertr-watcher {self.name}",
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=CONNECT_RETRY_WAIT,
+                connect_timeout=min(self.config.timeout, 5.0),
+                # Used when the server requires TLS (tls:// or its INFO says so): the process's
+                # verifying context, trusting what webhooks trust (certifi, SSL_CERT_FILE / _DIR).
+                tls=client_context(),
+                error_cb=on_error,
+                disconnected_cb=quiet,
+                closed_cb=quiet,
+            )
+        except nats.errors.NoServersError:
+            raise failures[-1] if failures else DeliveryError(f"cannot connect to the {self.kind}") from None
+        return _Link(client, client.jetstream(timeout=self.config.timeout))
+
+    async def _publish(self, link: _Link, event: Event, body: bytes, headers: dict[str, str]) -> str:
+        subject = target(self.config.subject, event.type)
+        try:
+            ack = await link.js.publish(
+                subject, body, timeout=self.config.timeout, headers={"Nats-Msg-Id": event.id, **headers}
+            )
+        except nats.js.errors.NoStreamResponseError:
+            raise DeliveryError(f"no JetStream stream stores subject {subject}") from None
+        # Only what an operator needs to see: a routine ack leaves the attempt log's answer empty,
+        # which also spares every delivery the log's masking pass.
+        return f"a duplicate: stream {ack.stream} already had this id (seq {ack.seq})" if ack.duplicate else ""
+
+    async def _check(self, link: _Link) -> str:
+        subjects = sorted({target(self.config.subject, t) for t in self.config.events})
+        streams: set[str] = set()
+        for subject in subjects:
+            try:
+                streams.add(await link.js.find_stream_name_by_subject(subject))
+            except nats.js.errors.NotFoundError:
+                raise DeliveryError(f"no JetStream stream stores subject {subject}") from None
+        return f"JetStream stream {', '.join(sorted(streams))} stores {', '.join(subjects)}"
+
+    def _unanswered(self, *, connected: bool, since: float) -> DeliveryError:
+        said = self._said if self._said_at >= since else ""
+        if "permissions violation" in said.lower():
+            # The server refused this user the subject: no retry can help until someone grants it.
+            return SinkGone(
+                f"the {self.kind} refused to let this user publish ({said}): grant it, then `replay --sink`"
+            )
+        error = super()._unanswered(connected=connected, since=since)
+        return DeliveryError(f"{error} (the server said: {said})") if said else error
+
+    def _alive(self, link: _Link) -> bool:
+        return bool(link.client.is_connected)
+
+    async def _close(self, link: _Link) -> None:
+        await link.client.close()
+
+    def _explain(self, exc: BaseException) -> DeliveryError:
+        text = self.redact(str(exc))
+        if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text.lower():
+            return SinkGone(
+                f"the {self.kind} refused the credentials in the sink's url (Authorization Violation): "
+                "fix them, then reload or `replay --sink` the sink"
+            )
+        if isinstance(exc, nats.js.errors.APIError):
+            return DeliveryError(f"JetStream refused the message: {exc.description} (error {exc.err_code})")
+        if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.StaleConnectionError):
+            return DeliveryError(f"the connection to the {self.kind} was lost")
+        if isinstance(exc, OSError):
+            return DeliveryError(f"cannot connect to the {self.kind}: {lowered(self.redact(exc.strerror or text))}")
+        return DeliveryError(f"{self.kind}: {type(exc).__name__}: {text}")
