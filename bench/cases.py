@@ -19,8 +19,8 @@ from watcher import __version__
 from watcher.clock import SystemClock, rfc3339
 from watcher.config import load_config
 from watcher.daemon import runtime
+from watcher.delivery.dispatcher import Dispatcher
 from watcher.events import Event, event_id
-from watcher.outbox import Dispatcher
 from watcher.signing import decode_secret, webhook_headers
 from watcher.sinks import build_sink
 from watcher.store import PENDING, PageCommit, Store
