@@ -14,7 +14,8 @@ import pytest
 
 from watcher.clock import FakeClock, rfc3339
 from watcher.config import SinkConfig
-from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher, PassResult
+from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher
+from watcher.delivery.lane import PassResult
 from watcher.errors import DeliveryError, StateError, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
 from watcher.sinks import Attempt

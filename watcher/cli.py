@@ -207,7 +207,7 @@ async def _resolve(url: str) -> tuple[str, str | None]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from watcher.delivery.dispatcher import FAILING_ALERT_AFTER
+    from watcher.delivery.policy import FAILING_ALERT_AFTER
     from watcher.store import Store
 
     config = _load(args)

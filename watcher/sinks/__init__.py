@@ -43,13 +43,13 @@ CampaignNames = Callable[[], Mapping[int, str]]
 @dataclass(frozen=True)
 class Attempt:
     """What one successful delivery attempt looked like. The attempt log keeps its status and the
-    start of its answer (delivery.dispatcher.attempt_excerpt); a failed attempt's answer rides on its
+    start of its answer (delivery.policy.attempt_excerpt); a failed attempt's answer rides on its
     DeliveryError.excerpt instead."""
 
     status: int | None
     duration: float
     # At most EXCERPT_LIMIT characters, with the sink URL redacted. Read longer than anyone shows it
-    # (send-test and the attempt log, delivery.dispatcher.ATTEMPT_EXCERPT_CHARS), so masking comes before the cut.
+    # (send-test and the attempt log, delivery.policy.ATTEMPT_EXCERPT_CHARS), so masking comes before the cut.
     response_excerpt: str
 
 
