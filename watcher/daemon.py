@@ -43,7 +43,8 @@ from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
 from watcher.poller import CAMPAIGNS, CREATED, RECHECK, UPDATED, Poller
 from watcher.runinfo import config_fingerprint, write_info
-from watcher.sinks import Sink, build_sink
+from watcher.sinks import build_sink
+from watcher.sinks.base import Sink
 from watcher.store import SinkState, Store
 
 if TYPE_CHECKING:

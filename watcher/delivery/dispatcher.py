@@ -39,7 +39,7 @@ from watcher.delivery.policy import (
 from watcher.delivery.recorder import Recorder
 from watcher.errors import DeliveryError, SinkGone, WatcherError
 from watcher.events import Event
-from watcher.sinks import Attempt, Sink
+from watcher.sinks.base import Attempt, Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
 
 if TYPE_CHECKING:

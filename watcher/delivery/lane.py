@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from watcher.errors import DeliveryError
-from watcher.sinks import Sink
+from watcher.sinks.base import Sink
 from watcher.store import Due, Outcome
 
 

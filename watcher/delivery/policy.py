@@ -15,7 +15,7 @@ from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.logs import known_secrets, scrub
 from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
-from watcher.sinks import Sink
+from watcher.sinks.base import Sink
 from watcher.store import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome
 
 # A sink failing without a single success for this long is flagged in `status` and the logs.
