@@ -60,10 +60,32 @@ def test_a_kept_connection_closed_under_the_request_fails_the_attempt_and_sends_
     assert server.conns == [0, 0]  # read once, on the kept connection; never on a second one
 
 
-def test_a_kept_connection_closed_while_idle_is_not_used(scripted: Callable[..., Scripted]) -> None:
-    """A receiver that closes after each answer costs a new connection per request, not a failure."""
-    server = scripted(answer(NO_CONTENT), answer(NO_CONTENT))
+def test_a_receiver_that_closes_after_each_answer_costs_a_connection_not_a_failure(
+    scripted: Callable[..., Scripted],
+) -> None:
+    """A receiver that says `Connection: close` and closes after each answer gets each request on a new connection."""
+    closing = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    server = scripted(answer(closing), answer(closing))
     assert run(deliver_twice(server.url)) == (204, 204)
+    assert server.conns == [0, 1]
+
+
+def test_a_kept_connection_the_receiver_closed_while_idle_is_not_used(scripted: Callable[..., Scripted]) -> None:
+    """A receiver that closes a kept connection some time after answering (an idle timeout): the next
+    delivery goes on a new connection and succeeds."""
+    server = scripted(answer(NO_CONTENT), answer(NO_CONTENT))
+
+    async def two() -> tuple[int | None, int | None]:
+        sink = build_sink(config(server.url), clock=SystemClock(), version=__version__)
+        try:
+            first = await sink.deliver([lead_event()])
+            await asyncio.sleep(0.2)  # the receiver's close arrives while the connection sits idle
+            second = await sink.deliver([lead_event()])
+            return first.status, second.status
+        finally:
+            await sink.aclose()
+
+    assert run(two()) == (204, 204)
     assert server.conns == [0, 1]
 
 

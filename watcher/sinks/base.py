@@ -34,7 +34,7 @@ from watcher.events import Event
 from watcher.pii import strip_pii
 from watcher.schedule import retry_after_seconds
 from watcher.tls import client_context
-from watcher.unreachable import REFUSED, describe
+from watcher.unreachable import REFUSED, causes, describe
 
 EXCERPT_LIMIT = 512
 # The most of a receiver's answer ever read (decoded): enough for the excerpt's characters in
@@ -146,6 +146,10 @@ def failure(exc: BaseException, timeout: float) -> DeliveryError:
         return DeliveryError("sink URL is not a valid http(s) URL")
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
         return DeliveryError(NO_ANSWER)
+    if any(type(cause) is aiohttp.ClientConnectionResetError for cause in causes(exc)):
+        return DeliveryError("the receiver closed the connection before the request was sent")
+    if isinstance(exc, aiohttp.ClientOSError):
+        return DeliveryError(describe(exc, NO_ANSWER))
     if isinstance(exc, aiohttp.ClientResponseError):
         return DeliveryError("the receiver's answer is not valid HTTP")
     if isinstance(exc, ValueError) and not isinstance(
@@ -155,9 +159,23 @@ def failure(exc: BaseException, timeout: float) -> DeliveryError:
     return DeliveryError(describe(exc, f"connection failed ({type(exc).__name__})"))
 
 
-def _refused(exc: BaseException) -> bool:
-    """A connection refused before anything was sent: worth one quick second try."""
-    return isinstance(exc, aiohttp.ClientConnectorError) and describe(exc, "") == REFUSED
+def env_proxy(url: str) -> tuple[yarl.URL | None, aiohttp.BasicAuth | None]:
+    """The proxy HTTP_PROXY / HTTPS_PROXY / NO_PROXY name for `url` (aiohttp's reading of them;
+    ALL_PROXY is not one), with its credentials; (None, None) for a direct connection."""
+    try:
+        return get_env_proxy_for_url(yarl.URL(url))
+    except (LookupError, ValueError):
+        return None, None
+
+
+def _unsent(exc: BaseException) -> bool:
+    """Whether the request surely never reached the receiver whole, so sending it again at once
+    cannot make a second copy: the connection was refused, or aiohttp found the connection
+    already closing when it came to write (a kept connection the receiver had closed while it
+    sat idle), which it reports as ClientConnectionResetError and nothing else."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return describe(exc, "") == REFUSED
+    return any(type(cause) is aiohttp.ClientConnectionResetError for cause in causes(exc))
 
 
 # The transports carrying the exchange in hand, so a failed one can be aborted (see _Connector).
@@ -194,6 +212,7 @@ class HttpSink:
     def _open(self) -> aiohttp.ClientSession:
         """The session, built on first use: aiohttp binds it to the running loop."""
         if self._session is None:
+            proxy, proxy_auth = env_proxy(self.config.url)
             connector = _Connector(
                 limit=self.config.concurrency,
                 ssl=client_context(),
@@ -209,7 +228,11 @@ class HttpSink:
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
                 # Only what bodies.Decoding reads in bounded steps; we ask for identity anyway.
                 auto_decompress=False,
-                trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as curl and httpx read them
+                # The proxy the environment names for this URL, looked up once here: aiohttp's
+                # trust_env would look again on every request, with a thread hop to read ~/.netrc,
+                # and send that file's credentials for the receiver's host too.
+                proxy=proxy,
+                proxy_auth=proxy_auth,
                 cookie_jar=aiohttp.DummyCookieJar(),  # a receiver's cookie never rides on the next event
                 # One header line of an answer may be this long (aiohttp's default is 8 KB; httpx took
                 # a 100 KB head): a receiver behind a chatty proxy still gets its 2xx counted.
@@ -224,9 +247,12 @@ class HttpSink:
         token = _CARRIERS.set(carriers)
         try:
             return await self._request(body, headers)
-        except BaseException:
+        except BaseException as exc:
             for transport in carriers:
                 transport.abort()
+            if isinstance(exc, TimeoutError) and not carriers:
+                # No connection was made in the time allowed: say so (an unreachable host, not a slow receiver).
+                raise aiohttp.ConnectionTimeoutError() from None
             raise
         finally:
             _CARRIERS.reset(token)
@@ -265,17 +291,19 @@ class HttpSink:
 
         A POST is sent at most once per attempt: once a connection has taken the request, a
         failure is this attempt's failure (recorded, retried on the sink's schedule), never a
-        hidden second copy. Only a refused connection (nothing sent) is tried once more at once.
+        hidden second copy. Only a request that surely never went out whole (`_unsent`) is tried
+        once more at once.
         """
         started = self._clock.monotonic()
         try:
             try:
                 response = await self._send(*build())
             except (aiohttp.ClientError, OSError) as exc:
-                if not _refused(exc):
+                if not _unsent(exc):
                     raise
                 # Written out rather than a retry policy built per request: this is the hot path.
-                await self._clock.sleep(CONNECT_RETRY_WAIT)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    await self._clock.sleep(CONNECT_RETRY_WAIT)  # a moment for a restarting receiver
                 response = await self._send(*build())
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             raise failure(exc, self.config.timeout) from None
@@ -295,10 +323,7 @@ class HttpSink:
         complete the TLS handshake; nothing is sent. Only the host is named: the rest of a sink
         URL (a Slack hook's path) may be a secret."""
         url = yarl.URL(self.config.url)
-        try:
-            proxy, _ = get_env_proxy_for_url(url)
-        except LookupError:
-            proxy = None
+        proxy, _ = env_proxy(self.config.url)
         target = proxy or url
         host, port = target.raw_host or "", target.port
         tls = target.scheme == "https"
