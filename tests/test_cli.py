@@ -113,7 +113,7 @@ def test_check_connect_unresolvable_sink_exits_1(tmp_path: Path, sim: tuple[Simu
     result = cli("check", "-c", str(config), "--connect")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "login: ok" in result.stdout
-    assert "sink crm: cannot reach host hooks.invalid: host name does not resolve" in result.stdout
+    assert "sink crm: cannot reach host hooks.invalid port 443: host name does not resolve" in result.stdout
     _one_line(result.stderr)
 
 
@@ -126,7 +126,7 @@ def test_check_connect_wrong_password_exits_78(tmp_path: Path, sim: tuple[Simula
     assert result.returncode == 78, result.stdout + result.stderr
     assert "login refused" in _one_line(result.stderr)
     assert "login: refused" in result.stdout
-    assert "sink crm: cannot reach host 127.0.0.1: connection refused" in result.stdout
+    assert "sink crm: cannot reach host 127.0.0.1 port 9: connection refused" in result.stdout
     assert wrong not in result.stdout + result.stderr
 
 

@@ -370,7 +370,7 @@ def test_check_connect_reaches_every_sink_without_sending_an_event(
                 webhook_sink(rx.url + "/s3cret-path", name="plain"),
                 webhook_sink(tls_ok.url + "/s3cret-path", name="tls"),
                 webhook_sink(tls_bad.url + "/s3cret-path", name="expired"),
-                webhook_sink(f"http://127.0.0.1:{closed_port()}/s3cret-path", name="dead"),
+                webhook_sink(f"http://127.0.0.1:{(dead := closed_port())}/s3cret-path", name="dead"),
             ]
             cfg = write_config(tmp_path, server.url, sinks)
             result = cli("check", "-c", str(cfg), "--connect", env={"SSL_CERT_FILE": os.environ["SSL_CERT_FILE"]})
@@ -380,7 +380,7 @@ def test_check_connect_reaches_every_sink_without_sending_an_event(
     assert "login: ok" in out
     assert f"sink plain: host 127.0.0.1 port {rx.port}: connected" in out
     assert f"sink tls: host 127.0.0.1 port {tls_ok.port}: connected, TLS handshake done" in out
-    assert "sink expired: cannot reach host 127.0.0.1: TLS: certificate expired" in out
-    assert "sink dead: cannot reach host 127.0.0.1: connection refused" in out
+    assert f"sink expired: cannot reach host 127.0.0.1 port {tls_bad.port}: TLS: certificate expired" in out
+    assert f"sink dead: cannot reach host 127.0.0.1 port {dead}: connection refused" in out
     assert "s3cret-path" not in out + result.stderr
     assert rx.requests == []

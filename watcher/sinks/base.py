@@ -327,7 +327,7 @@ class HttpSink:
         target = proxy or url
         host, port = target.raw_host or "", target.port
         tls = target.scheme == "https"
-        where = f"the proxy {host} for host {url.raw_host}" if proxy else f"host {host}"
+        where = f"the proxy {host} port {port} (for host {url.raw_host})" if proxy else f"host {host} port {port}"
         try:
             async with asyncio.timeout(self.config.timeout):
                 _, writer = await asyncio.open_connection(
@@ -344,7 +344,7 @@ class HttpSink:
         writer.close()
         with suppress(OSError):
             await writer.wait_closed()
-        return f"{where} port {port}: connected" + (", TLS handshake done" if tls else "")
+        return f"{where}: connected" + (", TLS handshake done" if tls else "")
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
