@@ -4,6 +4,7 @@ hand-written HTTP/1.1 layer failed (issue 20), and failures named for what they 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import resource
 import socket
@@ -384,3 +385,13 @@ def test_check_connect_reaches_every_sink_without_sending_an_event(
     assert f"sink dead: cannot reach host 127.0.0.1 port {dead}: connection refused" in out
     assert "s3cret-path" not in out + result.stderr
     assert rx.requests == []
+
+
+def test_status_says_what_is_wrong_with_the_api_connection(tmp_path: Path) -> None:
+    """After `once` could not reach Convertr (a closed port), `status` shows why in words, not a class name."""
+    cfg = write_config(tmp_path, f"http://127.0.0.1:{closed_port()}")
+    assert cli("once", "-c", str(cfg)).returncode == 1
+    status = cli("status", "-c", str(cfg), "--json")
+    assert status.returncode == 0, status.stderr
+    [stream] = json.loads(status.stdout)["streams"]
+    assert stream["last_error"] == "Convertr POST /api/login: connection refused"
