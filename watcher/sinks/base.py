@@ -152,9 +152,8 @@ def failure(exc: BaseException, timeout: float) -> DeliveryError:
         return DeliveryError(describe(exc, NO_ANSWER))
     if isinstance(exc, aiohttp.ClientResponseError):
         return DeliveryError("the receiver's answer is not valid HTTP")
-    if isinstance(exc, ValueError) and not isinstance(
-        exc, OSError
-    ):  # (ssl's errors are both) yarl refusing a host or a header value aiohttp will not write
+    # yarl refusing a host, or a header value aiohttp will not write (ssl's errors are ValueErrors too).
+    if isinstance(exc, ValueError) and not isinstance(exc, OSError):
         return DeliveryError("the request could not be written (an invalid URL or header value)")
     return DeliveryError(describe(exc, f"connection failed ({type(exc).__name__})"))
 
@@ -208,11 +207,15 @@ class HttpSink:
         self.config = config
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: tuple[yarl.URL | None, aiohttp.BasicAuth | None] = (None, None)
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, built on first use: aiohttp binds it to the running loop."""
         if self._session is None:
-            proxy, proxy_auth = env_proxy(self.config.url)
+            # The proxy the environment names for this URL, looked up once here: aiohttp's
+            # trust_env would look again on every request, with a thread hop to read ~/.netrc,
+            # and send that file's credentials for the receiver's host too.
+            self._proxy = env_proxy(self.config.url)
             connector = _Connector(
                 limit=self.config.concurrency,
                 ssl=client_context(),
@@ -228,11 +231,6 @@ class HttpSink:
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
                 # Only what bodies.Decoding reads in bounded steps; we ask for identity anyway.
                 auto_decompress=False,
-                # The proxy the environment names for this URL, looked up once here: aiohttp's
-                # trust_env would look again on every request, with a thread hop to read ~/.netrc,
-                # and send that file's credentials for the receiver's host too.
-                proxy=proxy,
-                proxy_auth=proxy_auth,
                 cookie_jar=aiohttp.DummyCookieJar(),  # a receiver's cookie never rides on the next event
                 # One header line of an answer may be this long (aiohttp's default is 8 KB; httpx took
                 # a 100 KB head): a receiver behind a chatty proxy still gets its 2xx counted.
@@ -264,6 +262,8 @@ class HttpSink:
             data=body,
             headers={**headers, "accept-encoding": "identity"},
             allow_redirects=False,
+            proxy=self._proxy[0],
+            proxy_auth=self._proxy[1],
         ) as response:
             answer = httpx.Headers(list(response.raw_headers))
             content = b""
