@@ -21,10 +21,11 @@ from watcher import __version__
 from watcher.clock import SystemClock, rfc3339
 from watcher.config import SinkConfig, load_config
 from watcher.daemon import runtime
+from watcher.delivery.dispatcher import Dispatcher
 from watcher.events import Event, event_id
-from watcher.outbox import Dispatcher
 from watcher.signing import decode_secret, sign, webhook_headers
-from watcher.sinks import Attempt, build_sink
+from watcher.sinks import build_sink
+from watcher.sinks.base import Attempt
 from watcher.store import PENDING, PageCommit, Store
 
 BACKFILL_FROM = "2000-01-01T00:00:00Z"

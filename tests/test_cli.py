@@ -86,19 +86,23 @@ def test_check_exit_78_in_a_real_process(tmp_path: Path) -> None:
         _one_line(result.stderr)
 
 
-def test_check_connect_ok_and_says_which_sinks_resolve(tmp_path: Path, sim: tuple[Simulator, SimulatorServer]) -> None:
-    """With good credentials `check --connect` logs in, reads a lead, resolves each enabled sink's host, exits 0."""
+def test_check_connect_ok_and_says_which_sinks_it_reached(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer]
+) -> None:
+    """With good credentials `check --connect` logs in, reads a lead, connects to each enabled sink, exits 0."""
     _simulator, server = sim
-    sinks = [
-        webhook_sink("http://127.0.0.1:9/hook"),
-        webhook_sink("http://localhost:9/hook", name="local"),
-        webhook_sink("https://hooks.invalid/x", name="off", enabled=False),
-    ]
-    result = cli("check", "-c", str(write_config(tmp_path, server.url, sinks)), "--connect")
+    with Receiver() as rx:
+        sinks = [
+            webhook_sink(rx.url),
+            webhook_sink(rx.url.replace("127.0.0.1", "localhost"), name="local"),
+            webhook_sink("https://hooks.invalid/x", name="off", enabled=False),
+        ]
+        result = cli("check", "-c", str(write_config(tmp_path, server.url, sinks)), "--connect")
+        assert rx.requests == []
     assert result.returncode == 0, result.stdout + result.stderr
     assert "login: ok; leads readable" in result.stdout
-    assert "sink crm: host 127.0.0.1 resolves" in result.stdout
-    assert "sink local: host localhost resolves" in result.stdout
+    assert f"sink crm: host 127.0.0.1 port {rx.port}: connected" in result.stdout
+    assert f"sink local: host localhost port {rx.port}: connected" in result.stdout
     assert "sink off: disabled in config, not checked" in result.stdout
 
 
@@ -109,7 +113,7 @@ def test_check_connect_unresolvable_sink_exits_1(tmp_path: Path, sim: tuple[Simu
     result = cli("check", "-c", str(config), "--connect")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "login: ok" in result.stdout
-    assert "sink crm: host hooks.invalid does not resolve" in result.stdout
+    assert "sink crm: cannot reach host hooks.invalid port 443: host name does not resolve" in result.stdout
     _one_line(result.stderr)
 
 
@@ -122,7 +126,7 @@ def test_check_connect_wrong_password_exits_78(tmp_path: Path, sim: tuple[Simula
     assert result.returncode == 78, result.stdout + result.stderr
     assert "login refused" in _one_line(result.stderr)
     assert "login: refused" in result.stdout
-    assert "sink crm: host 127.0.0.1 resolves" in result.stdout
+    assert "sink crm: cannot reach host 127.0.0.1 port 9: connection refused" in result.stdout
     assert wrong not in result.stdout + result.stderr
 
 

@@ -14,10 +14,11 @@ import pytest
 
 from watcher.clock import FakeClock, rfc3339
 from watcher.config import SinkConfig
+from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher
+from watcher.delivery.lane import PassResult
 from watcher.errors import DeliveryError, StateError, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
-from watcher.outbox import SWEEP_INTERVAL, Dispatcher, PassResult
-from watcher.sinks import Attempt
+from watcher.sinks.base import Attempt
 from watcher.store import DELIVERED, Due, Outcome, PageCommit, Store
 
 NOW = 1_800_000_000.0

@@ -211,7 +211,7 @@ def test_proxy_403_at_login_is_ridden_out(tmp_path: Path, sim, receiver: Receive
         # The client's own retries (about 10 s of backoff) end, the poll fails, the daemon stays.
         error = wait_until(lambda: failed_poll() or not daemon.running(), 60, "a poll failed by the 403 page")
         assert daemon.running(), f"the daemon ended on a proxy page:\n{daemon.log()[-3000:]}"
-        assert "TransientError: Convertr POST /api/login: 403 with a text/html body" in error
+        assert error.startswith("Convertr POST /api/login: 403 with a text/html body"), error
         status = cli("status", "-c", str(config), "--json")
         assert status.returncode == 0, status.stderr
         shown = json.loads(status.stdout)["streams"][0]

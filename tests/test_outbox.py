@@ -19,10 +19,13 @@ from tests.support.receiver import FakeSlack, Receiver, Reply, Request
 from watcher import __version__
 from watcher.clock import FakeClock, SystemClock, rfc3339
 from watcher.config import SinkConfig
+from watcher.delivery.dispatcher import Dispatcher
+from watcher.delivery.lane import PassResult
+from watcher.delivery.policy import batches, decide, pause_for
 from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
-from watcher.outbox import Dispatcher, PassResult, batches, decide, pause_for
-from watcher.sinks import Sink, build_sink
+from watcher.sinks import build_sink
+from watcher.sinks.base import Sink
 from watcher.store import DEAD, DELIVERED, PENDING, CampaignState, Due, Outcome, PageCommit, Selection, Store
 
 NOW = 1_800_000_000.0

@@ -19,7 +19,7 @@ from watcher.config import DEFAULT_TRACK, SinkConfig
 from watcher.events import EVENT_TYPES, Event
 from watcher.sendtest import test_event as build_test_event
 from watcher.simulator import Simulator
-from watcher.sinks import render_data
+from watcher.sinks.base import render_data
 
 NOW = 1_795_000_000.0
 DETECTED = rfc3339(NOW)

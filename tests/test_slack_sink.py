@@ -26,7 +26,8 @@ from watcher.events import (
     Event,
     event_id,
 )
-from watcher.sinks import Attempt, build_sink
+from watcher.sinks import build_sink
+from watcher.sinks.base import Attempt
 from watcher.sinks.slack import GONE_ERRORS, SlackSink, render_digest, render_message
 
 T = TypeVar("T")

@@ -20,7 +20,8 @@ from watcher.clock import Clock, FakeClock, SystemClock, rfc3339
 from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
-from watcher.sinks import Attempt, build_sink
+from watcher.sinks import build_sink
+from watcher.sinks.base import Attempt
 from watcher.sinks.webhook import WebhookSink
 
 T = TypeVar("T")

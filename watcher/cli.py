@@ -11,25 +11,22 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from watcher import __version__
 from watcher.clock import SystemClock
-from watcher.config import Config, load_config
-from watcher.errors import AuthError, ConfigError, StateError, StateLocked, StateTooNew, WatcherError
+from watcher.config import Config, SinkConfig, load_config
+from watcher.errors import AuthError, ConfigError, DeliveryError, StateError, StateLocked, StateTooNew, WatcherError
 from watcher.events import EVENT_TYPES, WATCHER_TEST
 from watcher.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging, known_secrets, scrub
 
 PROG = "convertr-watcher"
-RESOLVE_TIMEOUT = 5.0
 
 
 def _fail(message: str, code: int) -> int:
@@ -138,7 +135,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _connect(config: Config) -> int:
-    """Log in, read one lead, resolve every enabled sink's host; the exit status for `check --connect`."""
+    """Log in, read one lead, reach every enabled sink; the exit status for `check --connect`."""
     from watcher.calibration import calibrate
     from watcher.convertr import ConvertrClient
     from watcher.servertime import ServerClock
@@ -176,12 +173,9 @@ async def _connect(config: Config) -> int:
             print(f"  sink {sink.name}: {said}" if ok else f"  sink {sink.name}: cannot deliver ({said})")
             code = code or (EXIT_OK if ok else EXIT_FAILURE)
             continue
-        # Only the host name is shown: the rest of a sink URL (a Slack hook's path) may be a secret.
-        host, problem = await _resolve(sink.url)
-        if problem is None:
-            print(f"  sink {sink.name}: host {host} resolves")
-        else:
-            print(f"  sink {sink.name}: host {host} does not resolve ({problem})")
+        problem = await _reach(sink)
+        if problem is not None:
+            print(f"  sink {sink.name}: cannot reach {problem}")
             code = code or EXIT_FAILURE
     if code == EXIT_CONFIG:
         return _fail("convertr: login refused: check [convertr] username and password", EXIT_CONFIG)
@@ -210,19 +204,22 @@ def _disabled_in_state(config: Config) -> dict[str, str]:
     }
 
 
-async def _resolve(url: str) -> tuple[str, str | None]:
-    """(host, None) when the URL's host name resolves, else (host, why not)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
+async def _reach(sink_config: SinkConfig) -> str | None:
+    """None once the sink's receiver is reached (printed), else why not; no event is sent."""
+    from watcher.sinks import build_sink
+    from watcher.sinks.base import Reachable
+
+    sink = build_sink(sink_config, clock=SystemClock(), version=__version__)
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        async with asyncio.timeout(RESOLVE_TIMEOUT):
-            await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except TimeoutError:
-        return host, f"no answer in {RESOLVE_TIMEOUT:.0f}s"
-    except (OSError, ValueError) as exc:
-        return host, str(getattr(exc, "strerror", None) or exc)
-    return host, None
+        if not isinstance(sink, Reachable):
+            print(f"  sink {sink.name}: {sink_config.type} sinks cannot be checked without sending an event")
+            return None
+        print(f"  sink {sink.name}: {await sink.reach()}")
+        return None
+    except DeliveryError as exc:
+        return str(exc)
+    finally:
+        await sink.aclose()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -259,8 +256,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _status_report(state_path: Path, config: Config | None, refused: str | None) -> dict[str, Any]:
     """What `status` shows, as the JSON it prints with `--json`; the config is None when it does not load."""
+    from watcher.delivery.policy import FAILING_ALERT_AFTER
     from watcher.lock import running_holder
-    from watcher.outbox import FAILING_ALERT_AFTER
     from watcher.store import Store
 
     # Read-only and never migrated: run between an upgrade and the restart, status must not touch

@@ -39,9 +39,9 @@ from watcher.errors import (
     TransientError,
 )
 from watcher.events import loads
-from watcher.http11 import Transport, proxied
 from watcher.schedule import retry_after_seconds
 from watcher.tls import client_context
+from watcher.unreachable import TIMED_OUT, describe
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -287,8 +287,10 @@ class ConvertrClient:
         self._config = config
         self._clock: Clock = clock or SystemClock()
         self._on_response = on_response
-        if transport is None and not proxied(config.base_url):
-            transport = Transport(self._clock.monotonic)
+        # Without an injected transport (tests pass a MockTransport) httpx builds its own
+        # AsyncHTTPTransport: no retries (a failed read is ours to retry, with backoff and the
+        # budget), Happy Eyeballs through anyio, and proxies from the environment, which httpx
+        # reads only for a client whose transport it builds itself.
         self._http = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/"),
             transport=transport,
@@ -578,11 +580,13 @@ class ConvertrClient:
                     f"Convertr {method} {path}: {status} with an unreadable body ({exc})", status=status
                 ) from None
             except (TimeoutError, httpx.TimeoutException) as exc:
-                raise TransientError(f"Convertr {method} {path}: timed out") from exc
+                raise TransientError(f"Convertr {method} {path}: {TIMED_OUT}") from exc
             except httpx.UnsupportedProtocol as exc:
                 raise ApiError(f"Convertr {method} {path}: unsupported URL scheme in base_url") from exc
+            except httpx.RemoteProtocolError as exc:
+                raise TransientError(f"Convertr {method} {path}: the answer is not valid HTTP") from exc
             except httpx.RequestError as exc:
-                raise TransientError(f"Convertr {method} {path}: {type(exc).__name__}") from exc
+                raise TransientError(f"Convertr {method} {path}: {describe(exc, type(exc).__name__)}") from exc
             finally:
                 if self._on_response is not None:
                     # Item reads are counted under their template: a lead id is no metric label.
@@ -634,8 +638,8 @@ def _json_or_none(response: Answer) -> Any:
 async def let_requests_start() -> None:
     """Give requests just made as tasks the loop turns they need to get on the wire.
 
-    On a kept connection (watcher.http11) one turn writes it; a new connection, or httpx's own
-    transport (behind a proxy, or a MockTransport), takes a few. A caller that goes on to detect
+    httpx's transport takes a few turns to write a request (the pool, then the connection), a new
+    connection more. A caller that goes on to detect
     and commit a page without yielding would hold a read-ahead back until it is done, and the walk
     would cost the sum of Convertr's time and ours, not the larger.
     """

@@ -35,15 +35,16 @@ from watcher import __version__
 from watcher.clock import Clock
 from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
+from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher
 from watcher.errors import AuthError, ConfigError, StateError, StateTooNew, WatcherError
 from watcher.exitcodes import EXIT_FAILURE, EXIT_OK
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
-from watcher.outbox import SWEEP_INTERVAL, Dispatcher
 from watcher.poller import CAMPAIGNS, CREATED, RECHECK, UPDATED, Poller
 from watcher.runinfo import config_fingerprint, write_info
-from watcher.sinks import Sink, build_sink
+from watcher.sinks import build_sink
+from watcher.sinks.base import Sink
 from watcher.sinks.broker import probe_at_start
 from watcher.store import SinkState, Store
 

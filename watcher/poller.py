@@ -30,6 +30,7 @@ from watcher.calibration import Calibration, calibrate
 from watcher.clock import Clock, rfc3339
 from watcher.config import Config
 from watcher.convertr import ConvertrClient, Page
+from watcher.errors import WatcherError
 from watcher.events import Event, campaign_id_of
 from watcher.pager import UNREADABLE, Pager, Read
 from watcher.routing import router
@@ -528,4 +529,6 @@ class Poller:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """A failed poll as `status` and /healthz show it: our own errors already say what went wrong
+    (an operator has no use for the class name); anything else is a bug, named by its class."""
+    return str(exc) if isinstance(exc, WatcherError) else f"{type(exc).__name__}: {exc}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from watcher import __version__
 from watcher.clock import Clock, rfc3339
 from watcher.config import SinkConfig
+from watcher.delivery.policy import attempt_excerpt
 from watcher.errors import DeliveryError
 from watcher.events import WATCHER_TEST, Event, event_id
-from watcher.outbox import attempt_excerpt
 from watcher.sinks import build_sink
 
 

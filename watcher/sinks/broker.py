@@ -23,7 +23,7 @@ from watcher.config import TYPE_PLACEHOLDER, SinkConfig
 from watcher.errors import ConfigError, DeliveryError
 from watcher.events import Event
 from watcher.signing import decode_secret, sign
-from watcher.sinks import Attempt, render_data
+from watcher.sinks.base import Attempt, render_data
 
 # The pause after a failed connection attempt, doubling up to the cap while the broker stays away.
 BACKOFF_FIRST = 1.0

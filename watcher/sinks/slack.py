@@ -34,7 +34,7 @@ from watcher.events import (
     dumps,
 )
 from watcher.pii import is_personal_field, mask_values
-from watcher.sinks import Attempt, CampaignNames, HttpSink, asked_wait
+from watcher.sinks.base import Attempt, CampaignNames, HttpSink, asked_wait
 
 MAX_BLOCKS = 50
 HEADER_LIMIT = 150

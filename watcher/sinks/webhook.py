@@ -12,7 +12,7 @@ from watcher.config import SinkConfig
 from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import Event
 from watcher.signing import decode_secret, webhook_headers
-from watcher.sinks import Attempt, HttpSink, asked_wait, render_data
+from watcher.sinks.base import Attempt, HttpSink, asked_wait, render_data
 
 
 def classify(response: Answer, *, now: float) -> DeliveryError | None:

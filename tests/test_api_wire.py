@@ -1,4 +1,4 @@
-"""The Convertr client on the h11 transport: read-ahead on the wire in time, proxies, broken answers."""
+"""The Convertr client on httpx's own transport: read-ahead on the wire in time, proxies, broken answers."""
 
 from __future__ import annotations
 
@@ -119,4 +119,4 @@ def test_an_answer_that_is_not_http_is_a_transient_error_without_the_host(script
     with pytest.raises(TransientError) as info:
         run(go())
     assert "127.0.0.1" not in str(info.value)
-    assert str(info.value) == "Convertr POST /api/login: RemoteProtocolError"
+    assert str(info.value) == "Convertr POST /api/login: the answer is not valid HTTP"

@@ -6,7 +6,7 @@ another. Within a sink, an event waits while an earlier event about the same res
 pending (the store enforces that), so each receiver sees one lead's or one campaign's events in
 the order they were detected; unrelated events go concurrently.
 
-What happens to a delivery after an attempt is decided by `decide`, a pure function of the
+What happens to a delivery after an attempt is decided by `policy.decide`, a pure function of the
 attempt's error and the sink's schedule; how due events are grouped into sends by `batches`.
 """
 
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -25,38 +24,35 @@ import structlog
 
 from watcher.clock import Clock
 from watcher.config import SinkConfig
-from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
+from watcher.delivery.lane import KICKED, Burst, Lane, Pace, Pass, PassResult, Unwritten, Wait
+from watcher.delivery.policy import (
+    BURST_HOLD,
+    BURST_SETTLE,
+    DIGEST_LIMIT,
+    FAILING_ALERT_AFTER,
+    attempt_excerpt,
+    batches,
+    bursting,
+    decide,
+    pause_for,
+)
+from watcher.delivery.recorder import Recorder
+from watcher.errors import DeliveryError, SinkGone, WatcherError
 from watcher.events import Event
-from watcher.logs import known_secrets, scrub
-from watcher.pii import mask_text
-from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
-from watcher.sinks import Attempt, Sink
-from watcher.store import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
+from watcher.sinks.base import Attempt, Sink
+from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
 
 if TYPE_CHECKING:
     from watcher.metrics import DeliveryMetrics
 
 log = structlog.get_logger("watcher.outbox")
 
-# A sink failing without a single success for this long is flagged in `status` and the logs.
-FAILING_ALERT_AFTER = 3600.0
-# More due events than this many seconds of a paced sink's sending turn into one digest message.
-DIGEST_AFTER_SECONDS = 3
-# A burst is sent once it has stopped growing for this long (a backfill commits page after page),
-# or once it has been held this long: a long backfill costs one digest per BURST_HOLD, whatever its size.
-BURST_SETTLE = 2.0
-BURST_HOLD = 60.0
-# The most deliveries one digest settles. Only their ids and types are read (the sample's bodies
-# alone), so this bounds memory, not messages: 50 000 rows are a few MB.
-DIGEST_LIMIT = 50_000
 # Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
 # bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
 SWEEP_INTERVAL = 1.0
-# Enough of an answer for an operator to see why a receiver refused (`events --attempts`), and
-# little enough that the attempt log stays small and a receiver's echo of a payload stays cut.
-ATTEMPT_EXCERPT_CHARS = 200
 # How many due deliveries one query reads ahead for a sink.
 READ_AHEAD = 64
+_SWEEP = Wait(SWEEP_INTERVAL)  # an idle look for changes made by other processes
 # After the state file refused a read or write: wait this long before touching it (or a receiver) again.
 ERROR_BACKOFF = 5.0
 # Least time between two outbox gauge refreshes for one sink (they count every row).
@@ -68,173 +64,6 @@ class DigestSink(Protocol):
     """A sink that can sum up a whole burst in one message: the count of each type and a sample."""
 
     async def deliver_digest(self, sample: Sequence[Event], counts: Mapping[str, int]) -> Attempt: ...
-
-
-def decide(
-    due: Due,
-    error: DeliveryError | None,
-    *,
-    now: float,
-    sink: Sink,
-    rng: random.Random,
-    excerpt: str | None = None,
-) -> Outcome:
-    """The state of one delivery after an attempt: delivered, pending with its next time, or dead."""
-    attempt = due.attempts + 1
-    outcome = partial(Outcome, due.seq, due.event_id, excerpt=excerpt, resource=due.resource)
-    if error is None:
-        return outcome(DELIVERED, attempt, now, None)
-    message = str(error)[:500]
-    if error.retry_after is not None:
-        # Kept in the attempt log: a later re-timing on a new retry_schedule must not shorten it.
-        message = f"{message} ({ASKED_TO_WAIT} {error.retry_after:g} s)"
-    if isinstance(error, SinkGone):
-        # Not the event's fault: it waits, its schedule untouched, for the sink to be enabled again.
-        return outcome(PENDING, due.attempts, now, message, attempt)
-    config = sink.config
-    when = next_attempt_at(now, attempt, config.retry_schedule, rng, error.retry_after, due.created_at, config.max_age)
-    if when is None:
-        return outcome(DEAD, attempt, now, message)
-    return outcome(PENDING, attempt, when, message)
-
-
-def attempt_excerpt(text: str) -> str | None:
-    """What the attempt log keeps of an answer: secrets, e-mail addresses and phone numbers masked, on
-    one line, short (a receiver's error may quote the person it refused)."""
-    if not text:
-        return None  # the usual answer to a delivery (204): nothing to mask
-    flat = " ".join(mask_text(scrub(text, known_secrets())).split())
-    return flat[:ATTEMPT_EXCERPT_CHARS] or None
-
-
-def bursting(count: int, sink: Sink) -> bool:
-    """Whether this many due events are more than a paced sink should send one by one."""
-    return sink.max_batch > 1 and sink.min_interval > 0 and count > DIGEST_AFTER_SECONDS / sink.min_interval
-
-
-def batches(due: Sequence[Due], sink: Sink) -> list[list[Due]]:
-    """Singles, or, for a paced sink facing a burst, one digest of all of them (however many)."""
-    if bursting(len(due), sink):
-        return [list(due)]
-    return [[d] for d in due]
-
-
-def pause_for(error: DeliveryError | None) -> float:
-    """Seconds the whole sink holds back after this error: a receiver's Retry-After on a throttle."""
-    if isinstance(error, Throttled) and error.retry_after is not None:
-        # A rate limit is the endpoint's (Slack's is per URL), so every event waits, not just this one.
-        return min(max(0.0, error.retry_after), RETRY_AFTER_FLOOR_CAP)
-    return 0.0
-
-
-@dataclass
-class PassResult:
-    attempted: int = 0
-    delivered: int = 0
-    failed: int = 0
-    broken: int = 0  # sinks whose pass ended on an error of the engine or the state file
-
-
-@dataclass
-class _Pace:
-    """One URL's pacing and throttle, shared by every sink posting to it (Slack limits per hook)."""
-
-    last_send: float = float("-inf")  # monotonic
-    paused_until: float = float("-inf")  # monotonic: the receiver at this URL asked us to wait
-
-
-@dataclass
-class _Burst:
-    """A paced sink's backlog being held until it stops growing, to go out as one digest."""
-
-    began: float  # monotonic
-    count: int
-    changed: float  # monotonic: when the count last moved
-
-
-@dataclass
-class _Unwritten:
-    """An attempt whose outcome the state file refused (disk full, read-only): written again later."""
-
-    batch: list[Due]
-    outcomes: list[Outcome]
-    error: DeliveryError | None
-    status: int | None
-    duration: float
-    at: float  # when the attempt ended (Unix seconds): the time the record carries
-
-
-@dataclass
-class _Pass:
-    """A `once` pass on one lane: each due delivery is attempted at most once, then the lane ends."""
-
-    began: float  # wall clock: the store leaves out what the pass attempted by comparing with it
-    producing: Callable[[], bool]  # whether a poll of the same pass may still commit events
-    result: PassResult = field(default_factory=PassResult)
-    # Attempted, failed, and due again by `began` (a zero schedule step on a clock that stands
-    # still): the one case the store's filter cannot tell, kept here. Empty in practice.
-    again: set[int] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class _Wait:
-    """How long a worker sleeps before looking again, unless kicked first."""
-
-    seconds: float | None  # None: until kicked (an attempt in flight kicks when it ends)
-    # True: until a time on the injected clock (a pace, a pause, a retry falling due).
-    # False: an idle sweep for changes made by other processes, in real time.
-    scheduled: bool = False
-
-
-_SWEEP = _Wait(SWEEP_INTERVAL)
-_KICKED = _Wait(None)
-
-
-@dataclass
-class _Lane:
-    """One sink's queue state inside the daemon."""
-
-    sink: Sink
-    kick: asyncio.Event = field(default_factory=asyncio.Event)
-    in_flight: dict[int, asyncio.Task[bool]] = field(default_factory=dict)  # event seq -> the attempt sending it
-    off: bool = False  # `enabled = false` in the configuration
-    disabled: bool = False  # refused permanently (410, revoked Slack hook) until enabled again
-    pace: _Pace = field(default_factory=_Pace)
-    held_until: float = float("-inf")  # monotonic: the state file failed; hold this lane back
-    retired: bool = False  # removed or replaced by a reload: the worker finishes and leaves
-    burst: _Burst | None = None
-    last_report: float = float("-inf")
-    last_alert: float = float("-inf")
-    # Due deliveries read ahead, each the oldest pending event of its resource: one query feeds
-    # many sends instead of one query per send.
-    ahead: deque[Due] = field(default_factory=deque)
-    # Reads resume after the last seq read (a read costs what it returns, not the queue before
-    # it) and go back to the start when they reach the end or a sweep has passed: retries fall
-    # due and events waiting behind a delivered one become due behind the reader.
-    scan_after: int = 0
-    last_rewind: float = float("-inf")  # monotonic
-    rewind: bool = False  # the next read starts from the beginning (something before scan_after may be due)
-    seen_version: int | None = None  # the state file's data_version when `ahead` was read
-    read_at: float = float("-inf")  # monotonic: when `ahead` was read
-    exhausted: bool = False  # the last look found nothing this lane could send
-    passing: _Pass | None = None  # set while a `once` pass runs on this lane
-    # Outcomes the state file refused, oldest first. Their deliveries still read as pending in the
-    # file, so they count as busy: a delivered event is never sent again only because its record
-    # failed, and a later event about the same resource still waits behind it.
-    unwritten: list[_Unwritten] = field(default_factory=list)
-
-    @property
-    def busy(self) -> frozenset[int]:
-        again = self.passing.again if self.passing is not None else ()
-        return frozenset(self.in_flight).union(again, (d.seq for u in self.unwritten for d in u.batch))
-
-    @property
-    def paused_until(self) -> float:
-        return max(self.held_until, self.pace.paused_until)
-
-    @property
-    def free(self) -> int:
-        return self.sink.config.concurrency - len(set(self.in_flight.values()))
 
 
 class Dispatcher:
@@ -257,14 +86,14 @@ class Dispatcher:
         # Why the last outcome write failed, while any outcome waits in memory (health goes red).
         self.write_error: str | None = None
         # Kept across reloads, so a sink re-created with a new config keeps its URL's pace and pause.
-        self._paces: dict[str, _Pace] = {}
+        self._paces: dict[str, Pace] = {}
         self._lanes = {s.name: self._lane(s) for s in self.sinks}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._run: tuple[asyncio.Event, float] | None = None  # (stopping, grace) while `run` runs
-        self._to_record: list[tuple[Recorded, asyncio.Future[None]]] = []  # written at the loop's next turn
+        self._recorder = Recorder(store)
 
-    def _lane(self, sink: Sink) -> _Lane:
-        return _Lane(sink, off=not sink.config.enabled, pace=self._paces.setdefault(sink.config.url, _Pace()))
+    def _lane(self, sink: Sink) -> Lane:
+        return Lane(sink, off=not sink.config.enabled, pace=self._paces.setdefault(sink.config.url, Pace()))
 
     def wake(self) -> None:
         """New rows were committed: every worker looks at the store now."""
@@ -301,7 +130,7 @@ class Dispatcher:
             lane.kick.set()
         # Outcomes the state file refused stay with the sink's name: the new lane keeps their rows
         # busy and writes them, rather than send delivered events again.
-        carried: dict[str, list[_Unwritten]] = {}
+        carried: dict[str, list[Unwritten]] = {}
         for lane in retire:
             worker = self._workers.pop(lane.sink.name, None)
             if worker is not None:
@@ -338,11 +167,11 @@ class Dispatcher:
         if workers:
             await asyncio.gather(*workers)
 
-    def _start(self, lane: _Lane, stopping: asyncio.Event, grace: float) -> None:
+    def _start(self, lane: Lane, stopping: asyncio.Event, grace: float) -> None:
         name = lane.sink.name
         self._workers[name] = asyncio.create_task(self._worker(lane, stopping, grace), name=f"sink:{name}")
 
-    async def _worker(self, lane: _Lane, stopping: asyncio.Event, grace: float) -> None:
+    async def _worker(self, lane: Lane, stopping: asyncio.Event, grace: float) -> None:
         while not (stopping.is_set() or lane.retired):
             lane.kick.clear()
             self.on_progress()
@@ -355,7 +184,7 @@ class Dispatcher:
                     lane.passing.result.broken += 1
                     break
                 log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
-                wait = _Wait(ERROR_BACKOFF)
+                wait = Wait(ERROR_BACKOFF)
             if lane.passing is not None and self._pass_over(lane):
                 break
             await self._sleep(lane.kick, stopping, wait)
@@ -363,7 +192,7 @@ class Dispatcher:
                 self._report(lane)
         await self._drain(lane, grace)
 
-    def _pass_over(self, lane: _Lane) -> bool:
+    def _pass_over(self, lane: Lane) -> bool:
         """Whether a `once` pass has nothing left to try on this lane (attempts in flight finish first)."""
         assert lane.passing is not None
         if lane.in_flight:
@@ -373,11 +202,11 @@ class Dispatcher:
             return True
         return lane.exhausted and not lane.ahead and not lane.passing.producing()
 
-    def _launch(self, lane: _Lane) -> _Wait:
+    def _launch(self, lane: Lane) -> Wait:
         """Start every send this lane may start now; return how long to sleep before looking again."""
         lane.exhausted = False
         if lane.unwritten and not self._write_back(lane):
-            return _Wait(ERROR_BACKOFF)  # nothing new goes out while the file cannot record what it did
+            return Wait(ERROR_BACKOFF)  # nothing new goes out while the file cannot record what it did
         sink = lane.sink
         if lane.off:
             return _SWEEP
@@ -388,9 +217,9 @@ class Dispatcher:
             log.warning("sink enabled again; its queued events go out in order", sink=sink.name)
         mono = self.clock.monotonic()
         if lane.paused_until > mono:
-            return _Wait(min(SWEEP_INTERVAL, lane.paused_until - mono), scheduled=True)
+            return Wait(min(SWEEP_INTERVAL, lane.paused_until - mono), scheduled=True)
         if lane.free <= 0:
-            return _KICKED  # a finishing attempt wakes the worker
+            return KICKED  # a finishing attempt wakes the worker
         if sink.min_interval > 0:
             return self._launch_paced(lane)
         version = self.store.outside_writes()
@@ -410,9 +239,9 @@ class Dispatcher:
             due = [lane.ahead.popleft() for _ in range(min(lane.free * sink.max_batch, len(lane.ahead)))]
             for group in batches(due, sink):
                 self._send(lane, group)
-        return _KICKED
+        return KICKED
 
-    def _read_ahead(self, lane: _Lane, want: int) -> list[Due]:
+    def _read_ahead(self, lane: Lane, want: int) -> list[Due]:
         """The next due deliveries for this lane, resuming where its last read ended."""
         sink, now, mono = lane.sink.name, self.clock.now(), self.clock.monotonic()
         passing = lane.passing.began if lane.passing is not None else None
@@ -436,7 +265,7 @@ class Dispatcher:
         lane.read_at = mono
         return rows
 
-    def _idle(self, lane: _Lane) -> _Wait:
+    def _idle(self, lane: Lane) -> Wait:
         """Nothing due: sleep until the next delivery falls due, or a sweep."""
         lane.exhausted = True
         if lane.passing is not None:
@@ -447,15 +276,15 @@ class Dispatcher:
         now = self.clock.now()
         if upcoming <= now:
             lane.rewind = True  # due, but before where the reads have got to
-        return _Wait(min(SWEEP_INTERVAL, max(0.01, upcoming - now)), scheduled=True)
+        return Wait(min(SWEEP_INTERVAL, max(0.01, upcoming - now)), scheduled=True)
 
-    def _send(self, lane: _Lane, group: list[Due]) -> None:
+    def _send(self, lane: Lane, group: list[Due]) -> None:
         task = asyncio.create_task(self._attempt(lane, group), name=f"attempt:{lane.sink.name}")
         for d in group:
             lane.in_flight[d.seq] = task
         task.add_done_callback(partial(self._finished, lane, group))
 
-    def _launch_paced(self, lane: _Lane) -> _Wait:
+    def _launch_paced(self, lane: Lane) -> Wait:
         """A paced sink (Slack): one message at a time, singles while it is quiet, and a burst held
         until it settles, then sent as one digest of all of it.
 
@@ -470,28 +299,28 @@ class Dispatcher:
             lane.burst = None
             return self._idle(lane)
         if lane.pace.last_send + sink.min_interval > mono:
-            return _Wait(lane.pace.last_send + sink.min_interval - mono, scheduled=True)
+            return Wait(lane.pace.last_send + sink.min_interval - mono, scheduled=True)
         if lane.burst is None and not bursting(count, sink):
             group = self.store.due(sink.name, now, 1, lane.busy, passing=passing)
         else:
             if lane.burst is None:
-                lane.burst = _Burst(began=mono, count=count, changed=mono)
+                lane.burst = Burst(began=mono, count=count, changed=mono)
             elif count != lane.burst.count:
                 lane.burst.count, lane.burst.changed = count, mono
             ready = min(lane.burst.changed + BURST_SETTLE, lane.burst.began + BURST_HOLD)
             # A pass whose polls are done has seen the whole burst: nothing to wait for.
             settled = lane.passing is not None and not lane.passing.producing()
             if ready > mono and not settled:
-                return _Wait(min(SWEEP_INTERVAL, ready - mono), scheduled=True)
+                return Wait(min(SWEEP_INTERVAL, ready - mono), scheduled=True)
             group = self.store.due_digest(sink.name, now, sink.max_batch, DIGEST_LIMIT, lane.busy, passing=passing)
             lane.burst = None
         if not group:
             return self._idle(lane)
         self._send(lane, group)
         lane.pace.last_send = self.clock.monotonic()
-        return _KICKED  # the attempt finishing wakes the worker, which then keeps the pace
+        return KICKED  # the attempt finishing wakes the worker, which then keeps the pace
 
-    def _finished(self, lane: _Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
+    def _finished(self, lane: Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
         for d in group:
             lane.in_flight.pop(d.seq, None)
         lane.kick.set()
@@ -507,7 +336,7 @@ class Dispatcher:
             else:
                 result.failed += len(group)
 
-    async def _sleep(self, kick: asyncio.Event, stopping: asyncio.Event, wait: _Wait) -> None:
+    async def _sleep(self, kick: asyncio.Event, stopping: asyncio.Event, wait: Wait) -> None:
         """Wait until kicked, stopping, or the wait is over (on the injected clock when scheduled)."""
         if kick.is_set() or stopping.is_set():
             return
@@ -532,7 +361,7 @@ class Dispatcher:
             for w in waiters:
                 w.cancel()
 
-    async def _drain(self, lane: _Lane, grace: float) -> None:
+    async def _drain(self, lane: Lane, grace: float) -> None:
         # Stopping: let attempts in flight finish briefly; an interrupted one stays pending and is sent again.
         pending = set(lane.in_flight.values())
         if pending:
@@ -545,7 +374,7 @@ class Dispatcher:
             # Lost with the process: these go again after the restart (same ids, at least once).
             log.error("delivery outcomes could not be written before the stop", sink=lane.sink.name)
 
-    def _write_back(self, lane: _Lane) -> bool:
+    def _write_back(self, lane: Lane) -> bool:
         """Write the outcomes the state file refused earlier, in order; True once none is left."""
         while lane.unwritten:
             u = lane.unwritten[0]
@@ -568,7 +397,7 @@ class Dispatcher:
             self.write_error = None
         return True
 
-    def _report(self, lane: _Lane) -> None:
+    def _report(self, lane: Lane) -> None:
         mono = self.clock.monotonic()
         if self.metrics is None or mono - lane.last_report < REPORT_INTERVAL:
             return
@@ -582,7 +411,7 @@ class Dispatcher:
 
     # --- one attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, lane: _Lane, batch: Sequence[Due]) -> bool:
+    async def _attempt(self, lane: Lane, batch: Sequence[Due]) -> bool:
         """Send one group once and record what happened; True when the receiver took it."""
         sink = lane.sink
         # A digest's rows beyond its sample carry no body (see Store.due_digest): they are counted.
@@ -609,12 +438,12 @@ class Dispatcher:
             began = lane.passing.began
             lane.passing.again.update(o.seq for o in outcomes if o.status == PENDING and o.next_attempt_at <= began)
         try:
-            await self._record(Recorded(sink.name, tuple(outcomes), now, status, duration, error is None))
+            await self._recorder.record(Recorded(sink.name, tuple(outcomes), now, status, duration, error is None))
         except WatcherError as exc:
             # Nothing was written: the file still says pending. Keep the outcome and write it when
             # the file accepts it, rather than send a delivered event again every few seconds.
             self.write_error = str(exc)[:300]
-            lane.unwritten.append(_Unwritten(list(batch), outcomes, error, status, duration, now))
+            lane.unwritten.append(Unwritten(list(batch), outcomes, error, status, duration, now))
             log.error(
                 "cannot record a delivery outcome; kept in memory and written when the state file accepts it",
                 sink=sink.name,
@@ -625,32 +454,9 @@ class Dispatcher:
         self._after(lane, batch, outcomes, error, status, duration)
         return error is None
 
-    def _record(self, attempt: Recorded) -> asyncio.Future[None]:
-        """Write an attempt's outcomes together with those of every attempt finishing in the same
-        turn of the event loop: one transaction for a burst of answers instead of one each."""
-        loop = asyncio.get_running_loop()
-        written: asyncio.Future[None] = loop.create_future()
-        if not self._to_record:
-            loop.call_soon(self._write_recorded)
-        self._to_record.append((attempt, written))
-        return written
-
-    def _write_recorded(self) -> None:
-        batch, self._to_record = self._to_record, []
-        try:
-            self.store.record_attempts([attempt for attempt, _ in batch])
-        except Exception as exc:  # each attempt keeps its outcome in memory (see _attempt)
-            for _, written in batch:
-                if not written.done():
-                    written.set_exception(exc)
-            return
-        for _, written in batch:
-            if not written.done():
-                written.set_result(None)
-
     def _after(
         self,
-        lane: _Lane,
+        lane: Lane,
         batch: Sequence[Due],
         outcomes: Sequence[Outcome],
         error: DeliveryError | None,
@@ -700,7 +506,7 @@ class Dispatcher:
         elif error is not None:
             self._alert_if_failing(lane)
 
-    def _alert_if_failing(self, lane: _Lane) -> None:
+    def _alert_if_failing(self, lane: Lane) -> None:
         now = self.clock.now()
         since = self.store.failing_since(lane.sink.name)
         if since is None:
@@ -720,7 +526,7 @@ class Dispatcher:
         began = self.clock.now()
         lanes = list(self._lanes.values())
         for lane in lanes:
-            lane.passing = _Pass(began, producing)
+            lane.passing = Pass(began, producing)
         try:
             # A lane ends its pass with nothing in flight, unless an error broke it: then what is in
             # flight gets the sink's timeout to finish.
