@@ -1,10 +1,11 @@
 """Wiring: build the runtime from a config, then run it once (`once`) or until a signal (`run`).
 
-`run` schedules the polls with APScheduler's AsyncIOScheduler (one instance of each job at a
-time, missed runs coalesced) and runs the dispatcher beside them, woken whenever a poll commits
-new outbox rows. On SIGTERM or SIGINT it tells systemd it is stopping, lets the walk in hand
-finish its page (each page is one transaction that never awaits, so a cancellation cannot split
-one), gives deliveries in flight a moment, and exits 0.
+`run` schedules the polls on the monotonic clock (`watcher.cadence`: one run of each job at a
+time, missed runs coalesced; a step of the wall clock moves nothing) and runs the dispatcher
+beside them, woken whenever a poll commits new outbox rows. On SIGTERM or SIGINT it tells
+systemd it is stopping, lets the walk in hand finish its page (each page is one transaction that
+never awaits, so a cancellation cannot split one), gives deliveries in flight a moment, and
+exits 0.
 
 On SIGHUP it reads the configuration file again and applies it between polls (see
 `Daemon._reload`): sinks, filters, intervals, secrets and the log level. A file that does not
@@ -26,13 +27,15 @@ from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
 import httpx
 import structlog
 
 from watcher import __version__
-from watcher.clock import Clock
+from watcher.cadence import Cadence
+from watcher.clock import Clock, SteppedClock, SystemClock, boot_seconds
 from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
 from watcher.errors import AuthError, ConfigError, StateError, StateTooNew, WatcherError
@@ -46,12 +49,10 @@ from watcher.runinfo import config_fingerprint, write_info
 from watcher.sinks import Sink, build_sink
 from watcher.store import SinkState, Store
 
-if TYPE_CHECKING:
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
 log = structlog.get_logger("watcher.daemon")
 
 HOUSEKEEPING_INTERVAL = 3600.0
+HOUSEKEEPING, CLOCK_CHECK = "housekeeping", "clock"  # the cadence's jobs besides the polls
 # After the state file refused a page (disk full, read-only directory): polls pause this long, then
 # try again. Each try re-reads one page from the API, so the pause keeps an outage cheap.
 STORAGE_RETRY = 10.0
@@ -366,7 +367,7 @@ class Daemon:
         self.last_poll: dict[str, float] = {}
         self.storage_error: str | None = None  # why the last page commit failed, until one succeeds
         self.storage_retry_at = float("-inf")  # monotonic: polls are skipped until then
-        self.scheduler: AsyncIOScheduler | None = None
+        self.scheduler: Cadence | None = None
         self.reloads = 0
         self.loaded_at = rt.clock.now()
         self._reload_lock = asyncio.Lock()
@@ -483,37 +484,30 @@ class Daemon:
         log.info("metrics endpoint listening", host=bound[0], port=bound[1], paths=["/metrics", "/healthz"])
         return server
 
-    def _schedule(self) -> AsyncIOScheduler:
-        # Imported here: only `run` schedules, and APScheduler is a noticeable share of start-up.
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-        from apscheduler.triggers.interval import IntervalTrigger
-
-        scheduler = AsyncIOScheduler(
-            timezone=UTC,
-            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
-        )
+    def _schedule(self) -> Cadence:
+        scheduler = Cadence(self.rt.clock)
         self._poll_jobs(scheduler, {})
-        scheduler.add_job(self._housekeeping, IntervalTrigger(seconds=self.housekeeping_interval), id="housekeeping")
+        scheduler.add(HOUSEKEEPING, self.housekeeping_interval, self._housekeeping, at_once=False)
+        # Reading the wall clock is what notices a step (see SteppedClock): at least once a second.
+        scheduler.add(CLOCK_CHECK, 1.0, self._read_clock)
         return scheduler
 
-    def _poll_jobs(self, scheduler: AsyncIOScheduler, before: Mapping[str, float]) -> None:
+    def _poll_jobs(self, scheduler: Cadence, before: Mapping[str, float]) -> None:
         """Make the poll jobs match the configuration: new ones run at once, changed intervals restart."""
-        from apscheduler.triggers.interval import IntervalTrigger
-
         rt = self.rt
-        start = datetime.fromtimestamp(rt.clock.now(), UTC)
         # Looked up at each run, so a reload's new poller attributes are what the next run uses.
         polls = {"leads": lambda: rt.poller.poll_leads(), "campaigns": lambda: rt.poller.poll_campaigns()}
         wanted = poll_jobs(rt.config)
         for name in set(before) - set(wanted):
-            scheduler.remove_job(name)
+            scheduler.remove(name)
         for name, interval in wanted.items():
             if name not in before:
-                scheduler.add_job(
-                    self._job, IntervalTrigger(seconds=interval), args=(name, polls[name]), id=name, next_run_time=start
-                )
+                scheduler.add(name, interval, partial(self._job, name, polls[name]))
             elif before[name] != interval:
-                scheduler.reschedule_job(name, trigger=IntervalTrigger(seconds=interval))
+                scheduler.reschedule(name, interval)
+
+    async def _read_clock(self) -> None:
+        self.rt.clock.now()
 
     # --- reload -------------------------------------------------------------------------------
 
@@ -630,7 +624,6 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         server = await self._serve_metrics()
         scheduler = self.scheduler = self._schedule()
-        scheduler.start()
         dispatcher = asyncio.create_task(rt.dispatcher.run(rt.stopping), name="dispatcher")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         self.rt.metrics.config_applied(self.loaded_at, ok=True)
@@ -658,7 +651,7 @@ class Daemon:
                 await asyncio.wait(late, timeout=2.0)
         for task in list(self._reload_tasks):
             task.cancel()
-        scheduler.shutdown(wait=False)
+        await scheduler.aclose()
         await dispatcher
         watchdog.cancel()
         if server is not None:
@@ -683,8 +676,31 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not await _wait_for_storage(config, clock, notifier):
         return EXIT_OK  # stopped while waiting
-    async with runtime(config, clock) as rt:
+    stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
+    async with runtime(config, stepped) as rt:
+        stepped.on_step = partial(clock_stepped, rt)
         return await Daemon(rt, notifier).run()
+
+
+def clock_stepped(rt: Runtime, seconds: float) -> None:
+    """The host's wall clock stepped by `seconds`: move what was timed on the old clock onto the new one.
+
+    Retry times, failure streaks and last successes were written in the old clock's terms: moved
+    by the step, a retry due in 5 s is still due in 5 s, and a sink failing for a minute is not
+    "failing for two hours" after a forward step. Event and delivery history keeps its times.
+    """
+    log.warning(
+        "the host clock stepped; times kept for retries, failure alerts and health are moved with it",
+        seconds=round(seconds, 3),
+    )
+    rt.metrics.clock_stepped(seconds)
+    try:
+        moved = rt.store.clock_stepped(seconds)
+    except StateError as exc:
+        log.error("cannot move retry times after the clock step; they keep the old clock's times", error=str(exc))
+        return
+    log.info("retry times moved with the clock step", deliveries=moved)
+    rt.dispatcher.wake()
 
 
 async def _wait_for_storage(config: Config, clock: Clock, notifier: Notifier) -> bool:

@@ -1232,5 +1232,26 @@ class Store:
             ).rowcount
         return {"deliveries": delivered, "attempts": attempts, "snapshots": snapshots}
 
+    def clock_stepped(self, seconds: float) -> int:
+        """Move every time that schedules or judges future work by `seconds` (the host clock stepped).
+
+        A pending delivery keeps its wait and its remaining max_age, a failing sink its streak, a
+        stream its re-check due time; history (detection, delivery, attempt times) stays as written.
+        Returns the pending deliveries moved.
+        """
+        with self.transaction() as c:
+            moved = c.execute(
+                "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?, created_at = created_at + ? "
+                "WHERE status = 'pending'",
+                (seconds, seconds),
+            ).rowcount
+            c.execute("UPDATE sinks SET failing_since = failing_since + ? WHERE failing_since IS NOT NULL", (seconds,))
+            c.execute(
+                "UPDATE cursors SET last_success_at = last_success_at + ?, last_poll_at = last_poll_at + ?",
+                (seconds, seconds),
+            )
+            c.execute("UPDATE unreadable SET next_try = next_try + ?", (seconds,))
+        return moved
+
     def integrity_check(self) -> str:
         return str(self._rows("PRAGMA integrity_check")[0][0])
