@@ -25,6 +25,7 @@ import structlog
 
 from watcher.clock import Clock
 from watcher.config import SinkConfig
+from watcher.deliverylog import DeliveryTally, say
 from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
 from watcher.events import Event
 from watcher.logs import known_secrets, scrub
@@ -254,6 +255,7 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.metrics = metrics
         self.on_progress = on_progress
+        self.tally = DeliveryTally()  # successes are logged as counts per sink (watcher.deliverylog)
         # Why the last outcome write failed, while any outcome waits in memory (health goes red).
         self.write_error: str | None = None
         # Kept across reloads, so a sink re-created with a new config keeps its URL's pace and pause.
@@ -337,6 +339,7 @@ class Dispatcher:
         workers = list(self._workers.values())
         if workers:
             await asyncio.gather(*workers)
+        say(self.tally, self.clock.monotonic(), force=True)
 
     def _start(self, lane: _Lane, stopping: asyncio.Event, grace: float) -> None:
         name = lane.sink.name
@@ -346,6 +349,7 @@ class Dispatcher:
         while not (stopping.is_set() or lane.retired):
             lane.kick.clear()
             self.on_progress()
+            say(self.tally, self.clock.monotonic())
             try:
                 wait = self._launch(lane)
             except Exception as exc:  # a broken state file or a bug must not end this sink's deliveries
@@ -676,7 +680,8 @@ class Dispatcher:
                 outcome=kind,
             )
             if error is None:
-                log.info("delivered", **fields)
+                log.debug("delivered", **fields)
+                self.tally.add(sink.name, due.type, duration, self.clock.monotonic())
             elif outcome.status == DEAD:
                 log.error("delivery dead: schedule or max_age exhausted", error=outcome.error, **fields)
             else:
@@ -729,6 +734,7 @@ class Dispatcher:
             results = [lane.passing.result for lane in lanes if lane.passing is not None]
             for lane in lanes:
                 lane.passing = None
+            say(self.tally, self.clock.monotonic(), force=True)
         total = PassResult()
         for r in results:
             total.attempted += r.attempted
