@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from watcher.errors import StateError, StateTooNew
+from watcher.errors import StateDamaged, StateError, StateTooNew
 from watcher.events import Event, dumps, loads
 
 if TYPE_CHECKING:
@@ -311,6 +311,28 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# SQLite's answers that mean the bytes on disk are wrong, not that the disk is busy or full.
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+_DAMAGE_HELP = (
+    "stop the daemon, keep a copy, then recover or restore it (docs/operations.md: the state file is damaged)"
+)
+
+
+def state_error(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
+    """The error to raise for an SQLite failure on the state file: damaged, read-only, or passing."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(tuple(_DAMAGED)):
+        return StateDamaged(f"state file {path} is damaged ({exc}): {_DAMAGE_HELP}")
+    if name.startswith("SQLITE_READONLY"):
+        error = StateError(
+            f"cannot {doing} state file {path}: it is read-only (the file's mode or owner, its folder's, "
+            "or a read-only mount); it needs to be writable by the daemon's user"
+        )
+        error.read_only = True
+        return error
+    return StateError(f"cannot {doing} state file {path}: {exc}")
+
+
 def _private(path: Path) -> None:
     """Create the state file 0600, and take group and other access away from one that has it.
 
@@ -423,7 +445,7 @@ class Store:
             store = cls(_connect(path), path)
             store._migrate()
         except sqlite3.Error as exc:
-            raise StateError(f"cannot open state file {path}: {exc}") from None
+            raise state_error(exc, path, "open") from None
         return store
 
     @classmethod
@@ -440,14 +462,14 @@ class Store:
         try:
             conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise StateError(f"cannot read state file {path}: {exc}") from None
+            raise state_error(exc, path, "read") from None
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA query_only = ON")
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.Error as exc:
             conn.close()
-            raise StateError(f"cannot read state file {path}: {exc}") from None
+            raise state_error(exc, path, "read") from None
         known = len(MIGRATIONS)
         if version != known:
             conn.close()
@@ -463,6 +485,36 @@ class Store:
                 "restart the daemon to migrate it (status never writes)"
             )
         return cls(conn, path)
+
+    @staticmethod
+    def history(path: Path) -> int:
+        """How many streams the file holds a cursor for, read-only: 0 for a file that is new, empty or
+        has lost what it held. StateDamaged when SQLite cannot read it."""
+        if not path.is_file() or path.stat().st_size == 0:
+            return 0
+        uri = f"{path.absolute().as_uri()}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise state_error(exc, path, "read") from None
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cursors'").fetchone():
+                return 0
+            return int(conn.execute("SELECT count(*) FROM cursors").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise state_error(exc, path, "read") from None
+        finally:
+            conn.close()
+
+    def verify(self, *, quick: bool = False) -> None:
+        """SQLite's own check of every page (quick: without matching indexes to their tables);
+        StateDamaged naming the first problems it finds."""
+        rows = self._rows("PRAGMA quick_check" if quick else "PRAGMA integrity_check")
+        problems = [str(r[0]) for r in rows]
+        if problems != ["ok"]:
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            raise StateDamaged(f"state file {self.path} is damaged ({shown}): {_DAMAGE_HELP}")
 
     def close(self) -> None:
         self.conn.close()
@@ -498,13 +550,13 @@ class Store:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         try:
             yield self.conn
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         except BaseException:
             self._rollback()
             raise
@@ -514,7 +566,7 @@ class Store:
         try:
             self.conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         try:
             yield
         finally:
@@ -528,10 +580,11 @@ class Store:
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
             cur = self.conn.execute(sql, params)
+            cur.row_factory = sqlite3.Row
+            # Rows after the first are read here: a damaged page deep in the result fails here too.
+            return cur.fetchall()
         except sqlite3.Error as exc:
-            raise StateError(f"cannot read state file {self.path}: {exc}") from None
-        cur.row_factory = sqlite3.Row
-        return cur.fetchall()
+            raise state_error(exc, self.path, "read") from None
 
     # --- cursors -----------------------------------------------------------------------------
 
@@ -1131,7 +1184,7 @@ class Store:
         try:
             return list(self.db.query(sql, params))
         except sqlite3.Error as exc:
-            raise StateError(f"cannot read state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "read") from None
 
     # --- erasure ------------------------------------------------------------------------------
 
@@ -1146,7 +1199,7 @@ class Store:
         try:
             self.conn.execute("PRAGMA secure_delete = ON")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         with self.transaction() as c:
             ids = [r[0] for r in c.execute("SELECT id FROM events WHERE resource = ?", (resource,))]
             # By resource too: the attempt log outlives delivered events, whose ids are then gone.
@@ -1169,7 +1222,7 @@ class Store:
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot checkpoint state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "checkpoint") from None
         return {"events": events, "deliveries": deliveries, "attempts": attempts}
 
     # --- housekeeping -------------------------------------------------------------------------

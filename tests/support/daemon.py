@@ -107,8 +107,9 @@ def events_json(config: Path, *args: str) -> list[dict[str, Any]]:
 class Daemon:
     """`convertr-watcher run -c CONFIG` in a subprocess; its output goes to a log file."""
 
-    def __init__(self, config: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> None:
         self.config = config
+        self.args = list(args)
         self.state = config.parent / "state.db"
         self.log_path = config.parent / "daemon.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -117,7 +118,7 @@ class Daemon:
     def start(self) -> Daemon:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "watcher", "run", "-c", str(self.config)],
+                [sys.executable, "-m", "watcher", "run", "-c", str(self.config), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
