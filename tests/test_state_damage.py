@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -191,3 +193,19 @@ def test_a_state_file_damaged_while_running_stops_polls_once_and_turns_health_re
 
 def _accepted_leads(receiver: Receiver) -> set[int]:
     return {r.json()["data"]["lead"]["id"] for r in receiver.requests if r.status == 200 and r.method == "POST"}
+
+
+def test_status_reads_a_state_file_on_a_read_only_mount(state_with_history: Path) -> None:
+    """A read-only state folder: status still reads a cleanly stopped state and says the folder is read-only."""
+    assert shutil.which("unshare"), "util-linux is needed for a private read-only mount"
+    folder = state_with_history.parent
+    assert not (folder / "state.db-wal").exists(), "a clean `once` leaves no -wal"
+    status = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "sh", "-euc",
+         f'mount --bind "{folder}" "{folder}"; mount -o remount,ro,bind "{folder}"; '
+         f'exec "{sys.executable}" -m watcher status -c "{state_with_history}"'],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"^[1-9][0-9]* leads tracked$", status.stdout, re.M), status.stdout
+    assert f"STATE FILE: {folder} is read-only" in status.stdout

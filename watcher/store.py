@@ -10,6 +10,7 @@ error, created and delivered times). Storing the body once keeps the file small 
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -333,6 +334,43 @@ def state_error(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
     return StateError(f"cannot {doing} state file {path}: {exc}")
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection that has read the file's header (mode=ro: SQLite refuses every write).
+
+    A WAL-mode file needs its -shm to be read, which a read-only folder cannot give it. Without a
+    -wal (the daemon stopped cleanly) the main file is the whole state, and it is read as immutable.
+    """
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.Error as exc:
+        error = exc
+    wal = path.with_name(path.name + "-wal")
+    if os.access(path.parent, os.W_OK) and not _read_only_mount(path.parent):
+        raise state_error(error, path, "read")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StateError(
+            f"cannot read state file {path}: its folder is read-only and its -wal holds changes that SQLite "
+            "can only read with a -shm beside it; make the folder writable, or read a copy made with .backup"
+        )
+    try:
+        conn = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.Error as exc:
+        raise state_error(exc, path, "read") from None
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _private(path: Path) -> None:
     """Create the state file 0600, and take group and other access away from one that has it.
 
@@ -346,7 +384,10 @@ def _private(path: Path) -> None:
                 if file.stat().st_mode & 0o077:
                     os.chmod(file, 0o600)
     except OSError as exc:
-        raise StateError(f"cannot open state file {path}: {exc.strerror or exc}") from None
+        error = StateError(f"cannot open state file {path}: {exc.strerror or exc}")
+        # Permissions or a read-only mount: the daemon waits for it to be writable, not for space.
+        error.read_only = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        raise error from None
 
 
 def _where(tests: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
@@ -457,14 +498,8 @@ class Store:
         """
         if not path.is_file():
             raise StateError(f"no state file at {path}")
-        # mode=ro: SQLite itself refuses every write, so no code path here can change the file.
-        uri = f"{path.absolute().as_uri()}?mode=ro"
+        conn = _connect_readonly(path)
         try:
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise state_error(exc, path, "read") from None
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA query_only = ON")
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.Error as exc:
@@ -492,13 +527,8 @@ class Store:
         has lost what it held. StateDamaged when SQLite cannot read it."""
         if not path.is_file() or path.stat().st_size == 0:
             return 0
-        uri = f"{path.absolute().as_uri()}?mode=ro"
+        conn = _connect_readonly(path)
         try:
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise state_error(exc, path, "read") from None
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
             if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cursors'").fetchone():
                 return 0
             return int(conn.execute("SELECT count(*) FROM cursors").fetchone()[0])
