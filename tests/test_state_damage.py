@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,36 @@ def test_status_reads_a_state_file_on_a_read_only_mount(state_with_history: Path
     assert status.returncode == 0, status.stderr
     assert re.search(r"^[1-9][0-9]* leads tracked$", status.stdout, re.M), status.stdout
     assert f"STATE FILE: {folder} is read-only" in status.stdout
+
+
+def test_a_state_file_replaced_under_the_running_daemon_stops_it_cleanly(
+    tmp_path: Path, sim, receiver: Receiver
+) -> None:
+    """An older copy moved over the live file: the daemon stops (exit 1) instead of writing into the file that
+    was there, and the next start re-reads from the copy's cursor: the leads since go again under the same ids."""
+    simulator, server = sim
+    campaign = simulator.campaign_ids()[0]
+    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url)])
+    with Daemon(config) as daemon:
+        daemon.wait_polls(1)
+        first = set(simulator.add_leads(2, campaign))
+        wait_until(lambda: first <= _accepted_leads(receiver), 20, "the first leads")
+        older = tmp_path / "older.db"
+        with closing(sqlite3.connect(daemon.state)) as live, closing(sqlite3.connect(older)) as copy:
+            live.backup(copy)  # as `sqlite3 .backup` does; closed, so the daemon's stop can fold its -wal in
+        later = set(simulator.add_leads(2, campaign))
+        wait_until(lambda: later <= _accepted_leads(receiver), 20, "the leads after the copy")
+        os.replace(older, daemon.state)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(20) == 1
+    assert daemon.log().count("the state file was replaced or removed") == 1
+    ids = {r.headers["webhook-id"] for r in receiver.requests if r.status == 200}
+    sent = len(receiver.requests)
+    with Daemon(config) as again:
+        wait_until(lambda: len(receiver.requests) >= sent + 2, 20, "the leads after the copy, again")
+        newest = set(simulator.add_leads(2, campaign))
+        wait_until(lambda: newest <= _accepted_leads(receiver), 20, "new leads")
+        assert again.stop() == 0
+    resent = [r for r in receiver.requests[sent:] if r.json()["data"]["lead"]["id"] in later]
+    assert resent and {r.headers["webhook-id"] for r in resent} <= ids
+    assert "damaged" not in again.log()

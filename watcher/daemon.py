@@ -53,7 +53,7 @@ from watcher.store import SinkState, Store
 log = structlog.get_logger("watcher.daemon")
 
 HOUSEKEEPING_INTERVAL = 3600.0
-HOUSEKEEPING, CLOCK_CHECK = "housekeeping", "clock"  # the cadence's jobs besides the polls
+HOUSEKEEPING, TICK = "housekeeping", "tick"  # the cadence's jobs besides the polls
 # After the state file refused a page (disk full, read-only directory): polls pause this long, then
 # try again. Each try re-reads one page from the API, so the pause keeps an outage cheap.
 STORAGE_RETRY = 10.0
@@ -527,8 +527,8 @@ class Daemon:
         scheduler = Cadence(self.rt.clock)
         self._poll_jobs(scheduler, {})
         scheduler.add(HOUSEKEEPING, self.housekeeping_interval, self._housekeeping, at_once=False)
-        # Reading the wall clock is what notices a step (see SteppedClock): at least once a second.
-        scheduler.add(CLOCK_CHECK, 1.0, self._read_clock)
+        # The clock step and the state file's identity, checked every second.
+        scheduler.add(TICK, 1.0, self._tick)
         return scheduler
 
     def _poll_jobs(self, scheduler: Cadence, before: Mapping[str, float]) -> None:
@@ -545,8 +545,19 @@ class Daemon:
             elif before[name] != interval:
                 scheduler.reschedule(name, interval)
 
-    async def _read_clock(self) -> None:
-        self.rt.clock.now()
+    async def _tick(self) -> None:
+        self.rt.clock.now()  # reading the wall clock is what notices a step (see SteppedClock)
+        if self.fatal is None and self.rt.store.replaced():
+            # A restore (or a clean-up) under the running daemon: its writes would go on into the
+            # file that was there, and be gone at the next start. Stopping closes that file cleanly
+            # (its -wal is folded into it and removed), so the restart opens the new one alone.
+            self.fatal = StateError(f"state file {self.rt.store.path} was replaced or removed while the daemon ran")
+            log.error(
+                "the state file was replaced or removed under the running daemon; stopping so that the next "
+                "start opens the file now there (stop the daemon before restoring a backup)",
+                path=str(self.rt.store.path),
+            )
+            self.rt.stopping.set()
 
     # --- reload -------------------------------------------------------------------------------
 

@@ -364,6 +364,14 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
         raise state_error(exc, path, "read") from None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _read_only_mount(folder: Path) -> bool:
     try:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
@@ -468,6 +476,7 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        self._identity = _identity(path)
 
     @cached_property
     def db(self) -> sqlite_utils.Database:
@@ -547,6 +556,12 @@ class Store:
             raise StateDamaged(f"state file {self.path} is damaged ({shown}): {_DAMAGE_HELP}")
 
     def close(self) -> None:
+        if self.replaced():
+            # SQLite leaves the -wal of a file that was moved or deleted in place when it closes, and
+            # the next open would apply it to whatever file has this name now (a restored backup):
+            # fold it into the file it belongs to, and empty it, first.
+            with suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
 
     def __enter__(self) -> Store:
@@ -554,6 +569,10 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def replaced(self) -> bool:
+        """Whether the path now names another file than the one opened (moved over, or deleted)."""
+        return _identity(self.path) != self._identity
 
     def outside_writes(self) -> int:
         """A number that changes whenever another connection commits to the file (PRAGMA data_version)."""
