@@ -233,6 +233,8 @@ def test_a_state_file_replaced_under_the_running_daemon_stops_it_cleanly(
         assert daemon.proc is not None
         assert daemon.proc.wait(20) == 1
     assert daemon.log().count("the state file was replaced or removed") == 1
+    wal = daemon.state.with_name("state.db-wal")
+    assert not wal.exists() or wal.stat().st_size == 0, "the old file's WAL would meet the new file"
     ids = {r.headers["webhook-id"] for r in receiver.requests if r.status == 200}
     sent = len(receiver.requests)
     with Daemon(config) as again:
