@@ -52,6 +52,10 @@ def mark(state_path: Path, now: float) -> None:
         json.dump({"since": rfc3339(now), "state": str(state_path)}, fh)
         fh.flush()
         os.fsync(fh.fileno())
+        if os.geteuid() == 0:
+            # Written by root (`sudo ... once`): the service's user must still be able to read it.
+            folder = os.stat(state_path.parent)
+            os.fchown(fh.fileno(), folder.st_uid, folder.st_gid)
     os.replace(temp, target)
 
 
