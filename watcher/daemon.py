@@ -494,8 +494,8 @@ class Daemon:
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=interval)
 
     async def _housekeeping(self) -> None:
-        # A coroutine, so APScheduler runs it on the event loop: as a plain function it went to a
-        # worker thread and opened a transaction on the loop's connection under a page commit.
+        # On the event loop, between page commits: never on a worker thread, where it would open a
+        # transaction on the loop's connection under a page commit.
         try:
             _housekeeping(self.rt)
         except StateError as exc:
