@@ -193,6 +193,7 @@ class Runtime:
     # Builds an API client like the first one (same transport and hooks), for a reload that changes [convertr].
     make_client: Callable[[Config], ConvertrClient] | None = None
     history_marked: bool = False  # the lineage marker is known to be written
+    history_unwritten: bool = False  # writing it failed once (said in the log)
 
 
 @asynccontextmanager
@@ -348,8 +349,12 @@ def mark_history(rt: Runtime) -> None:
     try:
         mark(rt.config.state.path, rt.clock.now())
     except OSError as exc:
-        # Not fatal: without it a lost -wal goes unnoticed, as before the marker existed.
-        log.warning("cannot write the history marker beside the state file", error=exc.strerror or str(exc))
+        # Not fatal (without it a lost -wal goes unnoticed until it is written): tried again after
+        # the next poll, said once.
+        if not rt.history_unwritten:
+            rt.history_unwritten = True
+            log.warning("cannot write the history marker beside the state file", error=exc.strerror or str(exc))
+        return
     rt.history_marked = True
 
 
