@@ -16,6 +16,14 @@ from tests.support.receiver import Receiver, verify_request
 from watcher.clock import FakeClock, SteppedClock
 
 
+def _stepping(tmp_path: Path, api_url: str, sink: dict[str, object]) -> tuple[Daemon, Path]:
+    """A daemon (not started) whose wall clock is offset by what the returned file says (now "+0")."""
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    config = write_config(tmp_path, api_url, [sink])
+    return Daemon(config, env=_faketime_env(offset)), offset
+
+
 def _faketime_env(offset_file: Path) -> dict[str, str]:
     found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
     assert found, "libfaketime is missing: `apt-get install faketime` (make test installs it when run as root)"
@@ -48,10 +56,8 @@ def test_wall_clock_steps_neither_stop_nor_delay_polling_or_waiting_retries(
     1 s polls, and a retry waiting 2 s when the clock went back is sent within seconds, not in an hour."""
     simulator, server = sim
     campaign = simulator.campaign_ids()[0]
-    offset = tmp_path / "faketime"
-    offset.write_text("+0\n")
-    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url, retry_schedule=["2s"] * 5)])
-    with Daemon(config, env=_faketime_env(offset)) as daemon:
+    daemon, offset = _stepping(tmp_path, server.url, webhook_sink(receiver.url, retry_schedule=["2s"] * 5))
+    with daemon:
         daemon.wait_polls(2)
         receiver.respond(500)
         waiting = set(simulator.add_leads(1, campaign))
@@ -76,10 +82,8 @@ def test_wall_clock_steps_neither_stop_nor_delay_polling_or_waiting_retries(
 def test_a_forward_step_raises_no_false_failing_alert(tmp_path: Path, sim, receiver: Receiver) -> None:
     """A sink failing for seconds is not reported as failing for hours when the clock jumps two hours ahead."""
     simulator, server = sim
-    offset = tmp_path / "faketime"
-    offset.write_text("+0\n")
-    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url, retry_schedule=["200ms"] * 200)])
-    with Daemon(config, env=_faketime_env(offset)) as daemon:
+    daemon, offset = _stepping(tmp_path, server.url, webhook_sink(receiver.url, retry_schedule=["200ms"] * 200))
+    with daemon:
         daemon.wait_polls(2)
         receiver.respond(500)
         simulator.add_leads(1, simulator.campaign_ids()[0])

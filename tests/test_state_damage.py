@@ -6,7 +6,6 @@ the way an operator's host does it: a -wal deleted after SIGKILL, a file cut sho
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Daemon, cli, events_json, wait_until, webhook_sink, write_config
+from tests.support.daemon import Daemon, cli, events_json, healthz, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
 
 EXIT_CONFIG = 78
@@ -67,16 +66,6 @@ def _checkpoint(path: Path) -> None:
     try:
         busy, _frames, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         assert busy == 0, "the daemon held a read transaction through the checkpoint"
-    finally:
-        conn.close()
-
-
-def _healthz(port: int) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/healthz")
-        answer = conn.getresponse()
-        return answer.status, answer.read().decode()
     finally:
         conn.close()
 
@@ -176,14 +165,14 @@ def test_a_state_file_damaged_while_running_stops_polls_once_and_turns_health_re
         # Another process's write makes the daemon drop its page cache and read the page from disk.
         assert cli("replay", "-c", str(state_with_history), "--pending").returncode == 0
         simulator.add_leads(2, campaign)
-        wait_until(lambda: _healthz(port)[0] == 503, 20, "health to go red")
-        assert "damaged" in _healthz(port)[1]
+        wait_until(lambda: healthz(port)[0] == 503, 20, "health to go red")
+        assert "damaged" in healthz(port)[1]
         wait_until(lambda: pending <= _accepted_leads(receiver), 20, "the pending deliveries")
         # Three poll intervals: health stays red, the daemon stays up, nothing more is said.
         said = daemon.log().count("state file is damaged")
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
-            assert _healthz(port)[0] == 503
+            assert healthz(port)[0] == 503
             assert daemon.running()
         assert daemon.stop() == 0
     log = daemon.log()

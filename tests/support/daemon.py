@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -95,6 +96,17 @@ def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def healthz(port: int) -> tuple[int, str]:
+    """GET /healthz on the daemon's metrics port: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
 
 
 def events_json(config: Path, *args: str) -> list[dict[str, Any]]:
