@@ -234,3 +234,32 @@ def test_a_state_file_replaced_under_the_running_daemon_stops_it_cleanly(
     resent = [r for r in receiver.requests[sent:] if r.json()["data"]["lead"]["id"] in later]
     assert resent and {r.headers["webhook-id"] for r in resent} <= ids
     assert "damaged" not in again.log()
+
+
+def test_outbox_pages_damaged_under_a_running_daemon_are_said_once(
+    state_with_history: Path, sim, receiver: Receiver
+) -> None:
+    """The events table damaged while deliveries wait: one line, health red, polls stop; no error line a turn."""
+    simulator, _server = sim
+    state = state_with_history.parent / "state.db"
+    with Daemon(state_with_history) as daemon:
+        port = wait_until(lambda: _metrics_port(daemon), 20, "the metrics endpoint")
+        daemon.wait_polls(1)
+        receiver.respond(500)
+        simulator.add_leads(3, simulator.campaign_ids()[0])
+        wait_until(lambda: len(events_json(state_with_history, "--status", "pending")) == 3, 20, "3 pending events")
+        _checkpoint(state)
+        _flip_page_header(state, _root_page(state, "events"))
+        receiver.respond(200)
+        # Makes the retries due now; its own read of the outbox meets the damage too.
+        assert cli("replay", "-c", str(state_with_history), "--pending").returncode == EXIT_CONFIG
+        wait_until(lambda: healthz(port)[0] == 503, 20, "health to go red")
+        polls = daemon.polls()
+        deadline = time.monotonic() + 3.0  # three poll intervals and more than one worker backoff
+        while time.monotonic() < deadline:
+            assert healthz(port)[0] == 503
+        assert daemon.polls() == polls, "a walk went on writing into the damaged file"
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert log.count('"event": "state file is damaged') == 1, log[-3000:]
+    assert "delivery worker error" not in log

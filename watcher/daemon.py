@@ -408,6 +408,10 @@ class Daemon:
     async def _job(self, name: str, poll: Callable[[], Awaitable[object]]) -> None:
         if self.rt.stopping.is_set():
             return
+        if self.damaged is None and self.rt.dispatcher.damaged is not None:
+            # The delivery side found the damage first (and said so): no walk adds to that file either.
+            self.damaged = self.rt.dispatcher.damaged
+            self.notifier.status(f"stopped polling: {self.damaged}")
         if self.damaged is not None or self.rt.clock.monotonic() < self.storage_retry_at:
             # Paused, not stuck: the watchdog must keep seeing progress, or systemd restarts us in a
             # loop until StartLimitBurst leaves the unit failed while the disk is still full.
@@ -508,8 +512,9 @@ class Daemon:
 
     def _health(self) -> tuple[bool, str]:
         rt = self.rt
-        if self.damaged:
-            return False, f"state file is damaged (polls stopped): {self.damaged}"
+        damaged = self.damaged or rt.dispatcher.damaged
+        if damaged:
+            return False, f"state file is damaged (polls stopped): {damaged}"
         broken = self.storage_error or rt.dispatcher.write_error
         if broken:
             return False, f"state file cannot be written (polls paused, outcomes kept in memory): {broken}"

@@ -26,7 +26,7 @@ import structlog
 from watcher.clock import Clock
 from watcher.config import SinkConfig
 from watcher.deliverylog import DeliveryTally, say
-from watcher.errors import DeliveryError, SinkGone, Throttled, WatcherError
+from watcher.errors import DeliveryError, SinkGone, StateDamaged, Throttled, WatcherError
 from watcher.events import Event
 from watcher.logs import known_secrets, scrub
 from watcher.pii import mask_text
@@ -258,6 +258,7 @@ class Dispatcher:
         self.tally = DeliveryTally()  # successes are logged as counts per sink (watcher.deliverylog)
         # Why the last outcome write failed, while any outcome waits in memory (health goes red).
         self.write_error: str | None = None
+        self.damaged: str | None = None  # SQLite found the state file corrupt: said once, health red
         # Kept across reloads, so a sink re-created with a new config keeps its URL's pace and pause.
         self._paces: dict[str, _Pace] = {}
         self._lanes = {s.name: self._lane(s) for s in self.sinks}
@@ -358,7 +359,11 @@ class Dispatcher:
                     log.error("delivery pass stopped for this sink", sink=lane.sink.name, error=str(exc)[:300])
                     lane.passing.result.broken += 1
                     break
-                log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
+                if not isinstance(exc, StateDamaged):
+                    log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
+                elif self.damaged is None:  # said once, then tried again quietly: it will not mend by itself
+                    self.damaged = str(exc)[:300]
+                    log.error("state file is damaged: deliveries wait until it is recovered", error=self.damaged)
                 wait = _Wait(ERROR_BACKOFF)
             if lane.passing is not None and self._pass_over(lane):
                 break
