@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint typecheck demo bench soak clean
+.PHONY: test check lint typecheck demo bench soak clean faketime
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# tests/test_clock_steps.py steps the daemon's wall clock with libfaketime (Debian's `faketime`).
+# Installed here when missing, only as root with apt-get (a CI machine); elsewhere install it yourself.
+faketime:
+	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; } \
+	  || echo "note: libfaketime is missing (apt-get install faketime): tests/test_clock_steps.py will fail"
+
+test: $(STAMP) faketime
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import os
 import shutil
@@ -15,20 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import wait_until, webhook_sink, write_config
+from tests.support.daemon import healthz, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.faults
-
-
-def _healthz(port: int) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/healthz")
-        answer = conn.getresponse()
-        return answer.status, answer.read().decode()
-    finally:
-        conn.close()
 
 
 def _fill(folder: Path) -> Path:
@@ -94,8 +83,8 @@ def test_full_state_disk_pauses_and_recovers_without_resending(tmp_path: Path, s
         filler = _fill(inside)
         receiver.respond(200)
         during = simulator.add_leads(3, campaign)
-        wait_until(lambda: _healthz(metrics)[0] == 503, 30, "health to go red")
-        assert "state file cannot be written" in _healthz(metrics)[1]
+        wait_until(lambda: healthz(metrics)[0] == 503, 30, "health to go red")
+        assert "state file cannot be written" in healthz(metrics)[1]
         # One goes out; its outcome cannot be written, so the lane sends nothing new until it can.
         wait_until(lambda: set(before) & _created_leads(receiver), 20, "a pending event delivered")
         status = subprocess.run(
@@ -111,7 +100,7 @@ def test_full_state_disk_pauses_and_recovers_without_resending(tmp_path: Path, s
 
         filler.unlink()  # space returns
         wait_until(lambda: set(before + during) <= _created_leads(receiver), 60, "every lead after space returned")
-        wait_until(lambda: _healthz(metrics)[0] == 200, 30, "health green again")
+        wait_until(lambda: healthz(metrics)[0] == 200, 30, "health green again")
         after = simulator.add_leads(2, campaign)
         wait_until(lambda: set(after) <= _created_leads(receiver), 30, "new leads as usual")
         assert max(_delivered(receiver).values()) == 1, "an event was sent again after it was delivered"

@@ -1,10 +1,11 @@
 """Wiring: build the runtime from a config, then run it once (`once`) or until a signal (`run`).
 
-`run` schedules the polls with APScheduler's AsyncIOScheduler (one instance of each job at a
-time, missed runs coalesced) and runs the dispatcher beside them, woken whenever a poll commits
-new outbox rows. On SIGTERM or SIGINT it tells systemd it is stopping, lets the walk in hand
-finish its page (each page is one transaction that never awaits, so a cancellation cannot split
-one), gives deliveries in flight a moment, and exits 0.
+`run` schedules the polls on the monotonic clock (`watcher.cadence`: one run of each job at a
+time, missed runs coalesced; a step of the wall clock moves nothing) and runs the dispatcher
+beside them, woken whenever a poll commits new outbox rows. On SIGTERM or SIGINT it tells
+systemd it is stopping, lets the walk in hand finish its page (each page is one transaction that
+never awaits, so a cancellation cannot split one), gives deliveries in flight a moment, and
+exits 0.
 
 On SIGHUP it reads the configuration file again and applies it between polls (see
 `Daemon._reload`): sinks, filters, intervals, secrets and the log level. A file that does not
@@ -26,18 +27,21 @@ from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
 import httpx
 import structlog
 
 from watcher import __version__
-from watcher.clock import Clock
+from watcher.cadence import Cadence
+from watcher.clock import Clock, SteppedClock, SystemClock, boot_seconds
 from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
 from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher
-from watcher.errors import AuthError, ConfigError, StateError, StateTooNew, WatcherError
+from watcher.errors import AuthError, ConfigError, StateDamaged, StateError, StateTooNew, WatcherError
 from watcher.exitcodes import EXIT_FAILURE, EXIT_OK
+from watcher.lineage import lost_history, mark, refuse_lost_history
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.metrics import Metrics, serve
 from watcher.notify import Notifier
@@ -48,12 +52,10 @@ from watcher.sinks.base import Sink
 from watcher.sinks.broker import probe_at_start
 from watcher.store import SinkState, Store
 
-if TYPE_CHECKING:
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
 log = structlog.get_logger("watcher.daemon")
 
 HOUSEKEEPING_INTERVAL = 3600.0
+HOUSEKEEPING, TICK = "housekeeping", "tick"  # the cadence's jobs besides the polls
 # After the state file refused a page (disk full, read-only directory): polls pause this long, then
 # try again. Each try re-reads one page from the API, so the pause keeps an outage cheap.
 STORAGE_RETRY = 10.0
@@ -194,6 +196,8 @@ class Runtime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Builds an API client like the first one (same transport and hooks), for a reload that changes [convertr].
     make_client: Callable[[Config], ConvertrClient] | None = None
+    history_marked: bool = False  # the lineage marker is known to be written
+    history_unwritten: bool = False  # writing it failed once (said in the log)
 
 
 @asynccontextmanager
@@ -206,6 +210,13 @@ async def runtime(
     stall: float | None = None,
 ) -> AsyncIterator[Runtime]:
     store = Store.open(config.state.path)
+    try:
+        # Pages only, no index-to-table matching (about 0.2 s per 100 MB): a damaged file is
+        # refused here in one line rather than failing poll after poll.
+        store.verify(quick=True)
+    except StateError:
+        store.close()
+        raise
     streams = [
         s
         for s, on in (
@@ -281,12 +292,14 @@ def warn_stranded(states: list[SinkState], config: Config, metrics: Metrics) -> 
 # --- once -----------------------------------------------------------------------------------
 
 
-async def run_once(config: Config, clock: Clock, **kwargs: Any) -> int:
+async def run_once(config: Config, clock: Clock, *, start_over: str | None = None, **kwargs: Any) -> int:
     """One poll of every enabled stream and one delivery pass; 0 when all of it succeeded.
 
     The pass runs beside the polls: a backfill's first pages are being delivered while its last
-    ones are read. It ends once the polls have and nothing due is left untried.
+    ones are read. It ends once the polls have and nothing due is left untried. `start_over`: see
+    `history_kept`.
     """
+    history_kept(config, start_over)
     async with runtime(config, clock, **kwargs) as rt:
         polls = asyncio.create_task(_poll_all(rt))
         polls.add_done_callback(lambda _: rt.dispatcher.wake())
@@ -301,6 +314,8 @@ async def run_once(config: Config, clock: Clock, **kwargs: Any) -> int:
             await passing
             raise
         passed = await passing
+        if rt.store.cursors():
+            mark_history(rt)
         log.info(
             "delivery pass",
             attempted=passed.attempted,
@@ -329,6 +344,22 @@ async def _poll_all(rt: Runtime) -> bool:
             log.error("poll failed", error=str(exc))
             ok = False
     return ok
+
+
+def mark_history(rt: Runtime) -> None:
+    """Write the lineage marker once the state has a cursor (see watcher.lineage)."""
+    if rt.history_marked:
+        return
+    try:
+        mark(rt.config.state.path, rt.clock.now())
+    except OSError as exc:
+        # Not fatal (without it a lost -wal goes unnoticed until it is written): tried again after
+        # the next poll, said once.
+        if not rt.history_unwritten:
+            rt.history_unwritten = True
+            log.warning("cannot write the history marker beside the state file", error=exc.strerror or str(exc))
+        return
+    rt.history_marked = True
 
 
 def _housekeeping(rt: Runtime) -> None:
@@ -369,8 +400,9 @@ class Daemon:
         self.polls: set[asyncio.Task[Any]] = set()
         self.last_poll: dict[str, float] = {}
         self.storage_error: str | None = None  # why the last page commit failed, until one succeeds
+        self.damaged: str | None = None  # SQLite found the state file corrupt: no more walks
         self.storage_retry_at = float("-inf")  # monotonic: polls are skipped until then
-        self.scheduler: AsyncIOScheduler | None = None
+        self.scheduler: Cadence | None = None
         self.reloads = 0
         self.loaded_at = rt.clock.now()
         self._reload_lock = asyncio.Lock()
@@ -380,7 +412,11 @@ class Daemon:
     async def _job(self, name: str, poll: Callable[[], Awaitable[object]]) -> None:
         if self.rt.stopping.is_set():
             return
-        if self.rt.clock.monotonic() < self.storage_retry_at:
+        if self.damaged is None and self.rt.dispatcher.damaged is not None:
+            # The delivery side found the damage first (and said so): no walk adds to that file either.
+            self.damaged = self.rt.dispatcher.damaged
+            self.notifier.status(f"stopped polling: {self.damaged}")
+        if self.damaged is not None or self.rt.clock.monotonic() < self.storage_retry_at:
             # Paused, not stuck: the watchdog must keep seeing progress, or systemd restarts us in a
             # loop until StartLimitBurst leaves the unit failed while the disk is still full.
             self.rt.liveness.end(name, self.rt.clock.monotonic())
@@ -393,6 +429,7 @@ class Daemon:
         try:
             await poll()
             self.last_poll[name] = self.rt.clock.now()
+            mark_history(self.rt)
             if self.storage_error is not None:
                 self.storage_error = None
                 log.warning("state file writable again; polls resume", job=name)
@@ -402,6 +439,16 @@ class Daemon:
                 log.error("fatal", error=str(exc))
                 self.fatal = exc
             self.rt.stopping.set()
+        except StateDamaged as exc:
+            # Walking on would write new pages into a file SQLite no longer trusts, and fail again every
+            # interval. Deliveries carry on with what the outbox holds; the operator's guide takes over.
+            self.damaged = str(exc)
+            log.error(
+                "state file is damaged: polling stops until the daemon is restarted on a sound file",
+                job=name,
+                error=str(exc),
+            )
+            self.notifier.status(f"stopped polling: {exc}")
         except StateError as exc:
             # A full disk or a read-only directory passes when space returns; exiting would not
             # bring it back. The page rolled back, so the next try starts from the same cursor.
@@ -463,8 +510,8 @@ class Daemon:
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=interval)
 
     async def _housekeeping(self) -> None:
-        # A coroutine, so APScheduler runs it on the event loop: as a plain function it went to a
-        # worker thread and opened a transaction on the loop's connection under a page commit.
+        # On the event loop, between page commits: never on a worker thread, where it would open a
+        # transaction on the loop's connection under a page commit.
         try:
             _housekeeping(self.rt)
         except StateError as exc:
@@ -472,6 +519,9 @@ class Daemon:
 
     def _health(self) -> tuple[bool, str]:
         rt = self.rt
+        damaged = self.damaged or rt.dispatcher.damaged
+        if damaged:
+            return False, f"state file is damaged (polls stopped): {damaged}"
         broken = self.storage_error or rt.dispatcher.write_error
         if broken:
             return False, f"state file cannot be written (polls paused, outcomes kept in memory): {broken}"
@@ -490,37 +540,41 @@ class Daemon:
         log.info("metrics endpoint listening", host=bound[0], port=bound[1], paths=["/metrics", "/healthz"])
         return server
 
-    def _schedule(self) -> AsyncIOScheduler:
-        # Imported here: only `run` schedules, and APScheduler is a noticeable share of start-up.
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-        from apscheduler.triggers.interval import IntervalTrigger
-
-        scheduler = AsyncIOScheduler(
-            timezone=UTC,
-            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
-        )
+    def _schedule(self) -> Cadence:
+        scheduler = Cadence(self.rt.clock)
         self._poll_jobs(scheduler, {})
-        scheduler.add_job(self._housekeeping, IntervalTrigger(seconds=self.housekeeping_interval), id="housekeeping")
+        scheduler.add(HOUSEKEEPING, self.housekeeping_interval, self._housekeeping, at_once=False)
+        # The clock step and the state file's identity, checked every second.
+        scheduler.add(TICK, 1.0, self._tick)
         return scheduler
 
-    def _poll_jobs(self, scheduler: AsyncIOScheduler, before: Mapping[str, float]) -> None:
+    def _poll_jobs(self, scheduler: Cadence, before: Mapping[str, float]) -> None:
         """Make the poll jobs match the configuration: new ones run at once, changed intervals restart."""
-        from apscheduler.triggers.interval import IntervalTrigger
-
         rt = self.rt
-        start = datetime.fromtimestamp(rt.clock.now(), UTC)
         # Looked up at each run, so a reload's new poller attributes are what the next run uses.
         polls = {"leads": lambda: rt.poller.poll_leads(), "campaigns": lambda: rt.poller.poll_campaigns()}
         wanted = poll_jobs(rt.config)
         for name in set(before) - set(wanted):
-            scheduler.remove_job(name)
+            scheduler.remove(name)
         for name, interval in wanted.items():
             if name not in before:
-                scheduler.add_job(
-                    self._job, IntervalTrigger(seconds=interval), args=(name, polls[name]), id=name, next_run_time=start
-                )
+                scheduler.add(name, interval, partial(self._job, name, polls[name]))
             elif before[name] != interval:
-                scheduler.reschedule_job(name, trigger=IntervalTrigger(seconds=interval))
+                scheduler.reschedule(name, interval)
+
+    async def _tick(self) -> None:
+        self.rt.clock.now()  # reading the wall clock is what notices a step (see SteppedClock)
+        if self.fatal is None and self.rt.store.replaced():
+            # A restore (or a clean-up) under the running daemon: its writes would go on into the
+            # file that was there, and be gone at the next start. Stopping closes that file cleanly
+            # (its -wal is folded into it and removed), so the restart opens the new one alone.
+            self.fatal = StateError(f"state file {self.rt.store.path} was replaced or removed while the daemon ran")
+            log.error(
+                "the state file was replaced or removed under the running daemon; stopping so that the next "
+                "start opens the file now there (stop the daemon before restoring a backup)",
+                path=str(self.rt.store.path),
+            )
+            self.rt.stopping.set()
 
     # --- reload -------------------------------------------------------------------------------
 
@@ -638,7 +692,6 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         server = await self._serve_metrics()
         scheduler = self.scheduler = self._schedule()
-        scheduler.start()
         dispatcher = asyncio.create_task(rt.dispatcher.run(rt.stopping), name="dispatcher")
         watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
         probing = asyncio.create_task(probe_at_start(rt.sinks), name="probe")
@@ -667,7 +720,7 @@ class Daemon:
                 await asyncio.wait(late, timeout=2.0)
         for task in list(self._reload_tasks):
             task.cancel()
-        scheduler.shutdown(wait=False)
+        await scheduler.aclose()
         await dispatcher
         watchdog.cancel()
         probing.cancel()
@@ -687,14 +740,51 @@ class Daemon:
         self.rt.stopping.set()
 
 
-async def run_daemon(config: Config, clock: Clock, notifier: Notifier) -> int:
+def history_kept(config: Config, start_over: str | None) -> None:
+    """StateLost when the state file lost its history (watcher.lineage). `start_over` is the command
+    that would start over, for the refusal to name; None means `--start-over` was given."""
+    if start_over is not None:
+        refuse_lost_history(config.state.path, start_over)
+    elif lost_history(config.state.path, "") is not None:
+        log.warning(
+            "--start-over: the state file has no history; taking a fresh baseline "
+            "(changes made since its history was lost are not announced)",
+            path=str(config.state.path),
+        )
+
+
+async def run_daemon(config: Config, clock: Clock, notifier: Notifier, *, start_over: str | None = None) -> int:
     # Until the loop's handler is in place (start-up can take a while), a HUP must not end the
     # process as its default action would: `systemctl reload` during start-up is ignored instead.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not await _wait_for_storage(config, clock, notifier):
         return EXIT_OK  # stopped while waiting
-    async with runtime(config, clock) as rt:
+    history_kept(config, start_over)
+    stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
+    async with runtime(config, stepped) as rt:
+        stepped.on_step = partial(clock_stepped, rt)
         return await Daemon(rt, notifier).run()
+
+
+def clock_stepped(rt: Runtime, seconds: float) -> None:
+    """The host's wall clock stepped by `seconds`: move what was timed on the old clock onto the new one.
+
+    Retry times, failure streaks and last successes were written in the old clock's terms: moved
+    by the step, a retry due in 5 s is still due in 5 s, and a sink failing for a minute is not
+    "failing for two hours" after a forward step. Event and delivery history keeps its times.
+    """
+    log.warning(
+        "the host clock stepped; times kept for retries, failure alerts and health are moved with it",
+        seconds=round(seconds, 3),
+    )
+    rt.metrics.clock_stepped(seconds)
+    try:
+        moved = rt.store.clock_stepped(seconds)
+    except StateError as exc:
+        log.error("cannot move retry times after the clock step; they keep the old clock's times", error=str(exc))
+        return
+    log.info("retry times moved with the clock step", deliveries=moved)
+    rt.dispatcher.wake()
 
 
 async def _wait_for_storage(config: Config, clock: Clock, notifier: Notifier) -> bool:
@@ -717,14 +807,17 @@ async def _wait_for_storage(config: Config, clock: Clock, notifier: Notifier) ->
                 if waiting:
                     log.warning("state file opens again; starting")
                 return True
-            except StateTooNew:
-                raise  # only an upgrade helps: exit 78 at once
+            except (StateTooNew, StateDamaged):
+                raise  # only an upgrade, or the operator's recovery, helps: exit 78 at once
             except StateError as exc:
                 if not config.state.path.parent.is_dir():
                     raise  # a wrong path, not a full disk: say so and exit
                 if not waiting:
                     waiting = True
-                    log.error("state file cannot be opened; waiting for space", retry_in=STORAGE_RETRY, error=str(exc))
+                    wait_for = "until it is writable" if exc.read_only else "for space"
+                    log.error(
+                        f"state file cannot be opened; waiting {wait_for}", retry_in=STORAGE_RETRY, error=str(exc)
+                    )
                     notifier.ready(f"waiting: {exc}")
                 notifier.watchdog()
             with suppress(TimeoutError):

@@ -5,7 +5,11 @@
     ├── StateError           the state file cannot be opened, migrated or written: `run` pauses
     │   │                    and retries (a full disk passes), `once` and the other commands exit 1
     │   ├── StateLocked      another process holds the state file's write lock (CLI exit 75)
-    │   └── StateTooNew      the state file was written by a newer release (CLI exit 78)
+    │   ├── StateTooNew      the state file was written by a newer release (CLI exit 78)
+    │   ├── StateDamaged     SQLite finds the file corrupt: `run` refuses it at start (CLI exit 78)
+    │   │                    and stops polling if it breaks while running
+    │   └── StateLost        the evidence beside the file says it had history, the file has none
+    │                        (its -wal deleted, a wrong backup): refused unless --start-over (78)
     ├── ConvertrError        the Convertr API did not give what was asked
     │   ├── AuthError        Convertr's own OAuth2 refusal (invalid_grant-style JSON), an expired
     │   │                    password or an MFA challenge: fatal, never retried
@@ -50,6 +54,8 @@ class StateError(WatcherError):
     outcomes wait in memory, health goes red. Only its subclasses below end a command at once.
     """
 
+    read_only = False  # set where SQLite said the file or its folder cannot be written
+
 
 class StateLocked(StateError):
     """Another process holds the state file's write lock; the message names the file and the holder."""
@@ -66,6 +72,17 @@ class StateTooNew(StateError):
         self.needs = needs
         self.knows = knows
         super().__init__(message)
+
+
+class StateDamaged(StateError):
+    """SQLite reports the state file corrupt (or not a database): waiting cannot mend it, an operator can.
+
+    Exit 78 like StateTooNew: a restart loop would only repeat the refusal.
+    """
+
+
+class StateLost(StateError):
+    """The state file has no history although the marker beside it says it had (see watcher.lineage)."""
 
 
 class ConvertrError(WatcherError):

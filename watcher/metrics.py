@@ -240,6 +240,11 @@ class Metrics(PollMetrics, DeliveryMetrics):
         self.cursor.labels(stream=stream).set(cursor_ts)
         self.cursor_lag.labels(stream=stream).set(max(0.0, now - cursor_ts))
 
+    def clock_stepped(self, seconds: float) -> None:
+        """Re-express the times health is judged by in the host clock's new frame (see daemon.clock_stepped)."""
+        self.start += seconds
+        self._last_ok = {stream: at + seconds for stream, at in self._last_ok.items()}
+
     def last_success_at(self, stream: str) -> float | None:
         return self._last_ok.get(stream)
 

@@ -10,6 +10,7 @@ error, created and delivered times). Storing the body once keeps the file small 
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from watcher.errors import StateError, StateTooNew
+from watcher.errors import StateDamaged, StateError, StateTooNew
 from watcher.events import Event, dumps, loads
 
 if TYPE_CHECKING:
@@ -311,6 +312,73 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# SQLite's answers that mean the bytes on disk are wrong, not that the disk is busy or full.
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+_DAMAGE_HELP = (
+    "stop the daemon, keep a copy, then recover or restore it (docs/operations.md: the state file is damaged)"
+)
+
+
+def state_error(exc: sqlite3.Error, path: Path, doing: str) -> StateError:
+    """The error to raise for an SQLite failure on the state file: damaged, read-only, or passing."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(tuple(_DAMAGED)):
+        return StateDamaged(f"state file {path} is damaged ({exc}): {_DAMAGE_HELP}")
+    if name.startswith("SQLITE_READONLY"):
+        error = StateError(
+            f"cannot {doing} state file {path}: it is read-only (the file's mode or owner, its folder's, "
+            "or a read-only mount); it needs to be writable by the daemon's user"
+        )
+        error.read_only = True
+        return error
+    return StateError(f"cannot {doing} state file {path}: {exc}")
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection that has read the file's header (mode=ro: SQLite refuses every write).
+
+    A WAL-mode file needs its -shm to be read, which a read-only folder cannot give it. Without a
+    -wal (the daemon stopped cleanly) the main file is the whole state, and it is read as immutable.
+    """
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.Error as exc:
+        error = exc
+    wal = path.with_name(path.name + "-wal")
+    if os.access(path.parent, os.W_OK) and not _read_only_mount(path.parent):
+        raise state_error(error, path, "read")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StateError(
+            f"cannot read state file {path}: its folder is read-only and its -wal holds changes that SQLite "
+            "can only read with a -shm beside it; make the folder writable, or read a copy made with .backup"
+        )
+    try:
+        conn = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.Error as exc:
+        raise state_error(exc, path, "read") from None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _private(path: Path) -> None:
     """Create the state file 0600, and take group and other access away from one that has it.
 
@@ -324,7 +392,10 @@ def _private(path: Path) -> None:
                 if file.stat().st_mode & 0o077:
                     os.chmod(file, 0o600)
     except OSError as exc:
-        raise StateError(f"cannot open state file {path}: {exc.strerror or exc}") from None
+        error = StateError(f"cannot open state file {path}: {exc.strerror or exc}")
+        # Permissions or a read-only mount: the daemon waits for it to be writable, not for space.
+        error.read_only = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        raise error from None
 
 
 def _where(tests: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
@@ -405,6 +476,7 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        self._identity = _identity(path)
 
     @cached_property
     def db(self) -> sqlite_utils.Database:
@@ -423,7 +495,7 @@ class Store:
             store = cls(_connect(path), path)
             store._migrate()
         except sqlite3.Error as exc:
-            raise StateError(f"cannot open state file {path}: {exc}") from None
+            raise state_error(exc, path, "open") from None
         return store
 
     @classmethod
@@ -435,19 +507,13 @@ class Store:
         """
         if not path.is_file():
             raise StateError(f"no state file at {path}")
-        # mode=ro: SQLite itself refuses every write, so no code path here can change the file.
-        uri = f"{path.absolute().as_uri()}?mode=ro"
+        conn = _connect_readonly(path)
         try:
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StateError(f"cannot read state file {path}: {exc}") from None
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA query_only = ON")
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         except sqlite3.Error as exc:
             conn.close()
-            raise StateError(f"cannot read state file {path}: {exc}") from None
+            raise state_error(exc, path, "read") from None
         known = len(MIGRATIONS)
         if version != known:
             conn.close()
@@ -464,7 +530,38 @@ class Store:
             )
         return cls(conn, path)
 
+    @staticmethod
+    def history(path: Path) -> int:
+        """How many streams the file holds a cursor for, read-only: 0 for a file that is new, empty or
+        has lost what it held. StateDamaged when SQLite cannot read it."""
+        if not path.is_file() or path.stat().st_size == 0:
+            return 0
+        conn = _connect_readonly(path)
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cursors'").fetchone():
+                return 0
+            return int(conn.execute("SELECT count(*) FROM cursors").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise state_error(exc, path, "read") from None
+        finally:
+            conn.close()
+
+    def verify(self, *, quick: bool = False) -> None:
+        """SQLite's own check of every page (quick: without matching indexes to their tables);
+        StateDamaged naming the first problems it finds."""
+        rows = self._rows("PRAGMA quick_check" if quick else "PRAGMA integrity_check")
+        problems = [str(r[0]) for r in rows]
+        if problems != ["ok"]:
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            raise StateDamaged(f"state file {self.path} is damaged ({shown}): {_DAMAGE_HELP}")
+
     def close(self) -> None:
+        if self.replaced():
+            # SQLite leaves the -wal of a file that was moved or deleted in place when it closes, and
+            # the next open would apply it to whatever file has this name now (a restored backup):
+            # fold it into the file it belongs to, and empty it, first.
+            with suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
 
     def __enter__(self) -> Store:
@@ -472,6 +569,10 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def replaced(self) -> bool:
+        """Whether the path now names another file than the one opened (moved over, or deleted)."""
+        return _identity(self.path) != self._identity
 
     def outside_writes(self) -> int:
         """A number that changes whenever another connection commits to the file (PRAGMA data_version)."""
@@ -498,13 +599,13 @@ class Store:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         try:
             yield self.conn
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         except BaseException:
             self._rollback()
             raise
@@ -514,7 +615,7 @@ class Store:
         try:
             self.conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         try:
             yield
         finally:
@@ -528,10 +629,11 @@ class Store:
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
             cur = self.conn.execute(sql, params)
+            cur.row_factory = sqlite3.Row
+            # Rows after the first are read here: a damaged page deep in the result fails here too.
+            return cur.fetchall()
         except sqlite3.Error as exc:
-            raise StateError(f"cannot read state file {self.path}: {exc}") from None
-        cur.row_factory = sqlite3.Row
-        return cur.fetchall()
+            raise state_error(exc, self.path, "read") from None
 
     # --- cursors -----------------------------------------------------------------------------
 
@@ -1142,7 +1244,7 @@ class Store:
         try:
             return list(self.db.query(sql, params))
         except sqlite3.Error as exc:
-            raise StateError(f"cannot read state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "read") from None
 
     # --- erasure ------------------------------------------------------------------------------
 
@@ -1160,7 +1262,7 @@ class Store:
         try:
             self.conn.execute("PRAGMA secure_delete = ON")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot write state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "write") from None
         with self.transaction() as c:
             if not unseen and not self._knows_lead(c, lead_id, resource):
                 return None
@@ -1185,7 +1287,7 @@ class Store:
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
-            raise StateError(f"cannot checkpoint state file {self.path}: {exc}") from None
+            raise state_error(exc, self.path, "checkpoint") from None
         return {"events": events, "deliveries": deliveries, "attempts": attempts}
 
     @staticmethod
@@ -1263,6 +1365,27 @@ class Store:
                 "DELETE FROM leads WHERE changed_at < ? AND track IS NOT ?", (now - snapshot_retention, FORGOTTEN)
             ).rowcount
         return {"deliveries": delivered, "attempts": attempts, "snapshots": snapshots}
+
+    def clock_stepped(self, seconds: float) -> int:
+        """Move every time that schedules or judges future work by `seconds` (the host clock stepped).
+
+        A pending delivery keeps its wait and its remaining max_age, a failing sink its streak, a
+        stream its re-check due time; history (detection, delivery, attempt times) stays as written.
+        Returns the pending deliveries moved.
+        """
+        with self.transaction() as c:
+            moved = c.execute(
+                "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?, created_at = created_at + ? "
+                "WHERE status = 'pending'",
+                (seconds, seconds),
+            ).rowcount
+            c.execute("UPDATE sinks SET failing_since = failing_since + ? WHERE failing_since IS NOT NULL", (seconds,))
+            c.execute(
+                "UPDATE cursors SET last_success_at = last_success_at + ?, last_poll_at = last_poll_at + ?",
+                (seconds, seconds),
+            )
+            c.execute("UPDATE unreadable SET next_try = next_try + ?", (seconds,))
+        return moved
 
     def integrity_check(self) -> str:
         return str(self._rows("PRAGMA integrity_check")[0][0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -97,6 +98,17 @@ def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -
     )
 
 
+def healthz(port: int) -> tuple[int, str]:
+    """GET /healthz on the daemon's metrics port: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
 def events_json(config: Path, *args: str) -> list[dict[str, Any]]:
     """`events --format json` with these filters, parsed (one delivery a row); fails on a non-zero exit."""
     result = cli("events", "-c", str(config), "--format", "json", *args)
@@ -107,8 +119,9 @@ def events_json(config: Path, *args: str) -> list[dict[str, Any]]:
 class Daemon:
     """`convertr-watcher run -c CONFIG` in a subprocess; its output goes to a log file."""
 
-    def __init__(self, config: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> None:
         self.config = config
+        self.args = list(args)
         self.state = config.parent / "state.db"
         self.log_path = config.parent / "daemon.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -117,7 +130,7 @@ class Daemon:
     def start(self) -> Daemon:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "watcher", "run", "-c", str(self.config)],
+                [sys.executable, "-m", "watcher", "run", "-c", str(self.config), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,

@@ -37,7 +37,8 @@ from watcher.delivery.policy import (
     pause_for,
 )
 from watcher.delivery.recorder import Recorder
-from watcher.errors import DeliveryError, SinkGone, WatcherError
+from watcher.deliverylog import DeliveryTally, say
+from watcher.errors import DeliveryError, SinkGone, StateDamaged, WatcherError
 from watcher.events import Event
 from watcher.sinks.base import Attempt, Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
@@ -83,8 +84,10 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.metrics = metrics
         self.on_progress = on_progress
+        self.tally = DeliveryTally()  # successes are logged as counts per sink (watcher.deliverylog)
         # Why the last outcome write failed, while any outcome waits in memory (health goes red).
         self.write_error: str | None = None
+        self.damaged: str | None = None  # SQLite found the state file corrupt: said once, health red
         # Kept across reloads, so a sink re-created with a new config keeps its URL's pace and pause.
         self._paces: dict[str, Pace] = {}
         self._lanes = {s.name: self._lane(s) for s in self.sinks}
@@ -166,6 +169,7 @@ class Dispatcher:
         workers = list(self._workers.values())
         if workers:
             await asyncio.gather(*workers)
+        say(self.tally, self.clock.monotonic(), force=True)
 
     def _start(self, lane: Lane, stopping: asyncio.Event, grace: float) -> None:
         name = lane.sink.name
@@ -175,6 +179,7 @@ class Dispatcher:
         while not (stopping.is_set() or lane.retired):
             lane.kick.clear()
             self.on_progress()
+            say(self.tally, self.clock.monotonic())
             try:
                 wait = self._launch(lane)
             except Exception as exc:  # a broken state file or a bug must not end this sink's deliveries
@@ -183,7 +188,11 @@ class Dispatcher:
                     log.error("delivery pass stopped for this sink", sink=lane.sink.name, error=str(exc)[:300])
                     lane.passing.result.broken += 1
                     break
-                log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
+                if not isinstance(exc, StateDamaged):
+                    log.error("delivery worker error; trying again shortly", sink=lane.sink.name, error=str(exc)[:300])
+                elif self.damaged is None:  # said once, then tried again quietly: it will not mend by itself
+                    self.damaged = str(exc)[:300]
+                    log.error("state file is damaged: deliveries wait until it is recovered", error=self.damaged)
                 wait = Wait(ERROR_BACKOFF)
             if lane.passing is not None and self._pass_over(lane):
                 break
@@ -482,7 +491,8 @@ class Dispatcher:
                 outcome=kind,
             )
             if error is None:
-                log.info("delivered", **fields)
+                log.debug("delivered", **fields)
+                self.tally.add(sink.name, due.type, duration, self.clock.monotonic())
             elif outcome.status == DEAD:
                 log.error("delivery dead: schedule or max_age exhausted", error=outcome.error, **fields)
             else:
@@ -535,6 +545,7 @@ class Dispatcher:
             results = [lane.passing.result for lane in lanes if lane.passing is not None]
             for lane in lanes:
                 lane.passing = None
+            say(self.tally, self.clock.monotonic(), force=True)
         total = PassResult()
         for r in results:
             total.attempted += r.attempted
