@@ -322,7 +322,10 @@ class HttpSink:
         """Connect to the receiver, or to the proxy the environment names for it, and for https
         complete the TLS handshake; nothing is sent. Only the host is named: the rest of a sink
         URL (a Slack hook's path) may be a secret."""
-        url = yarl.URL(self.config.url)
+        try:
+            url = yarl.URL(self.config.url)
+        except ValueError:
+            raise DeliveryError("sink URL is not a valid http(s) URL") from None
         proxy, _ = env_proxy(self.config.url)
         target = proxy or url
         host, port = target.raw_host or "", target.port
