@@ -352,3 +352,50 @@ def test_a_host_label_too_long_to_resolve_is_a_delivery_error() -> None:
     """A 70-character label fails the attempt with words, not a UnicodeError traceback (nothing is looked up)."""
     error = fail(config("http://" + "a" * 70 + ".example/hook"), [lead_event()], FakeClock())
     assert (type(error), str(error)) == (DeliveryError, "host name is not valid")
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0), as a crashing receiver's kernel does."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
+def _read_then(reply: bytes, reset: bool = False) -> Callable[[socket.socket, list[bytes]], None]:
+    def script(conn: socket.socket, heads: list[bytes]) -> None:
+        heads.append(read_request(conn))
+        if reply:
+            conn.sendall(reply)
+        if reset:
+            _reset(conn)
+
+    return script
+
+
+@pytest.mark.parametrize(
+    ("script", "text"),
+    [
+        pytest.param(_read_then(b"", reset=True), "connection reset by the peer", id="reset before an answer"),
+        pytest.param(
+            _read_then(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nab", reset=True), NO_ANSWER, id="reset mid-body"
+        ),
+        pytest.param(
+            _read_then(b"HTTP/1.1 204 No Content\r\nX-Big: " + b"a" * 2_000_000 + b"\r\n\r\n"),
+            "the receiver's answer is not valid HTTP",
+            id="a 2 MB header",
+        ),
+        pytest.param(
+            _read_then(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            "the receiver's answer is not valid HTTP",
+            id="Content-Length with chunked",
+        ),
+    ],
+)
+def test_a_broken_answer_fails_its_attempt_once_named_and_never_resent(
+    scripted: Callable[..., Scripted], script: Callable[[socket.socket, list[bytes]], None], text: str
+) -> None:
+    """Resets and malformed answers: the attempt fails with words naming no URL, and the receiver read it once
+    (a copy sent again would find no one accepting and time out instead)."""
+    server = scripted(script)
+    error = fail(config(server.url), [lead_event()])
+    assert (error.status, str(error)) == (None, text)
+    secret_free(error)
+    assert len(server.heads) == 1

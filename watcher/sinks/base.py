@@ -257,19 +257,23 @@ class HttpSink:
 
     async def _request(self, body: bytes, headers: Mapping[str, str]) -> Answer:
         session = self._open()
-        async with session.post(
+        response = await session.post(
             self.config.url,
             data=body,
             headers={**headers, "accept-encoding": "identity"},
             allow_redirects=False,
             proxy=self._proxy[0],
             proxy_auth=self._proxy[1],
-        ) as response:
+        )
+        # Not `async with`: its exit releases the connection and then awaits, and a cancellation
+        # there would have _send abort a connection another request may already have taken.
+        complete = False
+        try:
             answer = httpx.Headers(list(response.raw_headers))
             content = b""
-            complete = True
             try:
                 decoding = Decoding(content_encoding(answer), EXCERPT_BYTES, cut=True)
+                complete = True
                 async for chunk in response.content.iter_any():
                     if decoding.feed(chunk):
                         complete = False  # the excerpt is full; the rest is never read
@@ -277,9 +281,12 @@ class HttpSink:
                 content = decoding.value()
             except BodyError:
                 complete = False  # an encoding not decoded here, or a corrupt one: the status decides
-            if not complete:
-                response.close()  # its connection cannot carry another request with a body half read
             return Answer(response.status, without_entity_headers(answer), content)
+        finally:
+            if complete:
+                response.release()  # read to its end: the connection serves the next request
+            else:
+                response.close()  # a body half read cannot be followed by another request
 
     async def _exchange(
         self,
@@ -322,7 +329,10 @@ class HttpSink:
         """Connect to the receiver, or to the proxy the environment names for it, and for https
         complete the TLS handshake; nothing is sent. Only the host is named: the rest of a sink
         URL (a Slack hook's path) may be a secret."""
-        url = yarl.URL(self.config.url)
+        try:
+            url = yarl.URL(self.config.url)
+        except ValueError:
+            raise DeliveryError("sink URL is not a valid http(s) URL") from None
         proxy, _ = env_proxy(self.config.url)
         target = proxy or url
         host, port = target.raw_host or "", target.port
