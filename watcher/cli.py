@@ -242,12 +242,11 @@ async def _resolve(url: str) -> tuple[str, str | None]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from watcher.lineage import refuse_lost_history
     from watcher.outbox import FAILING_ALERT_AFTER
     from watcher.store import Store
 
     config = _load(args)
-    from watcher.lineage import refuse_lost_history
-
     refuse_lost_history(config.state.path, f"{PROG} run -c {args.config}")
     if not config.state.path.exists():
         # Opening would create the file, possibly owned by the wrong user: report instead.
