@@ -251,8 +251,8 @@ def test_outbox_pages_damaged_under_a_running_daemon_are_said_once(
         _checkpoint(state)
         _flip_page_header(state, _root_page(state, "events"))
         receiver.respond(200)
-        # Makes the retries due now; its own read of the outbox meets the damage too.
-        assert cli("replay", "-c", str(state_with_history), "--pending").returncode == EXIT_CONFIG
+        # Makes the retries due now (and meets the damage itself when one is waiting, exit 78).
+        assert cli("replay", "-c", str(state_with_history), "--pending").returncode in (0, EXIT_CONFIG)
         wait_until(lambda: healthz(port)[0] == 503, 20, "health to go red")
         polls = daemon.polls()
         deadline = time.monotonic() + 3.0  # three poll intervals and more than one worker backoff

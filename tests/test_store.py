@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,28 @@ def test_moving_a_queue_takes_only_what_the_new_sink_accepts(tmp_path: Path) -> 
     assert store.move_sink("old", "new", 20.0, lambda event: event.campaign_id == 601) == (1, 0)
     assert [d["sink"] for d in store.deliveries()] == ["new"]
     store.close()
+
+
+def test_a_file_replaced_under_an_open_store_never_gets_its_wal(tmp_path: Path) -> None:
+    """An older copy moved over the file while a reader holds the WAL (so the close cannot fold it in): the next
+    open sees the copy alone, not the copy with the old file's WAL applied to it."""
+    path = tmp_path / "state.db"
+    store = Store.open(path)
+    store.commit_page(PageCommit("leads.created", 1.0, cursor="copied", cursor_ts=1.0, finished=True))
+    with closing(sqlite3.connect(tmp_path / "older.db")) as copy:
+        store.conn.backup(copy)
+    for n in range(20):
+        store.commit_page(PageCommit("leads.created", 2.0 + n, cursor=f"after-{n}", cursor_ts=2.0 + n, finished=True))
+    with closing(sqlite3.connect(path, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM cursors").fetchone()  # a `status` mid-read holds the WAL
+        (tmp_path / "older.db").replace(path)
+        assert store.replaced()
+        store.close()
+    again = Store.open(path)
+    try:
+        cursor = again.cursor("leads.created")
+        assert cursor is not None and cursor.cursor == "copied"
+        again.verify()
+    finally:
+        again.close()

@@ -2,8 +2,8 @@
 
 A wall clock stepped back an hour (an NTP step, a VM restored from a snapshot) must not hold a poll
 for an hour, and one stepped forward must not fire a burst: every decision here reads
-`Clock.monotonic()`, never the wall clock. (APScheduler 3, used before, computes its run times on
-the wall clock: a step back an hour stopped lead polling for that hour.)
+`Clock.monotonic()`, never the wall clock. (APScheduler 3 computes its run times on the wall
+clock: under it, a step back of an hour stopped lead polling for that hour.)
 
 A job runs at its start and then on every `interval` boundary after it, one run at a time, each run
 in a task of its own. A run that lasts past the boundary skips the boundaries it covered (they are

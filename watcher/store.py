@@ -477,6 +477,7 @@ class Store:
         self.conn = conn
         self.path = path
         self._identity = _identity(path)
+        self._wal: tuple[int, int] | None = None  # set by `open`: a read-only store writes none
 
     @cached_property
     def db(self) -> sqlite_utils.Database:
@@ -496,6 +497,8 @@ class Store:
             store._migrate()
         except sqlite3.Error as exc:
             raise state_error(exc, path, "open") from None
+        # The -wal this connection writes (SQLite made it when the migration read the file).
+        store._wal = _identity(path.with_name(path.name + "-wal"))
         return store
 
     @classmethod
@@ -556,13 +559,22 @@ class Store:
             raise StateDamaged(f"state file {self.path} is damaged ({shown}): {_DAMAGE_HELP}")
 
     def close(self) -> None:
-        if self.replaced():
-            # SQLite leaves the -wal of a file that was moved or deleted in place when it closes, and
-            # the next open would apply it to whatever file has this name now (a restored backup):
-            # fold it into the file it belongs to, and empty it, first.
-            with suppress(sqlite3.Error):
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if not self.replaced():
+            self.conn.close()
+            return
+        # SQLite leaves the -wal of a file that was moved or deleted in place when it closes, and the
+        # next open would apply it to whatever file has this name now (a restored backup): fold it
+        # into the file it belongs to and empty it; where that cannot finish (a reader holds it, the
+        # disk is full), move it aside, so that it never meets the new file.
+        folded = False
+        with suppress(sqlite3.Error):
+            busy, _frames, _copied = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            folded = busy == 0
         self.conn.close()
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not folded and self._wal is not None and _identity(wal) == self._wal:
+            with suppress(OSError):
+                os.replace(wal, wal.with_name(wal.name + ".orphaned"))
 
     def __enter__(self) -> Store:
         return self
