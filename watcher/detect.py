@@ -29,8 +29,8 @@ from watcher.events import (
     dumps,
     event_id,
 )
+from watcher.records import FORGOTTEN, CampaignState, LeadState, PageCommit
 from watcher.servertime import parse_ts, write_at
-from watcher.store import FORGOTTEN, CampaignState, LeadState, PageCommit
 
 __all__ = ["parse_ts"]
 

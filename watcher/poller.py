@@ -32,9 +32,10 @@ from watcher.config import Config
 from watcher.convertr import ConvertrClient, Page
 from watcher.events import Event, campaign_id_of
 from watcher.pager import UNREADABLE, Pager, Read
+from watcher.records import CampaignState, PageCommit
 from watcher.routing import router
 from watcher.servertime import ServerClock, write_at
-from watcher.store import CampaignState, PageCommit, Store
+from watcher.store import Store
 
 if TYPE_CHECKING:
     from watcher.metrics import PollMetrics
