@@ -29,7 +29,7 @@ from watcher.events import (
     dumps,
     event_id,
 )
-from watcher.records import FORGOTTEN, CampaignState, LeadState, PageCommit
+from watcher.records import FORGOTTEN, NOTHING_UNANNOUNCED, CampaignState, LeadState, PageCommit, Unannounced
 from watcher.servertime import parse_ts, write_at
 
 __all__ = ["parse_ts"]
@@ -290,9 +290,11 @@ def decide_created(
     walk: LeadWalk,
     cursor: str | None,
     route: Route,
+    unannounced: Unannounced = NOTHING_UNANNOUNCED,
 ) -> PageCommit:
     """New leads of a page: recorded (with a snapshot when updates are on), announced when created
-    after `emit_after`; the cursor moves to the newest createdTs read, within the signpost."""
+    after `emit_after` (and after the threshold of an unreadable entry met earlier); the cursor
+    moves to the newest createdTs read, within the signpost."""
     commit = PageCommit(walk.stream, walk.now)
     seen: set[int] = set()
     newest_raw: str | None = None
@@ -306,13 +308,16 @@ def decide_created(
         created_ts = timestamp(created_raw)
         if created_ts is not None and created_ts > newest_ts:
             newest_raw, newest_ts = str(created_raw), created_ts
-        if lead_id in known or lead_id in seen:
+        if lead_id in seen:
             continue
         seen.add(lead_id)
+        threshold = _settle(commit, unannounced, lead_id, walk.emit_after)
+        if lead_id in known:
+            continue
         when = walk.now if created_ts is None else created_ts
         tracked = snapshot(lead, walk.track) if walk.updates else {}
         commit.leads.append(LeadState(lead_id, when, _str(lead.get("updatedTs")), tracked, sig))
-        if when > walk.emit_after:
+        if when > threshold:
             event = lead_created(lead, walk.detected_at)
             commit.events.append((event, route(event)))
     moved = next_cursor(cursor, newest_raw, walk.signpost)
@@ -321,17 +326,30 @@ def decide_created(
     return commit
 
 
+def _settle(commit: PageCommit, unannounced: Unannounced, lead_id: int, threshold: float) -> float:
+    """The threshold a lead read now is announced above: an unreadable entry's own rule, when the
+    created walk met it unreadable, is never relaxed; the entry is answered by this commit."""
+    entry = unannounced.thresholds.get(lead_id)
+    if entry is None:
+        return threshold
+    commit.settled.append((unannounced.stream, lead_id))
+    return max(threshold, entry)
+
+
 def decide_updated(
     members: Sequence[Mapping[str, Any]],
     known: Mapping[int, LeadState],
     walk: LeadWalk,
     cursor: str | None,
     route: Route,
+    unannounced: Unannounced = NOTHING_UNANNOUNCED,
     *,
     cursor_field: str | None = "updatedTs",
 ) -> PageCommit:
     """Changed leads of a page: each diffed against its snapshot, `lead.updated` for tracked changes,
-    newly tracked fields learnt silently; leads seen for the first time are recorded as they are.
+    newly tracked fields learnt silently; leads seen for the first time are recorded as they are,
+    except one the created walk met unreadable: it is decided by that entry's rule (announced when
+    created after its threshold), whichever walk reads it first.
 
     `cursor_field` None: a walk that keeps no cursor (the re-read and the snapshot baseline).
     """
@@ -343,6 +361,8 @@ def decide_updated(
         if not isinstance(lead_id, int) or isinstance(lead_id, bool):
             continue
         before = latest.get(lead_id) or known.get(lead_id)
+        pending = lead_id in unannounced.thresholds and lead_id not in latest
+        threshold = _settle(commit, unannounced, lead_id, float("-inf")) if pending else None
         if before is not None and before.track == FORGOTTEN:
             continue  # erased on request: nothing about this person is kept or sent again
         snap = snapshot(lead, walk.track)
@@ -350,7 +370,11 @@ def decide_updated(
         if before is None:
             created_ts = timestamp(lead.get("createdTs"))
             when = walk.now if created_ts is None else created_ts
-            if when > walk.horizon:
+            if threshold is not None:
+                if when > threshold:
+                    event = lead_created(lead, walk.detected_at)
+                    commit.events.append((event, route(event)))
+            elif when > walk.horizon:
                 continue  # the created walk will still read it, and its lead.created carries this document
             latest[lead_id] = LeadState(lead_id, when, version, snap, sig)
             continue

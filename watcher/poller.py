@@ -32,7 +32,7 @@ from watcher.config import Config
 from watcher.convertr import ConvertrClient, Page
 from watcher.events import Event, campaign_id_of
 from watcher.pager import UNREADABLE, Pager, Read
-from watcher.records import CampaignState, PageCommit
+from watcher.records import NOTHING_UNANNOUNCED, CampaignState, PageCommit, Unannounced
 from watcher.routing import router
 from watcher.servertime import ServerClock, write_at
 from watcher.store import Store
@@ -426,14 +426,15 @@ class Poller:
         result.fetched += len(page.members)
         ids = [m["id"] for m in page.members if isinstance(m.get("id"), int)]
         known = self.store.leads(ids)
+        unannounced = self._unannounced(ids)
         if created:
             walk = self._walk_state(plan.stream, signpost, emit_after=plan.emit_after)
-            commit = detect.decide_created(page.members, known, walk, cursor, self.route)
+            commit = detect.decide_created(page.members, known, walk, cursor, self.route, unannounced)
             result.new += len(commit.leads)
         else:
             walk = self._walk_state(plan.stream, signpost, horizon=self._horizon())
             commit = detect.decide_updated(
-                page.members, known, walk, cursor, self.route, cursor_field=plan.cursor_field
+                page.members, known, walk, cursor, self.route, unannounced, cursor_field=plan.cursor_field
             )
             result.changed += len(commit.events)
         self._skip_unreadable(plan, read, commit)
@@ -455,6 +456,16 @@ class Poller:
             commit.unreadable.append((lead_id, commit.now + UNREADABLE_RETRY[0], error[:200], plan.emit_after))
             log.warning("lead unreadable: skipped, retried later", stream=stream, lead_id=lead_id, error=error)
         self._count_unreadable(len(commit.unreadable))
+
+    def _unannounced(self, ids: Sequence[int]) -> Unannounced:
+        """The created walk's unreadable entries among `ids`, each with the rule it was met under."""
+        wanted = set(ids)
+        entries = [u for u in self.store.unreadable(CREATED) if u.lead_id in wanted]
+        if not entries:
+            return NOTHING_UNANNOUNCED
+        state = self.store.cursor(CREATED)
+        floor = state.floor if state is not None and state.floor is not None else float("-inf")
+        return Unannounced(CREATED, {u.lead_id: floor if u.emit_after is None else u.emit_after for u in entries})
 
     def _count_unreadable(self, extra: int = 0) -> None:
         if self.metrics is not None:

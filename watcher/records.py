@@ -7,7 +7,7 @@ them. Neither module's concerns leak into the other through these: they are plai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,19 @@ class Unreadable:
     emit_after: float | None = None  # created: announced once readable only if created after this
 
 
+@dataclass(frozen=True)
+class Unannounced:
+    """Leads the created walk met unreadable and has not decided yet, with the rule each was met
+    under: announced once read only if created after its threshold. Whichever walk reads one first
+    decides it by that rule and settles the entry."""
+
+    stream: str  # where the entries are kept
+    thresholds: Mapping[int, float]  # lead id -> created after this: lead.created; else recorded
+
+
+NOTHING_UNANNOUNCED = Unannounced("", {})
+
+
 @dataclass
 class PageCommit:
     """Everything one page of a walk changes, committed together or not at all."""
@@ -65,6 +78,7 @@ class PageCommit:
     # (lead id, next try, error, emit_after) to record
     unreadable: list[tuple[int, float, str, float | None]] = field(default_factory=list)
     readable: list[int] = field(default_factory=list)  # unreadable leads read at last: forgotten
+    settled: list[tuple[str, int]] = field(default_factory=list)  # (stream, lead id): entries another walk answered
     leads: list[LeadState] = field(default_factory=list)
     campaigns: list[CampaignState] = field(default_factory=list)
     events: list[tuple[Event, Sequence[str]]] = field(default_factory=list)  # (event, sink names)

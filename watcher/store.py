@@ -597,10 +597,10 @@ class Store:
                         for lead_id, due, error, emit_after in page.unreadable
                     ],
                 )
-            if page.readable:
+            if page.readable or page.settled:
                 c.executemany(
                     "DELETE FROM unreadable WHERE stream = ? AND lead_id = ?",
-                    [(page.stream, lead_id) for lead_id in page.readable],
+                    [*((page.stream, lead_id) for lead_id in page.readable), *page.settled],
                 )
             if page.floor is not None:
                 c.execute("UPDATE cursors SET floor = ? WHERE stream = ?", (page.floor, page.stream))
