@@ -61,6 +61,25 @@ class Unannounced:
 NOTHING_UNANNOUNCED = Unannounced("", {})
 
 
+@dataclass(frozen=True)
+class Place:
+    """What a page's commit records besides the decision about its leads: where the walk stands and
+    what on the page could not be read. The walk knows these; the decision writes them."""
+
+    set_walk_from: bool = False  # the walk's first page (or its last): walk_from is written
+    walk_from: str | None = None
+    baseline_until: float | None = None
+    floor: float | None = None
+    label: str | None = None  # a walk that keeps no cursor: what it is taken under (written as its cursor)
+    progress: int | None = None
+    resume_after: int | None = None
+    unreadable: tuple[tuple[int, float, str, float | None], ...] = ()  # (lead id, next try, error, emit_after)
+    readable: tuple[int, ...] = ()
+
+
+NOWHERE = Place()
+
+
 @dataclass
 class PageCommit:
     """Everything one page of a walk changes, committed together or not at all."""
@@ -83,3 +102,20 @@ class PageCommit:
     campaigns: list[CampaignState] = field(default_factory=list)
     events: list[tuple[Event, Sequence[str]]] = field(default_factory=list)  # (event, sink names)
     finished: bool = False  # the walk ended: record a successful poll
+
+    @classmethod
+    def at(cls, stream: str, now: float, place: Place) -> PageCommit:
+        """An empty commit that records `place`; the decision adds what it decided."""
+        return cls(
+            stream,
+            now,
+            cursor=place.label,
+            walk_from=place.walk_from,
+            set_walk_from=place.set_walk_from,
+            baseline_until=place.baseline_until,
+            floor=place.floor,
+            progress=place.progress,
+            resume_after=place.resume_after,
+            unreadable=list(place.unreadable),
+            readable=list(place.readable),
+        )
