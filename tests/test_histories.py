@@ -230,3 +230,26 @@ def test_repeated_entries_without_ids_are_compared_whatever_their_order() -> Non
     assert a == b == {"leadData.x": "a", "leadData#2.x": "b"}
     assert detect.diff(a, c) == {"leadData#2.x": {"from": "b", "to": "c"}}
     assert is_personal_field("leadData#2.email") and not is_personal_field("leadData#2.country")
+
+
+@pytest.mark.parametrize("quiet_edits", [True, False])
+def test_an_edit_that_leaves_updated_ts_unmoved_is_reported_by_the_re_read(
+    rig: Callable[..., Rig], quiet_edits: bool
+) -> None:
+    """A leadData write that does not move updatedTs, on a lead last updated long before: with `quiet_edits`
+    the re-read of `recheck_window` reports it within `recheck_interval`; without it, nothing can."""
+    r = rig(leads=6)
+    r.configure(items_per_page=4, quiet_edits=quiet_edits, recheck_window="7d", recheck_interval="5m")
+    r.poll()
+    lead = r.sim.lead_ids()[0]
+    r.advance(120)
+    r.sim.update_lead(lead, touch=False, lead_data={"Job Title": "Quiet Achiever"})
+    r.advance(5)
+    r.poll()
+    r.advance(300)
+    r.poll()
+    changes = [e["data"]["changes"] for e in r.updates(lead)]
+    if quiet_edits:
+        assert [c["leadData.Job Title"]["to"] for c in changes] == ["Quiet Achiever"]
+    else:
+        assert changes == []

@@ -3,8 +3,8 @@
 Four lead walks share one loop: `leads.created` (createdTs cursor), `leads.updated` (updatedTs
 cursor), `leads.baseline` (a snapshot of recent leads when tracking starts or changes, so their
 first change is reported) and `leads.recheck` (a trailing re-read when the server offers no
-updatedTs filter). `campaigns` is a full read each time, because a status can change with no
-write at all.
+updatedTs filter, or with `quiet_edits` for edits that leave updatedTs unmoved). `campaigns` is
+a full read each time, because a status can change with no write at all.
 
 A walk records where it started (`walk_from`) in its first page's transaction and forgets it in
 its last: if the daemon dies half-way, the next walk starts from the same bound, so a lead on an
@@ -144,7 +144,7 @@ class Poller:
                 results.append(await self._timed(BASELINE, self._walk_baseline))
             if self.updates_filter:
                 results.append(await self._timed(UPDATED, self._walk_updated))
-            elif self._recheck_due():
+            if (not self.updates_filter or leads.quiet_edits) and self._recheck_due():
                 results.append(await self._timed(RECHECK, self._walk_recheck))
         elif self.store.cursor(BASELINE) is not None:
             # Snapshots stop being kept: switching updates on again must take a new baseline.
