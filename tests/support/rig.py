@@ -36,9 +36,16 @@ class HookedSimulator(Simulator):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hooks: dict[tuple[str, int, int], Callable[[], object]] = {}
+        # (lead pages still to serve, then this runs): lands in whichever walk is reading by then
+        self.countdown: tuple[int, Callable[[], object]] | None = None
 
     def lead_page(self, query: LeadQuery, page: Page) -> tuple[int, list[str]]:
         served = super().lead_page(query, page)
+        if self.countdown is not None:
+            left, action = self.countdown
+            self.countdown = (left - 1, action) if left > 1 else None
+            if left <= 1:
+                action()
         walk = "updated" if "updated_wall" in query.where else "created" if "created_wall" in query.where else "other"
         hook = self.hooks.pop((walk, page.number, page.limit), None) or self.hooks.pop((walk, page.number, 0), None)
         if hook is not None:
