@@ -326,7 +326,7 @@ class DetectionMachine(RuleBasedStateMachine):
                 self.hidden.add(victim)
                 self.optional.add(victim)
 
-            sim.countdown = (data.draw(st.integers(1, 6)), hide)
+            sim.countdown, sim.countdown_size = (data.draw(st.integers(1, 6)), hide), PAGE
         elif mid_walk == "campaign" and len(sim.campaign_ids()) > PAGE:
             gone = data.draw(st.sampled_from(sim.campaign_ids()[:PAGE]))
 

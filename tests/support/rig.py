@@ -36,12 +36,14 @@ class HookedSimulator(Simulator):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hooks: dict[tuple[str, int, int], Callable[[], object]] = {}
-        # (lead pages still to serve, then this runs): lands in whichever walk is reading by then
+        # (lead pages of `countdown_size` rows still to serve, then this runs): lands in whichever
+        # walk is reading by then; other sizes (start-up checks, position checks) do not count.
         self.countdown: tuple[int, Callable[[], object]] | None = None
+        self.countdown_size = 0
 
     def lead_page(self, query: LeadQuery, page: Page) -> tuple[int, list[str]]:
         served = super().lead_page(query, page)
-        if self.countdown is not None:
+        if self.countdown is not None and page.limit == self.countdown_size:
             left, action = self.countdown
             self.countdown = (left - 1, action) if left > 1 else None
             if left <= 1:
