@@ -151,6 +151,7 @@ class DetectionMachine(RuleBasedStateMachine):
         self.unreadable: set[int] = set()  # poisoned now: the daemon cannot read them
         self.curing: set[int] = set()  # readable again, but perhaps not read yet (its retry is slow)
         self.quiet: dict[int, float] = {}  # lead -> when an edit left its updatedTs unmoved, not yet reported
+        self.quiet_edited: dict[int, float] = {}  # lead -> its last such edit, reported or not
         self.vanished: set[int] = set()  # campaigns deleted during the poll: read before it, or not
 
     def _configure(self) -> None:
@@ -230,7 +231,7 @@ class DetectionMachine(RuleBasedStateMachine):
             sim.reverse_lead_data(lead)  # no change at all: never an event
             return
         if not touch:
-            self.quiet.setdefault(lead, self.r.clock.now())
+            self._quiet(lead)
 
     @precondition(_has_leads)
     @rule(data=st.data())
@@ -238,7 +239,12 @@ class DetectionMachine(RuleBasedStateMachine):
         """A leadData write that leaves updatedTs unmoved: reported by the re-read within its interval."""
         lead = data.draw(st.sampled_from(self._visible()))
         self.r.sim.update_lead(lead, touch=False, lead_data={"Job Title": data.draw(st.sampled_from(["A", "B", "C"]))})
-        self.quiet.setdefault(lead, self.r.clock.now())
+        self._quiet(lead)
+
+    def _quiet(self, lead: int) -> None:
+        now = self.r.clock.now()
+        self.quiet.setdefault(lead, now)
+        self.quiet_edited[lead] = now
 
     @rule(
         data=st.data(),
@@ -369,7 +375,7 @@ class DetectionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.baseline is not None and self.saved is None)
     @rule()
     def backup(self) -> None:
-        self.saved = (self.r.backup(), self._model())
+        self.saved = (self.r.backup(), {**self._model(), "at": self.r.clock.now()})
 
     @precondition(lambda self: self.saved is not None)
     @rule()
@@ -380,7 +386,8 @@ class DetectionMachine(RuleBasedStateMachine):
         self._restore_model(model)
         self.checked = {e["id"] for e in self.r.events()}
         # An edit that left updatedTs alone since the backup is found again by the re-read alone.
-        self.quiet = dict.fromkeys(self.observed, self.r.clock.now())
+        now = self.r.clock.now()
+        self.quiet = {lead: now for lead, at in self.quiet_edited.items() if at >= model["at"]}
 
     @rule(field=st.sampled_from(["score", "leadFlag"]))
     def change_track(self, field: str) -> None:
@@ -548,11 +555,12 @@ class DetectionMachine(RuleBasedStateMachine):
                 self.quiet.pop(lead, None)
                 continue
             got = updates.get(lead, [])
+            want = expected_changes(self.observed[lead], now, self.learning.get(lead, set()))
             quiet_since = self.quiet.get(lead)
-            if quiet_since is not None and not got and self.r.clock.now() < quiet_since + RECHECK_INTERVAL:
+            if quiet_since is not None and want and not got and self.r.clock.now() < quiet_since + RECHECK_INTERVAL:
                 continue  # the re-read has not come round yet: the daemon still holds the lead as it was
             self.quiet.pop(lead, None)
-            want = expected_changes(self.observed[lead], now, self.learning.pop(lead, set()))
+            self.learning.pop(lead, None)
             assert got == ([want] if want else []), f"lead {lead}: expected {want}, outbox has {got}"
             self.observed[lead] = now
         statuses = {c: sim.campaign(c)["status"] for c in sim.campaign_ids()}
