@@ -186,6 +186,11 @@ def track_signature(track: Sequence[str]) -> str:
     It also names how snapshots are taken: one written before repeated leadData names were each
     kept (`legacy_signature`) is told apart, so its single value for such a name is not compared.
     """
+    return _signature(tuple(track))
+
+
+@cache
+def _signature(track: tuple[str, ...]) -> str:
     return hashlib.sha256(dumps({"track": sorted(set(track)), "leadData": "every entry"}).encode()).hexdigest()[:12]
 
 
