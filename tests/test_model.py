@@ -375,7 +375,7 @@ class DetectionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.baseline is not None and self.saved is None)
     @rule()
     def backup(self) -> None:
-        self.saved = (self.r.backup(), {**self._model(), "at": self.r.clock.now()})
+        self.saved = (self.r.backup(), {**self._model(), "at": self.r.clock.now(), "quiet": sorted(self.quiet)})
 
     @precondition(lambda self: self.saved is not None)
     @rule()
@@ -387,7 +387,8 @@ class DetectionMachine(RuleBasedStateMachine):
         self.checked = {e["id"] for e in self.r.events()}
         # An edit that left updatedTs alone since the backup is found again by the re-read alone.
         now = self.r.clock.now()
-        self.quiet = {lead: now for lead, at in self.quiet_edited.items() if at >= model["at"]}
+        pending = {lead for lead, at in self.quiet_edited.items() if at >= model["at"]} | set(model["quiet"])
+        self.quiet = dict.fromkeys(pending, now)
 
     @rule(field=st.sampled_from(["score", "leadFlag"]))
     def change_track(self, field: str) -> None:
