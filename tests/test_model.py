@@ -49,7 +49,7 @@ from watcher.poller import BASELINE, CREATED, UPDATED
 LOOKBACK = 30.0
 SAFETY_LAG = 2.0
 PAGE = 4
-RECHECK_INTERVAL = 120.0  # quiet edits are re-read this often
+RECHECK_INTERVAL = 1800.0  # quiet edits are re-read this often
 # After this long every unreadable lead has been tried again (the slowest retry step is 6 h).
 ALL_RETRIED = 6 * 3600.0 + 1
 BASE_TRACK = ("qaResult", "score", "leadData")
@@ -418,7 +418,12 @@ class DetectionMachine(RuleBasedStateMachine):
     @rule(data=st.data(), commits=st.integers(0, 2), how=st.sampled_from(["sigkill", "sigterm"]))
     def interrupted_baseline(self, data: st.DataObject, commits: int, how: str) -> None:
         """A field joins `track`, the snapshot baseline it starts is cut short (killed, or stopped by
-        SIGTERM) after `commits` pages, and another joins before the daemon starts again."""
+        SIGTERM) after `commits` pages, and another joins before the daemon starts again. Then the
+        leads on the first pages change (a QA result moves their billability): every change counts,
+        the fields that joined included. It starts with a poll, so the re-read of quiet edits has
+        just run and cannot mend the snapshots before those changes."""
+        self.r.poll(campaigns=True)
+        self._check()
         joining = [f for f in ("advertiserBillable", "leadFlag") if f not in self.track]
         order = data.draw(st.permutations(joining))
         self._join(order[0])
@@ -443,6 +448,12 @@ class DetectionMachine(RuleBasedStateMachine):
         for field in order[1:]:
             self._join(field)
         self.r.restart()
+        self.r.poll(campaigns=True)
+        self._check()
+        for lead in self._visible()[: 2 * PAGE]:
+            qa = "Invalid" if self.r.sim.lead(lead)["qaResult"]["name"] != "Invalid" else "Valid"
+            self.r.sim.update_lead(lead, qaResult=qa)
+        self.r.advance(5)
         self.r.poll(campaigns=True)
         self._check()
 
