@@ -1,8 +1,11 @@
 """Detection proven by a model: random histories against the real simulator, store and poller.
 
 A Hypothesis `RuleBasedStateMachine` creates, edits, hides and pauses things on the simulator,
-moves the clock across daylight-saving changes, restarts, crashes between fetch and commit,
-restores backups, changes `track` and `updates`, prunes, and polls. A simple model records what
+deletes leads and campaigns during any walk, makes leads unreadable and cures them (new ones and
+ones from before the baseline), repeats and reorders leadData names, edits leads without moving
+their updatedTs, moves the clock across daylight-saving changes, restarts, crashes between fetch
+and commit, interrupts snapshot baselines and changes `track` before they resume, restores
+backups, changes `track` and `updates`, prunes, and polls. A simple model records what
 each lead and campaign looked like at the last poll that finished; after every poll the outbox
 must hold exactly the changes between that and now:
 
@@ -41,11 +44,14 @@ from hypothesis.stateful import (
 )
 
 from tests.support.rig import HookedSimulator, Rig, make_rig
-from watcher.poller import CREATED, UPDATED
+from watcher.poller import BASELINE, CREATED, UPDATED
 
 LOOKBACK = 30.0
 SAFETY_LAG = 2.0
 PAGE = 4
+RECHECK_INTERVAL = 1800.0  # quiet edits are re-read this often
+# After this long every unreadable lead has been tried again (the slowest retry step is 6 h).
+ALL_RETRIED = 6 * 3600.0 + 1
 BASE_TRACK = ("qaResult", "score", "leadData")
 # Moments just before clock changes in the zones below, and one far from any.
 STARTS = [
@@ -66,26 +72,38 @@ class Crash(Exception):
 
 
 def tracked(doc: Mapping[str, Any], track: tuple[str, ...]) -> dict[str, Any]:
-    """The model's own reading of a lead's tracked fields (independent of `detect.snapshot`)."""
+    """The model's own reading of a lead's tracked fields (independent of `detect.snapshot`): a name
+    several entries share is kept once per entry, the lowest entry id under the plain name."""
     out: dict[str, Any] = {name: doc[name] for name in track if name != "leadData" and name in doc}
     if "leadData" in track:
+        by_name: dict[str, list[tuple[int, Any]]] = {}
         for entry in doc.get("leadData") or []:
-            out["leadData." + entry["name"]] = entry.get("value")
+            data_id = int(entry["@id"].rsplit("/", 1)[1])
+            by_name.setdefault(entry["name"], []).append((data_id, entry.get("value")))
+        for name, entries in by_name.items():
+            entries.sort()
+            out["leadData." + name] = entries[0][1]
+            for data_id, value in entries[1:]:
+                out[f"leadData#{data_id}.{name}"] = value
     return out
+
+
+def _lead_data(key: str) -> bool:
+    return key.startswith(("leadData.", "leadData#"))
 
 
 def expected_changes(old: Mapping[str, Any], new: Mapping[str, Any], learning: set[str]) -> dict[str, Any]:
     """Tracked values that moved; a leadData entry appearing or vanishing counts when the lead had
     entries on both sides; fields being learnt never count."""
-    had = any(k.startswith("leadData.") for k in old)
-    has = any(k.startswith("leadData.") for k in new)
+    had = any(_lead_data(k) for k in old)
+    has = any(_lead_data(k) for k in new)
     changes = {}
     for key in sorted(set(old) | set(new)):
         if key in learning:
             continue
         before, after = old.get(key), new.get(key)
         moved = key in old and key in new and before != after
-        came_or_went = key.startswith("leadData.") and had and has and (key in old) != (key in new)
+        came_or_went = _lead_data(key) and had and has and (key in old) != (key in new)
         if moved or came_or_went:
             changes[key] = {"from": before, "to": after}
     return changes
@@ -115,6 +133,8 @@ class DetectionMachine(RuleBasedStateMachine):
     def start(self, zone: str, start: datetime, skew: float, seed: int) -> None:
         folder = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="model-")))
         self.rig = make_rig(folder, self.stack, zone=zone, start=start.timestamp(), seed=seed, leads=10, skew=skew)
+        for _ in range(PAGE):  # more campaigns than a page: their walk has page boundaries
+            self.rig.sim.add_campaign()
         self.track = BASE_TRACK
         self.updates = True
         self._configure()
@@ -128,6 +148,11 @@ class DetectionMachine(RuleBasedStateMachine):
         self.checked: set[str] = set()  # outbox ids already accounted for
         self.changes: dict[str, str] = {}  # every event id ever seen -> the change it named
         self.saved: tuple[Path, dict[str, Any]] | None = None
+        self.unreadable: set[int] = set()  # poisoned now: the daemon cannot read them
+        self.curing: set[int] = set()  # readable again, but perhaps not read yet (its retry is slow)
+        self.quiet: dict[int, float] = {}  # lead -> when an edit left its updatedTs unmoved, not yet reported
+        self.quiet_edited: dict[int, float] = {}  # lead -> its last such edit, reported or not
+        self.vanished: set[int] = set()  # campaigns deleted during the poll: read before it, or not
 
     def _configure(self) -> None:
         assert self.rig is not None
@@ -137,6 +162,9 @@ class DetectionMachine(RuleBasedStateMachine):
             safety_lag=f"{SAFETY_LAG:g}s",
             updates=self.updates,
             track=list(self.track),
+            quiet_edits=True,
+            recheck_interval=f"{RECHECK_INTERVAL:g}s",
+            recheck_window="60d",
         )
 
     @property
@@ -185,10 +213,95 @@ class DetectionMachine(RuleBasedStateMachine):
         self.r.sim.hide_lead(lead)
         self.hidden.add(lead)
 
-    @rule(data=st.data(), action=st.sampled_from(["pause", "resume", "add", "add_ending"]))
+    @precondition(_has_leads)
+    @rule(data=st.data(), action=st.sampled_from(["add", "set", "reverse"]), touch=st.booleans())
+    def repeat_lead_data(self, data: st.DataObject, action: str, touch: bool) -> None:
+        """A leadData name gets another entry, one entry of a name changes by its id, or the entries
+        come in another order; with `touch` false the write leaves updatedTs alone."""
+        sim = self.r.sim
+        lead = data.draw(st.sampled_from(self._visible()))
+        entries = sim.lead(lead)["leadData"]
+        value = data.draw(st.sampled_from(["A", "B", "C"]))
+        if action == "add" or not entries:
+            sim.add_lead_data(lead, data.draw(st.sampled_from(["Job Title", "Industry"])), value, touch=touch)
+        elif action == "set":
+            entry = data.draw(st.sampled_from(entries))
+            sim.set_lead_data(lead, int(entry["@id"].rsplit("/", 1)[1]), value, touch=touch)
+        else:
+            sim.reverse_lead_data(lead)  # no change at all: never an event
+            return
+        if not touch:
+            self._quiet(lead)
+
+    @precondition(_has_leads)
+    @rule(data=st.data())
+    def quiet_edit(self, data: st.DataObject) -> None:
+        """A leadData write that leaves updatedTs unmoved: reported by the re-read within its interval."""
+        lead = data.draw(st.sampled_from(self._visible()))
+        self.r.sim.update_lead(lead, touch=False, lead_data={"Job Title": data.draw(st.sampled_from(["A", "B", "C"]))})
+        self._quiet(lead)
+
+    def _quiet(self, lead: int) -> None:
+        now = self.r.clock.now()
+        self.quiet.setdefault(lead, now)
+        self.quiet_edited[lead] = now
+
+    @rule(
+        data=st.data(),
+        new=st.booleans(),
+        changed=st.booleans(),
+        read_by=st.sampled_from(["change", "retry"]),
+        restart=st.booleans(),
+    )
+    def unreadable_then_cured(self, data: st.DataObject, new: bool, changed: bool, read_by: str, restart: bool) -> None:
+        """A lead the server cannot serialise (a new one, or one from before; at the first poll it existed
+        at the baseline) is skipped, cured, then read first by a change walk or by its own retry. It sits
+        between readable neighbours, so every walk that meets it can name it."""
+        sim = self.r.sim
+        visible = self._visible()
+        if new or len(visible) < 3:
+            neighbours = [int(sim.add_lead()["id"])]
+            self.r.advance(1)
+            lead = int(sim.add_lead()["id"])
+            self.r.advance(1)
+            neighbours.append(int(sim.add_lead()["id"]))
+        else:
+            i = data.draw(st.integers(1, len(visible) - 2))
+            lead, neighbours = visible[i], [visible[i - 1], visible[i + 1]]
+            for other in neighbours:  # so a walk that meets the lead reads them around it
+                sim.update_lead(other, telephone=f"+44 20 7946 0{data.draw(st.integers(100, 999))}")
+        sim.poison_lead(lead)
+        self.unreadable.add(lead)
+        if changed:
+            sim.update_lead(lead, score=(sim.lead(lead).get("score") or 0) + 1)
+        self.r.advance(5)
+        self.r.poll(campaigns=True)
+        self._check()
+        if restart:
+            self.r.restart()
+        sim.poison_lead(lead, poisoned=False)
+        self.unreadable.discard(lead)
+        self.curing.add(lead)
+        if read_by == "change":  # before its retry, past the created walk's reach or not
+            self.r.advance(data.draw(st.sampled_from([5.0, 2 * LOOKBACK])))
+            qa = "Invalid" if sim.lead(lead)["qaResult"]["name"] != "Invalid" else "Valid"
+            sim.update_lead(lead, qaResult=qa)
+            self.r.advance(5)
+            self.r.poll(campaigns=True)
+            self._check()
+        self.r.advance(ALL_RETRIED)
+        self.r.poll(campaigns=True)
+        self.curing.clear()  # every unreadable lead has been read again by now
+        self._check()
+
+    @rule(data=st.data(), action=st.sampled_from(["pause", "resume", "add", "add_ending", "delete"]))
     def campaign(self, data: st.DataObject, action: str) -> None:
         sim = self.r.sim
-        if action == "add":
+        if action == "delete" and len(sim.campaign_ids()) <= 2:
+            action = "add"  # leads need a campaign to go to
+        if action == "delete":
+            sim.delete_campaign(data.draw(st.sampled_from(sim.campaign_ids())))
+        elif action == "add":
             sim.add_campaign()
         elif action == "add_ending":  # ends by time alone, with no write at all
             sim.add_campaign(endTs=sim.now_ts() + data.draw(st.sampled_from([30, 600, 4000])))
@@ -205,24 +318,33 @@ class DetectionMachine(RuleBasedStateMachine):
 
     # --- what happens to the daemon -------------------------------------------------------------
 
-    @rule(data=st.data(), mid_walk=st.booleans())
-    def poll(self, data: st.DataObject, mid_walk: bool) -> None:
-        """A poll, sometimes with a lead hidden between its pages (deleted while the walk is under way)."""
+    @rule(data=st.data(), mid_walk=st.sampled_from(["no", "lead", "campaign"]))
+    def poll(self, data: st.DataObject, mid_walk: str) -> None:
+        """A poll, sometimes with a lead or a campaign deleted between two of its pages: a lead after
+        any page of any walk (created, baseline, updated, recheck), a campaign after the first page."""
         sim = self.r.sim
         assert isinstance(sim, HookedSimulator)
-        if mid_walk and self._visible():
-            victim = data.draw(st.sampled_from(self._visible()[-2 * PAGE :]))  # likely on the walk's first page
-            walk = data.draw(st.sampled_from(["created", "updated"]))
+        if mid_walk == "lead" and self._visible():
+            victim = data.draw(st.sampled_from(self._visible()[-2 * PAGE :]))  # likely on an early page
 
             def hide() -> None:
                 sim.hide_lead(victim)
                 self.hidden.add(victim)
                 self.optional.add(victim)
 
+            sim.countdown, sim.countdown_size = (data.draw(st.integers(1, 6)), hide), PAGE
+        elif mid_walk == "campaign" and len(sim.campaign_ids()) > PAGE:
+            gone = data.draw(st.sampled_from(sim.campaign_ids()[:PAGE]))
+
+            def delete() -> None:
+                sim.delete_campaign(gone)
+                self.vanished.add(gone)
+
             sim.hooks.clear()
-            sim.hooks[(walk, 1, PAGE)] = hide
+            sim.hooks[("campaigns", 1, PAGE)] = delete
         self.r.poll(campaigns=True)
         sim.hooks.clear()
+        sim.countdown = None
         self._check()
 
     @rule(commits=st.integers(0, 3))
@@ -253,7 +375,7 @@ class DetectionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.baseline is not None and self.saved is None)
     @rule()
     def backup(self) -> None:
-        self.saved = (self.r.backup(), self._model())
+        self.saved = (self.r.backup(), {**self._model(), "at": self.r.clock.now(), "quiet": sorted(self.quiet)})
 
     @precondition(lambda self: self.saved is not None)
     @rule()
@@ -263,6 +385,10 @@ class DetectionMachine(RuleBasedStateMachine):
         self.r.restore(path)
         self._restore_model(model)
         self.checked = {e["id"] for e in self.r.events()}
+        # An edit that left updatedTs alone since the backup is found again by the re-read alone.
+        now = self.r.clock.now()
+        pending = {lead for lead, at in self.quiet_edited.items() if at >= model["at"]} | set(model["quiet"])
+        self.quiet = dict.fromkeys(pending, now)
 
     @rule(field=st.sampled_from(["score", "leadFlag"]))
     def change_track(self, field: str) -> None:
@@ -279,6 +405,63 @@ class DetectionMachine(RuleBasedStateMachine):
                 snap[field] = self.dormant[lead].pop(field)
             else:
                 self.learning.setdefault(lead, set()).add(field)
+        self._configure()
+        self.r.restart()
+
+    @precondition(
+        lambda self: (
+            self.updates
+            and not any(self.dormant.values())
+            and not {"advertiserBillable", "leadFlag"} <= set(self.track)
+        )
+    )
+    @rule(data=st.data(), commits=st.integers(0, 2), how=st.sampled_from(["sigkill", "sigterm"]))
+    def interrupted_baseline(self, data: st.DataObject, commits: int, how: str) -> None:
+        """A field joins `track`, the snapshot baseline it starts is cut short (killed, or stopped by
+        SIGTERM) after `commits` pages, and another joins before the daemon starts again. Then the
+        leads on the first pages change (a QA result moves their billability): every change counts,
+        the fields that joined included. It starts with a poll, so the re-read of quiet edits has
+        just run and cannot mend the snapshots before those changes."""
+        self.r.poll(campaigns=True)
+        self._check()
+        joining = [f for f in ("advertiserBillable", "leadFlag") if f not in self.track]
+        order = data.draw(st.permutations(joining))
+        self._join(order[0])
+        store = self.r.ensure()
+        poller = self.r.poller
+        assert poller is not None
+        original = store.commit_page
+        done = [0]
+
+        def commit_page(page: Any) -> Any:
+            if page.stream == BASELINE:
+                if how == "sigkill" and done[0] >= commits:
+                    raise Crash
+                done[0] += 1
+            return original(page)
+
+        store.commit_page = commit_page  # type: ignore[method-assign]
+        if how == "sigterm":
+            poller.should_stop = lambda: done[0] >= max(commits, 1)
+        with suppress(Crash):
+            self.r.poll(campaigns=True)
+        for field in order[1:]:
+            self._join(field)
+        self.r.restart()
+        self.r.poll(campaigns=True)
+        self._check()
+        for lead in self._visible()[: 2 * PAGE]:
+            qa = "Invalid" if self.r.sim.lead(lead)["qaResult"]["name"] != "Invalid" else "Valid"
+            self.r.sim.update_lead(lead, qaResult=qa)
+        self.r.advance(5)
+        self.r.poll(campaigns=True)
+        self._check()
+
+    def _join(self, field: str) -> None:
+        """`field` joins `track` (the daemon starts again with it): learnt at its next read, then reported."""
+        self.track = (*self.track, field)
+        for lead in self.observed:
+            self.learning.setdefault(lead, set()).add(field)
         self._configure()
         self.r.restart()
 
@@ -361,7 +544,7 @@ class DetectionMachine(RuleBasedStateMachine):
         for lead, count in created.items():
             assert lead not in self.baseline, f"lead {lead} existed at the baseline but was announced"
             assert count == 1, f"lead {lead} announced {count} times"
-        for lead in visible - self.baseline - self.optional:
+        for lead in visible - self.baseline - self.optional - self.unreadable - self.curing:
             assert created[lead] == 1, f"lead {lead} became visible after the baseline but was not announced"
         updates: dict[int, list[dict[str, Any]]] = {}
         for event in events:
@@ -372,20 +555,31 @@ class DetectionMachine(RuleBasedStateMachine):
             if not self.updates:
                 assert lead not in updates, f"lead {lead}: lead.updated while updates are off"
                 continue
+            if lead in self.unreadable:
+                assert lead not in updates, f"lead {lead}: lead.updated while the server cannot read it"
+                continue
+            if lead in self.curing and lead not in updates:
+                continue  # not read since it was cured, or read with nothing to report: its retry will tell
             if lead in self.hidden or lead not in self.observed or "*" in self.learning.get(lead, set()):
                 assert len(updates.get(lead, [])) <= 1
                 self.observed[lead] = now
                 self.learning.pop(lead, None)
+                self.quiet.pop(lead, None)
                 continue
-            want = expected_changes(self.observed[lead], now, self.learning.pop(lead, set()))
             got = updates.get(lead, [])
+            want = expected_changes(self.observed[lead], now, self.learning.get(lead, set()))
+            quiet_since = self.quiet.get(lead)
+            if quiet_since is not None and want and not got and self.r.clock.now() < quiet_since + RECHECK_INTERVAL:
+                continue  # the re-read has not come round yet: the daemon still holds the lead as it was
+            self.quiet.pop(lead, None)
+            self.learning.pop(lead, None)
             assert got == ([want] if want else []), f"lead {lead}: expected {want}, outbox has {got}"
             self.observed[lead] = now
         statuses = {c: sim.campaign(c)["status"] for c in sim.campaign_ids()}
         transitions = Counter(
             (e["data"]["campaign"]["id"], e["data"]["from"], e["data"]["to"])
             for e in events
-            if e["type"] == "campaign.status_changed"
+            if e["type"] == "campaign.status_changed" and e["data"]["campaign"]["id"] not in self.vanished
         )
         if self.statuses is not None:
             wanted = Counter(
@@ -393,8 +587,9 @@ class DetectionMachine(RuleBasedStateMachine):
             )
             assert transitions == wanted, f"campaign transitions {dict(transitions)}, expected {dict(wanted)}"
             added = {e["data"]["campaign"]["id"] for e in events if e["type"] == "campaign.created"}
-            assert added == set(statuses) - set(self.statuses)
+            assert added - self.vanished == set(statuses) - set(self.statuses)
         self.statuses = statuses
+        self.vanished.clear()
         self.checked |= {e["id"] for e in events}
         if self.updates:
             self.dormant.clear()  # every snapshot was rewritten under the current track by this poll

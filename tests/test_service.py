@@ -9,6 +9,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +338,10 @@ def test_health_judges_every_enabled_stream(tmp_path: Path) -> None:
     assert health_intervals(config, None) == {"leads.created": 60, "campaigns": 300}
     assert health_intervals(config, True) == {"leads.created": 60, "leads.updated": 60, "campaigns": 300}
     assert health_intervals(config, False) == {"leads.created": 60, "leads.recheck": 900 + 60, "campaigns": 300}
+    quiet = replace(config, leads=replace(config.leads, quiet_edits=True))
+    assert health_intervals(quiet, True) == {
+        "leads.created": 60,
+        "leads.updated": 60,
+        "leads.recheck": 900 + 60,
+        "campaigns": 300,
+    }

@@ -125,6 +125,7 @@ class LeadsConfig:
     track: tuple[str, ...] = DEFAULT_TRACK
     recheck_window: float = 7 * DAY
     recheck_interval: float = 15 * MINUTE
+    quiet_edits: bool = False  # re-read recheck_window even with an updatedTs filter: edits that leave it unmoved
     snapshot_retention: float = 90 * DAY
     safety_lag: float = 2.0
     baseline_window: float = 30 * DAY  # leads created this recently get a snapshot when tracking starts
@@ -353,7 +354,7 @@ _CONVERTR_KEYS = (
 )
 _LEADS_KEYS = (
     *("enabled", "interval", "lookback", "updates", "campaign_ids", "start", "track", "recheck_window"),
-    *("recheck_interval", "snapshot_retention", "safety_lag", "baseline_window"),
+    *("recheck_interval", "quiet_edits", "snapshot_retention", "safety_lag", "baseline_window"),
 )
 _SINK_KEYS = (
     *("name", "type", "url", "url_env", "url_file", "secret", "secret_env", "secret_file", "events"),
@@ -424,6 +425,7 @@ def _leads(t: _Table) -> LeadsConfig:
         track=_track(t.get("track", list(_LEADS.track)), t.key("track")),
         recheck_window=t.duration("recheck_window", _LEADS.recheck_window),
         recheck_interval=t.duration("recheck_interval", _LEADS.recheck_interval, minimum=1.0),
+        quiet_edits=t.boolean("quiet_edits", _LEADS.quiet_edits),
         snapshot_retention=t.duration("snapshot_retention", _LEADS.snapshot_retention),
         safety_lag=t.duration("safety_lag", _LEADS.safety_lag, minimum=0.0),
         baseline_window=t.duration("baseline_window", _LEADS.baseline_window, minimum=0.0),

@@ -115,7 +115,8 @@ def health_intervals(config: Config, updates_filter: bool | None) -> dict[str, f
 
     `updates_filter` is what the poller learnt from the server: True means `leads.updated` runs on
     every leads poll, False means the re-read fallback (`leads.recheck`) runs every
-    recheck_interval instead, None means it has not been learnt yet (leads.created covers it).
+    recheck_interval instead (beside it too with `quiet_edits`), None means it has not been
+    learnt yet (leads.created covers it).
     """
     leads = config.leads
     intervals: dict[str, float] = {}
@@ -123,7 +124,7 @@ def health_intervals(config: Config, updates_filter: bool | None) -> dict[str, f
         intervals[CREATED] = leads.interval
         if leads.updates and updates_filter is True:
             intervals[UPDATED] = leads.interval
-        elif leads.updates and updates_filter is False:
+        if leads.updates and (updates_filter is False or (updates_filter is True and leads.quiet_edits)):
             # The re-read rides on a leads poll once it is due: up to one leads interval late.
             intervals[RECHECK] = leads.recheck_interval + leads.interval
     if config.campaigns.enabled:

@@ -23,14 +23,26 @@ from watcher.events import (
     CAMPAIGN_CREATED,
     CAMPAIGN_STATUS_CHANGED,
     LEAD_CREATED,
+    LEAD_DATA_REPEAT,
     LEAD_UPDATED,
     Event,
     campaign_id_of,
     dumps,
     event_id,
+    lead_data_key,
+    lead_data_name,
+)
+from watcher.records import (
+    FORGOTTEN,
+    NOTHING_UNANNOUNCED,
+    NOWHERE,
+    CampaignState,
+    LeadState,
+    PageCommit,
+    Place,
+    Unannounced,
 )
 from watcher.servertime import parse_ts, write_at
-from watcher.store import FORGOTTEN, CampaignState, LeadState, PageCommit
 
 __all__ = ["parse_ts"]
 
@@ -98,19 +110,53 @@ def snapshot(lead: Mapping[str, Any], track: Sequence[str]) -> dict[str, Any]:
     """The tracked fields of a lead, flat: `leadData` entries become `leadData.<name>`.
 
     Fields the document does not carry are left out (not set to null), so an API response with
-    a missing field is never reported as a change.
+    a missing field is never reported as a change. A name that several entries share is kept for
+    each of them (`repeated_entries`), so a change to any is seen and their order counts for nothing.
     """
     plain, all_lead_data, lead_data_names = _tracking(tuple(track))
     out = {name: lead[name] for name in plain if name in lead}
     entries = lead.get("leadData")
     if (all_lead_data or lead_data_names) and isinstance(entries, list):
+        by_name: dict[str, list[Mapping[str, Any]]] = {}
         for entry in entries:
             if not isinstance(entry, Mapping):
                 continue
             name = entry.get("name")
             if isinstance(name, str) and (all_lead_data or name in lead_data_names):
-                out["leadData." + name] = entry.get("value")
+                by_name.setdefault(name, []).append(entry)
+        for name, group in by_name.items():
+            if len(group) == 1:
+                out[lead_data_key(name)] = group[0].get("value")
+            else:
+                out.update(repeated_entries(name, group))
     return out
+
+
+def repeated_entries(name: str, group: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Keys for the entries of a leadData name that occurs more than once.
+
+    Each is told apart by its entry id (the number that ends its `@id`): the lowest keeps
+    `leadData.<name>`, every other is `leadData#<id>.<name>`. Ids stay with their entries, so
+    serving them in another order changes nothing. Entries without an id are ranked by value
+    instead (`leadData#2.<name>`, `#3`, …): their order still counts for nothing, and a changed
+    value is reported against the value that ranked where it now ranks.
+    """
+    ids = [i for i in (_entry_id(e) for e in group) if i is not None]
+    if len(ids) == len(group) and len(set(ids)) == len(ids):
+        ranked = sorted(zip(ids, group, strict=True), key=lambda pair: pair[0])
+        first_id = ranked[0][0]
+        return {lead_data_key(name, None if i == first_id else i): e.get("value") for i, e in ranked}
+    values = sorted((e.get("value") for e in group), key=dumps)
+    return {lead_data_key(name, None if rank == 1 else rank): v for rank, v in enumerate(values, start=1)}
+
+
+def _entry_id(entry: Mapping[str, Any]) -> int | None:
+    iri = entry.get("@id")
+    if isinstance(iri, str):
+        tail = iri.rstrip("/").rpartition("/")[2]
+        if tail.isdigit():
+            return int(tail)
+    return None
 
 
 @cache
@@ -124,13 +170,33 @@ def _tracking(track: tuple[str, ...]) -> tuple[tuple[str, ...], bool, frozenset[
 def covers(track: Sequence[str], key: str) -> bool:
     """Whether a snapshot taken under `track` holds `key` whenever the document carries it."""
     plain, all_lead_data, names = _tracking(tuple(track))
-    if key.startswith("leadData."):
-        return all_lead_data or key.removeprefix("leadData.") in names
+    name = lead_data_name(key)
+    if name is not None:
+        return all_lead_data or name in names
     return key in plain
 
 
+def _is_lead_data(key: str) -> bool:
+    return lead_data_name(key) is not None
+
+
 def track_signature(track: Sequence[str]) -> str:
-    """A short name for a `track` list, order and repeats aside: stored with every snapshot."""
+    """A short name for a `track` list, order and repeats aside: stored with every snapshot.
+
+    It also names how snapshots are taken: one written before repeated leadData names were each
+    kept (`legacy_signature`) is told apart, so its single value for such a name is not compared.
+    """
+    return _signature(tuple(track))
+
+
+@cache
+def _signature(track: tuple[str, ...]) -> str:
+    return hashlib.sha256(dumps({"track": sorted(set(track)), "leadData": "every entry"}).encode()).hexdigest()[:12]
+
+
+def legacy_signature(track: Sequence[str]) -> str:
+    """The signature of `track` before every repeated leadData entry was kept: a finished snapshot
+    baseline under it still counts, since only repeated names differ."""
     return hashlib.sha256(dumps(sorted(set(track))).encode()).hexdigest()[:12]
 
 
@@ -139,6 +205,8 @@ def diff(
     new: Mapping[str, Any],
     old_track: Sequence[str] | None = None,
     new_track: Sequence[str] | None = None,
+    *,
+    legacy: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """`{"field": {"from": old, "to": new}}` for every tracked field whose value moved.
 
@@ -147,17 +215,21 @@ def diff(
     are the exception, because the whole list comes with every document: an entry that appears
     or vanishes while the lead had leadData before is a change (null on the missing side), but
     only for a name tracked both when `old` was taken (`old_track`) and now (`new_track`); a
-    track of None covers every key.
+    track of None covers every key. `legacy`: `old` kept one value of a repeated name, so the
+    entries of a name that `new` holds several of are learnt, not compared.
     """
     changes: dict[str, dict[str, Any]] = {}
-    had_lead_data = any(k.startswith("leadData.") for k in old)
-    has_lead_data = any(k.startswith("leadData.") for k in new)
+    had_lead_data = any(_is_lead_data(k) for k in old)
+    has_lead_data = any(_is_lead_data(k) for k in new)
+    repeated = {lead_data_name(k) for k in new if k.startswith(LEAD_DATA_REPEAT)} if legacy else set()
     for key in sorted(set(old) | set(new)):
+        if repeated and lead_data_name(key) in repeated:
+            continue
         if key in old and key in new:
             if old[key] != new[key]:
                 changes[key] = {"from": old[key], "to": new[key]}
         elif (
-            key.startswith("leadData.")
+            _is_lead_data(key)
             and had_lead_data
             and has_lead_data
             and (old_track is None or covers(old_track, key))
@@ -172,13 +244,11 @@ def diff(
 def merge(old: Mapping[str, Any], new: Mapping[str, Any], track: Sequence[str] | None = None) -> dict[str, Any]:
     """The snapshot after reading `new`: fields the document lacked keep their last known value,
     fields no longer tracked (under `track`, when given) are forgotten."""
-    lead_data_present = any(k.startswith("leadData.") for k in new)
+    lead_data_present = any(_is_lead_data(k) for k in new)
     kept = {
         k: v
         for k, v in old.items()
-        if k not in new
-        and not (lead_data_present and k.startswith("leadData."))
-        and (track is None or covers(track, k))
+        if k not in new and not (lead_data_present and _is_lead_data(k)) and (track is None or covers(track, k))
     }
     return {**kept, **new}
 
@@ -290,10 +360,15 @@ def decide_created(
     walk: LeadWalk,
     cursor: str | None,
     route: Route,
+    unannounced: Unannounced = NOTHING_UNANNOUNCED,
+    place: Place = NOWHERE,
+    *,
+    cursor_field: str | None = "createdTs",
 ) -> PageCommit:
     """New leads of a page: recorded (with a snapshot when updates are on), announced when created
-    after `emit_after`; the cursor moves to the newest createdTs read, within the signpost."""
-    commit = PageCommit(walk.stream, walk.now)
+    after `emit_after` (and after the threshold of an unreadable entry met earlier); the cursor
+    moves to the newest createdTs read, within the signpost (`cursor_field` None: it stays)."""
+    commit = PageCommit.at(walk.stream, walk.now, place)
     seen: set[int] = set()
     newest_raw: str | None = None
     newest_ts = float("-inf")
@@ -306,19 +381,32 @@ def decide_created(
         created_ts = timestamp(created_raw)
         if created_ts is not None and created_ts > newest_ts:
             newest_raw, newest_ts = str(created_raw), created_ts
-        if lead_id in known or lead_id in seen:
+        if lead_id in seen:
             continue
         seen.add(lead_id)
+        threshold = _settle(commit, unannounced, lead_id, walk.emit_after)
+        if lead_id in known:
+            continue
         when = walk.now if created_ts is None else created_ts
         tracked = snapshot(lead, walk.track) if walk.updates else {}
         commit.leads.append(LeadState(lead_id, when, _str(lead.get("updatedTs")), tracked, sig))
-        if when > walk.emit_after:
+        if when > threshold:
             event = lead_created(lead, walk.detected_at)
             commit.events.append((event, route(event)))
-    moved = next_cursor(cursor, newest_raw, walk.signpost)
+    moved = next_cursor(cursor, newest_raw, walk.signpost) if cursor_field is not None else None
     if moved is not None:
         commit.cursor, commit.cursor_ts = moved
     return commit
+
+
+def _settle(commit: PageCommit, unannounced: Unannounced, lead_id: int, threshold: float) -> float:
+    """The threshold a lead read now is announced above: an unreadable entry's own rule, when the
+    created walk met it unreadable, is never relaxed; the entry is answered by this commit."""
+    entry = unannounced.thresholds.get(lead_id)
+    if entry is None:
+        return threshold
+    commit.settled.append((unannounced.stream, lead_id))
+    return max(threshold, entry)
 
 
 def decide_updated(
@@ -327,15 +415,19 @@ def decide_updated(
     walk: LeadWalk,
     cursor: str | None,
     route: Route,
+    unannounced: Unannounced = NOTHING_UNANNOUNCED,
+    place: Place = NOWHERE,
     *,
     cursor_field: str | None = "updatedTs",
 ) -> PageCommit:
     """Changed leads of a page: each diffed against its snapshot, `lead.updated` for tracked changes,
-    newly tracked fields learnt silently; leads seen for the first time are recorded as they are.
+    newly tracked fields learnt silently; leads seen for the first time are recorded as they are,
+    except one the created walk met unreadable: it is decided by that entry's rule (announced when
+    created after its threshold), whichever walk reads it first.
 
     `cursor_field` None: a walk that keeps no cursor (the re-read and the snapshot baseline).
     """
-    commit = PageCommit(walk.stream, walk.now)
+    commit = PageCommit.at(walk.stream, walk.now, place)
     sig = walk.signature
     latest: dict[int, LeadState] = {}
     for lead in members:
@@ -343,6 +435,8 @@ def decide_updated(
         if not isinstance(lead_id, int) or isinstance(lead_id, bool):
             continue
         before = latest.get(lead_id) or known.get(lead_id)
+        pending = lead_id in unannounced.thresholds and lead_id not in latest
+        threshold = _settle(commit, unannounced, lead_id, float("-inf")) if pending else None
         if before is not None and before.track == FORGOTTEN:
             continue  # erased on request: nothing about this person is kept or sent again
         snap = snapshot(lead, walk.track)
@@ -350,12 +444,16 @@ def decide_updated(
         if before is None:
             created_ts = timestamp(lead.get("createdTs"))
             when = walk.now if created_ts is None else created_ts
-            if when > walk.horizon:
+            if threshold is not None:
+                if when > threshold:
+                    event = lead_created(lead, walk.detected_at)
+                    commit.events.append((event, route(event)))
+            elif when > walk.horizon:
                 continue  # the created walk will still read it, and its lead.created carries this document
             latest[lead_id] = LeadState(lead_id, when, version, snap, sig)
             continue
         old_track = _track_of(before, walk)
-        changes = diff(before.snapshot, snap, old_track, walk.track)
+        changes = diff(before.snapshot, snap, old_track, walk.track, legacy=_legacy(before, walk))
         merged = merge(before.snapshot, snap, walk.track)
         if changes:
             previous = before.last_event or before.version
@@ -386,6 +484,15 @@ def _track_of(state: LeadState, walk: LeadWalk) -> tuple[str, ...] | None:
     if walk.tracks is not None and state.track in walk.tracks:
         return walk.tracks[state.track]
     return walk.track if state.track == walk.signature else ()
+
+
+def _legacy(state: LeadState, walk: LeadWalk) -> bool:
+    """Whether a stored snapshot was taken before every repeated leadData entry was kept."""
+    if state.track is None:
+        return True
+    if walk.tracks is not None and state.track in walk.tracks:
+        return track_signature(walk.tracks[state.track]) != state.track
+    return state.track != walk.signature
 
 
 def decide_campaigns(

@@ -30,6 +30,27 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 
 
+LEAD_DATA = "leadData."  # a `changes` key for a leadData entry: leadData.<name>
+LEAD_DATA_REPEAT = "leadData#"  # one of several entries of a name: leadData#<entry id>.<name>
+
+
+def lead_data_key(name: str, repeat: int | None = None) -> str:
+    """The `changes` key of a leadData entry; `repeat` tells apart the further entries of a name that
+    occurs more than once (the first keeps the plain key)."""
+    return LEAD_DATA + name if repeat is None else f"{LEAD_DATA_REPEAT}{repeat}.{name}"
+
+
+def lead_data_name(key: str) -> str | None:
+    """The entry name a `changes` key of a leadData entry holds, or None for any other key."""
+    if key.startswith(LEAD_DATA):
+        return key[len(LEAD_DATA) :]
+    if key.startswith(LEAD_DATA_REPEAT):
+        number, dot, name = key[len(LEAD_DATA_REPEAT) :].partition(".")
+        if dot and number.isdigit():
+            return name
+    return None
+
+
 def event_id(type_: str, resource: str, version: str) -> str:
     """`evt_` and 32 hex digits (128 bits) of SHA-256 over the change's identity."""
     return "evt_" + hashlib.sha256(f"{type_}\x1f{resource}\x1f{version}".encode()).hexdigest()[:32]

@@ -117,9 +117,9 @@ def is_sensitive_key(key: str) -> bool:
 
 def is_pii_key(key: str) -> bool:
     """A key holding a person's details, by pii's lists in any spelling: masked, ids are logged instead."""
-    # leadData entries arrive as "leadData.<name>": judge the entry's name.
+    # leadData entries arrive as "leadData.<name>" (or "leadData#<id>.<name>"): judge the entry's name.
     prefix, _, entry = key.partition(".")
-    if entry and prefix.lower() == "leaddata":
+    if entry and prefix.lower().partition("#")[0] == "leaddata":
         return is_personal_lead_data(entry)
     return key.lower() not in _OWN_KEYS and is_personal_name(key)
 

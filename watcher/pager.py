@@ -69,16 +69,26 @@ class Pager:
 
     `id_filter`: the server offers `id[]`, so an unreadable record's id is searched within the
     walk's own filter (otherwise single items are read, and the caller re-checks its filter).
+    `isolate` False: an unreadable page fails the walk as it came, for a caller that cannot skip a
+    record (a campaign left out of the first read would be announced as new by the next).
     """
 
     def __init__(
-        self, client: ConvertrClient, collection: str, params: Params, size: int, *, id_filter: bool = True
+        self,
+        client: ConvertrClient,
+        collection: str,
+        params: Params,
+        size: int,
+        *,
+        id_filter: bool = True,
+        isolate: bool = True,
     ) -> None:
         self.client = client
         self.collection = collection
         self.params = params
         self.size = size
         self.id_filter = id_filter
+        self.isolate = isolate
         self.step_backs = 0
         self.identified: set[int] = set()  # unreadable ids found in this walk: never searched for again
 
@@ -172,6 +182,8 @@ class Pager:
         try:
             page = await self.client.page(self.collection, self.params, number=number, items_per_page=self.size)
         except UNREADABLE as exc:
+            if not self.isolate:
+                raise
             if self.size == 1:
                 rows: list[tuple[int, dict[str, Any]]] = []
                 holes: list[tuple[int, str]] = [(offset, str(exc))]

@@ -25,6 +25,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from watcher.events import lead_data_name
+
 # An address with a local part: "@example.com" alone (the `emailDomain` business field) is not one.
 EMAIL = re.compile(r"[\w.%+'-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
 # A run of digits with the separators phone numbers are written with; judged by its digit count.
@@ -153,9 +155,11 @@ def is_personal_name(name: str) -> bool:
 
 
 def is_personal_field(field: str) -> bool:
-    """Whether a `changes` key (`"email"`, `"leadData.telephone"`) names personal data."""
-    if field.startswith("leadData."):
-        return is_personal_lead_data(field[len("leadData.") :])
+    """Whether a `changes` key (`"email"`, `"leadData.telephone"`, `"leadData#9001.telephone"`) names
+    personal data."""
+    name = lead_data_name(field)
+    if name is not None:
+        return is_personal_lead_data(name)
     return field in LEAD_FIELDS
 
 

@@ -3,8 +3,8 @@
 Four lead walks share one loop: `leads.created` (createdTs cursor), `leads.updated` (updatedTs
 cursor), `leads.baseline` (a snapshot of recent leads when tracking starts or changes, so their
 first change is reported) and `leads.recheck` (a trailing re-read when the server offers no
-updatedTs filter). `campaigns` is a full read each time, because a status can change with no
-write at all.
+updatedTs filter, or with `quiet_edits` for edits that leave updatedTs unmoved). `campaigns` is
+a full read each time, because a status can change with no write at all.
 
 A walk records where it started (`walk_from`) in its first page's transaction and forgets it in
 its last: if the daemon dies half-way, the next walk starts from the same bound, so a lead on an
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,10 @@ from watcher.convertr import ConvertrClient, Page
 from watcher.errors import WatcherError
 from watcher.events import Event, campaign_id_of
 from watcher.pager import UNREADABLE, Pager, Read
+from watcher.records import NOTHING_UNANNOUNCED, CampaignState, PageCommit, Place, Unannounced
 from watcher.routing import router
 from watcher.servertime import ServerClock, write_at
-from watcher.store import CampaignState, PageCommit, Store
+from watcher.store import Store
 
 if TYPE_CHECKING:
     from watcher.metrics import PollMetrics
@@ -84,6 +85,7 @@ class _Plan:
     floor: float | None = None  # written on the first page when set
     start_page: int = 1
     resume_after: int | None = None  # a resumed walk's last id: it steps back until a page overlaps it
+    label: str | None = None  # a walk that keeps no cursor: what it is taken under, written as its cursor
 
 
 class Poller:
@@ -143,7 +145,7 @@ class Poller:
                 results.append(await self._timed(BASELINE, self._walk_baseline))
             if self.updates_filter:
                 results.append(await self._timed(UPDATED, self._walk_updated))
-            elif self._recheck_due():
+            if (not self.updates_filter or leads.quiet_edits) and self._recheck_due():
                 results.append(await self._timed(RECHECK, self._walk_recheck))
         elif self.store.cursor(BASELINE) is not None:
             # Snapshots stop being kept: switching updates on again must take a new baseline.
@@ -204,7 +206,10 @@ class Poller:
 
     def _baseline_due(self) -> bool:
         state = self.store.cursor(BASELINE)
-        return state is None or state.walk_from is not None or state.cursor != self._signature()
+        if state is None or state.walk_from is not None:
+            return True
+        # A baseline finished before snapshots kept every repeated leadData entry still counts.
+        return state.cursor not in (self._signature(), detect.legacy_signature(self.config.leads.track))
 
     def _signature(self) -> str:
         return detect.track_signature(self.config.leads.track)
@@ -247,14 +252,15 @@ class Poller:
                     self.metrics.event_detected(type_, count)
             self.on_events()
 
-    def _walk_state(self, stream: str, signpost: float, **kwargs: Any) -> detect.LeadWalk:
+    def _walk_state(
+        self, stream: str, signpost: float, tracks: dict[str, tuple[str, ...]], **kwargs: Any
+    ) -> detect.LeadWalk:
         now = self.clock.now()
         leads = self.config.leads
-        return detect.LeadWalk(
-            stream, now, rfc3339(now), signpost, leads.track, leads.updates, tracks=self._tracks(), **kwargs
-        )
+        return detect.LeadWalk(stream, now, rfc3339(now), signpost, leads.track, leads.updates, tracks=tracks, **kwargs)
 
     def _tracks(self) -> dict[str, tuple[str, ...]]:
+        """Every track list a stored snapshot may have been taken under; called once per walk."""
         if self.config.leads.updates:
             self.store.remember_track(self._signature(), self.config.leads.track)
         return self.store.tracks()
@@ -346,6 +352,12 @@ class Poller:
         """Snapshots of the leads created within `baseline_window`, resumable page by page."""
         leads = self.config.leads
         state = self.store.cursor(BASELINE)
+        signature = self._signature()
+        if state is not None and state.walk_from and state.cursor != signature:
+            # Stopped under another `track`: the pages read before the stop hold snapshots without the
+            # fields added since, whose first changes would then pass silently. Taken again whole.
+            log.info("snapshot baseline restarted: track changed while it was under way")
+            state = None
         if state is not None and state.walk_from:
             plan = _Plan(BASELINE, CREATED_FILTER, state.walk_from, None, None, start_page=max(1, state.progress or 1))
             plan.resume_after = state.resume_after
@@ -365,7 +377,8 @@ class Poller:
                     PageCommit(UPDATED, self.clock.now(), cursor=write_at(start, UTC_OFFSET), cursor_ts=start), result
                 )
             log.info("snapshot baseline started", window=leads.baseline_window)
-        await self._walk(plan, result, created=False, finish_cursor=self._signature())
+        plan.label = signature
+        await self._walk(plan, result, created=False, finish_cursor=signature)
 
     async def _walk_recheck(self, result: PollResult) -> None:
         window_start = self.server.now() - self.config.leads.recheck_window
@@ -385,6 +398,7 @@ class Poller:
         signpost: float | None = None
         cursor = plan.cursor
         first = True
+        tracks = self._tracks()
         # aclosing: a failed commit must stop the page read ahead at once, not whenever the
         # abandoned generator is collected.
         async with aclosing(pager.pages(plan.start_page, overlap_id=plan.resume_after)) as reads:
@@ -394,67 +408,106 @@ class Poller:
                 if signpost is None:
                     server_now = page.server_date.timestamp() if page.server_date else self.server.now()
                     signpost = server_now - self.config.leads.safety_lag
-                commit = self._decide(plan, read, signpost, cursor, created, result)
-                if first:
-                    commit.set_walk_from, commit.walk_from = True, plan.bound
-                    commit.baseline_until, commit.floor = plan.baseline_until, plan.floor
-                    first = False
-                if plan.cursor_field is None:
-                    commit.progress, commit.resume_after = page.number, read.last_id  # where a resume starts
-                cursor = commit.cursor or cursor
+                resumable = plan.cursor_field is None  # a resume starts from the last page committed
+                place = Place(
+                    set_walk_from=first,
+                    walk_from=plan.bound if first else None,
+                    baseline_until=plan.baseline_until if first else None,
+                    floor=plan.floor if first else None,
+                    label=plan.label if first else None,
+                    progress=page.number if resumable else None,
+                    resume_after=read.last_id if resumable else None,
+                )
+                first = False
+                commit = self._decide(plan, read, signpost, cursor, created, result, tracks, place)
+                if plan.cursor_field is not None:
+                    cursor = commit.cursor or cursor
                 self._commit(commit, result)
                 if self.progress is not None:
                     self.progress(result.fetched, page.total)
                 if self.should_stop():
                     return  # walk_from stays recorded: the next walk resumes from the same bound
-        done = PageCommit(plan.stream, self.clock.now(), set_walk_from=True, walk_from=None, finished=True)
-        done.progress = 0
-        if cursor is not None:
-            done.cursor, done.cursor_ts = cursor, detect.parse_ts(cursor).timestamp()
+        final: tuple[str | None, float | None] = (None, None)
         if finish_cursor is not None:
-            done.cursor, done.cursor_ts = finish_cursor, None
+            final = (finish_cursor, None)
+        elif cursor is not None:
+            final = (cursor, detect.parse_ts(cursor).timestamp())
+        done = PageCommit(
+            plan.stream,
+            self.clock.now(),
+            cursor=final[0],
+            cursor_ts=final[1],
+            set_walk_from=True,
+            walk_from=None,
+            progress=0,
+            finished=True,
+        )
         self._commit(done, result)
         result.cursor_after = done.cursor
         if plan.stream == BASELINE:
             log.info("snapshot baseline finished", leads=result.fetched, pages=result.pages)
 
     def _decide(
-        self, plan: _Plan, read: Read, signpost: float, cursor: str | None, created: bool, result: PollResult
+        self,
+        plan: _Plan,
+        read: Read,
+        signpost: float,
+        cursor: str | None,
+        created: bool,
+        result: PollResult,
+        tracks: dict[str, tuple[str, ...]],
+        place: Place,
     ) -> PageCommit:
         page = read.page
         result.pages += 1
         result.fetched += len(page.members)
         ids = [m["id"] for m in page.members if isinstance(m.get("id"), int)]
         known = self.store.leads(ids)
+        unannounced = self._unannounced(ids)
+        if read.unreadable:
+            place = replace(place, unreadable=(*place.unreadable, *self._skipped(plan, read)))
         if created:
-            walk = self._walk_state(plan.stream, signpost, emit_after=plan.emit_after)
-            commit = detect.decide_created(page.members, known, walk, cursor, self.route)
+            walk = self._walk_state(plan.stream, signpost, tracks, emit_after=plan.emit_after)
+            commit = detect.decide_created(
+                page.members, known, walk, cursor, self.route, unannounced, place, cursor_field=plan.cursor_field
+            )
             result.new += len(commit.leads)
         else:
-            walk = self._walk_state(plan.stream, signpost, horizon=self._horizon())
+            walk = self._walk_state(plan.stream, signpost, tracks, horizon=self._horizon())
             commit = detect.decide_updated(
-                page.members, known, walk, cursor, self.route, cursor_field=plan.cursor_field
+                page.members, known, walk, cursor, self.route, unannounced, place, cursor_field=plan.cursor_field
             )
             result.changed += len(commit.events)
-        self._skip_unreadable(plan, read, commit)
         return commit
 
     # --- records the server cannot serialise -----------------------------------------------------
 
-    def _skip_unreadable(self, plan: _Plan, read: Read, commit: PageCommit) -> None:
-        if not read.unreadable:
-            return
+    def _skipped(self, plan: _Plan, read: Read) -> list[tuple[int, float, str, float | None]]:
+        """Entries to record for the page's unreadable leads not recorded before (logged here)."""
         stream = plan.stream
+        now = self.clock.now()
         recorded = {u.lead_id for u in self.store.unreadable(stream)}
+        entries: list[tuple[int, float, str, float | None]] = []
         for lead_id, error in read.unreadable:
             if lead_id is None:
                 continue  # logged by the pager; a later walk over the same rows tries again
             if lead_id in recorded:
                 continue  # its own slow schedule decides when it is read next
             # The walk's threshold goes with it: a lead that existed at the baseline stays unannounced.
-            commit.unreadable.append((lead_id, commit.now + UNREADABLE_RETRY[0], error[:200], plan.emit_after))
+            entries.append((lead_id, now + UNREADABLE_RETRY[0], error[:200], plan.emit_after))
             log.warning("lead unreadable: skipped, retried later", stream=stream, lead_id=lead_id, error=error)
-        self._count_unreadable(len(commit.unreadable))
+        self._count_unreadable(len(entries))
+        return entries
+
+    def _unannounced(self, ids: Sequence[int]) -> Unannounced:
+        """The created walk's unreadable entries among `ids`, each with the rule it was met under."""
+        wanted = set(ids)
+        entries = [u for u in self.store.unreadable(CREATED) if u.lead_id in wanted]
+        if not entries:
+            return NOTHING_UNANNOUNCED
+        state = self.store.cursor(CREATED)
+        floor = state.floor if state is not None and state.floor is not None else float("-inf")
+        return Unannounced(CREATED, {u.lead_id: floor if u.emit_after is None else u.emit_after for u in entries})
 
     def _count_unreadable(self, extra: int = 0) -> None:
         if self.metrics is not None:
@@ -465,27 +518,30 @@ class Poller:
     ) -> None:
         """Read each unreadable lead whose time has come; one that reads now is decided like a page."""
         now = self.clock.now()
+        tracks: dict[str, tuple[str, ...]] | None = None
         for entry in self.store.unreadable():
             if entry.stream not in streams or entry.next_try > now:
                 continue
             stream = entry.stream
-            commit = PageCommit(stream, now)
             try:
                 doc = await self.client.item("leads", entry.lead_id, attempts=1)
             except UNREADABLE as exc:
                 due = now + UNREADABLE_RETRY[min(entry.tries, len(UNREADABLE_RETRY) - 1)]
-                commit.unreadable.append((entry.lead_id, due, str(exc)[:200], entry.emit_after))
-                self._commit(commit, result)
+                again = (entry.lead_id, due, str(exc)[:200], entry.emit_after)
+                self._commit(PageCommit(stream, now, unreadable=[again]), result)
                 continue
+            answered = Place(readable=(entry.lead_id,))
             if doc is not None and self._in_scope(doc):
                 read = Read(Page(0, [doc], None, None, None, frozenset()))
                 signpost = self.server.now() - self.config.leads.safety_lag
                 emit_after = entry.emit_after if entry.emit_after is not None else plan.emit_after
+                # No cursor field: one old lead never moves a cursor.
                 retry = _Plan(stream, "", "", None, None, emit_after=emit_after)
-                commit = self._decide(retry, read, signpost, None, created, result)
-                commit.cursor = commit.cursor_ts = None  # one old lead never moves a cursor
+                tracks = self._tracks() if tracks is None else tracks
+                commit = self._decide(retry, read, signpost, None, created, result, tracks, answered)
                 log.info("unreadable lead read at last", stream=stream, lead_id=entry.lead_id)
-            commit.readable.append(entry.lead_id)
+            else:
+                commit = PageCommit.at(stream, now, answered)
             self._commit(commit, result)
         self._count_unreadable()
 
@@ -500,9 +556,14 @@ class Poller:
         state = self.store.cursor(CAMPAIGNS)
         baseline = state is None or state.polls == 0
         known = self.store.campaigns()
-        async with aclosing(self.client.pages("campaigns", {"order[id]": "asc"})) as pages:
-            async for page in pages:
-                self._campaign_page(page, known, baseline, result)
+        # Paged like the leads, so that a campaign deleted during the first read cannot shift another
+        # off the pages: one left out would be announced as campaign.created by the next poll.
+        pager = Pager(
+            self.client, "campaigns", {"order[id]": "asc"}, self.config.convertr.items_per_page, isolate=False
+        )
+        async with aclosing(pager.pages()) as reads:
+            async for read in reads:
+                self._campaign_page(read.page, known, baseline, result)
                 if self.should_stop():
                     return
         self._commit(PageCommit(CAMPAIGNS, self.clock.now(), finished=True), result)

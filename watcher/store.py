@@ -15,19 +15,19 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watcher.errors import StateDamaged, StateError, StateTooNew
 from watcher.events import Event, dumps, loads
+from watcher.records import FORGOTTEN, CampaignState, LeadState, PageCommit, Unreadable
 
 if TYPE_CHECKING:
     import sqlite_utils
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
-FORGOTTEN = "forgotten"  # the `track` of a lead erased by `forget`: a tombstone, never filled in again
 ASKED_TO_WAIT = "receiver asked to wait"  # marks an attempt whose answer carried a Retry-After
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a file has come.
@@ -169,61 +169,6 @@ class Cursor:
     floor: float | None = None  # created stream: leads created before this are the baseline, never announced
     progress: int | None = None  # pages a resumable walk has committed
     resume_after: int | None = None  # the last id a resumable walk committed
-
-
-@dataclass(frozen=True)
-class LeadState:
-    id: int
-    created_ts: float
-    version: str | None  # updatedTs of the snapshot
-    snapshot: dict[str, Any]
-    track: str | None = None  # signature of the track list the snapshot was taken under
-    last_event: str | None = None  # id of the lead's last lead.updated: the next id chains on it
-
-
-@dataclass(frozen=True)
-class CampaignState:
-    id: int
-    status: str
-    transitions: int
-    name: str | None = None  # shown in Slack messages about the campaign's leads
-    last_event: str | None = None  # id of the last status change: the next id chains on it
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """A lead whose every read fails: skipped by the walks, retried on a slow schedule."""
-
-    stream: str
-    lead_id: int
-    first_seen: float
-    next_try: float
-    tries: int
-    error: str | None
-    emit_after: float | None = None  # created: announced once readable only if created after this
-
-
-@dataclass
-class PageCommit:
-    """Everything one page of a walk changes, committed together or not at all."""
-
-    stream: str
-    now: float
-    cursor: str | None = None  # None keeps the stored cursor
-    cursor_ts: float | None = None
-    walk_from: str | None = None
-    set_walk_from: bool = False  # walk_from is written only when this is true (None clears it)
-    baseline_until: float | None = None  # written with walk_from
-    floor: float | None = None  # written when not None
-    progress: int | None = None  # written when not None (0 clears it, with resume_after)
-    resume_after: int | None = None  # written with progress
-    # (lead id, next try, error, emit_after) to record
-    unreadable: list[tuple[int, float, str, float | None]] = field(default_factory=list)
-    readable: list[int] = field(default_factory=list)  # unreadable leads read at last: forgotten
-    leads: list[LeadState] = field(default_factory=list)
-    campaigns: list[CampaignState] = field(default_factory=list)
-    events: list[tuple[Event, Sequence[str]]] = field(default_factory=list)  # (event, sink names)
-    finished: bool = False  # the walk ended: record a successful poll
 
 
 @dataclass(frozen=True)
@@ -766,10 +711,10 @@ class Store:
                         for lead_id, due, error, emit_after in page.unreadable
                     ],
                 )
-            if page.readable:
+            if page.readable or page.settled:
                 c.executemany(
                     "DELETE FROM unreadable WHERE stream = ? AND lead_id = ?",
-                    [(page.stream, lead_id) for lead_id in page.readable],
+                    [*((page.stream, lead_id) for lead_id in page.readable), *page.settled],
                 )
             if page.floor is not None:
                 c.execute("UPDATE cursors SET floor = ? WHERE stream = ?", (page.floor, page.stream))

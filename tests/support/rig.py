@@ -29,17 +29,36 @@ SINK = {"name": "crm", "type": "webhook", "url": "http://127.0.0.1:9/hook", "sec
 
 
 class HookedSimulator(Simulator):
-    """A simulator that runs test code right after serving a chosen page of a lead walk, so writes land
-    between pages. Hooks are keyed (walk, page number, page size); a size of 0 matches any size."""
+    """A simulator that runs test code right after serving a chosen page of a walk, so writes land
+    between pages. Hooks are keyed (walk, page number, page size): walk is "created" or "updated"
+    (lead walks by their filter, "other" for the rest) or "campaigns"; a size of 0 matches any size."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.hooks: dict[tuple[str, int], Callable[[], object]] = {}
+        self.hooks: dict[tuple[str, int, int], Callable[[], object]] = {}
+        # (lead pages of `countdown_size` rows still to serve, then this runs): lands in whichever
+        # walk is reading by then; other sizes (start-up checks, position checks) do not count.
+        self.countdown: tuple[int, Callable[[], object]] | None = None
+        self.countdown_size = 0
 
     def lead_page(self, query: LeadQuery, page: Page) -> tuple[int, list[str]]:
         served = super().lead_page(query, page)
+        if self.countdown is not None and page.limit == self.countdown_size:
+            left, action = self.countdown
+            self.countdown = (left - 1, action) if left > 1 else None
+            if left <= 1:
+                action()
         walk = "updated" if "updated_wall" in query.where else "created" if "created_wall" in query.where else "other"
         hook = self.hooks.pop((walk, page.number, page.limit), None) or self.hooks.pop((walk, page.number, 0), None)
+        if hook is not None:
+            hook()
+        return served
+
+    def campaign_page(self, params: Any, page: Page, updated_filter: bool) -> tuple[int, list[dict[str, Any]]]:
+        served = super().campaign_page(params, page, updated_filter)
+        hook = self.hooks.pop(("campaigns", page.number, page.limit), None) or self.hooks.pop(
+            ("campaigns", page.number, 0), None
+        )
         if hook is not None:
             hook()
         return served

@@ -130,6 +130,7 @@ class Simulator:
         self.logins = 0
         self.store = LeadStore(seed, self.zone)
         self._campaigns: dict[int, CampaignRecord] = {}
+        self._deleted_campaigns: dict[int, CampaignRecord] = {}  # gone from the API; their leads keep the IRI
         self._next_lead_id = 100_001
         self._next_campaign_id = 601
         self._next_data_id = 900_000_000
@@ -212,7 +213,7 @@ class Simulator:
             return self._campaign_doc(record, now)
 
     def _record(self, campaign_id: int) -> CampaignRecord:
-        record = self._campaigns.get(campaign_id)
+        record = self._campaigns.get(campaign_id) or self._deleted_campaigns.get(campaign_id)
         if record is None:
             raise KeyError(f"no campaign {campaign_id}")
         return record
@@ -232,6 +233,11 @@ class Simulator:
 
     def resume_campaign(self, campaign_id: int) -> dict[str, Any]:
         return self.update_campaign(campaign_id, pauseTs=None)
+
+    def delete_campaign(self, campaign_id: int) -> None:
+        """Take a campaign out of every result (deleted); its leads keep pointing at it."""
+        with self.lock:
+            self._deleted_campaigns[campaign_id] = self._campaigns.pop(campaign_id)
 
     def campaign(self, campaign_id: int) -> dict[str, Any]:
         with self.lock:
@@ -373,6 +379,36 @@ class Simulator:
             self._next_data_id += apply_lead_fields(doc, fields, lead_data, self._next_data_id)
             self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
             return doc
+
+    def add_lead_data(self, lead_id: int, name: str, value: str, *, touch: bool = True) -> int:
+        """Append a leadData entry even when one of that name exists (Convertr does not forbid it);
+        returns the new entry's id."""
+        with self.lock:
+            row = self._row(lead_id)
+            doc = self._lead_dict(row)
+            data_id = self._next_data_id
+            self._next_data_id += 1
+            entry = {"@id": f"/api/v4/lead-datas/{data_id}", "@type": "LeadData", "name": name, "value": value}
+            doc["leadData"].append(entry)
+            self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
+            return data_id
+
+    def set_lead_data(self, lead_id: int, data_id: int, value: str, *, touch: bool = True) -> None:
+        """Set the value of one leadData entry, named by its id (names may repeat)."""
+        with self.lock:
+            row = self._row(lead_id)
+            doc = self._lead_dict(row)
+            [entry] = [e for e in doc["leadData"] if e.get("@id") == f"/api/v4/lead-datas/{data_id}"]
+            entry["value"] = value
+            self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
+
+    def reverse_lead_data(self, lead_id: int) -> None:
+        """Serve a lead's leadData entries in reverse order, nothing else changed (not even updatedTs)."""
+        with self.lock:
+            row = self._row(lead_id)
+            doc = self._lead_dict(row)
+            doc["leadData"].reverse()
+            self.store.update(self._edited(row, doc, row.updated, row.visible))
 
     def lead(self, lead_id: int) -> dict[str, Any]:
         """The current document of a lead, hidden or not."""
