@@ -68,7 +68,7 @@ def _probe(config: SinkConfig) -> str:
     async def go() -> str:
         sink = _sink(config)
         try:
-            return await sink.probe()
+            return await sink.reach()
         finally:
             await sink.aclose()
 

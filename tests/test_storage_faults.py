@@ -79,6 +79,9 @@ def test_full_state_disk_pauses_and_recovers_without_resending(tmp_path: Path, s
         before = simulator.add_leads(3, campaign)
         receiver.respond(500)  # these stay pending, so their outcomes come due while the disk is full
         wait_until(lambda: len([r for r in receiver.requests if r.status == 500]) >= 3, 20, "failing attempts")
+        # Recorded, not only answered: an outcome waits a moment for its group commit, and one the
+        # full disk refused would hold the sink (by design) before anything could be delivered.
+        wait_until(lambda: log_path.read_text().count('"event": "delivery failed"') >= 3, 20, "failures recorded")
 
         filler = _fill(inside)
         receiver.respond(200)

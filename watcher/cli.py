@@ -202,16 +202,14 @@ async def _connect(config: Config) -> int:
         if sink.name in refused:
             why = refused[sink.name]
             print(f"  sink {sink.name}: DISABLED by the daemon {why}; `replay --sink {sink.name}` enables it")
-        if sink.broker:  # the broker's own handshake and a look for the stream or exchange
-            from watcher.sinks.broker import probe_config
-
-            ok, said = await probe_config(sink, SystemClock(), __version__)
-            print(f"  sink {sink.name}: {said}" if ok else f"  sink {sink.name}: cannot deliver ({said})")
-            code = code or (EXIT_OK if ok else EXIT_FAILURE)
-            continue
         problem = await _reach(sink)
         if problem is not None:
-            print(f"  sink {sink.name}: cannot reach {problem}")
+            # A broker may be reached and still refuse the events (no stream, no exchange).
+            print(
+                f"  sink {sink.name}: cannot deliver ({problem})"
+                if sink.broker
+                else f"  sink {sink.name}: cannot reach {problem}"
+            )
             code = code or EXIT_FAILURE
     if code == EXIT_CONFIG:
         return _fail("convertr: login refused: check [convertr] username and password", EXIT_CONFIG)
@@ -241,7 +239,8 @@ def _disabled_in_state(config: Config) -> dict[str, str]:
 
 
 async def _reach(sink_config: SinkConfig) -> str | None:
-    """None once the sink's receiver is reached (printed), else why not; no event is sent."""
+    """None once the sink's receiver is reached (printed), else why not; no event is sent. A broker
+    sink's reach is its own handshake and a look for its stream or exchange."""
     from watcher.sinks import build_sink
     from watcher.sinks.base import Reachable
 

@@ -93,7 +93,10 @@ class Dispatcher:
         self._lanes = {s.name: self._lane(s) for s in self.sinks}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._run: tuple[asyncio.Event, float] | None = None  # (stopping, grace) while `run` runs
-        self._recorder = Recorder(store)
+        self._recorder = Recorder(store, clock, sending=self._sending)
+
+    def _sending(self) -> bool:
+        return any(lane.in_flight for lane in self._lanes.values())
 
     def _lane(self, sink: Sink) -> Lane:
         return Lane(sink, off=not sink.config.enabled, pace=self._paces.setdefault(sink.config.url, Pace()))
@@ -169,6 +172,7 @@ class Dispatcher:
         workers = list(self._workers.values())
         if workers:
             await asyncio.gather(*workers)
+        self._recorder.flush()
         say(self.tally, self.clock.monotonic(), force=True)
 
     def _start(self, lane: Lane, stopping: asyncio.Event, grace: float) -> None:
@@ -204,7 +208,7 @@ class Dispatcher:
     def _pass_over(self, lane: Lane) -> bool:
         """Whether a `once` pass has nothing left to try on this lane (attempts in flight finish first)."""
         assert lane.passing is not None
-        if lane.in_flight:
+        if lane.in_flight or lane.recording:
             return False
         # A sink that is off, disabled, paused by its receiver or unable to record is left for this pass.
         if lane.off or lane.disabled or lane.unwritten or lane.paused_until > self.clock.monotonic():
@@ -332,6 +336,7 @@ class Dispatcher:
     def _finished(self, lane: Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
         for d in group:
             lane.in_flight.pop(d.seq, None)
+            lane.recording.pop(d.seq, None)
         lane.kick.set()
         failed = task.cancelled() or task.exception() is not None
         if not task.cancelled() and task.exception() is not None:
@@ -372,7 +377,7 @@ class Dispatcher:
 
     async def _drain(self, lane: Lane, grace: float) -> None:
         # Stopping: let attempts in flight finish briefly; an interrupted one stays pending and is sent again.
-        pending = set(lane.in_flight.values())
+        pending = set(lane.in_flight.values()).union(lane.recording.values())
         if pending:
             _done, late = await asyncio.wait(pending, timeout=grace)
             for task in late:
@@ -446,6 +451,15 @@ class Dispatcher:
         if lane.passing is not None:
             began = lane.passing.began
             lane.passing.again.update(o.seq for o in outcomes if o.status == PENDING and o.next_attempt_at <= began)
+        if error is None:
+            # Taken: the slot goes to the next event while this outcome waits to be committed with
+            # others; until then the deliveries stay busy (pending in the file). A failure keeps
+            # its slot until recorded, so a pause or a disable it brings stops the next send.
+            this = asyncio.current_task()
+            for d in batch:
+                if lane.in_flight.pop(d.seq, None) is not None and this is not None:
+                    lane.recording[d.seq] = this
+            lane.kick.set()
         try:
             await self._recorder.record(Recorded(sink.name, tuple(outcomes), now, status, duration, error is None))
         except WatcherError as exc:
@@ -542,6 +556,7 @@ class Dispatcher:
             # flight gets the sink's timeout to finish.
             await asyncio.gather(*(self._worker(lane, stopping, lane.sink.config.timeout) for lane in lanes))
         finally:
+            self._recorder.flush()
             results = [lane.passing.result for lane in lanes if lane.passing is not None]
             for lane in lanes:
                 lane.passing = None

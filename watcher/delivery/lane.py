@@ -84,6 +84,8 @@ class Lane:
     sink: Sink
     kick: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: dict[int, asyncio.Task[bool]] = field(default_factory=dict)  # event seq -> the attempt sending it
+    # Event seq -> its attempt, sent and waiting for its outcome's commit (delivery.recorder).
+    recording: dict[int, asyncio.Task[bool]] = field(default_factory=dict)
     off: bool = False  # `enabled = false` in the configuration
     disabled: bool = False  # refused permanently (410, revoked Slack hook) until enabled again
     pace: Pace = field(default_factory=Pace)
@@ -113,7 +115,7 @@ class Lane:
     @property
     def busy(self) -> frozenset[int]:
         again = self.passing.again if self.passing is not None else ()
-        return frozenset(self.in_flight).union(again, (d.seq for u in self.unwritten for d in u.batch))
+        return frozenset(self.in_flight).union(self.recording, again, (d.seq for u in self.unwritten for d in u.batch))
 
     @property
     def paused_until(self) -> float:

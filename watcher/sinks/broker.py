@@ -149,9 +149,10 @@ class BrokerSink(Generic[L]):
         self._confirmed_at = self._clock.monotonic()
         return Attempt(status=None, duration=self._confirmed_at - started, response_excerpt=answer)
 
-    async def probe(self) -> str:
-        """Connect (the broker's own handshake, credentials included) and check the destination
-        exists, without publishing; a line saying what was found, or DeliveryError."""
+    async def reach(self) -> str:
+        """`check --connect` and the start-up check (sinks.base.Reachable): connect (the broker's
+        own handshake, credentials included) and check the destination exists, without
+        publishing; a line saying what was found, or DeliveryError."""
         try:
             async with asyncio.timeout(self.config.timeout):
                 return await self._check(await self._connected())
@@ -246,21 +247,10 @@ async def probe_at_start(sinks: Sequence[object]) -> None:
 
     async def one(sink: BrokerSink[Any]) -> None:
         try:
-            found = await sink.probe()
+            found = await sink.reach()
         except DeliveryError as exc:
             log.error("broker sink cannot deliver yet; its events wait and are retried", sink=sink.name, error=str(exc))
         else:
             log.info("broker sink ready", sink=sink.name, found=found)
 
     await asyncio.gather(*(one(s) for s in sinks if isinstance(s, BrokerSink) and s.config.enabled))
-
-
-async def probe_config(config: SinkConfig, clock: Clock, version: str) -> tuple[bool, str]:
-    """`check --connect` for one broker sink: (reachable and its destination exists, what was found or why not)."""
-    sink = broker_sink(config, clock=clock, version=version)
-    try:
-        return True, await sink.probe()
-    except DeliveryError as exc:
-        return False, str(exc)
-    finally:
-        await sink.aclose()
