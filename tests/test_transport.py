@@ -399,3 +399,13 @@ def test_a_broken_answer_fails_its_attempt_once_named_and_never_resent(
     assert (error.status, str(error)) == (None, text)
     secret_free(error)
     assert len(server.heads) == 1
+
+
+def test_a_2xx_with_many_header_lines_is_a_success(scripted: Callable[..., Scripted]) -> None:
+    """A 204 carrying 300 header lines (a receiver behind proxies adding cookies, CSP, tracing) is a
+    success: were it refused as invalid HTTP, the event would go again and again to a receiver that had it."""
+    lines = b"".join(b"Set-Cookie: c%d=v; Path=/\r\n" % n for n in range(300))
+    reply = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n" + lines + b"\r\n"
+    server = scripted(answer(reply))
+    assert run(deliver(config(server.url), [lead_event()])).status == 204
+    assert len(server.heads) == 1

@@ -31,6 +31,7 @@ from watcher.config import ConvertrConfig
 from watcher.errors import (
     ApiError,
     AuthError,
+    ConfigError,
     MalformedResponse,
     NotFound,
     RateLimited,
@@ -291,7 +292,27 @@ class ConvertrClient:
         # AsyncHTTPTransport: no retries (a failed read is ours to retry, with backoff and the
         # budget), Happy Eyeballs through anyio, and proxies from the environment, which httpx
         # reads only for a client whose transport it builds itself.
-        self._http = httpx.AsyncClient(
+        try:
+            self._http = self._client(config, transport)
+        except ImportError:
+            # httpx builds a SOCKS transport for a socks:// proxy only with its [socks] extra. The
+            # proxy URL is not quoted: it may carry credentials.
+            raise ConfigError(
+                "",
+                "the environment names a SOCKS proxy (ALL_PROXY, HTTPS_PROXY or HTTP_PROXY), which the "
+                "Convertr client needs httpx's [socks] extra for: pip install 'httpx[socks]', or unset it",
+            ) from None
+        self._token: str | None = None
+        self._refresh_at = 0.0  # monotonic time after which the token is renewed before use
+        self._login_lock = asyncio.Lock()
+        self._in_flight = asyncio.Semaphore(max(1, config.max_in_flight))
+        self._budget = RollingWindow(config.request_budget, WINDOW_SECONDS, self._clock)
+        self._login_budget = RollingWindow(LOGINS_PER_WINDOW, WINDOW_SECONDS, self._clock)
+        self.request_count = 0
+
+    @staticmethod
+    def _client(config: ConvertrConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             base_url=config.base_url.rstrip("/"),
             transport=transport,
             verify=client_context(),
@@ -304,13 +325,6 @@ class ConvertrClient:
                 "User-Agent": f"convertr-watcher/{__version__}",
             },
         )
-        self._token: str | None = None
-        self._refresh_at = 0.0  # monotonic time after which the token is renewed before use
-        self._login_lock = asyncio.Lock()
-        self._in_flight = asyncio.Semaphore(max(1, config.max_in_flight))
-        self._budget = RollingWindow(config.request_budget, WINDOW_SECONDS, self._clock)
-        self._login_budget = RollingWindow(LOGINS_PER_WINDOW, WINDOW_SECONDS, self._clock)
-        self.request_count = 0
 
     async def __aenter__(self) -> ConvertrClient:
         return self

@@ -24,7 +24,8 @@
     │       └── NotFound     404: no such item (or not visible to this user)
     └── DeliveryError        one delivery attempt failed: retried on the sink's schedule
         ├── Throttled        429 (or 503) with Retry-After: the next attempt waits at least that long
-        └── SinkGone         410, or a permanent Slack error: the sink is disabled, its events kept
+        ├── SinkGone         410, or a permanent Slack error: the sink is disabled, its events kept
+        └── Interrupted      a stop or reload cut the attempt off: logged, sent again, schedule untouched
 
 Retry decisions branch on these classes, never on status codes elsewhere in the code.
 Messages never carry secrets: translate at the boundary with what the operator needs (status,
@@ -152,3 +153,9 @@ class Throttled(DeliveryError):
 
 class SinkGone(DeliveryError):
     """The receiver said it will never accept these events (410, revoked Slack hook): disable the sink."""
+
+
+class Interrupted(DeliveryError):
+    """A stop or a reload cut the attempt off before an answer: the receiver may have read it, so
+    it is a row in the attempt log, but not the event's fault: it goes again without using up a
+    step of its schedule."""

@@ -38,7 +38,7 @@ from watcher.delivery.policy import (
 )
 from watcher.delivery.recorder import Recorder
 from watcher.deliverylog import DeliveryTally, say
-from watcher.errors import DeliveryError, SinkGone, StateDamaged, WatcherError
+from watcher.errors import DeliveryError, Interrupted, SinkGone, StateDamaged, WatcherError
 from watcher.events import Event
 from watcher.sinks.base import Attempt, Sink
 from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
@@ -58,6 +58,7 @@ _SWEEP = Wait(SWEEP_INTERVAL)  # an idle look for changes made by other processe
 ERROR_BACKOFF = 5.0
 # Least time between two outbox gauge refreshes for one sink (they count every row).
 REPORT_INTERVAL = 5.0
+STOPPED = "no answer before the daemon stopped waiting (the receiver may have it); sent again"
 
 
 @runtime_checkable
@@ -441,6 +442,13 @@ class Dispatcher:
             status = attempt.status
         except DeliveryError as exc:
             error, status = exc, exc.status
+        except asyncio.CancelledError:
+            # Cut off by a stop or a reload after its grace (_drain): the receiver may have read
+            # the request, so it is a row in the attempt log, and the event goes again.
+            error = Interrupted(STOPPED)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # handled: the record below must not count as cancelled
         except Exception as exc:  # a bug in a sink must not lose the event: it is retried like a failure
             log.exception("sink raised an unexpected error", sink=sink.name)
             error = DeliveryError(f"internal error: {type(exc).__name__}")

@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 from functools import partial
 
-from watcher.errors import DeliveryError, SinkGone, Throttled
+from watcher.errors import DeliveryError, Interrupted, SinkGone, Throttled
 from watcher.logs import known_secrets, scrub
 from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
@@ -52,8 +52,9 @@ def decide(
     if error.retry_after is not None:
         # Kept in the attempt log: a later re-timing on a new retry_schedule must not shorten it.
         message = f"{message} ({ASKED_TO_WAIT} {error.retry_after:g} s)"
-    if isinstance(error, SinkGone):
-        # Not the event's fault: it waits, its schedule untouched, for the sink to be enabled again.
+    if isinstance(error, SinkGone | Interrupted):
+        # Not the event's fault: it waits, its schedule untouched, for the sink to be enabled again
+        # (or, interrupted, for the next start or the reloaded sink).
         return outcome(PENDING, due.attempts, now, message, attempt)
     config = sink.config
     when = next_attempt_at(now, attempt, config.retry_schedule, rng, error.retry_after, due.created_at, config.max_age)

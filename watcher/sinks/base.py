@@ -54,6 +54,10 @@ KEEPALIVE_EXPIRY = 4.0
 # this long after one that has not answered yet.
 HAPPY_EYEBALLS_DELAY = 0.25
 MAX_HEADER_LINE = 64 * 1024
+# How many header lines an answer may carry (aiohttp's default is 128): a receiver behind proxies
+# adding cookies, policies and tracing can pass that, and its 2xx refused as invalid HTTP would
+# have the event sent again until it died. h11, before aiohttp, bounded only the head's size.
+MAX_HEADER_LINES = 1024
 NO_ANSWER = "the receiver closed the connection without a complete answer"
 
 
@@ -235,6 +239,7 @@ class HttpSink:
                 # One header line of an answer may be this long (aiohttp's default is 8 KB; httpx took
                 # a 100 KB head): a receiver behind a chatty proxy still gets its 2xx counted.
                 max_field_size=MAX_HEADER_LINE,
+                max_headers=MAX_HEADER_LINES,
             )
         return self._session
 
