@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint typecheck demo bench soak clean faketime
+.PHONY: test check lint typecheck demo bench soak clean test-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,15 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# tests/test_clock_steps.py steps the daemon's wall clock with libfaketime (Debian's `faketime`).
-# Installed here when missing, only as root with apt-get (a CI machine); elsewhere install it yourself.
-faketime:
-	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 \
+# Debian packages some tests run: libfaketime steps the daemon's wall clock (tests/test_clock_steps.py),
+# Go builds the README's Go receiver (tests/test_receiver_snippets.py). Installed here when missing,
+# only as root with apt-get (a CI machine); elsewhere install them yourself.
+test-tools:
+	@{ ls /usr/lib/*/faketime/libfaketime.so.1 && command -v go; } >/dev/null 2>&1 \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; } \
-	  || echo "note: libfaketime is missing (apt-get install faketime): tests/test_clock_steps.py will fail"
+	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime golang-go >/dev/null; } \
+	  || echo "note: faketime or golang-go is missing (apt-get install faketime golang-go): tests that need them will fail"
 
-test: $(STAMP) faketime
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -4,8 +4,8 @@ Each snippet becomes a real server on loopback; `send-test --type lead.updated` 
 through the real sink, signed with two keys while the receiver knows only the second (rotation);
 a body holding `12.0` signed as the daemon signs passes (raw bytes are verified), and a changed
 body is refused. The JavaScript one needs Node and the npm package `tests/js/package.json` names
-(installed here into a temporary folder); the Go one needs a Go toolchain, and is skipped only
-where none is installed.
+(installed here into a temporary folder); the Go one needs a Go toolchain (`make test` installs
+golang-go as root), and is skipped only where none is installed, never under CI=true.
 """
 
 from __future__ import annotations

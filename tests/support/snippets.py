@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -24,10 +25,11 @@ def readme_blocks(language: str, section: str | None = None) -> list[str]:
 
 def tool(name: str, *, optional: bool = False) -> str:
     """The path of a toolchain command. Node and npm are on every machine the project runs on, so
-    their absence fails; Go is not, and only a machine without it skips what needs it."""
+    their absence fails; Go is not: a developer's machine without it skips what needs it, while CI
+    (`make test` installs golang-go there) fails."""
     found = shutil.which(name)
     if found is None:
-        if optional:
+        if optional and os.environ.get("CI") != "true":
             pytest.skip(f"no {name} toolchain on this machine")
         pytest.fail(f"{name} is not installed")
     return found
