@@ -42,6 +42,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("watcher.poller")
 
 CREATED, UPDATED, RECHECK, CAMPAIGNS = "leads.created", "leads.updated", "leads.recheck", "campaigns"
+# Where a walk's last re-read of the whole lookback started (its cursor then) and when it ran.
+SWEEPS = {CREATED: "leads.created.sweep", UPDATED: "leads.updated.sweep"}
+# How far behind its cursor a poll that does not re-read the lookback starts: rows of the
+# cursor's own second that the last walk may not have seen yet.
+TIE_OVERLAP = 1.0
+# How often a poll that does not re-read the lookback counts it instead (one request, no rows).
+COUNT_EVERY = 10.0
+# Ids remembered per stream since its last re-read of the lookback, at most (a day at 1 lead/s).
+MAX_SEEN = 100_000
 BASELINE = "leads.baseline"
 CHANGE_STREAMS = (UPDATED, BASELINE, RECHECK)  # walks that compare leads with snapshots
 UPDATED_FILTER = "updatedTs[strictly_after]"
@@ -70,6 +79,18 @@ class PollResult:
 
 
 @dataclass
+class _Window:
+    """What the walks of one stream read since its lookback was last re-read or counted, in this
+    process: the bound of that read, and every id read on or after it with its time, so that one
+    count (`hydra:totalItems`, no rows) tells whether a row appeared behind the cursor."""
+
+    bound: str
+    since: float  # the instant `bound` was written for
+    seen: dict[int, float]  # lead id -> the walk's field (createdTs, updatedTs) as read
+    counted_at: float  # monotonic time of the last re-read or count
+
+
+@dataclass
 class _Plan:
     """Where a lead walk starts and what it may announce."""
 
@@ -83,6 +104,8 @@ class _Plan:
     floor: float | None = None  # written on the first page when set
     start_page: int = 1
     resume_after: int | None = None  # a resumed walk's last id: it steps back until a page overlaps it
+    sweep_mark: str | None = None  # a lookback re-read: the cursor it started from, recorded when it ends
+    sweep_since: float = float("-inf")  # ... and the instant its bound was written for
 
 
 class Poller:
@@ -113,6 +136,8 @@ class Poller:
         self._lead_search: frozenset[str] | None = None
         self._warned_disagreement = False
         self._warned_no_date = False
+        self._served_size: int | None = None  # the page size the server was seen to serve
+        self._windows: dict[str, _Window] = {}  # stream -> what its walks read since its last sweep
 
     def reconfigure(self, config: Config, client: ConvertrClient) -> None:
         """Take a reloaded configuration between polls (never during one): new routes at once.
@@ -126,6 +151,9 @@ class Poller:
             self.updates_filter = None
             self._lead_search = None
             self._warned_disagreement = False
+            self._served_size = None
+        if config.leads != self.config.leads:
+            self._windows.clear()  # another lookback or campaign filter: re-read before trusting a count
         self.config = config
         self.client = client
         self.route = router(config.sinks)
@@ -313,8 +341,8 @@ class Poller:
                 plan.emit_after = start
             plan.floor = new_floor
         else:
-            bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
-            plan = _Plan(CREATED, CREATED_FILTER, bound, cursor, "createdTs", emit_after=floor or float("-inf"))
+            plan = await self._steady_plan(CREATED, CREATED_FILTER, cursor, "createdTs")
+            plan.emit_after = floor or float("-inf")
         await self._retry_unreadable((CREATED,), plan, result, created=True)
         await self._walk(plan, result, created=True)
 
@@ -336,8 +364,7 @@ class Poller:
                 "updatedTs",
             )
         else:
-            bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
-            plan = _Plan(UPDATED, UPDATED_FILTER, bound, cursor, "updatedTs")
+            plan = await self._steady_plan(UPDATED, UPDATED_FILTER, cursor, "updatedTs")
         await self._retry_unreadable(CHANGE_STREAMS, plan, result, created=False)
         await self._walk(plan, result, created=False)
 
@@ -372,28 +399,80 @@ class Poller:
         await self._retry_unreadable(CHANGE_STREAMS, plan, result, created=False)
         await self._walk(plan, result, created=False)
 
+    async def _steady_plan(self, stream: str, key: str, cursor: str, field: str) -> _Plan:
+        """A walk from its cursor: just behind it (what arrived since the last poll), or `lookback`
+        behind where the lookback was last known complete (a sweep, for rows that became visible
+        late) when a count shows a row there that no walk has read, or nothing is known yet."""
+        leads = self.config.leads
+        at = detect.parse_ts(cursor).timestamp()
+        mark = self.store.cursor(SWEEPS[stream])
+        window = self._windows.get(stream)
+        sweep = window is None or mark is None or mark.cursor_ts is None
+        if not sweep and window is not None and self.clock.monotonic() >= window.counted_at + COUNT_EVERY:
+            sweep = not await self._lookback_complete(stream, key, window, cursor, at)
+        if not sweep:
+            return _Plan(stream, key, self.server.bound(at - min(leads.lookback, TIE_OVERLAP)), cursor, field)
+        # From where the lookback was last known complete: every row that became visible since,
+        # within `lookback` of its timestamp, is on or after this bound, however long ago that was.
+        since = at if mark is None or mark.cursor_ts is None else min(at, mark.cursor_ts)
+        plan = _Plan(stream, key, self.server.bound(since - leads.lookback), cursor, field)
+        plan.sweep_mark, plan.sweep_since = cursor, since - leads.lookback
+        return plan
+
+    async def _lookback_complete(self, stream: str, key: str, window: _Window, cursor: str, at: float) -> bool:
+        """Count the rows since the window's bound (one request): the same number as the walks
+        read means none appeared behind the cursor, and the window moves up to `lookback` behind it."""
+        window.counted_at = self.clock.monotonic()
+        page = await self.client.page("leads", self._lead_params(key, window.bound), items_per_page=0)
+        self._observe(page)
+        if page.total != len(window.seen):
+            log.info("walk.lookback_changed", stream=stream, counted=page.total, read=len(window.seen))
+            return False
+        since = at - self.config.leads.lookback
+        if since > window.since:
+            window.since, window.bound = since, self.server.bound(since)
+            window.seen = {i: t for i, t in window.seen.items() if t > since}
+            mark = PageCommit(SWEEPS[stream], self.clock.now(), finished=True)
+            mark.cursor, mark.cursor_ts = cursor, at
+            self.store.commit_page(mark)
+        return True
+
     async def _walk(self, plan: _Plan, result: PollResult, *, created: bool, finish_cursor: str | None = None) -> None:
         """The one page loop of every lead walk: read, decide, commit, page after page."""
         pager = Pager(
             self.client,
             "leads",
             self._lead_params(plan.filter, plan.bound),
-            self.config.convertr.items_per_page,
+            min(self.config.convertr.items_per_page, self._served_size or self.config.convertr.items_per_page),
             id_filter="id[]" in (self._lead_search or frozenset()),
+            on_narrow=self.metrics.page_narrowed if self.metrics is not None else None,
         )
-        signpost: float | None = None
+        signpost = float("-inf")
         cursor = plan.cursor
         first = True
+        held: str | None = None  # why the cursor stays where it is: a position this walk could not account for
+        seen: dict[int, float] = {}
         # aclosing: a failed commit must stop the page read ahead at once, not whenever the
         # abandoned generator is collected.
         async with aclosing(pager.pages(plan.start_page, overlap_id=plan.resume_after)) as reads:
             async for read in reads:
                 page = read.page
                 self._observe(page)
-                if signpost is None:
-                    server_now = page.server_date.timestamp() if page.server_date else self.server.now()
-                    signpost = server_now - self.config.leads.safety_lag
+                # Each page's own Date: a walk that chases the tail moves its cursor along with it.
+                server_now = page.server_date.timestamp() if page.server_date else self.server.now()
+                signpost = max(signpost, server_now - self.config.leads.safety_lag)
+                self._served_size = pager.size
+                if plan.cursor_field is not None:
+                    _remember(seen, read, plan.cursor_field, signpost)
                 commit = self._decide(plan, read, signpost, cursor, created, result)
+                if held is None and any(lead_id is None for lead_id, _ in read.unreadable):
+                    held = (
+                        f"cursor held: an unreadable lead after id {_or_dash(_before_hole(read))} on page "
+                        f"{page.number} could not be identified; its rows are read again at every poll"
+                    )
+                    log.warning("walk.cursor_held", stream=plan.stream, page=page.number)
+                if held is not None and plan.cursor_field is not None:
+                    commit.cursor = commit.cursor_ts = None  # never past a position it could not account for
                 if first:
                     commit.set_walk_from, commit.walk_from = True, plan.bound
                     commit.baseline_until, commit.floor = plan.baseline_until, plan.floor
@@ -406,13 +485,26 @@ class Poller:
                     self.progress(result.fetched, page.total)
                 if self.should_stop():
                     return  # walk_from stays recorded: the next walk resumes from the same bound
-        done = PageCommit(plan.stream, self.clock.now(), set_walk_from=True, walk_from=None, finished=True)
+        now = self.clock.now()
+        done = PageCommit(plan.stream, now, set_walk_from=True, walk_from=None, finished=True, note=held)
         done.progress = 0
         if cursor is not None:
             done.cursor, done.cursor_ts = cursor, detect.parse_ts(cursor).timestamp()
         if finish_cursor is not None:
             done.cursor, done.cursor_ts = finish_cursor, None
+        if done.note is None:
+            done.note = self.client.throttled_note()
         self._commit(done, result)
+        if plan.sweep_mark is not None:
+            mark = PageCommit(SWEEPS[plan.stream], now, finished=True)
+            mark.cursor, mark.cursor_ts = plan.sweep_mark, detect.parse_ts(plan.sweep_mark).timestamp()
+            self._commit(mark, result)
+            self._windows[plan.stream] = _Window(plan.bound, plan.sweep_since, seen, self.clock.monotonic())
+        elif plan.stream in self._windows:
+            window = self._windows[plan.stream]
+            window.seen.update(seen)
+            if len(window.seen) > MAX_SEEN:
+                del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
         result.cursor_after = done.cursor
         if plan.stream == BASELINE:
             log.info("snapshot baseline finished", leads=result.fetched, pages=result.pages)
@@ -525,6 +617,27 @@ class Poller:
                 result.changed += 1
             known[after.id] = after
         self._commit(commit, result)
+
+
+def _remember(seen: dict[int, float], read: Read, field: str, fallback: float) -> None:
+    """The ids a page accounts for, with the walk's field as read (an unreadable one identified
+    counts too: the server counts it, and it is retried on its own)."""
+    for member in read.page.members:
+        lead_id = member.get("id")
+        if isinstance(lead_id, int) and not isinstance(lead_id, bool):
+            seen[lead_id] = detect.timestamp(member.get(field)) or fallback
+    for lead_id, _ in read.unreadable:
+        if lead_id is not None:
+            seen.setdefault(lead_id, fallback)
+
+
+def _before_hole(read: Read) -> int | None:
+    ids = [m["id"] for m in read.page.members if isinstance(m.get("id"), int)]
+    return max(ids, default=None)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 def _describe(exc: BaseException) -> str:

@@ -223,6 +223,7 @@ class PageCommit:
     campaigns: list[CampaignState] = field(default_factory=list)
     events: list[tuple[Event, Sequence[str]]] = field(default_factory=list)  # (event, sink names)
     finished: bool = False  # the walk ended: record a successful poll
+    note: str | None = None  # with finished: what `status` shows beside the stream (a held cursor, throttling)
 
 
 @dataclass(frozen=True)
@@ -666,9 +667,9 @@ class Store:
                 )
             if page.finished:
                 c.execute(
-                    "UPDATE cursors SET last_poll_at = ?, last_success_at = ?, last_error = NULL, "
+                    "UPDATE cursors SET last_poll_at = ?, last_success_at = ?, last_error = ?, "
                     "polls = polls + 1 WHERE stream = ?",
-                    (page.now, page.now, page.stream),
+                    (page.now, page.now, page.note, page.stream),
                 )
         return fresh
 
