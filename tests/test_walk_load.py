@@ -9,6 +9,7 @@ a budget wait passes at once.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -22,7 +23,7 @@ from tests.support.daemon import cli
 from tests.support.rig import Rig, make_rig
 from watcher.convertr import ConvertrClient
 from watcher.metrics import Metrics
-from watcher.poller import CREATED
+from watcher.poller import CREATED, UPDATED
 
 T0 = datetime(2026, 6, 10, 9, 0, tzinfo=UTC).timestamp()
 BACKFILL = "2000-01-01T00:00:00Z"
@@ -106,6 +107,7 @@ def test_an_answer_too_large_splits_the_page_and_isolates_the_lead(rig: Rig) -> 
     rig.advance(60)
     later = rig.sim.add_leads(3)
     rig.sim.update_lead(ids[3], score=77)
+    rig.advance(5)
     rig.poll()
     assert set(later) <= set(rig.created())
     assert [u["data"]["changes"]["score"]["to"] for u in rig.updates(ids[3])] == [77]
@@ -223,9 +225,9 @@ def test_a_lead_visible_late_behind_the_cursor_is_found_by_the_count(rig: Rig) -
 
 
 def test_a_walk_that_chases_the_tail_moves_its_cursor_with_it(rig: Rig) -> None:
-    """Leads keep arriving while a walk reads: its cursor ends near the last page's time, so the next
-    poll does not read them again."""
-    rig.configure(items_per_page=10, lookback="5m", updates=False)
+    """Leads keep arriving while the updated walk reads them: its cursor ends within the safety lag of
+    the server's time at its last page, so the next poll does not read them all again."""
+    rig.configure(items_per_page=10, lookback="5m", updates=True)
     rig.poll()
     rig.sim.add_leads(30)
 
@@ -233,12 +235,91 @@ def test_a_walk_that_chases_the_tail_moves_its_cursor_with_it(rig: Rig) -> None:
         rig.advance(20)
         rig.sim.add_leads(10)
         if page < 6:
-            rig.sim.hooks[("created", page + 1, 0)] = lambda: more(page + 1)
+            rig.sim.hooks[("updated", page + 1, 0)] = lambda: more(page + 1)
 
-    rig.advance(1)
-    rig.sim.hooks[("created", 1, 0)] = lambda: more(1)
+    rig.advance(5)
+    rig.sim.hooks[("updated", 1, 0)] = lambda: more(1)
     rig.poll()
-    state = rig.ensure().cursor(CREATED)
+    assert not rig.sim.hooks
+    state = rig.ensure().cursor(UPDATED)
     assert state is not None and state.cursor_ts is not None
-    # Six pages read 20 s apart: the cursor is within the safety lag of the server's time at the last one.
     assert rig.sim.now_ts() - state.cursor_ts <= 25
+
+
+# --- sustained arrivals ---------------------------------------------------------------------------
+
+RATE = 16.0  # leads a second, as in the 10-minute run that fell behind (lookback 5 min, 1 s interval)
+PAGE = 100
+REQUEST_TIME = 0.05  # seconds of the shared clock each API request takes
+KEEP_UP = 30.0  # lead created -> announced, at most, for the run to count as keeping up
+
+
+class Arrivals:
+    """Leads arriving at RATE on the shared clock, however the time passes (requests, budget
+    waits, the interval between polls)."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.since = rig.clock.now()
+        self.owed = 0.0
+        self.ids: list[int] = []
+        self.on = True
+
+    def catch_up(self) -> None:
+        now = self.rig.clock.now()
+        if self.on:
+            self.owed += (now - self.since) * RATE
+            whole = int(self.owed)
+            if whole:
+                self.ids += self.rig.sim.add_leads(whole)
+                self.owed -= whole
+        self.since = now
+
+    def tick(self, _endpoint: str, _status: int | None, _seconds: float) -> None:
+        self.rig.clock.advance(REQUEST_TIME)
+        self.catch_up()
+
+
+def sustained_run(rig: Rig, seconds: float) -> tuple[dict[int, float], list[int]]:
+    """Poll every second under sustained arrivals for `seconds`, then until caught up (bounded):
+    each lead's delay from createdTs to detection, and the leads never announced."""
+    config = rig.configure(items_per_page=PAGE, lookback="5m", updates=True)
+    poller = rig.start()
+    arrivals = Arrivals(rig)
+    client = ConvertrClient(config.convertr, clock=rig.clock, on_response=arrivals.tick)
+    poller.client = client
+    try:
+        rig.poll()  # the baseline: leads created until it ends existed before it
+        baseline = set(arrivals.ids)
+        end = rig.clock.now() + seconds
+        drain_until = end + 2 * KEEP_UP
+        while rig.clock.now() < drain_until:
+            started = rig.clock.now()
+            arrivals.on = started < end
+            rig.poll()
+            arrivals.catch_up()
+            if rig.clock.now() < started + 1.0:
+                rig.clock.advance(started + 1.0 - rig.clock.now())
+                arrivals.catch_up()
+    finally:
+        rig.loop.run_until_complete(client.aclose())
+    detected = {
+        e["data"]["lead"]["id"]: datetime.fromisoformat(e["timestamp"]).timestamp() for e in rig.events("lead.created")
+    }
+    delays = {}
+    for lead in (i for i in arrivals.ids if i not in baseline):
+        if lead in detected:
+            created = datetime.fromisoformat(rig.sim.lead(lead)["createdTs"]).timestamp()
+            delays[lead] = detected[lead] - created
+    return delays, [i for i in arrivals.ids if i not in detected and i not in baseline]
+
+
+def test_sustained_arrivals_are_kept_up_with(rig: Rig) -> None:
+    """16 leads a second for three minutes (WATCHER_SOAK_SECONDS longer under make soak), pages of 100,
+    1 s interval, 5 min lookback, updates on: every lead announced once, none later than KEEP_UP."""
+    seconds = 180.0 if not os.environ.get("WATCHER_SOAK_SECONDS") else float(os.environ["WATCHER_SOAK_SECONDS"])
+    delays, missing = sustained_run(rig, seconds)
+    assert not missing, f"{len(missing)} of {len(delays) + len(missing)} leads never announced"
+    assert set(rig.created().values()) == {1}
+    worst = max(delays.values())
+    assert worst <= KEEP_UP, f"a lead waited {worst:.0f} s (of {len(delays)} leads)"

@@ -57,6 +57,9 @@ LOGIN_PATH = "/api/login"
 COLLECTION_PREFIX = "/api/v4/"
 
 WINDOW_SECONDS = 300.0
+# Past this share of the request budget, requests are spaced at its average rate (budget / 5 min).
+PACE_AFTER = 0.5
+PACE_MIN_BUDGET = 100
 LOGINS_PER_WINDOW = 20  # Convertr allows 100; a healthy daemon needs about one an hour
 RETRY_ATTEMPTS = 5
 RETRY_TOTAL_SECONDS = 120.0
@@ -250,15 +253,26 @@ def not_convertr(response: Answer) -> str:
 class RollingWindow:
     """At most `limit` events in any `window` seconds of the injected monotonic clock.
 
+    With `pace_after`, once that share of the limit is used the events are spaced at the
+    window's average rate (window / limit), so a demand above the limit slows down evenly
+    instead of filling the window in a burst and then stalling until its oldest event leaves.
     `on_wait` hears of every wait before it is slept (seconds), so a throttled daemon is seen.
     """
 
-    def __init__(self, limit: int, window: float, clock: Clock, on_wait: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        clock: Clock,
+        on_wait: Callable[[float], None] | None = None,
+        pace_after: float | None = None,
+    ) -> None:
         self.limit = limit
         self.window = window
         self._clock = clock
         self._times: deque[float] = deque()
         self._on_wait = on_wait
+        self._pace_after = pace_after
 
     def used(self) -> int:
         """Events in the window ending now."""
@@ -269,9 +283,10 @@ class RollingWindow:
         """Seconds until one more event fits (0 when it fits now)."""
         while self._times and self._times[0] <= now - self.window:
             self._times.popleft()
-        if len(self._times) < self.limit:
-            return 0.0
-        return self._times[0] + self.window - now
+        wait = 0.0 if len(self._times) < self.limit else self._times[0] + self.window - now
+        if self._pace_after is not None and self._times and len(self._times) >= self.limit * self._pace_after:
+            wait = max(wait, self._times[-1] + self.window / self.limit - now)
+        return max(0.0, wait)
 
     async def acquire(self) -> None:
         """Take a slot, sleeping through the clock until one frees."""
@@ -324,7 +339,9 @@ class ConvertrClient:
         self._refresh_at = 0.0  # monotonic time after which the token is renewed before use
         self._login_lock = asyncio.Lock()
         self._in_flight = asyncio.Semaphore(max(1, config.max_in_flight))
-        self._budget = RollingWindow(config.request_budget, WINDOW_SECONDS, self._clock, self._budget_wait)
+        # A budget too small to pace (a test's) is only ever a hard limit.
+        pace = PACE_AFTER if config.request_budget >= PACE_MIN_BUDGET else None
+        self._budget = RollingWindow(config.request_budget, WINDOW_SECONDS, self._clock, self._budget_wait, pace)
         # (monotonic time it ended, seconds) of each budget wait: a stretch of throttling lasts
         # until a whole window passes without one.
         self._waits: deque[tuple[float, float]] = deque()

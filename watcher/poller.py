@@ -88,6 +88,7 @@ class _Window:
     since: float  # the instant `bound` was written for
     seen: dict[int, float]  # lead id -> the walk's field (createdTs, updatedTs) as read
     counted_at: float  # monotonic time of the last re-read or count
+    read_to: float  # the latest field value read
 
 
 @dataclass
@@ -400,18 +401,25 @@ class Poller:
         await self._walk(plan, result, created=False)
 
     async def _steady_plan(self, stream: str, key: str, cursor: str, field: str) -> _Plan:
-        """A walk from its cursor: just behind it (what arrived since the last poll), or `lookback`
-        behind where the lookback was last known complete (a sweep, for rows that became visible
-        late) when a count shows a row there that no walk has read, or nothing is known yet."""
+        """A walk from its cursor: just behind what the walks have read (what arrived since the last
+        poll), or `lookback` behind where the lookback was last known complete (a sweep, for rows
+        that became visible late) when a count shows a row there that no walk has read, when
+        nothing is known yet, or every `lookback` on a server that cannot count up to a bound."""
         leads = self.config.leads
         at = detect.parse_ts(cursor).timestamp()
         mark = self.store.cursor(SWEEPS[stream])
         window = self._windows.get(stream)
-        sweep = window is None or mark is None or mark.cursor_ts is None
-        if not sweep and window is not None and self.clock.monotonic() >= window.counted_at + COUNT_EVERY:
-            sweep = not await self._lookback_complete(stream, key, window, cursor, at)
-        if not sweep:
-            return _Plan(stream, key, self.server.bound(at - min(leads.lookback, TIE_OVERLAP)), cursor, field)
+        before = key.replace("[strictly_after]", "[before]")
+        if window is not None and mark is not None and mark.cursor_ts is not None and mark.last_success_at:
+            # The cursor stops `safety_lag` short of the server's time; the walks read up to its
+            # time. One second before that: rows of that second the last walk may not have met.
+            start = max(at, window.read_to) - min(leads.lookback, TIE_OVERLAP)
+            if before in (self._lead_search or frozenset()):
+                due = self.clock.monotonic() >= window.counted_at + COUNT_EVERY
+                if not due or await self._lookback_complete(stream, key, before, window, cursor, start):
+                    return _Plan(stream, key, self.server.bound(start), cursor, field)
+            elif self.clock.now() < mark.last_success_at + leads.lookback:
+                return _Plan(stream, key, self.server.bound(start), cursor, field)
         # From where the lookback was last known complete: every row that became visible since,
         # within `lookback` of its timestamp, is on or after this bound, however long ago that was.
         since = at if mark is None or mark.cursor_ts is None else min(at, mark.cursor_ts)
@@ -419,15 +427,21 @@ class Poller:
         plan.sweep_mark, plan.sweep_since = cursor, since - leads.lookback
         return plan
 
-    async def _lookback_complete(self, stream: str, key: str, window: _Window, cursor: str, at: float) -> bool:
-        """Count the rows since the window's bound (one request): the same number as the walks
-        read means none appeared behind the cursor, and the window moves up to `lookback` behind it."""
+    async def _lookback_complete(
+        self, stream: str, key: str, before: str, window: _Window, cursor: str, upto: float
+    ) -> bool:
+        """Count the rows from the window's bound up to `upto` (one request, no rows): as many as the
+        walks read there means none appeared behind them, and the window moves up to `lookback`
+        behind the cursor."""
         window.counted_at = self.clock.monotonic()
-        page = await self.client.page("leads", self._lead_params(key, window.bound), items_per_page=0)
+        params = {**self._lead_params(key, window.bound), before: self.server.bound(upto)}
+        page = await self.client.page("leads", params, items_per_page=0)
         self._observe(page)
-        if page.total != len(window.seen):
-            log.info("walk.lookback_changed", stream=stream, counted=page.total, read=len(window.seen))
+        read = sum(1 for t in window.seen.values() if t <= upto)
+        if page.total != read:
+            log.info("walk.lookback_changed", stream=stream, counted=page.total, read=read)
             return False
+        at = detect.parse_ts(cursor).timestamp()
         since = at - self.config.leads.lookback
         if since > window.since:
             window.since, window.bound = since, self.server.bound(since)
@@ -439,10 +453,11 @@ class Poller:
 
     async def _walk(self, plan: _Plan, result: PollResult, *, created: bool, finish_cursor: str | None = None) -> None:
         """The one page loop of every lead walk: read, decide, commit, page after page."""
+        params = self._lead_params(plan.filter, plan.bound)
         pager = Pager(
             self.client,
             "leads",
-            self._lead_params(plan.filter, plan.bound),
+            params,
             min(self.config.convertr.items_per_page, self._served_size or self.config.convertr.items_per_page),
             id_filter="id[]" in (self._lead_search or frozenset()),
             on_narrow=self.metrics.page_narrowed if self.metrics is not None else None,
@@ -499,10 +514,12 @@ class Poller:
             mark = PageCommit(SWEEPS[plan.stream], now, finished=True)
             mark.cursor, mark.cursor_ts = plan.sweep_mark, detect.parse_ts(plan.sweep_mark).timestamp()
             self._commit(mark, result)
-            self._windows[plan.stream] = _Window(plan.bound, plan.sweep_since, seen, self.clock.monotonic())
+            read_to = max(seen.values(), default=plan.sweep_since)
+            self._windows[plan.stream] = _Window(plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to)
         elif plan.stream in self._windows:
             window = self._windows[plan.stream]
             window.seen.update(seen)
+            window.read_to = max([window.read_to, *seen.values()])
             if len(window.seen) > MAX_SEEN:
                 del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
         result.cursor_after = done.cursor
