@@ -18,7 +18,7 @@ import structlog
 
 from watcher import detect
 from watcher.convertr import ConvertrClient, Page
-from watcher.errors import ApiError, MalformedResponse, ServerFault
+from watcher.errors import ApiError, MalformedResponse, ResponseTooLarge, ServerFault
 from watcher.servertime import HOUR, ServerClock, write_at
 
 log = structlog.get_logger("watcher.calibration")
@@ -60,7 +60,7 @@ async def calibrate(client: ConvertrClient, server: ServerClock, campaign_ids: S
     calibration = Calibration(zone="", checked="")
     try:
         newest = await _newest(client, server, _params(campaign_ids))
-    except (ServerFault, MalformedResponse) as exc:
+    except (ServerFault, MalformedResponse, ResponseTooLarge) as exc:
         # An unreadable newest lead must not stop every walk: the walks isolate it, and the zone
         # is learnt from the leads they read.
         newest = await client.page("leads", _params(campaign_ids), items_per_page=0)

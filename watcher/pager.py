@@ -68,6 +68,11 @@ class _Resized(Exception):
         self.offset = offset
 
 
+class _Moved(_Resized):
+    """Rows left or joined the set while a page was narrowed, so its sub-pages may not line up:
+    the walk reads again from that page."""
+
+
 @dataclass
 class Read:
     """One page as the walk should decide on it."""
@@ -120,6 +125,7 @@ class Pager:
         self.identified: set[int] = set()  # unreadable ids found in this walk: never searched for again
         self._last_id: int | None = None  # the last id handed to the caller
         self._trust_served = False
+        self._totals: set[int | None] = set()  # the set's sizes seen while narrowing one page
 
     async def pages(self, start_page: int = 1, overlap_id: int | None = None) -> AsyncGenerator[Read, None]:
         """The pages from `start_page`; with `overlap_id` (a resumed walk's last id) it first steps
@@ -136,7 +142,14 @@ class Pager:
             except _Resized as resized:
                 # Each learnt size is smaller than the last, so this ends; a server whose answers
                 # keep contradicting each other fails the walk (retried at the next poll).
-                resizes += 1
+                if isinstance(resized, _Moved):
+                    self.step_backs += 1
+                    if self.step_backs > MAX_STEP_BACKS:
+                        raise ServerFault(
+                            f"Convertr GET /api/v4/{self.collection}: rows kept leaving the set during the walk"
+                        ) from None
+                else:
+                    resizes += 1
                 if resizes > MAX_RESIZES:
                     raise ServerFault(
                         f"Convertr GET /api/v4/{self.collection}: page sizes kept changing during the walk"
@@ -271,7 +284,11 @@ class Pager:
                 sample: Page | None = None
             else:
                 log.warning("walk.page_unreadable", collection=self.collection, page=number, error=str(exc))
+                self._totals = set()
                 rows, holes, sample = await self._narrow(offset, size)
+                if len(self._totals) > 1:
+                    log.info("walk.rows_moved", collection=self.collection, page=number, while_narrowing=True)
+                    raise _Moved(offset) from None
             beside: tuple[int, dict[str, Any]] | None = None
             if sample is None:
                 # Nothing on the page could be read: a run of unreadable records if the rows
@@ -344,6 +361,7 @@ class Pager:
                 sample = sample or more_sample
                 continue
             sample = sample or page
+            self._totals.add(page.total)
             rows += [(start + i, m) for i, m in enumerate(page.members)]
             if len(page.members) < sub:
                 break  # the end of the result set
