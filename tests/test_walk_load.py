@@ -323,3 +323,50 @@ def test_sustained_arrivals_are_kept_up_with(rig: Rig) -> None:
     assert set(rig.created().values()) == {1}
     worst = max(delays.values())
     assert worst <= KEEP_UP, f"a lead waited {worst:.0f} s (of {len(delays)} leads)"
+
+
+def test_a_poll_that_outlasts_its_interval_is_one_scheduler_line() -> None:
+    """APScheduler's "maximum number of running instances reached" comes once per overrun, not every tick."""
+    import asyncio
+    import logging
+
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    from watcher.logs import configure_logging
+
+    configure_logging("info", "json")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "maximum number of running instances" in record.getMessage():
+                seen.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    ticks = [0]
+
+    async def main() -> None:
+        scheduler = AsyncIOScheduler(job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None})
+        done = asyncio.Event()
+
+        async def slow_poll() -> None:
+            ticks[0] += 1
+            await asyncio.wait_for(done.wait(), 10)
+
+        scheduler.add_job(slow_poll, "interval", seconds=0.1, id="leads", name="leads")
+        scheduler.start()
+        try:
+            async with asyncio.timeout(10):
+                while len(seen) < 1 or ticks[0] < 1:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.6)  # five more ticks of the same overrun
+        finally:
+            done.set()
+            scheduler.shutdown(wait=False)
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger().removeHandler(keep)
+    assert len(seen) == 1, seen

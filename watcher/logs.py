@@ -12,7 +12,8 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import IO, Any
 from urllib.parse import quote, quote_plus
@@ -217,6 +218,31 @@ class _FileHandler(logging.FileHandler, _OurHandler):
     pass
 
 
+class OverrunOnce(logging.Filter):
+    """APScheduler warns "maximum number of running instances reached" at every tick while a poll
+    still runs: the first tick of an overrun says so, the rest of it add nothing. An overrun ends
+    when a job has gone `quiet` seconds without one (a poll longer than an hour is one line)."""
+
+    OVERRUN = "maximum number of running instances reached"
+
+    def __init__(self, quiet: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._quiet = quiet
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.OVERRUN not in message:
+            return True
+        # 'Execution of job "leads (trigger: …, next run at: …)" skipped: …': the name alone.
+        job = message.split('"')[1].split(" (")[0] if message.count('"') >= 2 else message
+        now = self._clock()
+        last = self._last.get(job)
+        self._last[job] = now
+        return last is None or now - last > self._quiet
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -270,3 +296,6 @@ def configure_logging(
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(number if number <= logging.DEBUG else max(number, logging.WARNING))
+    scheduler = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, OverrunOnce) for f in scheduler.filters):
+        scheduler.addFilter(OverrunOnce())
