@@ -208,27 +208,28 @@ class Pager:
 
     def _check_size(self, page: Page, number: int, size: int) -> None:
         """Raise _Resized when the answer shows the server serving fewer rows than `size`: a short
-        page the set's size says is not its end, or a last page that does not match `size`."""
+        page the set's size says is not its end, or a last page that does not fit `size`."""
         served, total = len(page.members), page.total
         if total is None or served >= size or size <= 1 or self._trust_served:
             return
         offset = (number - 1) * size
         expected = max(0, min(size, total - offset))
-        last_ok = page.last_page is None or page.last_page == max(1, math.ceil(total / size))
-        if served == expected and last_ok:
-            return  # the end of the set
-        # A capped server serves its own size from its own offset ((page - 1) × its size), so a
-        # short page that is not the end shows the cap; a page past its end, the last page does.
+        last = page.last_page
+        if served >= expected and (last is None or last == max(1, math.ceil(total / size))):
+            return  # the end of the set (a row more: one that arrived between the count and the rows)
+        # A capped server serves its own size from its own offset ((page - 1) × its size), and its
+        # last page follows that size: a short page that is not the end shows the cap, and the
+        # last page confirms it; a page past its end shows it through the last page alone.
         if served:
             learnt = served
-        elif page.last_page:
-            learnt = max(1, math.ceil(total / page.last_page))
+            if last is not None and last != max(1, math.ceil(total / served)):
+                return  # not a cap: rows came or went between the count and the rows of one answer
+        elif last:
+            learnt = max(1, math.ceil(total / last))
         else:
             learnt = size // 2
         if learnt >= self.size:
-            # Not the size: the count and the rows disagreed (rows came or went between the two
-            # queries of one answer). What is served is trusted from now on.
-            self._trust_served = True
+            self._trust_served = True  # the answers disagree with themselves: trust what is served
             return
         log.warning("walk.page_size_capped", collection=self.collection, asked=size, served=served, learnt=learnt)
         self.size = learnt

@@ -483,7 +483,8 @@ class Poller:
                 if held is None and any(lead_id is None for lead_id, _ in read.unreadable):
                     held = (
                         f"cursor held: an unreadable lead after id {_or_dash(_before_hole(read))} on page "
-                        f"{page.number} could not be identified; its rows are read again at every poll"
+                        f"{page.number} could not be identified; the rows from there are read again "
+                        "(at least every 10 s)"
                     )
                     log.warning("walk.cursor_held", stream=plan.stream, page=page.number)
                 if held is not None and plan.cursor_field is not None:
