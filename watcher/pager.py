@@ -125,7 +125,7 @@ class Pager:
         self.identified: set[int] = set()  # unreadable ids found in this walk: never searched for again
         self._last_id: int | None = None  # the last id handed to the caller
         self._trust_served = False
-        self._totals: set[int | None] = set()  # the set's sizes seen while narrowing one page
+        self._totals: list[int] = []  # the set's sizes seen while narrowing one page, in order
 
     async def pages(self, start_page: int = 1, overlap_id: int | None = None) -> AsyncGenerator[Read, None]:
         """The pages from `start_page`; with `overlap_id` (a resumed walk's last id) it first steps
@@ -285,9 +285,11 @@ class Pager:
                 sample: Page | None = None
             else:
                 log.warning("walk.page_unreadable", collection=self.collection, page=number, error=str(exc))
-                self._totals = set()
+                self._totals = []
                 rows, holes, sample = await self._narrow(offset, size)
-                if len(self._totals) > 1:
+                # A smaller size after a larger one: a row left and later sub-pages moved back. (A
+                # larger one is rows arriving, at the end or before: moved forward, nothing skipped.)
+                if any(later < earlier for earlier, later in zip(self._totals, self._totals[1:], strict=False)):
                     log.info("walk.rows_moved", collection=self.collection, page=number, while_narrowing=True)
                     raise _Moved(offset) from None
             beside: tuple[int, dict[str, Any]] | None = None
@@ -362,7 +364,8 @@ class Pager:
                 sample = sample or more_sample
                 continue
             sample = sample or page
-            self._totals.add(page.total)
+            if page.total is not None:
+                self._totals.append(page.total)
             rows += [(start + i, m) for i, m in enumerate(page.members)]
             if len(page.members) < sub:
                 break  # the end of the result set

@@ -89,6 +89,7 @@ class _Window:
     seen: dict[int, float]  # lead id -> the walk's field (createdTs, updatedTs) as read
     counted_at: float  # monotonic time of the last re-read or count
     read_to: float  # the latest field value read
+    stale: bool = False  # a count found a row no walk read: the next poll re-reads the lookback
 
 
 @dataclass
@@ -107,6 +108,7 @@ class _Plan:
     resume_after: int | None = None  # a resumed walk's last id: it steps back until a page overlaps it
     sweep_mark: str | None = None  # a lookback re-read: the cursor it started from, recorded when it ends
     sweep_since: float = float("-inf")  # ... and the instant its bound was written for
+    count_upto: float | None = None  # after the walk, count the lookback up to this instant
 
 
 class Poller:
@@ -410,16 +412,20 @@ class Poller:
         mark = self.store.cursor(SWEEPS[stream])
         window = self._windows.get(stream)
         before = key.replace("[strictly_after]", "[before]")
-        if window is not None and mark is not None and mark.cursor_ts is not None and mark.last_success_at:
+        fresh = window is not None and not window.stale and mark is not None and mark.cursor_ts is not None
+        if fresh and window is not None and mark is not None and mark.last_success_at:
             # The cursor stops `safety_lag` short of the server's time; the walks read up to its
             # time. One second before that: rows of that second the last walk may not have met.
             start = max(at, window.read_to) - min(leads.lookback, TIE_OVERLAP)
+            plan = _Plan(stream, key, self.server.bound(start), cursor, field)
             if before in (self._lead_search or frozenset()):
-                due = self.clock.monotonic() >= window.counted_at + COUNT_EVERY
-                if not due or await self._lookback_complete(stream, key, before, window, cursor, start):
-                    return _Plan(stream, key, self.server.bound(start), cursor, field)
-            elif self.clock.now() < mark.last_success_at + leads.lookback:
-                return _Plan(stream, key, self.server.bound(start), cursor, field)
+                if self.clock.monotonic() >= window.counted_at + COUNT_EVERY:
+                    # After the walk: a lead changed again since it was read is read again by
+                    # then, and counted where the walk saw it.
+                    plan.count_upto = start
+                return plan
+            if self.clock.now() < mark.last_success_at + leads.lookback:
+                return plan
         # From where the lookback was last known complete: every row that became visible since,
         # within `lookback` of its timestamp, is on or after this bound, however long ago that was.
         since = at if mark is None or mark.cursor_ts is None else min(at, mark.cursor_ts)
@@ -427,13 +433,12 @@ class Poller:
         plan.sweep_mark, plan.sweep_since = cursor, since - leads.lookback
         return plan
 
-    async def _lookback_complete(
-        self, stream: str, key: str, before: str, window: _Window, cursor: str, upto: float
-    ) -> bool:
+    async def _lookback_complete(self, stream: str, key: str, window: _Window, cursor: str, upto: float) -> bool:
         """Count the rows from the window's bound up to `upto` (one request, no rows): as many as the
         walks read there means none appeared behind them, and the window moves up to `lookback`
         behind the cursor."""
         window.counted_at = self.clock.monotonic()
+        before = key.replace("[strictly_after]", "[before]")
         params = {**self._lead_params(key, window.bound), before: self.server.bound(upto)}
         page = await self.client.page("leads", params, items_per_page=0)
         self._observe(page)
@@ -523,6 +528,9 @@ class Poller:
             window.read_to = max([window.read_to, *seen.values()])
             if len(window.seen) > MAX_SEEN:
                 del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
+            elif plan.count_upto is not None and plan.cursor is not None:
+                complete = await self._lookback_complete(plan.stream, plan.filter, window, plan.cursor, plan.count_upto)
+                window.stale = not complete
         result.cursor_after = done.cursor
         if plan.stream == BASELINE:
             log.info("snapshot baseline finished", leads=result.fetched, pages=result.pages)
