@@ -337,6 +337,14 @@ class Pager:
                 continue
             if page.members:
                 return (position, page.members[0]), page
+        # Nothing beside it: when the set ends with this page (its newest rows, say) and the server
+        # can still count it, these rows are records it cannot serialise, not an outage.
+        try:
+            count = await self.client.page(self.collection, self.params, items_per_page=0)
+        except UNREADABLE:
+            return None, None
+        if count.total is not None and 0 < count.total <= offset + size:
+            return None, count
         return None, None
 
     async def _narrow(
