@@ -327,7 +327,8 @@ class Pager:
         )
 
     async def _beside(self, offset: int, size: int) -> tuple[tuple[int, dict[str, Any]] | None, Page | None]:
-        """A readable row just after the page, or just before it: (its offset and document, the answer)."""
+        """A readable row just after the page, or just before it: (its offset and document, the answer);
+        or, with no row, the set's count when the server can still give it."""
         for position in (offset + size, offset - 1):
             if position < 0:
                 continue
@@ -337,15 +338,14 @@ class Pager:
                 continue
             if page.members:
                 return (position, page.members[0]), page
-        # Nothing beside it: when the set ends with this page (its newest rows, say) and the server
-        # can still count it, these rows are records it cannot serialise, not an outage.
+        # Nothing beside it reads either (the set's newest rows, a run longer than a page): when the
+        # server still counts the set, these rows are records it cannot serialise, not an outage.
+        # Each is then isolated and retried, or the cursor held before it: none is passed by.
         try:
             count = await self.client.page(self.collection, self.params, items_per_page=0)
         except UNREADABLE:
             return None, None
-        if count.total is not None and 0 < count.total <= offset + size:
-            return None, count
-        return None, None
+        return (None, count) if count.total else (None, None)
 
     async def _narrow(
         self, offset: int, size: int
