@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 # The model-based detection test for ten minutes of fresh random histories (make test runs a bounded profile).
 soak: $(STAMP)
-	WATCHER_SOAK_SECONDS=$${WATCHER_SOAK_SECONDS:-600} $(BIN)/python -m pytest -q -s -m soak -p no:cacheprovider tests/test_model.py
+	WATCHER_SOAK_SECONDS=$${WATCHER_SOAK_SECONDS:-600} $(BIN)/python -m pytest -q -s -m soak -p no:cacheprovider tests/test_model.py tests/test_model_load.py tests/test_walk_load.py
 
 # The bench extra (apprise) has a stamp of its own, so `make test` and `make check` never install it.
 BENCH_STAMP := $(VENV)/.installed-bench

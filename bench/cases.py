@@ -106,8 +106,9 @@ async def plain_walk(api: str) -> tuple[int, float]:
         return count, time.perf_counter() - started
 
 
-async def daemon_walk(api: str, folder: Path) -> tuple[int, float]:
-    """The real path: client, detection and a transaction per page into the outbox (sink queued, not sent)."""
+async def daemon_walk(api: str, folder: Path) -> tuple[int, float, int]:
+    """The real path: client, detection and a transaction per page into the outbox (sink queued, not
+    sent): leads announced, seconds, and API requests made (the login and start-up checks too)."""
     state = folder / "state.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{state}{suffix}").unlink(missing_ok=True)
@@ -116,26 +117,27 @@ async def daemon_walk(api: str, folder: Path) -> tuple[int, float]:
         started = time.perf_counter()
         results = await rt.poller.poll_leads()
         elapsed = time.perf_counter() - started
-        return sum(r.new for r in results), elapsed
+        return sum(r.new for r in results), elapsed, rt.client.request_count
 
 
 def ingest(n: int, runs: int) -> dict[str, float]:
     """Each walk of a run against a freshly started simulator (a real Convertr renders every page
     anew); then both again against the now warm simulator, whose render cache makes pages nearly
     free, which is the harshest comparison for the daemon and is recorded too."""
-    cold_plain, cold_daemon, warm_plain, warm_daemon = [], [], [], []
+    cold_plain, cold_daemon, warm_plain, warm_daemon, requests = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(runs):
             with simulator(n) as api:
                 count, seconds = asyncio.run(plain_walk(api))
                 cold_plain.append(count / seconds)
             with simulator(n) as api:
-                new, seconds = asyncio.run(daemon_walk(api, Path(tmp)))
+                new, seconds, made = asyncio.run(daemon_walk(api, Path(tmp)))
                 assert new == count == n, (new, count, n)
                 cold_daemon.append(new / seconds)
+                requests.append(float(made))
                 count, seconds = asyncio.run(plain_walk(api))
                 warm_plain.append(count / seconds)
-                new, seconds = asyncio.run(daemon_walk(api, Path(tmp)))
+                new, seconds, _ = asyncio.run(daemon_walk(api, Path(tmp)))
                 warm_daemon.append(new / seconds)
     med = statistics.median
     return {
@@ -145,6 +147,7 @@ def ingest(n: int, runs: int) -> dict[str, float]:
         "warm_plain_leads_per_s": med(warm_plain),
         "warm_daemon_leads_per_s": med(warm_daemon),
         "warm_ratio": med(warm_daemon) / med(warm_plain),
+        "requests": med(requests),
     }
 
 

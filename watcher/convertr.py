@@ -22,7 +22,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    wait_exponential_jitter,
+)
 
 from watcher import __version__
 from watcher.bodies import Answer, BodyError, BodyTooLarge, read_body, without_entity_headers
@@ -52,6 +58,9 @@ LOGIN_PATH = "/api/login"
 COLLECTION_PREFIX = "/api/v4/"
 
 WINDOW_SECONDS = 300.0
+# Past this share of the request budget, requests are spaced at its average rate (budget / 5 min).
+PACE_AFTER = 0.5
+PACE_MIN_BUDGET = 100
 LOGINS_PER_WINDOW = 20  # Convertr allows 100; a healthy daemon needs about one an hour
 RETRY_ATTEMPTS = 5
 RETRY_TOTAL_SECONDS = 120.0
@@ -243,21 +252,42 @@ def not_convertr(response: Answer) -> str:
 
 
 class RollingWindow:
-    """At most `limit` events in any `window` seconds of the injected monotonic clock."""
+    """At most `limit` events in any `window` seconds of the injected monotonic clock.
 
-    def __init__(self, limit: int, window: float, clock: Clock) -> None:
+    With `pace_after`, once that share of the limit is used the events are spaced at the
+    window's average rate (window / limit), so a demand above the limit slows down evenly
+    instead of filling the window in a burst and then stalling until its oldest event leaves.
+    `on_wait` hears of every wait before it is slept (seconds), so a throttled daemon is seen.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        clock: Clock,
+        on_wait: Callable[[float], None] | None = None,
+        pace_after: float | None = None,
+    ) -> None:
         self.limit = limit
         self.window = window
         self._clock = clock
         self._times: deque[float] = deque()
+        self._on_wait = on_wait
+        self._pace_after = pace_after
+
+    def used(self) -> int:
+        """Events in the window ending now."""
+        self.delay(self._clock.monotonic())
+        return len(self._times)
 
     def delay(self, now: float) -> float:
         """Seconds until one more event fits (0 when it fits now)."""
         while self._times and self._times[0] <= now - self.window:
             self._times.popleft()
-        if len(self._times) < self.limit:
-            return 0.0
-        return self._times[0] + self.window - now
+        wait = 0.0 if len(self._times) < self.limit else self._times[0] + self.window - now
+        if self._pace_after is not None and self._times and len(self._times) >= self.limit * self._pace_after:
+            wait = max(wait, self._times[-1] + self.window / self.limit - now)
+        return max(0.0, wait)
 
     async def acquire(self) -> None:
         """Take a slot, sleeping through the clock until one frees."""
@@ -267,7 +297,8 @@ class RollingWindow:
             if wait <= 0:
                 self._times.append(now)
                 return
-            log.debug("convertr.budget_wait", seconds=round(wait, 3), limit=self.limit)
+            if self._on_wait is not None:
+                self._on_wait(wait)
             await self._clock.sleep(wait)
 
 
@@ -284,8 +315,10 @@ class ConvertrClient:
         clock: Clock | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         on_response: Callable[[str, int | None, float], None] | None = None,
+        on_budget_wait: Callable[[float], None] | None = None,
     ) -> None:
         self._config = config
+        self._on_budget_wait = on_budget_wait
         self._clock: Clock = clock or SystemClock()
         self._on_response = on_response
         # Without an injected transport (tests pass a MockTransport) httpx builds its own
@@ -306,7 +339,13 @@ class ConvertrClient:
         self._refresh_at = 0.0  # monotonic time after which the token is renewed before use
         self._login_lock = asyncio.Lock()
         self._in_flight = asyncio.Semaphore(max(1, config.max_in_flight))
-        self._budget = RollingWindow(config.request_budget, WINDOW_SECONDS, self._clock)
+        # A budget too small to pace (a test's) is only ever a hard limit.
+        pace = PACE_AFTER if config.request_budget >= PACE_MIN_BUDGET else None
+        self._budget = RollingWindow(config.request_budget, WINDOW_SECONDS, self._clock, self._budget_wait, pace)
+        # (monotonic time it ended, seconds) of each budget wait: a stretch of throttling lasts
+        # until a whole window passes without one.
+        self._waits: deque[tuple[float, float]] = deque()
+        self._warned_throttled = False
         self._login_budget = RollingWindow(LOGINS_PER_WINDOW, WINDOW_SECONDS, self._clock)
         self.request_count = 0
 
@@ -335,6 +374,45 @@ class ConvertrClient:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()
+
+    # -- the request budget
+
+    def budget_used(self) -> int:
+        """Requests made in the rolling window ending now."""
+        return self._budget.used()
+
+    def _budget_wait(self, seconds: float) -> None:
+        now = self._clock.monotonic()
+        self._forget_waits(now)
+        if not self._waits and not self._warned_throttled:
+            # Once per stretch of throttling: every request of a throttled walk waits.
+            self._warned_throttled = True
+            log.warning(
+                "convertr.throttled: the request budget is spent, requests wait for the rolling window",
+                request_budget=self._config.request_budget,
+                window_s=WINDOW_SECONDS,
+                wait_s=round(seconds, 1),
+            )
+        self._waits.append((now + seconds, seconds))
+        if self._on_budget_wait is not None:
+            self._on_budget_wait(seconds)
+
+    def _forget_waits(self, now: float) -> None:
+        while self._waits and self._waits[0][0] <= now - WINDOW_SECONDS:
+            self._waits.popleft()
+        if not self._waits:
+            self._warned_throttled = False
+
+    def throttled_note(self) -> str | None:
+        """For `status`: how long requests waited for the budget in the last window, or None."""
+        self._forget_waits(self._clock.monotonic())
+        if not self._waits:
+            return None
+        waited = sum(seconds for _, seconds in self._waits)
+        return (
+            f"throttled: requests waited {waited:.0f} s for the request budget in the last "
+            f"{WINDOW_SECONDS / 60:g} min (request_budget {self._config.request_budget})"
+        )
 
     # -- public reads
 
@@ -453,7 +531,8 @@ class ConvertrClient:
             sleep=self._clock.sleep,
             stop=stop,
             wait=wait,
-            retry=retry_if_exception_type(TransientError),
+            # The same request is as large the next time: a walk splits the page instead.
+            retry=retry_if_exception_type(TransientError) & retry_if_not_exception_type(ResponseTooLarge),
             before_sleep=before_sleep,
             reraise=True,
         )

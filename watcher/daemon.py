@@ -241,7 +241,13 @@ async def runtime(
         live.activity(_JOB.get(), clock.monotonic())
 
     def make_client(cfg: Config) -> ConvertrClient:
-        return ConvertrClient(cfg.convertr, clock=clock, transport=api_transport, on_response=on_response)
+        return ConvertrClient(
+            cfg.convertr,
+            clock=clock,
+            transport=api_transport,
+            on_response=on_response,
+            on_budget_wait=metrics.budget_waited,
+        )
 
     client = make_client(config)
     sinks = [build_sink(s, clock=clock, version=__version__, campaign_names=store.campaign_names) for s in config.sinks]

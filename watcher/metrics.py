@@ -55,6 +55,7 @@ class PollMetrics(Protocol):
     def event_detected(self, event_type: str, count: int = 1) -> None: ...
     def set_cursor(self, stream: str, cursor_ts: float, now: float) -> None: ...
     def set_unreadable(self, count: int) -> None: ...
+    def page_narrowed(self, cause: str) -> None: ...
 
 
 class DeliveryMetrics(Protocol):
@@ -99,6 +100,17 @@ class Metrics(PollMetrics, DeliveryMetrics):
         self.unreadable_leads = Gauge(
             "watcher_unreadable_leads",
             "Leads the API failed to serialise: skipped by the walks and retried slowly.",
+            registry=r,
+        )
+        self.pages_narrowed = Counter(
+            "watcher_walk_pages_narrowed",
+            "Lead pages that could not be read whole and were split, by cause (too_large, server_fault, malformed).",
+            ["cause"],
+            registry=r,
+        )
+        self.budget_wait = Counter(
+            "watcher_api_budget_wait_seconds",
+            "Seconds requests waited for room in the request budget (convertr.request_budget): throttled.",
             registry=r,
         )
         self.api_requests = Counter(
@@ -170,6 +182,8 @@ class Metrics(PollMetrics, DeliveryMetrics):
             for outcome in POLL_OUTCOMES:
                 self.poll_runs.labels(stream=stream, outcome=outcome)
             self.records_fetched.labels(stream=stream)
+        for cause in ("too_large", "server_fault", "malformed"):
+            self.pages_narrowed.labels(cause=cause)
         for sink in sinks:
             for outcome in DELIVERY_OUTCOMES:
                 self.deliveries.labels(sink=sink, outcome=outcome)
@@ -209,6 +223,12 @@ class Metrics(PollMetrics, DeliveryMetrics):
 
     def set_unreadable(self, count: int) -> None:
         self.unreadable_leads.set(count)
+
+    def page_narrowed(self, cause: str) -> None:
+        self.pages_narrowed.labels(cause=cause).inc()
+
+    def budget_waited(self, seconds: float) -> None:
+        self.budget_wait.inc(max(0.0, seconds))
 
     def set_stranded(self, counts: Mapping[str, int]) -> None:
         """The stranded backlog per unconfigured sink; a sink drained or configured again reads 0."""

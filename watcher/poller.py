@@ -44,6 +44,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("watcher.poller")
 
 CREATED, UPDATED, RECHECK, CAMPAIGNS = "leads.created", "leads.updated", "leads.recheck", "campaigns"
+# Where a walk's last re-read of the whole lookback started (its cursor then) and when it ran.
+SWEEPS = {CREATED: "leads.created.sweep", UPDATED: "leads.updated.sweep"}
+# How far behind its cursor a poll that does not re-read the lookback starts: rows of the
+# cursor's own second that the last walk may not have seen yet.
+TIE_OVERLAP = 1.0
+# How often a poll that does not re-read the lookback counts it instead (one request, no rows).
+COUNT_EVERY = 10.0
+# Ids remembered per stream since its last re-read of the lookback, at most (a day at 1 lead/s).
+MAX_SEEN = 100_000
 BASELINE = "leads.baseline"
 CHANGE_STREAMS = (UPDATED, BASELINE, RECHECK)  # walks that compare leads with snapshots
 UPDATED_FILTER = "updatedTs[strictly_after]"
@@ -72,6 +81,20 @@ class PollResult:
 
 
 @dataclass
+class _Window:
+    """What the walks of one stream read since its lookback was last re-read or counted, in this
+    process: the bound of that read, and every id read on or after it with its time, so that one
+    count (`hydra:totalItems`, no rows) tells whether a row appeared behind the cursor."""
+
+    bound: str
+    since: float  # the instant `bound` was written for
+    seen: dict[int, float]  # lead id -> the walk's field (createdTs, updatedTs) as read
+    counted_at: float  # monotonic time of the last re-read or count
+    read_to: float  # the latest field value read
+    stale: bool = False  # a count found a row no walk read: the next poll re-reads the lookback
+
+
+@dataclass
 class _Plan:
     """Where a lead walk starts and what it may announce."""
 
@@ -86,6 +109,9 @@ class _Plan:
     start_page: int = 1
     resume_after: int | None = None  # a resumed walk's last id: it steps back until a page overlaps it
     label: str | None = None  # a walk that keeps no cursor: what it is taken under, written as its cursor
+    sweep_mark: str | None = None  # a lookback re-read: the cursor it started from, recorded when it ends
+    sweep_since: float = float("-inf")  # ... and the instant its bound was written for
+    count_upto: float | None = None  # after the walk, count the lookback up to this instant
 
 
 class Poller:
@@ -116,6 +142,8 @@ class Poller:
         self._lead_search: frozenset[str] | None = None
         self._warned_disagreement = False
         self._warned_no_date = False
+        self._served_size: int | None = None  # the page size the server was seen to serve
+        self._windows: dict[str, _Window] = {}  # stream -> what its walks read since its last sweep
 
     def reconfigure(self, config: Config, client: ConvertrClient) -> None:
         """Take a reloaded configuration between polls (never during one): new routes at once.
@@ -129,6 +157,9 @@ class Poller:
             self.updates_filter = None
             self._lead_search = None
             self._warned_disagreement = False
+            self._served_size = None
+        if config.leads != self.config.leads:
+            self._windows.clear()  # another lookback or campaign filter: re-read before trusting a count
         self.config = config
         self.client = client
         self.route = router(config.sinks)
@@ -320,8 +351,8 @@ class Poller:
                 plan.emit_after = start
             plan.floor = new_floor
         else:
-            bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
-            plan = _Plan(CREATED, CREATED_FILTER, bound, cursor, "createdTs", emit_after=floor or float("-inf"))
+            plan = await self._steady_plan(CREATED, CREATED_FILTER, cursor, "createdTs")
+            plan.emit_after = floor or float("-inf")
         await self._retry_unreadable((CREATED,), plan, result, created=True)
         await self._walk(plan, result, created=True)
 
@@ -343,8 +374,7 @@ class Poller:
                 "updatedTs",
             )
         else:
-            bound = self.server.bound(detect.parse_ts(cursor).timestamp() - leads.lookback)
-            plan = _Plan(UPDATED, UPDATED_FILTER, bound, cursor, "updatedTs")
+            plan = await self._steady_plan(UPDATED, UPDATED_FILTER, cursor, "updatedTs")
         await self._retry_unreadable(CHANGE_STREAMS, plan, result, created=False)
         await self._walk(plan, result, created=False)
 
@@ -386,28 +416,89 @@ class Poller:
         await self._retry_unreadable(CHANGE_STREAMS, plan, result, created=False)
         await self._walk(plan, result, created=False)
 
+    async def _steady_plan(self, stream: str, key: str, cursor: str, field: str) -> _Plan:
+        """A walk from its cursor: just behind what the walks have read (what arrived since the last
+        poll), or `lookback` behind where the lookback was last known complete (a sweep, for rows
+        that became visible late) when a count shows a row there that no walk has read, when
+        nothing is known yet, or every `lookback` on a server that cannot count up to a bound."""
+        leads = self.config.leads
+        at = detect.parse_ts(cursor).timestamp()
+        mark = self.store.cursor(SWEEPS[stream])
+        window = self._windows.get(stream)
+        before = key.replace("[strictly_after]", "[before]")
+        fresh = window is not None and not window.stale and mark is not None and mark.cursor_ts is not None
+        if fresh and window is not None and mark is not None and mark.last_success_at:
+            # The cursor stops `safety_lag` short of the server's time; the walks read up to its
+            # time. One second before that: rows of that second the last walk may not have met.
+            start = max(at, window.read_to) - min(leads.lookback, TIE_OVERLAP)
+            plan = _Plan(stream, key, self.server.bound(start), cursor, field)
+            if before in (self._lead_search or frozenset()):
+                if self.clock.monotonic() >= window.counted_at + COUNT_EVERY:
+                    # After the walk: a lead changed again since it was read is read again by
+                    # then, and counted where the walk saw it.
+                    plan.count_upto = start
+                return plan
+            if self.clock.now() < mark.last_success_at + leads.lookback:
+                return plan
+        # From where the lookback was last known complete: every row that became visible since,
+        # within `lookback` of its timestamp, is on or after this bound, however long ago that was.
+        since = at if mark is None or mark.cursor_ts is None else min(at, mark.cursor_ts)
+        plan = _Plan(stream, key, self.server.bound(since - leads.lookback), cursor, field)
+        plan.sweep_mark, plan.sweep_since = cursor, since - leads.lookback
+        return plan
+
+    async def _lookback_complete(self, stream: str, key: str, window: _Window, cursor: str, upto: float) -> bool:
+        """Count the rows from the window's bound up to `upto` (one request, no rows): as many as the
+        walks read there means none appeared behind them, and the window moves up to `lookback`
+        behind the cursor."""
+        window.counted_at = self.clock.monotonic()
+        before = key.replace("[strictly_after]", "[before]")
+        params = {**self._lead_params(key, window.bound), before: self.server.bound(upto)}
+        page = await self.client.page("leads", params, items_per_page=0)
+        self._observe(page)
+        read = sum(1 for t in window.seen.values() if t <= upto)
+        if page.total != read:
+            log.info("walk.lookback_changed", stream=stream, counted=page.total, read=read)
+            return False
+        at = detect.parse_ts(cursor).timestamp()
+        since = at - self.config.leads.lookback
+        if since > window.since:
+            window.since, window.bound = since, self.server.bound(since)
+            window.seen = {i: t for i, t in window.seen.items() if t > since}
+            mark = PageCommit(SWEEPS[stream], self.clock.now(), finished=True)
+            mark.cursor, mark.cursor_ts = cursor, at
+            self.store.commit_page(mark)
+        return True
+
     async def _walk(self, plan: _Plan, result: PollResult, *, created: bool, finish_cursor: str | None = None) -> None:
         """The one page loop of every lead walk: read, decide, commit, page after page."""
+        params = self._lead_params(plan.filter, plan.bound)
         pager = Pager(
             self.client,
             "leads",
-            self._lead_params(plan.filter, plan.bound),
-            self.config.convertr.items_per_page,
+            params,
+            min(self.config.convertr.items_per_page, self._served_size or self.config.convertr.items_per_page),
             id_filter="id[]" in (self._lead_search or frozenset()),
+            on_narrow=self.metrics.page_narrowed if self.metrics is not None else None,
         )
-        signpost: float | None = None
+        signpost = float("-inf")
         cursor = plan.cursor
         first = True
         tracks = self._tracks()
+        held: str | None = None  # why the cursor stays where it is: a position this walk could not account for
+        seen: dict[int, float] = {}
         # aclosing: a failed commit must stop the page read ahead at once, not whenever the
         # abandoned generator is collected.
         async with aclosing(pager.pages(plan.start_page, overlap_id=plan.resume_after)) as reads:
             async for read in reads:
                 page = read.page
                 self._observe(page)
-                if signpost is None:
-                    server_now = page.server_date.timestamp() if page.server_date else self.server.now()
-                    signpost = server_now - self.config.leads.safety_lag
+                # Each page's own Date: a walk that chases the tail moves its cursor along with it.
+                server_now = page.server_date.timestamp() if page.server_date else self.server.now()
+                signpost = max(signpost, server_now - self.config.leads.safety_lag)
+                self._served_size = pager.size
+                if plan.cursor_field is not None:
+                    _remember(seen, read, plan.cursor_field, signpost)
                 resumable = plan.cursor_field is None  # a resume starts from the last page committed
                 place = Place(
                     set_walk_from=first,
@@ -420,6 +511,15 @@ class Poller:
                 )
                 first = False
                 commit = self._decide(plan, read, signpost, cursor, created, result, tracks, place)
+                if held is None and any(lead_id is None for lead_id, _ in read.unreadable):
+                    held = (
+                        f"cursor held: an unreadable lead after id {_or_dash(_before_hole(read))} on page "
+                        f"{page.number} could not be identified; the rows from there are read again "
+                        "(at least every 10 s)"
+                    )
+                    log.warning("walk.cursor_held", stream=plan.stream, page=page.number)
+                if held is not None and plan.cursor_field is not None:
+                    commit.cursor = commit.cursor_ts = None  # never past a position it could not account for
                 if plan.cursor_field is not None:
                     cursor = commit.cursor or cursor
                 self._commit(commit, result)
@@ -427,6 +527,7 @@ class Poller:
                     self.progress(result.fetched, page.total)
                 if self.should_stop():
                     return  # walk_from stays recorded: the next walk resumes from the same bound
+        now = self.clock.now()
         final: tuple[str | None, float | None] = (None, None)
         if finish_cursor is not None:
             final = (finish_cursor, None)
@@ -434,15 +535,31 @@ class Poller:
             final = (cursor, detect.parse_ts(cursor).timestamp())
         done = PageCommit(
             plan.stream,
-            self.clock.now(),
+            now,
             cursor=final[0],
             cursor_ts=final[1],
             set_walk_from=True,
             walk_from=None,
             progress=0,
             finished=True,
+            note=held or self.client.throttled_note(),
         )
         self._commit(done, result)
+        if plan.sweep_mark is not None:
+            mark = PageCommit(SWEEPS[plan.stream], now, finished=True)
+            mark.cursor, mark.cursor_ts = plan.sweep_mark, detect.parse_ts(plan.sweep_mark).timestamp()
+            self._commit(mark, result)
+            read_to = max(seen.values(), default=plan.sweep_since)
+            self._windows[plan.stream] = _Window(plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to)
+        elif plan.stream in self._windows:
+            window = self._windows[plan.stream]
+            window.seen.update(seen)
+            window.read_to = max([window.read_to, *seen.values()])
+            if len(window.seen) > MAX_SEEN:
+                del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
+            elif plan.count_upto is not None and plan.cursor is not None:
+                complete = await self._lookback_complete(plan.stream, plan.filter, window, plan.cursor, plan.count_upto)
+                window.stale = not complete
         result.cursor_after = done.cursor
         if plan.stream == BASELINE:
             log.info("snapshot baseline finished", leads=result.fetched, pages=result.pages)
@@ -587,6 +704,27 @@ class Poller:
                 result.changed += 1
             known[after.id] = after
         self._commit(commit, result)
+
+
+def _remember(seen: dict[int, float], read: Read, field: str, fallback: float) -> None:
+    """The ids a page accounts for, with the walk's field as read (an unreadable one identified
+    counts too: the server counts it, and it is retried on its own)."""
+    for member in read.page.members:
+        lead_id = member.get("id")
+        if isinstance(lead_id, int) and not isinstance(lead_id, bool):
+            seen[lead_id] = detect.timestamp(member.get(field)) or fallback
+    for lead_id, _ in read.unreadable:
+        if lead_id is not None:
+            seen.setdefault(lead_id, fallback)
+
+
+def _before_hole(read: Read) -> int | None:
+    ids = [m["id"] for m in read.page.members if isinstance(m.get("id"), int)]
+    return max(ids, default=None)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 def _describe(exc: BaseException) -> str:

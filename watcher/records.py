@@ -102,6 +102,7 @@ class PageCommit:
     campaigns: list[CampaignState] = field(default_factory=list)
     events: list[tuple[Event, Sequence[str]]] = field(default_factory=list)  # (event, sink names)
     finished: bool = False  # the walk ended: record a successful poll
+    note: str | None = None  # with finished: what `status` shows beside the stream (a held cursor, throttling)
 
     @classmethod
     def at(cls, stream: str, now: float, place: Place) -> PageCommit:

@@ -728,9 +728,9 @@ class Store:
                 )
             if page.finished:
                 c.execute(
-                    "UPDATE cursors SET last_poll_at = ?, last_success_at = ?, last_error = NULL, "
+                    "UPDATE cursors SET last_poll_at = ?, last_success_at = ?, last_error = ?, "
                     "polls = polls + 1 WHERE stream = ?",
-                    (page.now, page.now, page.stream),
+                    (page.now, page.now, page.note, page.stream),
                 )
         return fresh
 

@@ -239,7 +239,7 @@ def resource(sim: Simulator, request: Request, name: str, item: str | None, ext:
         return Response(200, body.encode(), {"Content-Type": content_type, **headers})
     params = parse_query(request.query)
     try:
-        page = pagination(params, sim.items_per_page_default)
+        page = pagination(params, sim.items_per_page_default, sim.faults.max_items_per_page)
     except BadRequest as exc:
         return api_error(400, str(exc), fmt)
     updated_filter = not sim.faults.drop_updated_ts_filter

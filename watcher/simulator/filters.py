@@ -40,11 +40,11 @@ class Page:
         return (self.number - 1) * self.limit
 
 
-def pagination(params: Params, default_limit: int) -> Page:
+def pagination(params: Params, default_limit: int, maximum: int = 0) -> Page:
     page = php_int(params.get("page"), 1)
     if page < 1:
         raise BadRequest("Page should not be less than 1")
-    limit = min(php_int(params.get("itemsPerPage"), default_limit), MAX_ITEMS_PER_PAGE)
+    limit = min(php_int(params.get("itemsPerPage"), default_limit), maximum or MAX_ITEMS_PER_PAGE)
     if limit < 0:
         raise BadRequest("Limit should not be less than 0")
     if limit == 0 and page > 1:

@@ -58,6 +58,9 @@ class Faults:
     # The next N authenticated reads get OAuth's invalid_grant although the token is good (a
     # token store lagging behind the login that minted it).
     token_rejections: int = 0
+    # API Platform's `maximum_items_per_page` below what a client asks: a larger itemsPerPage is
+    # served at this size, paged at this size (0: Convertr's own maximum of 100).
+    max_items_per_page: int = 0
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Set fields by name, checking names and types (for the admin endpoint)."""
