@@ -256,11 +256,12 @@ def merge(old: Mapping[str, Any], new: Mapping[str, Any], track: Sequence[str] |
 # --- events ---------------------------------------------------------------------------------
 
 
-def lead_created(lead: Mapping[str, Any], detected_at: str) -> Event:
+def lead_created(lead: Mapping[str, Any], detected_at: str, *, reused: bool = False) -> Event:
+    """`reused`: the id named an earlier, deleted lead, whose lead.created had the plain id."""
     lead_id = lead["id"]
     resource = f"lead:{lead_id}"
     return Event(
-        id=event_id(LEAD_CREATED, resource, ""),
+        id=event_id(LEAD_CREATED, resource, f"reused:{lead.get('createdTs')}" if reused else ""),
         type=LEAD_CREATED,
         timestamp=detected_at,
         data={"lead": without_context(lead)},
@@ -385,18 +386,38 @@ def decide_created(
             continue
         seen.add(lead_id)
         threshold = _settle(commit, unannounced, lead_id, walk.emit_after)
-        if lead_id in known:
+        again = lead_id in known and reused(known[lead_id], created_ts)
+        if lead_id in known and not again:
             continue
         when = walk.now if created_ts is None else created_ts
         tracked = snapshot(lead, walk.track) if walk.updates else {}
         commit.leads.append(LeadState(lead_id, when, _str(lead.get("updatedTs")), tracked, sig))
         if when > threshold:
-            event = lead_created(lead, walk.detected_at)
+            event = lead_created(lead, walk.detected_at, reused=again)
             commit.events.append((event, route(event)))
     moved = next_cursor(cursor, newest_raw, walk.signpost) if cursor_field is not None else None
     if moved is not None:
         commit.cursor, commit.cursor_ts = moved
     return commit
+
+
+# Offsets are whole quarters of an hour, at most 26 h apart: a server whose zone changes and that
+# re-serialises stored wall-clock times moves every createdTs by such a step, while a reused id's
+# lead was created at any later second.
+QUARTER_HOUR = 900.0
+WIDEST_ZONE_STEP = 26 * 3600.0
+
+
+def reused(before: LeadState, created_ts: float | None) -> bool:
+    """Whether a known id now names another lead: the server handed it out again after its lead was
+    deleted (MySQL's InnoDB before 8.0 restarts its counter after the highest id left), so it was
+    created after the lead the id named. A forgotten lead's tombstone is never filled in again."""
+    if created_ts is None or before.track == FORGOTTEN:
+        return False
+    moved = created_ts - before.created_ts
+    if moved < 1.0:
+        return False
+    return moved > WIDEST_ZONE_STEP or abs(moved - round(moved / QUARTER_HOUR) * QUARTER_HOUR) >= 0.5
 
 
 def _settle(commit: PageCommit, unannounced: Unannounced, lead_id: int, threshold: float) -> float:
@@ -435,6 +456,8 @@ def decide_updated(
         if not isinstance(lead_id, int) or isinstance(lead_id, bool):
             continue
         before = latest.get(lead_id) or known.get(lead_id)
+        if before is not None and reused(before, timestamp(lead.get("createdTs"))):
+            before = None  # another lead under a reused id: its snapshot tells nothing about this one
         pending = lead_id in unannounced.thresholds and lead_id not in latest
         threshold = _settle(commit, unannounced, lead_id, float("-inf")) if pending else None
         if before is not None and before.track == FORGOTTEN:

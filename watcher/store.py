@@ -670,8 +670,9 @@ class Store:
                 c.executemany(
                     "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET version = excluded.version, snapshot = excluded.snapshot, "
-                    "changed_at = excluded.changed_at, track = excluded.track, last_event = excluded.last_event "
+                    "ON CONFLICT(id) DO UPDATE SET created_ts = excluded.created_ts, version = excluded.version, "
+                    "snapshot = excluded.snapshot, changed_at = excluded.changed_at, track = excluded.track, "
+                    "last_event = excluded.last_event "
                     f"WHERE leads.track IS NOT '{FORGOTTEN}'",  # a forgotten lead stays forgotten
                     [
                         (s.id, s.created_ts, s.version, dumps(s.snapshot), page.now, s.track, s.last_event)
