@@ -157,6 +157,37 @@ def test_a_campaign_deleted_between_two_pages_of_the_first_poll_invents_no_campa
     assert r.store is not None and set(r.store.campaigns()) >= set(sim.campaign_ids())
 
 
+@pytest.mark.parametrize("how", ["sigterm", "failed page"])
+def test_a_campaign_created_while_the_first_campaign_read_is_stopped_is_announced(
+    rig: Callable[..., Rig], how: str
+) -> None:
+    """The first campaign read stops after one page (SIGTERM, or a page the server fails) and is taken up
+    again later: a campaign created in between is announced; those that existed when it began are not."""
+    r = rig()
+    r.configure(items_per_page=4)
+    for _ in range(8):
+        r.sim.add_campaign()
+    existing = set(r.sim.campaign_ids())
+    poller = r.start()
+    sim = r.sim
+    assert isinstance(sim, HookedSimulator)
+    if how == "sigterm":
+        poller.should_stop = lambda: True
+        r.poll_campaigns()
+    else:
+        sim.hooks[("campaigns", 1, 4)] = lambda: setattr(sim.faults, "error_rate", 1.0)
+        with suppress(Exception):
+            r.poll_campaigns()
+        sim.faults.error_rate = 0.0
+    assert r.store is not None and 0 < len(r.store.campaigns()) < len(existing)
+    r.restart()
+    r.advance(300)
+    new = int(sim.add_campaign()["id"])
+    r.poll_campaigns()
+    assert [e["data"]["campaign"]["id"] for e in r.events("campaign.created")] == [new]
+    assert set(r.store.campaigns()) == existing | {new}
+
+
 def test_repeated_lead_data_names_are_each_compared_and_a_reordering_is_no_change(rig: Callable[..., Rig]) -> None:
     """A lead with two "Job Title" entries: a change to either is reported under a name that tells them
     apart, and serving the entries in another order reports nothing."""

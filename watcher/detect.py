@@ -526,10 +526,13 @@ def decide_campaigns(
     now: float,
     detected_at: str,
     route: Route,
+    existed_until: float | None = None,
 ) -> tuple[PageCommit, list[str]]:
     """New campaigns (`campaign.created`, except in the first read) and status transitions of a page.
 
-    Returns the commit and warnings about documents that were skipped.
+    `existed_until`: in the first read, the highest campaign id when it began; one above it was
+    created since (ids only grow) and is announced, also when that read stopped half-way and is
+    taken up again later. Returns the commit and warnings about documents that were skipped.
     """
     commit = PageCommit("campaigns", now)
     warnings: list[str] = []
@@ -542,7 +545,7 @@ def decide_campaigns(
         name = doc.get("name") if isinstance(doc.get("name"), str) else None
         if before is None:
             after = CampaignState(campaign_id, status, 0, name)
-            if not baseline:
+            if not baseline or (existed_until is not None and campaign_id > existed_until):
                 event = campaign_created(doc, detected_at)
                 commit.events.append((event, route(event)))
         elif before.status != status:
