@@ -219,6 +219,31 @@ def test_repeated_lead_data_names_are_each_compared_and_a_reordering_is_no_chang
     ]
 
 
+def test_repeated_lead_data_entries_given_new_ids_with_their_values_unchanged_are_no_change(
+    rig: Callable[..., Rig],
+) -> None:
+    """A save that replaces a lead's whole leadData collection gives every entry a new id: the entries of
+    a repeated name keep their values, so nothing changed, and a later edit is still reported once."""
+    r = rig(leads=3)
+    r.configure(items_per_page=4, track=["leadData"])
+    lead = r.sim.lead_ids()[0]
+    r.sim.add_lead_data(lead, "Job Title", "Analyst")
+    r.sim.add_lead_data(lead, "Job Title", "Engineer")
+    r.poll()
+    r.advance(10)
+    r.sim.renumber_lead_data(lead)
+    r.advance(5)
+    r.poll()
+    assert r.updates(lead) == []
+    r.advance(10)
+    entry = next(e for e in r.sim.lead(lead)["leadData"] if e["value"] == "Engineer")
+    r.sim.set_lead_data(lead, int(entry["@id"].rpartition("/")[2]), "Chief Engineer")
+    r.advance(5)
+    r.poll()
+    changes = [e["data"]["changes"] for e in r.updates(lead)]
+    assert [[(c["from"], c["to"]) for c in change.values()] for change in changes] == [[("Engineer", "Chief Engineer")]]
+
+
 def _entry(data_id: int | None, name: str, value: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"@type": "LeadData", "name": name, "value": value}
     if data_id is not None:

@@ -222,8 +222,11 @@ def diff(
     had_lead_data = any(_is_lead_data(k) for k in old)
     has_lead_data = any(_is_lead_data(k) for k in new)
     repeated = {lead_data_name(k) for k in new if k.startswith(LEAD_DATA_REPEAT)} if legacy else set()
+    renumbered = _renumbered(old, new)
     for key in sorted(set(old) | set(new)):
         if repeated and lead_data_name(key) in repeated:
+            continue
+        if renumbered and lead_data_name(key) in renumbered:
             continue
         if key in old and key in new:
             if old[key] != new[key]:
@@ -239,6 +242,23 @@ def diff(
             if before != after:
                 changes[key] = {"from": before, "to": after}
     return changes
+
+
+def _renumbered(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[str | None]:
+    """The repeated leadData names whose entries hold the same values as before under other keys: a
+    save that replaced the collection gives every entry a new id, which changes nothing."""
+    names = {lead_data_name(k) for k in (*old, *new) if k.startswith(LEAD_DATA_REPEAT)}
+    if not names:
+        return set()
+
+    def values(snap: Mapping[str, Any], name: str | None) -> list[str]:
+        return sorted(dumps(v) for k, v in snap.items() if lead_data_name(k) == name)
+
+    return {name for name in names if values(old, name) == values(new, name) and _keys(old, name) != _keys(new, name)}
+
+
+def _keys(snap: Mapping[str, Any], name: str | None) -> set[str]:
+    return {k for k in snap if lead_data_name(k) == name}
 
 
 def merge(old: Mapping[str, Any], new: Mapping[str, Any], track: Sequence[str] | None = None) -> dict[str, Any]:

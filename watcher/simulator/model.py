@@ -414,6 +414,17 @@ class Simulator:
             entry["value"] = value
             self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
 
+    def renumber_lead_data(self, lead_id: int, *, touch: bool = True) -> None:
+        """Give every leadData entry of a lead a new id, values unchanged: a save that replaces the
+        whole collection (delete and insert), as an ORM may do."""
+        with self.lock:
+            row = self._row(lead_id)
+            doc = self._lead_dict(row)
+            for entry in doc["leadData"]:
+                entry["@id"] = f"/api/v4/lead-datas/{self._next_data_id}"
+                self._next_data_id += 1
+            self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
+
     def reverse_lead_data(self, lead_id: int) -> None:
         """Serve a lead's leadData entries in reverse order, nothing else changed (not even updatedTs)."""
         with self.lock:
