@@ -38,7 +38,7 @@ MIGRATIONS: tuple[str, ...] = (
         cursor TEXT,                 -- the newest timestamp exactly as the API wrote it
         cursor_ts REAL,              -- the same instant in Unix seconds (lag metrics)
         walk_from TEXT,              -- filter bound of a walk in progress: a crash resumes from here
-        baseline_until REAL,         -- during a first walk: leads created up to here are the baseline
+        baseline_until REAL,         -- during a first walk: the baseline is leads created up to here (campaigns: ids)
         last_poll_at REAL,
         last_success_at REAL,
         last_error TEXT,
