@@ -134,7 +134,7 @@ def test_a_step_back_while_the_daemon_is_stopped_does_not_hold_a_waiting_retry(
         assert daemon.stop() == 0
     receiver.respond(200)
     offset.write_text("-3600\n")
-    with daemon.start():
+    with daemon:
         wait_until(lambda: waiting <= _created(receiver), 20, "the retry after the step")
         assert daemon.stop() == 0
     assert "the host clock stepped while the daemon was stopped" in daemon.log()
