@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.support.daemon import WEBHOOK_KEY, Daemon, wait_until, webhook_sink, write_config
 from tests.support.receiver import Receiver, verify_request
+from watcher import clockframe
 from watcher.clock import FakeClock, SteppedClock
 
 
@@ -116,3 +117,34 @@ def test_stepped_clock_reports_each_step_once() -> None:
         inner.t += 0.5  # wall 0.5 s ahead of elapsed per reading: drift, never one step
         clock.now()
     assert steps == [-3600.0, 7200.0]
+
+
+def test_a_step_back_while_the_daemon_is_stopped_does_not_hold_a_waiting_retry(
+    tmp_path: Path, sim, receiver: Receiver
+) -> None:
+    """The daemon stops with a retry due in seconds; the clock goes back an hour before it starts again
+    (an NTP step at boot of the service, a VM restored): the retry is sent within seconds, not in an hour."""
+    simulator, server = sim
+    daemon, offset = _stepping(tmp_path, server.url, webhook_sink(receiver.url, retry_schedule=["3s"] * 5))
+    with daemon:
+        daemon.wait_polls(2)
+        receiver.respond(500)
+        waiting = set(simulator.add_leads(1, simulator.campaign_ids()[0]))
+        wait_until(lambda: "delivery failed" in daemon.log(), 20, "the failed attempt recorded")
+        assert daemon.stop() == 0
+    receiver.respond(200)
+    offset.write_text("-3600\n")
+    with daemon:
+        wait_until(lambda: waiting <= _created(receiver), 20, "the retry after the step")
+        assert daemon.stop() == 0
+    assert "the host clock stepped while the daemon was stopped" in daemon.log()
+
+
+def test_the_clock_frame_tells_a_step_only_within_one_boot(tmp_path: Path) -> None:
+    state = tmp_path / "state.db"
+    assert clockframe.step_while_stopped(state, "boot-a", 1000.0) == 0.0  # nothing kept yet
+    clockframe.keep(state, "boot-a", 1000.0)
+    assert clockframe.step_while_stopped(state, "boot-a", 1000.4) == 0.0  # within tolerance: no step
+    assert clockframe.step_while_stopped(state, "boot-a", -2600.0) == -3600.0
+    assert clockframe.step_while_stopped(state, "boot-b", -2600.0) == 0.0  # rebooted: cannot tell
+    assert clockframe.step_while_stopped(state, None, -2600.0) == 0.0

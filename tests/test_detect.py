@@ -182,7 +182,7 @@ def _walk(stream: str = "leads.created", **kwargs: object) -> detect.LeadWalk:
 def test_decide_created(known: tuple[int, ...], emit_after: float, announced: list[int], recorded: list[int]) -> None:
     """New leads are recorded; those created after emit_after are announced; known ones are skipped."""
     page = [_lead(1, "2024-01-01T00:00:10+00:00"), _lead(2, "2024-01-01T00:00:20+00:00")]
-    states = {i: LeadState(i, 0.0, None, {}) for i in known}
+    states = {i: LeadState(i, detect.parse_ts(str(page[i - 1]["createdTs"])).timestamp(), None, {}) for i in known}
     commit = detect.decide_created(page, states, _walk(emit_after=emit_after), None, ROUTE)
     assert [e.data["lead"]["id"] for e, _ in commit.events] == announced
     assert [s.id for s in commit.leads] == recorded
@@ -210,7 +210,7 @@ def test_decide_updated(
 ) -> None:
     """A known lead is diffed against its snapshot: a change is an event, a new field is learnt silently."""
     sig = detect.track_signature(PAGE_TRACK)
-    known = {1: LeadState(1, 0.0, "v0", before, sig, None)}
+    known = {1: LeadState(1, 1704067210.0, "v0", before, sig, None)}  # created 00:00:10
     page = [_lead(1, "2024-01-01T00:00:10+00:00", "2024-01-01T00:01:00+00:00", **after)]
     commit = detect.decide_updated(page, known, _walk("leads.updated"), None, ROUTE)
     assert [e.data["changes"] for e, _ in commit.events] == events
@@ -225,7 +225,7 @@ def test_decide_updated_chains_ids_on_the_previous_change() -> None:
     sig = detect.track_signature(PAGE_TRACK)
 
     def event_after(previous: str | None) -> str:
-        known = {1: LeadState(1, 0.0, "v", {"score": 1}, sig, previous)}
+        known = {1: LeadState(1, 1704067210.0, "v", {"score": 1}, sig, previous)}
         return detect.decide_updated(page, known, _walk("leads.updated"), None, ROUTE).events[0][0].id
 
     assert event_after("evt_a") != event_after("evt_b")

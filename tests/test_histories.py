@@ -157,6 +157,37 @@ def test_a_campaign_deleted_between_two_pages_of_the_first_poll_invents_no_campa
     assert r.store is not None and set(r.store.campaigns()) >= set(sim.campaign_ids())
 
 
+@pytest.mark.parametrize("how", ["sigterm", "failed page"])
+def test_a_campaign_created_while_the_first_campaign_read_is_stopped_is_announced(
+    rig: Callable[..., Rig], how: str
+) -> None:
+    """The first campaign read stops after one page (SIGTERM, or a page the server fails) and is taken up
+    again later: a campaign created in between is announced; those that existed when it began are not."""
+    r = rig()
+    r.configure(items_per_page=4)
+    for _ in range(8):
+        r.sim.add_campaign()
+    existing = set(r.sim.campaign_ids())
+    poller = r.start()
+    sim = r.sim
+    assert isinstance(sim, HookedSimulator)
+    if how == "sigterm":
+        poller.should_stop = lambda: True
+        r.poll_campaigns()
+    else:
+        sim.hooks[("campaigns", 1, 4)] = lambda: setattr(sim.faults, "error_rate", 1.0)
+        with suppress(Exception):
+            r.poll_campaigns()
+        sim.faults.error_rate = 0.0
+    assert r.store is not None and 0 < len(r.store.campaigns()) < len(existing)
+    r.restart()
+    r.advance(300)
+    new = int(sim.add_campaign()["id"])
+    r.poll_campaigns()
+    assert [e["data"]["campaign"]["id"] for e in r.events("campaign.created")] == [new]
+    assert set(r.store.campaigns()) == existing | {new}
+
+
 def test_repeated_lead_data_names_are_each_compared_and_a_reordering_is_no_change(rig: Callable[..., Rig]) -> None:
     """A lead with two "Job Title" entries: a change to either is reported under a name that tells them
     apart, and serving the entries in another order reports nothing."""
@@ -186,6 +217,31 @@ def test_repeated_lead_data_names_are_each_compared_and_a_reordering_is_no_chang
         {"leadData.Job Title": {"from": "Analyst", "to": "Chief Analyst"}},
         {f"leadData#{second}.Job Title": {"from": "Engineer", "to": "Chief Engineer"}},
     ]
+
+
+def test_repeated_lead_data_entries_given_new_ids_with_their_values_unchanged_are_no_change(
+    rig: Callable[..., Rig],
+) -> None:
+    """A save that replaces a lead's whole leadData collection gives every entry a new id: the entries of
+    a repeated name keep their values, so nothing changed, and a later edit is still reported once."""
+    r = rig(leads=3)
+    r.configure(items_per_page=4, track=["leadData"])
+    lead = r.sim.lead_ids()[0]
+    r.sim.add_lead_data(lead, "Job Title", "Analyst")
+    r.sim.add_lead_data(lead, "Job Title", "Engineer")
+    r.poll()
+    r.advance(10)
+    r.sim.renumber_lead_data(lead)
+    r.advance(5)
+    r.poll()
+    assert r.updates(lead) == []
+    r.advance(10)
+    entry = next(e for e in r.sim.lead(lead)["leadData"] if e["value"] == "Engineer")
+    r.sim.set_lead_data(lead, int(entry["@id"].rpartition("/")[2]), "Chief Engineer")
+    r.advance(5)
+    r.poll()
+    changes = [e["data"]["changes"] for e in r.updates(lead)]
+    assert [[(c["from"], c["to"]) for c in change.values()] for change in changes] == [[("Engineer", "Chief Engineer")]]
 
 
 def _entry(data_id: int | None, name: str, value: str) -> dict[str, Any]:

@@ -153,6 +153,7 @@ class DetectionMachine(RuleBasedStateMachine):
         self.quiet: dict[int, float] = {}  # lead -> when an edit left its updatedTs unmoved, not yet reported
         self.quiet_edited: dict[int, float] = {}  # lead -> its last such edit, reported or not
         self.vanished: set[int] = set()  # campaigns deleted during the poll: read before it, or not
+        self.campaigns_before: set[int] | None = None  # campaigns when a stopped first campaign read began
 
     def _configure(self) -> None:
         assert self.rig is not None
@@ -346,6 +347,27 @@ class DetectionMachine(RuleBasedStateMachine):
         sim.hooks.clear()
         sim.countdown = None
         self._check()
+
+    @precondition(lambda self: self.statuses is None and self.campaigns_before is None)
+    @rule(how=st.sampled_from(["sigterm", "failed page"]))
+    def first_campaign_read_stopped(self, how: str) -> None:
+        """The very first campaign read stops after its first page (SIGTERM, or a page the server fails),
+        and a campaign is created before a poll takes it up again: that one is announced, no other."""
+        sim = self.r.sim
+        assert isinstance(sim, HookedSimulator)
+        self.campaigns_before = set(sim.campaign_ids())
+        poller = self.r.poller or self.r.start()
+        if how == "sigterm":
+            poller.should_stop = lambda: True
+            self.r.poll_campaigns()
+            self.r.restart()
+        else:
+            sim.hooks[("campaigns", 1, PAGE)] = lambda: setattr(sim.faults, "error_rate", 1.0)
+            with suppress(Exception):
+                self.r.poll_campaigns()
+            sim.hooks.clear()
+            sim.faults.error_rate = 0.0
+        sim.add_campaign()
 
     @rule(commits=st.integers(0, 3))
     def crash(self, commits: int) -> None:
@@ -588,6 +610,9 @@ class DetectionMachine(RuleBasedStateMachine):
             assert transitions == wanted, f"campaign transitions {dict(transitions)}, expected {dict(wanted)}"
             added = {e["data"]["campaign"]["id"] for e in events if e["type"] == "campaign.created"}
             assert added - self.vanished == set(statuses) - set(self.statuses)
+        elif self.campaigns_before is not None:
+            added = {e["data"]["campaign"]["id"] for e in events if e["type"] == "campaign.created"}
+            assert added - self.vanished == set(statuses) - self.campaigns_before - self.vanished
         self.statuses = statuses
         self.vanished.clear()
         self.checked |= {e["id"] for e in events}

@@ -108,6 +108,11 @@ class SteppedClock:
             self.on_step(step)
         return wall
 
+    @property
+    def offset(self) -> float:
+        """Wall time less elapsed time at the last reading: it moves only when the wall clock steps."""
+        return self._offset
+
     def monotonic(self) -> float:
         return self.inner.monotonic()
 

@@ -28,6 +28,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +37,8 @@ import structlog
 from watcher import __version__
 from watcher.cadence import Cadence
 from watcher.clock import Clock, SteppedClock, SystemClock, boot_seconds
+from watcher.clockframe import boot_id, step_while_stopped
+from watcher.clockframe import keep as keep_clock_frame
 from watcher.config import Config, SinkConfig, load_config
 from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
 from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher
@@ -769,8 +772,27 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier, *, start_
     history_kept(config, start_over)
     stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
     async with runtime(config, stepped) as rt:
-        stepped.on_step = partial(clock_stepped, rt)
+        boot = boot_id() if isinstance(clock, SystemClock) else None
+        missed = step_while_stopped(config.state.path, boot, stepped.offset)
+
+        def stepped_now(seconds: float) -> None:
+            clock_stepped(rt, seconds)
+            _keep_frame(config.state.path, boot, stepped.offset)
+
+        stepped.on_step = stepped_now
+        if missed:
+            log.warning("the host clock stepped while the daemon was stopped", seconds=round(missed, 3))
+            clock_stepped(rt, missed)
+        _keep_frame(config.state.path, boot, stepped.offset)
         return await Daemon(rt, notifier).run()
+
+
+def _keep_frame(state_path: Path, boot: str | None, offset: float) -> None:
+    try:
+        keep_clock_frame(state_path, boot, offset)
+    except OSError as exc:
+        # Only a step while stopped goes unnoticed then; nothing the daemon does now depends on it.
+        log.warning("cannot keep the clock frame beside the state file", error=str(exc))
 
 
 def clock_stepped(rt: Runtime, seconds: float) -> None:

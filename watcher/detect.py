@@ -222,8 +222,11 @@ def diff(
     had_lead_data = any(_is_lead_data(k) for k in old)
     has_lead_data = any(_is_lead_data(k) for k in new)
     repeated = {lead_data_name(k) for k in new if k.startswith(LEAD_DATA_REPEAT)} if legacy else set()
+    renumbered = _renumbered(old, new)
     for key in sorted(set(old) | set(new)):
         if repeated and lead_data_name(key) in repeated:
+            continue
+        if renumbered and lead_data_name(key) in renumbered:
             continue
         if key in old and key in new:
             if old[key] != new[key]:
@@ -241,6 +244,23 @@ def diff(
     return changes
 
 
+def _renumbered(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[str | None]:
+    """The repeated leadData names whose entries hold the same values as before under other keys: a
+    save that replaced the collection gives every entry a new id, which changes nothing."""
+    names = {lead_data_name(k) for k in (*old, *new) if k.startswith(LEAD_DATA_REPEAT)}
+    if not names:
+        return set()
+
+    def values(snap: Mapping[str, Any], name: str | None) -> list[str]:
+        return sorted(dumps(v) for k, v in snap.items() if lead_data_name(k) == name)
+
+    return {name for name in names if values(old, name) == values(new, name) and _keys(old, name) != _keys(new, name)}
+
+
+def _keys(snap: Mapping[str, Any], name: str | None) -> set[str]:
+    return {k for k in snap if lead_data_name(k) == name}
+
+
 def merge(old: Mapping[str, Any], new: Mapping[str, Any], track: Sequence[str] | None = None) -> dict[str, Any]:
     """The snapshot after reading `new`: fields the document lacked keep their last known value,
     fields no longer tracked (under `track`, when given) are forgotten."""
@@ -256,11 +276,12 @@ def merge(old: Mapping[str, Any], new: Mapping[str, Any], track: Sequence[str] |
 # --- events ---------------------------------------------------------------------------------
 
 
-def lead_created(lead: Mapping[str, Any], detected_at: str) -> Event:
+def lead_created(lead: Mapping[str, Any], detected_at: str, *, reused: bool = False) -> Event:
+    """`reused`: the id named an earlier, deleted lead, whose lead.created had the plain id."""
     lead_id = lead["id"]
     resource = f"lead:{lead_id}"
     return Event(
-        id=event_id(LEAD_CREATED, resource, ""),
+        id=event_id(LEAD_CREATED, resource, f"reused:{lead.get('createdTs')}" if reused else ""),
         type=LEAD_CREATED,
         timestamp=detected_at,
         data={"lead": without_context(lead)},
@@ -385,18 +406,38 @@ def decide_created(
             continue
         seen.add(lead_id)
         threshold = _settle(commit, unannounced, lead_id, walk.emit_after)
-        if lead_id in known:
+        again = lead_id in known and reused(known[lead_id], created_ts)
+        if lead_id in known and not again:
             continue
         when = walk.now if created_ts is None else created_ts
         tracked = snapshot(lead, walk.track) if walk.updates else {}
         commit.leads.append(LeadState(lead_id, when, _str(lead.get("updatedTs")), tracked, sig))
         if when > threshold:
-            event = lead_created(lead, walk.detected_at)
+            event = lead_created(lead, walk.detected_at, reused=again)
             commit.events.append((event, route(event)))
     moved = next_cursor(cursor, newest_raw, walk.signpost) if cursor_field is not None else None
     if moved is not None:
         commit.cursor, commit.cursor_ts = moved
     return commit
+
+
+# Offsets are whole quarters of an hour, at most 26 h apart: a server whose zone changes and that
+# re-serialises stored wall-clock times moves every createdTs by such a step, while a reused id's
+# lead was created at any later second.
+QUARTER_HOUR = 900.0
+WIDEST_ZONE_STEP = 26 * 3600.0
+
+
+def reused(before: LeadState, created_ts: float | None) -> bool:
+    """Whether a known id now names another lead: the server handed it out again after its lead was
+    deleted (MySQL's InnoDB before 8.0 restarts its counter after the highest id left), so it was
+    created after the lead the id named. A forgotten lead's tombstone is never filled in again."""
+    if created_ts is None or before.track == FORGOTTEN:
+        return False
+    moved = created_ts - before.created_ts
+    if moved < 1.0:
+        return False
+    return moved > WIDEST_ZONE_STEP or abs(moved - round(moved / QUARTER_HOUR) * QUARTER_HOUR) >= 0.5
 
 
 def _settle(commit: PageCommit, unannounced: Unannounced, lead_id: int, threshold: float) -> float:
@@ -435,6 +476,8 @@ def decide_updated(
         if not isinstance(lead_id, int) or isinstance(lead_id, bool):
             continue
         before = latest.get(lead_id) or known.get(lead_id)
+        if before is not None and reused(before, timestamp(lead.get("createdTs"))):
+            before = None  # another lead under a reused id: its snapshot tells nothing about this one
         pending = lead_id in unannounced.thresholds and lead_id not in latest
         threshold = _settle(commit, unannounced, lead_id, float("-inf")) if pending else None
         if before is not None and before.track == FORGOTTEN:
@@ -503,10 +546,13 @@ def decide_campaigns(
     now: float,
     detected_at: str,
     route: Route,
+    existed_until: float | None = None,
 ) -> tuple[PageCommit, list[str]]:
     """New campaigns (`campaign.created`, except in the first read) and status transitions of a page.
 
-    Returns the commit and warnings about documents that were skipped.
+    `existed_until`: in the first read, the highest campaign id when it began; one above it was
+    created since (ids only grow) and is announced, also when that read stopped half-way and is
+    taken up again later. Returns the commit and warnings about documents that were skipped.
     """
     commit = PageCommit("campaigns", now)
     warnings: list[str] = []
@@ -519,7 +565,7 @@ def decide_campaigns(
         name = doc.get("name") if isinstance(doc.get("name"), str) else None
         if before is None:
             after = CampaignState(campaign_id, status, 0, name)
-            if not baseline:
+            if not baseline or (existed_until is not None and campaign_id > existed_until):
                 event = campaign_created(doc, detected_at)
                 commit.events.append((event, route(event)))
         elif before.status != status:

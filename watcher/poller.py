@@ -672,6 +672,18 @@ class Poller:
     async def _walk_campaigns(self, result: PollResult) -> None:
         state = self.store.cursor(CAMPAIGNS)
         baseline = state is None or state.polls == 0
+        existed_until: float | None = None
+        if baseline:
+            # The first read may stop half-way (a failed page, SIGTERM) and be taken up again much
+            # later: the campaigns that existed when it began are those up to the highest id then,
+            # so one created meanwhile is still announced rather than taken for part of the baseline.
+            existed_until = state.baseline_until if state is not None and state.walk_from else None
+            if existed_until is None:
+                existed_until = await self._highest_campaign_id()
+                begun = PageCommit(
+                    CAMPAIGNS, self.clock.now(), walk_from="baseline", set_walk_from=True, baseline_until=existed_until
+                )
+                self._commit(begun, result)
         known = self.store.campaigns()
         # Paged like the leads, so that a campaign deleted during the first read cannot shift another
         # off the pages: one left out would be announced as campaign.created by the next poll.
@@ -680,19 +692,38 @@ class Poller:
         )
         async with aclosing(pager.pages()) as reads:
             async for read in reads:
-                self._campaign_page(read.page, known, baseline, result)
+                self._campaign_page(read.page, known, baseline, existed_until, result)
                 if self.should_stop():
                     return
-        self._commit(PageCommit(CAMPAIGNS, self.clock.now(), finished=True), result)
+        self._commit(PageCommit(CAMPAIGNS, self.clock.now(), set_walk_from=True, finished=True), result)
 
-    def _campaign_page(self, page: Page, known: dict[int, CampaignState], baseline: bool, result: PollResult) -> None:
+    async def _highest_campaign_id(self) -> float:
+        """The highest campaign id there is now (0 with none): one request, once per state file."""
+        page = await self.client.page("campaigns", {"order[id]": "desc"}, items_per_page=1)
+        ids = [m["id"] for m in page.members if isinstance(m.get("id"), int) and not isinstance(m["id"], bool)]
+        return float(max(ids, default=0))
+
+    def _campaign_page(
+        self,
+        page: Page,
+        known: dict[int, CampaignState],
+        baseline: bool,
+        existed_until: float | None,
+        result: PollResult,
+    ) -> None:
         self.server.observe_date(page.server_date)
         self.server.observe_documents(page.members, CAMPAIGN_TIMES)
         result.pages += 1
         result.fetched += len(page.members)
         now = self.clock.now()
         commit, warnings = detect.decide_campaigns(
-            page.members, known, baseline=baseline, now=now, detected_at=rfc3339(now), route=self.route
+            page.members,
+            known,
+            baseline=baseline,
+            now=now,
+            detected_at=rfc3339(now),
+            route=self.route,
+            existed_until=existed_until,
         )
         for warning in warnings:
             log.warning(warning)

@@ -41,7 +41,7 @@ MIGRATIONS: tuple[str, ...] = (
         cursor TEXT,                 -- the newest timestamp exactly as the API wrote it
         cursor_ts REAL,              -- the same instant in Unix seconds (lag metrics)
         walk_from TEXT,              -- filter bound of a walk in progress: a crash resumes from here
-        baseline_until REAL,         -- during a first walk: leads created up to here are the baseline
+        baseline_until REAL,         -- during a first walk: the baseline is leads created up to here (campaigns: ids)
         last_poll_at REAL,
         last_success_at REAL,
         last_error TEXT,
@@ -673,8 +673,9 @@ class Store:
                 c.executemany(
                     "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET version = excluded.version, snapshot = excluded.snapshot, "
-                    "changed_at = excluded.changed_at, track = excluded.track, last_event = excluded.last_event "
+                    "ON CONFLICT(id) DO UPDATE SET created_ts = excluded.created_ts, version = excluded.version, "
+                    "snapshot = excluded.snapshot, changed_at = excluded.changed_at, track = excluded.track, "
+                    "last_event = excluded.last_event "
                     f"WHERE leads.track IS NOT '{FORGOTTEN}'",  # a forgotten lead stays forgotten
                     [
                         (s.id, s.created_ts, s.version, dumps(s.snapshot), page.now, s.track, s.last_event)

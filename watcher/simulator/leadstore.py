@@ -114,6 +114,17 @@ class LeadStore:
         self.db.execute(_UPDATE, (*values[1:], row.id))
         self._written(row.id, before)
 
+    def delete(self, lead_id: int) -> None:
+        """Remove a row for good; the filter and count caches are rebuilt on the next read."""
+        self.db.execute("DELETE FROM leads WHERE id = ?", (lead_id,))
+        self._docs.pop(lead_id, None)
+        self._id_lists.clear()
+        self._counts = None
+
+    def highest_id(self) -> int | None:
+        found = self.db.execute("SELECT MAX(id) FROM leads").fetchone()
+        return None if found is None or found[0] is None else int(found[0])
+
     def get(self, lead_id: int) -> LeadRow | None:
         found = self.db.execute(f"SELECT {_ROW} FROM leads WHERE id = ?", (lead_id,)).fetchone()
         return None if found is None else self._row(found)

@@ -37,6 +37,8 @@ from watcher.simulator.phptime import iso, to_unix, wall_of
 from watcher.simulator.query import Params
 from watcher.simulator.seeding import DAY, RECEIVING, bulk_rows, campaign_times, lead_times, plan_for
 
+FIRST_LEAD_ID = 100_001
+
 
 @dataclass
 class Faults:
@@ -134,7 +136,7 @@ class Simulator:
         self.store = LeadStore(seed, self.zone)
         self._campaigns: dict[int, CampaignRecord] = {}
         self._deleted_campaigns: dict[int, CampaignRecord] = {}  # gone from the API; their leads keep the IRI
-        self._next_lead_id = 100_001
+        self._next_lead_id = FIRST_LEAD_ID
         self._next_campaign_id = 601
         self._next_data_id = 900_000_000
 
@@ -362,6 +364,16 @@ class Simulator:
             row = self._row(lead_id)
             self.store.update(replace(row, visible=False))
 
+    def delete_lead(self, lead_id: int, *, reuse_id: bool = False) -> None:
+        """Delete a lead's row for good. `reuse_id`: the id counter then restarts after the highest id
+        left, as MySQL's InnoDB did at a server restart before 8.0, so the next lead may take this id."""
+        with self.lock:
+            self._row(lead_id)
+            self.store.delete(lead_id)
+            if reuse_id:
+                highest = self.store.highest_id()
+                self._next_lead_id = FIRST_LEAD_ID if highest is None else highest + 1
+
     def poison_lead(self, lead_id: int, poisoned: bool = True) -> None:
         """Make every read that would serialise this lead answer 500, as a record the server
         cannot serialise does; `poisoned=False` cures it."""
@@ -403,6 +415,17 @@ class Simulator:
             doc = self._lead_dict(row)
             [entry] = [e for e in doc["leadData"] if e.get("@id") == f"/api/v4/lead-datas/{data_id}"]
             entry["value"] = value
+            self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
+
+    def renumber_lead_data(self, lead_id: int, *, touch: bool = True) -> None:
+        """Give every leadData entry of a lead a new id, values unchanged: a save that replaces the
+        whole collection (delete and insert), as an ORM may do."""
+        with self.lock:
+            row = self._row(lead_id)
+            doc = self._lead_dict(row)
+            for entry in doc["leadData"]:
+                entry["@id"] = f"/api/v4/lead-datas/{self._next_data_id}"
+                self._next_data_id += 1
             self.store.update(self._edited(row, doc, self.now_ts() if touch else row.updated, row.visible))
 
     def reverse_lead_data(self, lead_id: int) -> None:
