@@ -24,7 +24,7 @@ from tests.support.daemon import PASSWORD, USERNAME, webhook_sink, write_config
 from tests.support.receiver import Receiver, Reply
 from watcher.clock import FakeClock
 from watcher.config import ConvertrConfig, load_config
-from watcher.convertr import RETRY_ATTEMPTS, ConvertrClient
+from watcher.convertr import ConvertrClient
 from watcher.errors import MalformedResponse, ResponseTooLarge
 
 BOMB_MIB = 300
@@ -88,7 +88,8 @@ def test_a_sink_reads_only_an_excerpt_of_a_gzip_bomb(
 
 
 def test_an_api_gzip_bomb_is_a_classified_error_within_bounded_memory(tmp_path: Path, bomb: bytes) -> None:
-    """A 300 MiB gzip login answer stops at the 64 MiB default ceiling: ResponseTooLarge, retried, small RSS."""
+    """A 300 MiB gzip login answer stops at the 64 MiB default ceiling: ResponseTooLarge, small RSS,
+    and not retried as it is (the same request is as large the next time)."""
     with Receiver() as rx:
         rx.respond(200, bomb, {"content-encoding": "gzip", "content-type": "application/json"})
         config = write_config(tmp_path, api_url(rx))
@@ -102,7 +103,7 @@ def test_an_api_gzip_bomb_is_a_classified_error_within_bounded_memory(tmp_path: 
         "once decoded ([convertr] max_response_bytes); not read further)"
     )
     assert expected in output
-    assert len(logins) == RETRY_ATTEMPTS, "a transient error: retried, each try as cheap as the first"
+    assert len(logins) == 1, "too large is not retried as it is: the same request is as large the next time"
     assert logins[0].headers["accept-encoding"] == "gzip, deflate"
 
 
@@ -160,7 +161,8 @@ def test_an_over_ceiling_or_unreadable_page_is_a_classified_error() -> None:
             "([convertr] max_response_bytes); not read further"
         )
         assert too_large.value.status == 200
-        assert len([r for r in rx.requests if r.path.startswith("/api/v4/leads")]) == RETRY_ATTEMPTS
+        # Not retried as it is: a walk splits such a page instead (tests/test_walk_load.py).
+        assert len([r for r in rx.requests if r.path.startswith("/api/v4/leads")]) == 1
 
     with Receiver() as rx:
         rx.respond_sequence([login])
