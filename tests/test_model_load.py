@@ -100,12 +100,18 @@ class WalkMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.broken))
     @rule()
     def cure(self) -> None:
+        cured = set(self.broken)
         for lead in self.broken:
             self.r.sim.poison_lead(lead, poisoned=False)
             if any(e.get("value") == BIG for e in self.r.sim.lead(lead).get("leadData") or []):
                 self.r.sim.update_lead(lead, lead_data={"Notes": "short again"})
         self.broken.clear()
         self.r.advance(RETRY)
+        # A cured lead is owed by the first poll after its retry is due; a retry that already ran
+        # and failed (the lead still broken then) put the next one further out on its schedule.
+        due = max((u.next_try for u in self.r.ensure().unreadable() if u.lead_id in cured), default=0.0)
+        if due > self.r.clock.now():
+            self.r.advance(due - self.r.clock.now() + 1)
 
     @precondition(lambda self: bool(self.rig and self.rig.sim.lead_ids()))
     @rule(data=st.data())
