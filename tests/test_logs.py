@@ -201,7 +201,7 @@ def test_pipeline_renders_json_lines_for_structlog_and_stdlib() -> None:
     """A non-terminal stream gets one JSON object per line from both structlog and logging."""
     stream = configure_json()
     structlog.get_logger("watcher.test").info("poll finished", stream="leads", fetched=3)
-    logging.getLogger("apscheduler.scheduler").warning("job %s missed", "leads")
+    logging.getLogger("aiohttp.client").warning("job %s missed", "leads")
     first, second = lines(stream)
     assert first["event"] == "poll finished"
     assert first["level"] == "info"
@@ -212,7 +212,7 @@ def test_pipeline_renders_json_lines_for_structlog_and_stdlib() -> None:
         **second,
         "event": "job leads missed",
         "level": "warning",
-        "logger": "apscheduler.scheduler",
+        "logger": "aiohttp.client",
     }
 
 
@@ -235,12 +235,11 @@ def test_pipeline_masks_secrets_in_tracebacks_and_stdlib_records() -> None:
 
 
 def test_noisy_libraries_stay_at_warning() -> None:
-    """httpx/httpcore INFO lines (full URLs) and apscheduler's per-run INFO lines are dropped."""
+    """httpx/httpcore INFO lines (full URLs) and their DEBUG wire chatter are dropped."""
     stream = configure_json()
     configure_logging(level="info", stream=stream)
     logging.getLogger("httpx").info("HTTP Request: GET https://acme.cvtr.io/api/leads")
     logging.getLogger("httpcore.connection").debug("connect_tcp.started")
-    logging.getLogger("apscheduler.executors.default").info("Running job")
     structlog.get_logger("watcher.test").debug("hidden at info")
     structlog.get_logger("watcher.test").info("shown")
     assert [line["event"] for line in lines(stream)] == ["shown"]
@@ -272,7 +271,7 @@ def test_capture_file_receives_every_line(tmp_path: Path) -> None:
     capture.write_text('{"event": "earlier process"}\n')
     stream = configure_json(secrets=("capture-secret-value",), capture=str(capture))
     structlog.get_logger("watcher.test").warning("saw capture-secret-value")
-    logging.getLogger("apscheduler").error("boom")
+    logging.getLogger("aiohttp.client").error("boom")
     for handler in logging.getLogger().handlers:
         handler.flush()
     captured = [json.loads(line) for line in capture.read_text().splitlines()]

@@ -2,7 +2,7 @@
 
 What counts as personal is `watcher.pii`'s to say; this module only applies it to log keys.
 
-structlog and the standard library (httpx, apscheduler, ...) share one pipeline, so every line
+structlog and the standard library (httpx, aiohttp, ...) share one pipeline, so every line
 passes through `redact` before it is rendered.
 """
 
@@ -273,8 +273,8 @@ def configure_logging(
         root.addHandler(file_handler)
     root.setLevel(number)
 
-    # httpx logs every request URL at INFO, httpcore its wire chatter at DEBUG; apscheduler logs
-    # each job run at INFO. Warnings and errors still come through.
+    # httpx logs every request URL at INFO, httpcore its wire chatter at DEBUG. Warnings and errors
+    # still come through.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # The AMQP client logs each failed connection with a traceback; the sink's own error line says
@@ -284,5 +284,3 @@ def configure_logging(
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _TlsUpgradeNoise) for f in asyncio_log.filters):
         asyncio_log.addFilter(_TlsUpgradeNoise())
-
-    logging.getLogger("apscheduler").setLevel(number if number <= logging.DEBUG else max(number, logging.WARNING))
