@@ -18,7 +18,8 @@ from watcher.config import load_config
 from watcher.daemon import Daemon, runtime
 from watcher.events import Event
 from watcher.notify import Notifier
-from watcher.store import PageCommit, Store
+from watcher.records import PageCommit
+from watcher.state.store import Store
 
 DAY = 86_400.0
 SEEDED_DEAD = 5_000  # enough rows that each prune holds its transaction for a noticeable time

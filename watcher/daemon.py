@@ -53,7 +53,8 @@ from watcher.runinfo import config_fingerprint, write_info
 from watcher.sinks import build_sink
 from watcher.sinks.base import Sink
 from watcher.sinks.broker import probe_at_start
-from watcher.store import SinkState, Store
+from watcher.state.records import SinkState
+from watcher.state.store import Store
 
 log = structlog.get_logger("watcher.daemon")
 
