@@ -15,10 +15,11 @@ from tests.support.receiver import Receiver
 from tests.support.state import reading
 from watcher.clock import SystemClock
 from watcher.config import load_config
-from watcher.daemon import Daemon, runtime
+from watcher.daemon import Daemon
 from watcher.events import Event
 from watcher.notify import Notifier
 from watcher.records import PageCommit
+from watcher.runtime import runtime
 from watcher.state.store import Store
 
 DAY = 86_400.0
