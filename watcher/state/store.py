@@ -1,9 +1,10 @@
 """The state file as one object: `Store` opens it, owns its connection and closes it.
 
-Each concern lives in its own module and `Store` composes them over the one connection:
-`walks` (cursors and snapshots), `outbox` (the queue), `sinks` (sink health), `admin` (the
-operator's replay, moves and listings), `retention` (housekeeping and erasure); `connection`
-holds the transactions and the backend, `migrations` the schema.
+Each concern lives in its own module as a part of `Store`, all of them over the one connection
+of `connection.Connection` (transactions, reads, the backend's `Dialect`): `walks` (cursors and
+snapshots), `outbox` (the queue), `sinks` (sink health), `admin` (the operator's replay, moves
+and listings), `retention` (housekeeping and erasure); `migrations` holds the schema, `records`
+the rows they pass around. Callers keep one object (`store.due(...)`, `store.commit_page(...)`).
 """
 
 from __future__ import annotations

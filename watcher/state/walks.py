@@ -128,7 +128,7 @@ class Walks(Connection):
                 )
             wanted = [(event, sinks) for event, sinks in page.events if sinks]  # no sink wants it: nothing to keep
             if wanted:
-                fresh = enqueue(c, wanted, page.now)
+                fresh = enqueue(c, wanted, page.now, self.dialect)
             c.execute("INSERT OR IGNORE INTO cursors (stream) VALUES (?)", (page.stream,))
             if page.cursor is not None:
                 c.execute(
