@@ -21,13 +21,15 @@ from bench.procs import PASSWORD, SECRET, USERNAME, child_env, receiver, simulat
 from watcher import __version__
 from watcher.clock import SystemClock, rfc3339
 from watcher.config import SinkConfig, load_config
-from watcher.daemon import runtime
 from watcher.delivery.dispatcher import Dispatcher
 from watcher.events import Event, event_id
+from watcher.records import PageCommit
+from watcher.runtime import runtime
 from watcher.signing import decode_secret, sign, webhook_headers
 from watcher.sinks import build_sink
 from watcher.sinks.base import Attempt
-from watcher.store import PENDING, PageCommit, Store
+from watcher.state.records import PENDING
+from watcher.state.store import Store
 
 BACKFILL_FROM = "2000-01-01T00:00:00Z"
 

@@ -19,7 +19,7 @@ from watcher.convertr import ConvertrClient
 from watcher.events import loads
 from watcher.poller import Poller
 from watcher.simulator import Simulator, SimulatorServer
-from watcher.store import Store
+from watcher.state.store import Store
 
 USERNAME, PASSWORD = "load@example.com", "load-password"
 START = 1_781_082_000.0  # 2026-06-10 09:00 UTC

@@ -22,7 +22,8 @@ from watcher.cli import build_parser, main
 from watcher.config import load_config
 from watcher.exitcodes import EXIT_CONFIG
 from watcher.simulator import Simulator, SimulatorServer
-from watcher.store import MIGRATIONS, Store
+from watcher.state.migrations import MIGRATIONS
+from watcher.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "invalid_configs"

@@ -8,7 +8,7 @@ import pytest
 
 from watcher import detect
 from watcher.events import event_id
-from watcher.store import CampaignState, LeadState
+from watcher.records import CampaignState, LeadState
 
 LONDON = ZoneInfo("Europe/London")
 

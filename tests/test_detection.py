@@ -37,7 +37,7 @@ from watcher.convertr import ConvertrClient
 from watcher.events import event_id
 from watcher.poller import Poller
 from watcher.simulator import Simulator, SimulatorServer
-from watcher.store import Store
+from watcher.state.store import Store
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 Event = dict[str, Any]

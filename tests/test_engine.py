@@ -18,8 +18,10 @@ from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher
 from watcher.delivery.lane import PassResult
 from watcher.errors import DeliveryError, StateError, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
+from watcher.records import PageCommit
 from watcher.sinks.base import Attempt
-from watcher.store import DELIVERED, Due, Outcome, PageCommit, Store
+from watcher.state.records import DELIVERED, Due, Outcome
+from watcher.state.store import Store
 
 NOW = 1_800_000_000.0
 

@@ -64,7 +64,9 @@ def test_a_forgotten_lead_stays_forgotten_when_it_changes(tmp_path: Path, sim, r
 def test_forget_erases_attempts_whose_events_were_pruned(tmp_path: Path) -> None:
     """The attempt log outlives delivered events; erasing a lead still finds its attempts by resource."""
     from watcher.events import Event
-    from watcher.store import Outcome, PageCommit, Store
+    from watcher.records import PageCommit
+    from watcher.state.records import Outcome
+    from watcher.state.store import Store
 
     store = Store.open(tmp_path / "state.db")
     event = Event("evt_x", "lead.created", "t", {"lead": {"id": 7}}, "lead:7")

@@ -17,7 +17,8 @@ from watcher.delivery.dispatcher import Dispatcher
 from watcher.delivery.recorder import GROUP_LIMIT
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event
 from watcher.sinks.base import Attempt
-from watcher.store import DELIVERED, PENDING, Recorded, Store
+from watcher.state.records import DELIVERED, PENDING, Recorded
+from watcher.state.store import Store
 
 
 class CountingStore(Store):

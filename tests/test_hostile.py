@@ -19,7 +19,7 @@ from watcher.convertr import ConvertrClient, is_last, parse_collection
 from watcher.detect import LeadWalk, decide_campaigns, decide_created, decide_updated, diff, snapshot
 from watcher.errors import MalformedResponse, TransientError, WatcherError
 from watcher.events import dumps, loads
-from watcher.store import CampaignState, LeadState
+from watcher.records import CampaignState, LeadState
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

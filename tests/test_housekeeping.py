@@ -15,10 +15,12 @@ from tests.support.receiver import Receiver
 from tests.support.state import reading
 from watcher.clock import SystemClock
 from watcher.config import load_config
-from watcher.daemon import Daemon, runtime
+from watcher.daemon import Daemon
 from watcher.events import Event
 from watcher.notify import Notifier
-from watcher.store import PageCommit, Store
+from watcher.records import PageCommit
+from watcher.runtime import runtime
+from watcher.state.store import Store
 
 DAY = 86_400.0
 SEEDED_DEAD = 5_000  # enough rows that each prune holds its transaction for a noticeable time

@@ -30,7 +30,7 @@ from tests.support.daemon import (
 from tests.support.receiver import FakeSlack, Receiver, Reply, verify_request
 from watcher.runinfo import read_info
 from watcher.simulator import Simulator, SimulatorServer
-from watcher.store import MIGRATIONS
+from watcher.state.migrations import MIGRATIONS
 
 
 @pytest.fixture

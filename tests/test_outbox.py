@@ -24,9 +24,12 @@ from watcher.delivery.lane import PassResult
 from watcher.delivery.policy import batches, decide, pause_for
 from watcher.errors import DeliveryError, SinkGone, Throttled
 from watcher.events import LEAD_CREATED, LEAD_UPDATED, Event, event_id
+from watcher.records import CampaignState, PageCommit
 from watcher.sinks import build_sink
 from watcher.sinks.base import Sink
-from watcher.store import DEAD, DELIVERED, PENDING, CampaignState, Due, Outcome, PageCommit, Selection, Store
+from watcher.state.admin import Selection
+from watcher.state.records import DEAD, DELIVERED, PENDING, Due, Outcome
+from watcher.state.store import Store
 
 NOW = 1_800_000_000.0
 

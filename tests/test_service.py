@@ -22,8 +22,9 @@ from tests.support.receiver import Receiver
 from watcher.clock import SystemClock
 from watcher.config import load_config
 from watcher.daemon import Daemon as InProcessDaemon
-from watcher.daemon import Liveness, health_intervals, liveness_problem, runtime
+from watcher.liveness import Liveness, health_intervals, liveness_problem
 from watcher.notify import Notifier
+from watcher.runtime import runtime
 from watcher.simulator import Simulator, SimulatorServer
 
 WATCHDOG_USEC = 2_000_000  # systemd would abort after 2 s without a ping

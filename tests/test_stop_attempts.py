@@ -10,7 +10,8 @@ import pytest
 from tests.support.daemon import wait_until
 from tests.support.receiver import Receiver
 from tests.test_outbox import Running, _event, queue, settled, webhook
-from watcher.store import DELIVERED, PENDING, Store
+from watcher.state.records import DELIVERED, PENDING
+from watcher.state.store import Store
 
 
 @pytest.fixture

@@ -10,18 +10,11 @@ import pytest
 
 from watcher.errors import StateError
 from watcher.events import Event
-from watcher.store import (
-    DEAD,
-    DELIVERED,
-    MIGRATIONS,
-    PENDING,
-    CampaignState,
-    LeadState,
-    Outcome,
-    PageCommit,
-    Selection,
-    Store,
-)
+from watcher.records import CampaignState, LeadState, PageCommit
+from watcher.state.admin import Selection
+from watcher.state.migrations import MIGRATIONS
+from watcher.state.records import DEAD, DELIVERED, PENDING, Outcome
+from watcher.state.store import Store
 
 
 def _event(n: int, resource: str = "lead:1") -> Event:
@@ -200,7 +193,8 @@ def test_migrations_run_by_version(tmp_path: Path) -> None:
 
 def _store_with_one_failed_delivery(tmp_path: Path, asked: bool, retry_at: float) -> tuple[Store, int]:
     from watcher.events import Event
-    from watcher.store import ASKED_TO_WAIT, Outcome, PageCommit
+    from watcher.records import PageCommit
+    from watcher.state.records import ASKED_TO_WAIT, Outcome
 
     store = Store.open(tmp_path / "state.db")
     event = Event("evt_a", "lead.created", "t", {"lead": {"id": 1}}, "lead:1", campaign_id=601)
@@ -208,7 +202,8 @@ def _store_with_one_failed_delivery(tmp_path: Path, asked: bool, retry_at: float
     [due] = store.due("old", 1.0, 10)
     store.record_outcomes(
         "old",
-        [Outcome(due.seq, due.event_id, "pending", 1, retry_at, f"refused ({ASKED_TO_WAIT} 9 s)" if asked else "no")],
+        [Outcome(due.seq, due.event_id, "pending", 1, retry_at, f"refused ({ASKED_TO_WAIT} 9 s)" if asked else "no",
+                 asked_to_wait=asked)],
         now=10.0, status_code=503,
         duration=0.1, success=False,
     )  # fmt: skip
@@ -225,6 +220,65 @@ def test_a_wait_the_receiver_asked_for_survives_a_new_retry_schedule(tmp_path: P
     store, _ = _store_with_one_failed_delivery(tmp_path, False, 310.0)
     assert store.reschedule("old", [3.0]) == 1
     assert store.deliveries("old")[0]["next_attempt_at"] == 13.0
+    store.close()
+
+
+def test_reschedule_reads_the_asked_wait_from_its_column_not_the_error_text(tmp_path: Path) -> None:
+    """The Retry-After flag is the deliveries row's column: an error that merely reads like one is shortened,
+    a flagged wait whose text says nothing of it is kept."""
+    from watcher.records import PageCommit
+    from watcher.state.records import ASKED_TO_WAIT, Outcome
+
+    store = Store.open(tmp_path / "state.db")
+    events = [Event(f"evt_{n}", "lead.created", "t", {"lead": {"id": n}}, f"lead:{n}") for n in (1, 2)]
+    store.commit_page(PageCommit("leads.created", 0.0, events=[(e, ["s"]) for e in events]))
+    first, second = store.due("s", 1.0, 10)
+    store.record_outcomes(
+        "s",
+        [
+            Outcome(first.seq, first.event_id, "pending", 1, 310.0, f"a receiver quoting ({ASKED_TO_WAIT} 9 s)"),
+            Outcome(second.seq, second.event_id, "pending", 1, 310.0, "refused", asked_to_wait=True),
+        ],
+        now=10.0,
+        status_code=503,
+        duration=0.1,
+        success=False,
+    )
+    assert store.reschedule("s", [3.0]) == 1
+    assert {d["event_id"]: d["next_attempt_at"] for d in store.deliveries("s")} == {"evt_1": 13.0, "evt_2": 310.0}
+    store.close()
+
+
+def test_a_file_from_before_the_asked_wait_column_upgrades_and_keeps_its_waits(tmp_path: Path) -> None:
+    """A schema-6 file (the flag only in the error text) opens, gains the column from the waiting
+    deliveries' errors, and keeps working: a re-timing keeps the asked wait and pulls a plain one in."""
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        for script in MIGRATIONS[:6]:
+            conn.executescript(script)
+        conn.execute("PRAGMA user_version = 6")
+        conn.executescript(
+            """
+            INSERT INTO events (seq, id, type, resource, payload, detected_at) VALUES
+              (1, 'evt_1', 'lead.created', 'lead:1', '{"timestamp": "t", "data": {}}', 0),
+              (2, 'evt_2', 'lead.created', 'lead:2', '{"timestamp": "t", "data": {}}', 0);
+            INSERT INTO deliveries (event_seq, sink, resource, status, attempts, next_attempt_at, last_error,
+                                    created_at) VALUES
+              (1, 's', 'lead:1', 'pending', 1, 310, 'HTTP 503 (receiver asked to wait 300 s)', 0),
+              (2, 's', 'lead:2', 'pending', 1, 310, 'HTTP 503', 0);
+            INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, resource) VALUES
+              ('s', 'evt_1', 1, 503, 0.1, 'HTTP 503 (receiver asked to wait 300 s)', 10, 'lead:1'),
+              ('s', 'evt_2', 1, 503, 0.1, 'HTTP 503', 10, 'lead:2');
+            """
+        )
+    conn.close()
+    store = Store.open(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert store.reschedule("s", [3.0]) == 1
+    assert {d["event_id"]: d["next_attempt_at"] for d in store.deliveries("s")} == {"evt_1": 310.0, "evt_2": 13.0}
+    assert [d.event_id for d in store.due("s", 20.0, 10)] == ["evt_2"]
     store.close()
 
 

@@ -155,7 +155,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _check_state(config: Config) -> None:
     """`check --state`: SQLite's full integrity check and the lineage check; StateDamaged/StateLost end it."""
     from watcher.lineage import marked_since, refuse_lost_history
-    from watcher.store import Store
+    from watcher.state.store import Store
 
     path = config.state.path
     refuse_lost_history(path, f"{PROG} run -c {os.path.abspath(config.path)}")
@@ -220,7 +220,7 @@ async def _connect(config: Config) -> int:
 
 def _disabled_in_state(config: Config) -> dict[str, str]:
     """Sinks the daemon disabled after a permanent refusal, with the reason (scrubbed); read-only."""
-    from watcher.store import Store
+    from watcher.state.store import Store
 
     if not config.state.path.exists():
         return {}
@@ -296,7 +296,7 @@ def _status_report(state_path: Path, config: Config | None, refused: str | None)
     """What `status` shows, as the JSON it prints with `--json`; the config is None when it does not load."""
     from watcher.delivery.policy import FAILING_ALERT_AFTER
     from watcher.lock import running_holder
-    from watcher.store import Store
+    from watcher.state.store import Store
 
     # Read-only and never migrated: run between an upgrade and the restart, status must not touch
     # the file the old daemon still writes.
@@ -491,7 +491,7 @@ def _daemon_info(state_path: Path, config: Config | None, pid: int | None) -> di
 
 def cmd_forget(args: argparse.Namespace) -> int:
     """An erasure request: the lead's snapshot, payloads and attempt log go; a tombstone stays."""
-    from watcher.store import Store
+    from watcher.state.store import Store
 
     config = _load(args, secrets_required=False)
     if not config.state.path.exists():
@@ -514,7 +514,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from watcher.store import DEAD, DELIVERED, Selection, Store
+    from watcher.state.admin import Selection
+    from watcher.state.records import DEAD, DELIVERED
+    from watcher.state.store import Store
 
     config = _load(args, secrets_required=False)
     names = {s.name for s in config.sinks}

@@ -11,27 +11,22 @@ On SIGHUP it reads the configuration file again and applies it between polls (se
 `Daemon._reload`): sinks, filters, intervals, secrets and the log level. A file that does not
 load is refused with one error line, and the configuration already running carries on.
 
-The systemd watchdog is fed only while the daemon proves it is moving (see `liveness_problem`):
-a blocked event loop, a poll stuck on an await that never returns, a scheduler that stopped
-firing or a delivery loop that stopped turning all end the pings, and systemd restarts us.
+The systemd watchdog is fed only while the daemon proves it is moving (`watcher.liveness`). What
+it runs on (store, client, sinks, dispatcher, poller) is built by `watcher.runtime`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager, suppress
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import structlog
 
 from watcher import __version__
@@ -39,21 +34,19 @@ from watcher.cadence import Cadence
 from watcher.clock import Clock, SteppedClock, SystemClock, boot_seconds
 from watcher.clockframe import boot_id, step_while_stopped
 from watcher.clockframe import keep as keep_clock_frame
-from watcher.config import Config, SinkConfig, load_config
-from watcher.convertr import RETRY_AFTER_CAP, WINDOW_SECONDS, ConvertrClient
-from watcher.delivery.dispatcher import SWEEP_INTERVAL, Dispatcher
+from watcher.config import Config, load_config
 from watcher.errors import AuthError, ConfigError, StateDamaged, StateError, StateTooNew, WatcherError
 from watcher.exitcodes import EXIT_FAILURE, EXIT_OK
 from watcher.lineage import lost_history, mark, refuse_lost_history
+from watcher.liveness import DISPATCH_STALL, JOB, health_intervals, liveness_problem, poll_jobs, stall_limit
 from watcher.logs import LOG_CAPTURE_ENV, configure_logging
-from watcher.metrics import Metrics, serve
+from watcher.metrics import serve
 from watcher.notify import Notifier
-from watcher.poller import CAMPAIGNS, CREATED, RECHECK, UPDATED, Poller
 from watcher.runinfo import config_fingerprint, write_info
+from watcher.runtime import Runtime, fingerprint, runtime, stranded, warn_stranded
 from watcher.sinks import build_sink
-from watcher.sinks.base import Sink
 from watcher.sinks.broker import probe_at_start
-from watcher.store import SinkState, Store
+from watcher.state.store import Store
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -63,240 +56,6 @@ HOUSEKEEPING, TICK = "housekeeping", "tick"  # the cadence's jobs besides the po
 # try again. Each try re-reads one page from the API, so the pause keeps an outage cheap.
 STORAGE_RETRY = 10.0
 STOP_GRACE = 5.0  # for a walk to finish its page; TimeoutStopSec= leaves plenty more
-# A healthy delivery worker turns at least every SWEEP_INTERVAL; far past that it is stuck.
-DISPATCH_STALL = max(60.0, 12 * SWEEP_INTERVAL)
-
-# The poll job whose task is running, so an API answer counts as activity for that job only.
-_JOB: ContextVar[str | None] = ContextVar("watcher_job", default=None)
-
-
-def fingerprint(sink: SinkConfig) -> str:
-    """Changes with any key of the sink's configuration: a disabled sink then gets another chance.
-
-    Every key counts (not only the URL): an operator who edits a refused sink expects the edit to
-    be tried, and the README promises exactly that.
-    """
-    parts = (
-        sink.type,
-        sink.url,
-        *sink.secrets,
-        ",".join(sorted(sink.events)),
-        ",".join(map(str, sink.campaign_ids)),
-        repr(sink.timeout),
-        ",".join(map(repr, sink.retry_schedule)),
-        repr(sink.max_age),
-        str(sink.include_pii),
-        str(sink.concurrency),
-        str(sink.enabled),
-    )
-    if sink.broker:  # only for them, so an upgrade leaves every other sink's fingerprint as it was
-        parts += (sink.subject, sink.exchange, sink.routing_key, sink.stream, str(sink.maxlen))
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
-
-
-def stall_limit(config: Config) -> float:
-    """The longest a healthy walk can go without any API request finishing.
-
-    The client may wait out a full request-budget window before a request, then one timeout,
-    then a retry pause of at most RETRY_AFTER_CAP before the next; anything longer is a hang.
-    """
-    return WINDOW_SECONDS + RETRY_AFTER_CAP + 2 * config.convertr.timeout
-
-
-def poll_jobs(config: Config) -> dict[str, float]:
-    """The scheduler's poll jobs and their intervals."""
-    jobs = {}
-    if config.leads.enabled:
-        jobs["leads"] = config.leads.interval
-    if config.campaigns.enabled:
-        jobs["campaigns"] = config.campaigns.interval
-    return jobs
-
-
-def health_intervals(config: Config, updates_filter: bool | None) -> dict[str, float]:
-    """Each stream /healthz judges and how often it should succeed.
-
-    `updates_filter` is what the poller learnt from the server: True means `leads.updated` runs on
-    every leads poll, False means the re-read fallback (`leads.recheck`) runs every
-    recheck_interval instead (beside it too with `quiet_edits`), None means it has not been
-    learnt yet (leads.created covers it).
-    """
-    leads = config.leads
-    intervals: dict[str, float] = {}
-    if leads.enabled:
-        intervals[CREATED] = leads.interval
-        if leads.updates and updates_filter is True:
-            intervals[UPDATED] = leads.interval
-        if leads.updates and (updates_filter is False or (updates_filter is True and leads.quiet_edits)):
-            # The re-read rides on a leads poll once it is due: up to one leads interval late.
-            intervals[RECHECK] = leads.recheck_interval + leads.interval
-    if config.campaigns.enabled:
-        intervals[CAMPAIGNS] = config.campaigns.interval
-    return intervals
-
-
-@dataclass
-class Liveness:
-    """What the watchdog knows, in monotonic seconds."""
-
-    started: float
-    intervals: Mapping[str, float]  # poll job -> interval
-    stall_limit: float
-    dispatcher_limit: float | None = None  # None: no sinks, no delivery loop to watch
-    progressed: bool = False
-    finished: dict[str, float] = field(default_factory=dict)  # job -> when its last run ended
-    running: dict[str, float] = field(default_factory=dict)  # job -> its start or latest API answer
-    dispatcher_tick: float | None = None
-
-    def begin(self, job: str, now: float) -> None:
-        self.running[job] = now
-
-    def activity(self, job: str | None, now: float) -> None:
-        """An API request finished (answered or failed): the walk in `job` is moving."""
-        self.progressed = True
-        if job is not None and job in self.running:
-            self.running[job] = now
-
-    def end(self, job: str, now: float) -> None:
-        self.progressed = True
-        self.running.pop(job, None)
-        self.finished[job] = now
-
-    def tick(self, now: float) -> None:
-        self.dispatcher_tick = now
-
-
-def liveness_problem(live: Liveness, now: float) -> str | None:
-    """None while the daemon is proven to move (ping the watchdog), else why it is not."""
-    if not live.progressed:
-        return "no poll has made progress yet"
-    for job, interval in sorted(live.intervals.items()):
-        if job in live.running:
-            idle = now - live.running[job]
-            if idle > live.stall_limit:
-                return f"{job} poll: no API request finished for {idle:.0f}s"
-        else:
-            since = now - live.finished.get(job, live.started)
-            if since > interval + live.stall_limit:
-                return f"{job} poll: not run for {since:.0f}s (due every {interval:.0f}s)"
-    if live.dispatcher_limit is not None:
-        since = now - (live.dispatcher_tick if live.dispatcher_tick is not None else live.started)
-        if since > live.dispatcher_limit:
-            return f"delivery loop: no pass for {since:.0f}s"
-    return None
-
-
-@dataclass
-class Runtime:
-    config: Config
-    clock: Clock
-    store: Store
-    client: ConvertrClient
-    sinks: list[Sink]
-    dispatcher: Dispatcher
-    poller: Poller
-    metrics: Metrics
-    liveness: Liveness
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    # Builds an API client like the first one (same transport and hooks), for a reload that changes [convertr].
-    make_client: Callable[[Config], ConvertrClient] | None = None
-    history_marked: bool = False  # the lineage marker is known to be written
-    history_unwritten: bool = False  # writing it failed once (said in the log)
-
-
-@asynccontextmanager
-async def runtime(
-    config: Config,
-    clock: Clock,
-    *,
-    api_transport: httpx.AsyncBaseTransport | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
-    stall: float | None = None,
-) -> AsyncIterator[Runtime]:
-    store = Store.open(config.state.path)
-    try:
-        # Pages only, no index-to-table matching (about 0.2 s per 100 MB): a damaged file is
-        # refused here in one line rather than failing poll after poll.
-        store.verify(quick=True)
-    except StateError:
-        store.close()
-        raise
-    streams = [
-        s
-        for s, on in (
-            (CREATED, config.leads.enabled),
-            (UPDATED, config.leads.enabled and config.leads.updates),
-            (CAMPAIGNS, config.campaigns.enabled),
-        )
-        if on
-    ]
-    metrics = Metrics(clock.now(), streams=streams, sinks=[s.name for s in config.sinks])
-    metrics.set_request_budget(config.convertr.request_budget)
-    live = Liveness(
-        clock.monotonic(),
-        poll_jobs(config),
-        stall_limit(config) if stall is None else stall,
-        dispatcher_limit=DISPATCH_STALL if config.sinks else None,
-    )
-
-    def on_response(endpoint: str, status: int | None, _seconds: float) -> None:
-        metrics.api_response(endpoint, status)
-        live.activity(_JOB.get(), clock.monotonic())
-
-    def make_client(cfg: Config) -> ConvertrClient:
-        return ConvertrClient(
-            cfg.convertr,
-            clock=clock,
-            transport=api_transport,
-            on_response=on_response,
-            on_budget_wait=metrics.budget_waited,
-        )
-
-    client = make_client(config)
-    sinks = [build_sink(s, clock=clock, version=__version__, campaign_names=store.campaign_names) for s in config.sinks]
-    stopping = asyncio.Event()
-    dispatcher = Dispatcher(store, sinks, clock, metrics=metrics, on_progress=lambda: live.tick(clock.monotonic()))
-    dispatcher.sync_sinks({s.name: fingerprint(s) for s in config.sinks})
-    warn_stranded(store.sink_states([s.name for s in config.sinks]), config, metrics)
-    poller = Poller(
-        config,
-        client,
-        store,
-        clock,
-        on_events=dispatcher.wake,
-        metrics=metrics,
-        should_stop=stopping.is_set,
-        progress=progress,
-    )
-    rt = Runtime(config, clock, store, client, sinks, dispatcher, poller, metrics, live, stopping, make_client)
-    try:
-        yield rt
-    finally:
-        # The dispatcher's list, not the first one: a reload may have replaced sinks and client.
-        for sink in rt.dispatcher.sinks:
-            with suppress(Exception):
-                await sink.aclose()
-        await rt.client.aclose()
-        store.close()
-
-
-def stranded(states: list[SinkState], config: Config) -> dict[str, int]:
-    """Pending and dead deliveries of each sink the configuration no longer names."""
-    names = [s.name for s in config.sinks]
-    return {s.name: s.pending + s.dead for s in states if s.stranded(names)}
-
-
-def warn_stranded(states: list[SinkState], config: Config, metrics: Metrics) -> None:
-    """Say loudly that a renamed or removed sink left events behind, and how to move them."""
-    counts = stranded(states, config)
-    metrics.set_stranded(counts)
-    for name, n in sorted(counts.items()):
-        log.error(
-            "sink is no longer configured but holds undelivered events: nothing sends them until "
-            "`replay --sink NEW --from-sink OLD` moves them",
-            sink=name,
-            deliveries=n,
-        )
 
 
 # --- once -----------------------------------------------------------------------------------
@@ -434,7 +193,7 @@ class Daemon:
         task = asyncio.current_task()
         if task is not None:
             self.polls.add(task)
-        token = _JOB.set(name)
+        token = JOB.set(name)
         self.rt.liveness.begin(name, self.rt.clock.monotonic())
         try:
             await poll()
@@ -480,7 +239,7 @@ class Daemon:
         finally:
             # A failed poll is progress too: the loop turned, and restarting cannot bring the API back.
             self.rt.liveness.end(name, self.rt.clock.monotonic())
-            _JOB.reset(token)
+            JOB.reset(token)
             if task is not None:
                 self.polls.discard(task)
         self._status()

@@ -34,7 +34,7 @@ from watcher.events import CAMPAIGN_CREATED, CAMPAIGN_STATUS_CHANGED, LEAD_CREAT
 from watcher.exitcodes import EXIT_FAILURE, EXIT_OK
 from watcher.poller import BASELINE, CAMPAIGNS, CREATED, UPDATED
 from watcher.simulator import Simulator, SimulatorServer
-from watcher.store import Store
+from watcher.state.store import Store
 
 DEMO_TYPES = (LEAD_CREATED, LEAD_UPDATED, CAMPAIGN_CREATED, CAMPAIGN_STATUS_CHANGED)
 # The daemon polls every second: a change is normally delivered within two or three.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from watcher.clock import rfc3339
 from watcher.errors import StateLost
-from watcher.store import Store
+from watcher.state.store import Store
 
 SUFFIX = ".history"
 

@@ -23,7 +23,7 @@ from typing import IO, Any
 from watcher.events import loads
 from watcher.logs import known_secrets, scrub
 from watcher.pii import strip_pii
-from watcher.store import Store
+from watcher.state.store import Store
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "type", "resource", "sink", "status", "attempts", "detected_at", "delivered_at", "last_error")

@@ -36,7 +36,7 @@ from watcher.pager import UNREADABLE, Pager, Read
 from watcher.records import NOTHING_UNANNOUNCED, CampaignState, PageCommit, Place, Unannounced
 from watcher.routing import router
 from watcher.servertime import ServerClock, write_at
-from watcher.store import Store
+from watcher.state.store import Store
 
 if TYPE_CHECKING:
     from watcher.metrics import PollMetrics

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.support.state import peek
-from watcher.store import Store
+from watcher.state.store import Store
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from watcher.events import loads
 from watcher.poller import Poller
 from watcher.simulator import Simulator, SimulatorServer
 from watcher.simulator.filters import LeadQuery, Page
-from watcher.store import Store
+from watcher.state.store import Store
 
 # Never called: the rig runs no dispatcher, a sink only has to exist for events to be kept.
 SINK = {"name": "crm", "type": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "whsec_" + "A" * 32}

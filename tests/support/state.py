@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from watcher.errors import StateError
-from watcher.store import Store
+from watcher.state.store import Store
 
 T = TypeVar("T")
 

@@ -41,7 +41,8 @@ from watcher.deliverylog import DeliveryTally, say
 from watcher.errors import DeliveryError, Interrupted, SinkGone, StateDamaged, WatcherError
 from watcher.events import Event
 from watcher.sinks.base import Attempt, Sink
-from watcher.store import DEAD, DELIVERED, PENDING, Due, Outcome, Recorded, Store
+from watcher.state.records import DEAD, DELIVERED, PENDING, Due, Outcome, Recorded
+from watcher.state.store import Store
 
 if TYPE_CHECKING:
     from watcher.metrics import DeliveryMetrics

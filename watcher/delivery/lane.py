@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from watcher.errors import DeliveryError
 from watcher.sinks.base import Sink
-from watcher.store import Due, Outcome
+from watcher.state.records import Due, Outcome
 
 
 @dataclass

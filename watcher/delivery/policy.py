@@ -16,7 +16,7 @@ from watcher.logs import known_secrets, scrub
 from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
 from watcher.sinks.base import Sink
-from watcher.store import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome
+from watcher.state.records import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome
 
 # A sink failing without a single success for this long is flagged in `status` and the logs.
 FAILING_ALERT_AFTER = 3600.0
@@ -45,12 +45,13 @@ def decide(
 ) -> Outcome:
     """The state of one delivery after an attempt: delivered, pending with its next time, or dead."""
     attempt = due.attempts + 1
-    outcome = partial(Outcome, due.seq, due.event_id, excerpt=excerpt, resource=due.resource)
+    asked = error is not None and error.retry_after is not None
+    outcome = partial(Outcome, due.seq, due.event_id, excerpt=excerpt, resource=due.resource, asked_to_wait=asked)
     if error is None:
         return outcome(DELIVERED, attempt, now, None)
     message = str(error)[:500]
     if error.retry_after is not None:
-        # Kept in the attempt log: a later re-timing on a new retry_schedule must not shorten it.
+        # Said in the error for people; the outcome's asked_to_wait keeps it for a later re-timing.
         message = f"{message} ({ASKED_TO_WAIT} {error.retry_after:g} s)"
     if isinstance(error, SinkGone | Interrupted):
         # Not the event's fault: it waits, its schedule untouched, for the sink to be enabled again

@@ -16,7 +16,8 @@ import asyncio
 from collections.abc import Callable
 
 from watcher.clock import Clock
-from watcher.store import Recorded, Store
+from watcher.state.records import Recorded
+from watcher.state.store import Store
 
 # The longest an outcome waits for others while attempts are still being sent: short beside any
 # receiver's answer, long enough that a fast broker's confirmations share a transaction.

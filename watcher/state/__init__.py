@@ -1,0 +1,1 @@
+"""The state layer: the only package that holds SQL (see `watcher.state.store` for its map)."""
