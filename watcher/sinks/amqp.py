@@ -46,7 +46,9 @@ class AmqpSink(BrokerSink[_Link]):
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             exchange = await channel.get_exchange(self.config.exchange, ensure=True)
         except BaseException:
-            await connection.close()
+            # Aside: after a timeout, a close waiting on a broker that stopped answering would
+            # hold the attempt past it.
+            self._aside(connection.close())
             raise
         return _Link(connection, channel, exchange)
 

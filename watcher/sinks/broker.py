@@ -12,7 +12,7 @@ library has the URL and its password cut out first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
@@ -77,7 +77,9 @@ class BrokerSink(Generic[L]):
         self._retry_at = float("-inf")  # monotonic: no connection attempt before this
         self._backoff = BACKOFF_FIRST
         self._down = ""  # why the last connection attempt failed
+        self._down_as: type[DeliveryError] = DeliveryError  # and its class: a refusal stays final in the pause
         self._confirmed_at = float("-inf")  # monotonic: the last confirmation on any connection
+        self._closing: set[asyncio.Task[None]] = set()  # dropped connections being closed (_aside)
         password = urlsplit(config.url).password or ""
         self._hide = tuple(s for s in (config.url, password) if len(s) > 1)
 
@@ -174,7 +176,7 @@ class BrokerSink(Generic[L]):
                 await self._quietly_close(link)
             now = self._clock.monotonic()
             if now < self._retry_at:
-                raise DeliveryError(f"{self._down}; next connection attempt in {self._retry_at - now:.1f}s")
+                raise self._down_as(f"{self._down}; next connection attempt in {self._retry_at - now:.1f}s")
             try:
                 link = await self._connect()
             except BaseException as exc:
@@ -188,7 +190,7 @@ class BrokerSink(Generic[L]):
                     if isinstance(exc, DeliveryError)
                     else self._explain(exc)
                 )
-                self._down = str(error)
+                self._down, self._down_as = str(error), type(error)
                 if isinstance(exc, Exception):
                     raise error from None
                 raise
@@ -198,9 +200,25 @@ class BrokerSink(Generic[L]):
             return link
 
     async def _drop(self, link: L) -> None:
+        """Forget a dead connection now and close it aside: a polite close (AMQP waits for close-ok)
+        on a broker that stopped answering would hold the attempt past its timeout."""
         if self._link is link:
             self._link = None
-        await self._quietly_close(link)
+        self._aside(self._close(link))
+
+    def _aside(self, close: Coroutine[Any, Any, object]) -> None:
+        """Run a close in the background, bounded, its failure ignored; aclose() waits for it."""
+
+        async def quietly() -> None:
+            try:
+                async with asyncio.timeout(1.0):
+                    await close
+            except Exception:  # closing a broken connection may fail in any way; it is gone either way
+                pass
+
+        closing = asyncio.create_task(quietly())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def _quietly_close(self, link: L) -> None:
         try:
@@ -213,6 +231,7 @@ class BrokerSink(Generic[L]):
         link, self._link = self._link, None
         if link is not None:
             await self._quietly_close(link)
+        await asyncio.gather(*self._closing)  # each bounded (_aside)
 
 
 def broker_sink(config: SinkConfig, *, clock: Clock, version: str) -> BrokerSink[Any]:

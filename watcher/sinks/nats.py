@@ -22,6 +22,11 @@ from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, lowered, target
 from watcher.tls import client_context
 
 
+def _header_block_size(headers: dict[str, str]) -> int:
+    """The bytes an HPUB spends on these headers ("NATS/1.0", a line each, a blank line), as nats-py writes them."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+
+
 @dataclass
 class _Link:
     client: Client
@@ -71,10 +76,17 @@ class NatsSink(BrokerSink[_Link]):
 
     async def _publish(self, link: _Link, event: Event, body: bytes, headers: dict[str, str]) -> str:
         subject = target(self.config.subject, event.type)
-        try:
-            ack = await link.js.publish(
-                subject, body, timeout=self.config.timeout, headers={"Nats-Msg-Id": event.id, **headers}
+        headers = {"Nats-Msg-Id": event.id, **headers}
+        size, limit = len(body) + _header_block_size(headers), link.client.max_payload
+        if size > limit:
+            # The server counts headers and body against max_payload and drops the connection (with
+            # every publish awaiting its ack) on a larger message; nats-py checks the body alone.
+            raise DeliveryError(
+                f"the message ({size} bytes with its headers) is over the {self.kind}'s max_payload "
+                f"({limit} bytes): raise the server's max_payload; the event is retried on its schedule"
             )
+        try:
+            ack = await link.js.publish(subject, body, timeout=self.config.timeout, headers=headers)
         except nats.js.errors.NoStreamResponseError:
             raise DeliveryError(f"no JetStream stream stores subject {subject}") from None
         # Only what an operator needs to see: a routine ack leaves the attempt log's answer empty,

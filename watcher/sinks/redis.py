@@ -73,7 +73,10 @@ class RedisSink(BrokerSink["aredis.Redis"]):
         return f"stream {self.config.stream} exists ({await link.xlen(self.config.stream)} entries)"
 
     def _lost(self, exc: BaseException) -> bool:
-        return isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError)
+        # After a protocol error (an entry over proto-max-bulk-len) the server closes the connection.
+        return isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) or (
+            isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("Protocol error")
+        )
 
     async def _close(self, link: aredis.Redis) -> None:
         await link.aclose()
@@ -91,6 +94,10 @@ class RedisSink(BrokerSink["aredis.Redis"]):
         if isinstance(exc, redis_errors.ResponseError):
             if text.startswith("WRONGTYPE"):
                 return DeliveryError(f"key {self.config.stream} holds something other than a stream")
+            if "invalid bulk length" in text:
+                return DeliveryError(
+                    f"the {self.kind} refused the entry ({text}): its body is over the server's proto-max-bulk-len"
+                )
             return DeliveryError(f"the {self.kind} refused the entry: {text}")
         if isinstance(exc, redis_errors.TimeoutError):
             return DeliveryError(f"no reply from the {self.kind} within {self.config.timeout:g}s")
