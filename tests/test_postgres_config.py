@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.postgres import PG_PASSWORD
 from tests.test_broker_config import _BLOCKER
 from watcher.config import default_schema, load_config
 from watcher.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-DB_PASSWORD = "pg-pw-never-shown-7c1e"
+DB_PASSWORD = PG_PASSWORD
 URL = f"postgresql://watcher:{DB_PASSWORD}@db.internal:5433/convertr?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem"
 
 HEAD = """

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+# A password tests put in PostgreSQL URLs (trust authentication ignores it): it must never be logged.
+PG_PASSWORD = "pg-secret-never-logged-93d1"
 HOST = "127.0.0.1"
 PORT = 5432
 USER = "postgres"
