@@ -21,7 +21,7 @@ from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.tcpproxy import TcpProxy
 from watcher.errors import Deposed, StateError
 from watcher.leadership import fence, read_status, session_conninfo
-from watcher.lease import LeaseTimings
+from watcher.lease import LeaseTimings, Role
 
 TTL = 3.0
 TIMINGS = LeaseTimings(TTL)
@@ -86,6 +86,33 @@ def test_one_leads_the_other_stands_by_and_takes_over_on_a_clean_stop(postgres_d
         assert [n for n, _, _ in _writes(postgres_db)] == [1, 3]
     finally:
         b.stop()
+        a.stop()
+
+
+def test_a_busy_leader_renews_through_its_own_fenced_transactions(postgres_db: Database) -> None:
+    """A fenced transaction held open for twice the lease does not keep the leader from renewing
+    (the fence's FOR KEY SHARE lets the renewal's non-key UPDATE through), while a standby's
+    takeover would wait for it (FOR UPDATE)."""
+    a = LeaderThread(postgres_db.url, SCHEMA, TTL, "host-a")
+    try:
+        wait_until(a.leading, PATIENCE, "a to lead")
+        writes_table(postgres_db.url, SCHEMA)
+        epoch = a.leadership.epoch
+        assert epoch is not None
+        with psycopg.connect(postgres_db.url) as conn:  # no session timeouts: it may stay open
+            conn.execute("BEGIN")
+            fence(conn, SCHEMA, epoch)
+            with psycopg.connect(postgres_db.url, autocommit=True) as other:
+                other.execute("SET lock_timeout = '200ms'")
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    other.execute(sql.SQL("SELECT 1 FROM {}.leadership FOR UPDATE").format(sql.Identifier(SCHEMA)))
+            held_until = time.monotonic() + 2 * TTL
+            while time.monotonic() < held_until:
+                assert a.leading(), "the leader stopped while its own transaction was open"
+                time.sleep(0.05)
+            conn.execute("COMMIT")
+        assert a.changes[-1][1] is Role.LEADER and a.leadership.epoch == epoch
+    finally:
         a.stop()
 
 
@@ -299,3 +326,22 @@ def test_leading_is_decided_by_the_injected_monotonic_clock(postgres_db: Databas
             await task
 
     asyncio.run(scenario())
+
+
+def test_session_conninfo_keeps_tls_and_the_operators_options_and_bounds_every_wait() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = (
+        f"postgresql://watcher:{PG_PASSWORD}@db.internal:5433/convertr"
+        "?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem&options=-c%20search_path%3Dx"
+    )
+    got = conninfo_to_dict(session_conninfo(url, LeaseTimings(15.0)))
+    assert (got["host"], got["port"], got["dbname"], got["user"]) == ("db.internal", "5433", "convertr", "watcher")
+    assert (got["sslmode"], got["sslrootcert"]) == ("verify-full", "/etc/ssl/db-ca.pem")
+    assert got["options"] == (
+        "-c search_path=x -c statement_timeout=5000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=5000"
+    )
+    assert (got["keepalives"], got["keepalives_idle"], got["keepalives_count"], got["tcp_user_timeout"]) == (
+        "1", "2", "3", "5000",
+    )  # fmt: skip
+    assert got["connect_timeout"] == "5"

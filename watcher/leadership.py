@@ -5,7 +5,7 @@ the writes made on the one session that holds it, and is freed only when the ser
 session is gone, which across a partition (no FIN, no RST) takes the kernel's keepalive time or
 whatever idle timeout the session set. A lease row is decided by the database's clock alone, can
 be checked from any connection of the leader, and carries an epoch that every write transaction
-checks (`fence`) while holding a share lock on the row, so a takeover waits for the leader's
+checks (`fence`) while holding a lock on the row, so a takeover waits for the leader's
 transaction in hand and every later one sees the new epoch and rolls back. See watcher.lease for
 the decisions and the bound.
 
@@ -152,16 +152,21 @@ _CLAIM = """INSERT INTO {s}.leadership (name, epoch, holder, host, pid, since, r
                     clock_timestamp() + make_interval(secs => %(ttl)s))
             ON CONFLICT (name) DO NOTHING
             RETURNING epoch, since"""
-# Only from the epoch read, only once expired by the database clock: of two standbys racing, the
-# second re-checks the row the first wrote (a newer epoch, a live lease) and gets no row. The row
-# lock waits for the old leader's fenced transactions in hand (FOR SHARE) to end.
+# The takeover is two statements in one transaction. FOR UPDATE first: the only row lock that
+# conflicts with the fence's FOR KEY SHARE, so it waits for the old leader's fenced transactions in
+# hand to end (an UPDATE of non-key columns alone would not). Then the UPDATE, only from the epoch
+# read and only once expired by the database clock: of two standbys racing, the second re-checks
+# the row the first wrote (a newer epoch, a live lease) and gets no row.
+_LOCK = "SELECT epoch FROM {s}.leadership WHERE name = 'leader' FOR UPDATE"
 _TAKE_OVER = """UPDATE {s}.leadership
                 SET epoch = epoch + 1, holder = %(member)s, host = %(host)s, pid = %(pid)s,
                     since = clock_timestamp(), renewed_at = clock_timestamp(),
                     expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
                 WHERE name = 'leader' AND epoch = %(epoch)s AND expires_at <= clock_timestamp()
                 RETURNING epoch, since"""
-# Renewing needs our epoch, expired or not: an unchanged epoch means nobody led in between.
+# Renewing needs our epoch, expired or not: an unchanged epoch means nobody led in between. It
+# changes no key column, so its row lock (FOR NO KEY UPDATE) does not wait for the fences of the
+# leader's own write transactions: a busy leader still renews on time.
 _RENEW = """UPDATE {s}.leadership
             SET renewed_at = clock_timestamp(), expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
             WHERE name = 'leader' AND holder = %(member)s AND epoch = %(epoch)s
@@ -177,9 +182,10 @@ _FORGET_GONE = """DELETE FROM {s}.leadership_members
                   WHERE seen_at < clock_timestamp() - make_interval(secs => %(gone)s)"""
 _MEMBERS = """SELECT member, host, pid, role, started_at, seen_at FROM {s}.leadership_members
               WHERE seen_at >= clock_timestamp() - make_interval(secs => %(gone)s) ORDER BY started_at"""
-# FOR SHARE, not FOR KEY SHARE: the takeover UPDATE changes no key, so only a share lock makes it
-# wait for this transaction.
-_FENCE = "SELECT epoch FROM {s}.leadership WHERE name = 'leader' FOR SHARE"
+# FOR KEY SHARE: held until the fenced transaction ends, it makes a takeover's FOR UPDATE wait for
+# it, and lets the leader's renewals through. Once a takeover has committed, READ COMMITTED
+# follows the row to its newest version here, so the new epoch is what this reads.
+_FENCE = "SELECT epoch FROM {s}.leadership WHERE name = 'leader' FOR KEY SHARE"
 
 
 def _row(found: Sequence[Any] | None) -> LeaseRow | None:
@@ -205,8 +211,8 @@ def _check_fence(found: Sequence[Any] | None, epoch: int) -> None:
 def fence(conn: psycopg.Connection[Any], schema: str, epoch: int) -> None:
     """Inside a write transaction: raise Deposed unless `epoch` still leads; otherwise hold it until commit.
 
-    The share lock taken here lasts until the transaction ends, so no standby can take over
-    between this check and the commit, and a takeover that happened before it is seen here.
+    The row lock taken here (FOR KEY SHARE) lasts until the transaction ends, so no standby can
+    take over between this check and the commit, and a takeover that happened before it is seen here.
     """
     if conn.info.transaction_status != TransactionStatus.INTRANS:
         raise RuntimeError("fence() belongs inside the write transaction it protects")
@@ -417,11 +423,13 @@ class Leadership:
         sent = self._monotonic()
         self._last_sent = sent
         if action is Action.CLAIM:
-            cursor = await conn.execute(_q(_CLAIM, self.schema), self._params())
+            won = await (await conn.execute(_q(_CLAIM, self.schema), self._params())).fetchone()
         else:
             assert row is not None
-            cursor = await conn.execute(_q(_TAKE_OVER, self.schema), self._params(epoch=row.epoch))
-        won = await cursor.fetchone()
+            async with conn.transaction():
+                await conn.execute(_q(_LOCK, self.schema))
+                cursor = await conn.execute(_q(_TAKE_OVER, self.schema), self._params(epoch=row.epoch))
+                won = await cursor.fetchone()
         if won is not None:
             self._promote(int(won[0]), won[1], sent)
             await self._seen(conn)
