@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.support import brokers
-from tests.support.brokers import AMQP_URL, NATS_URL, REDIS_URL, headers_of
+from tests.support.brokers import AMQP_URL, NATS_URL, headers_of
 from tests.support.daemon import WEBHOOK_KEY
 from watcher.clock import FakeClock, SystemClock
 from watcher.config import SinkConfig
@@ -137,7 +137,9 @@ def test_redis_pipeline_out_of_memory_midway_fails_exactly_the_refused_entries()
         refused = [r for r in results if isinstance(r, DeliveryError)]
         assert all("refused the entry" in str(r) and "maxmemory" in str(r) for r in refused), refused[:1]
         entries = brokers.RedisStream(url, "k").entries()
-        assert [f[b"webhook-id"].decode() for _id, f in entries] == [e.id for e, ok in zip(events, taken) if ok]
+        assert [f[b"webhook-id"].decode() for _id, f in entries] == [
+            e.id for e, ok in zip(events, taken, strict=True) if ok
+        ]
 
 
 async def _redis_call(url: str, method: str, *args: Any) -> Any:
