@@ -193,6 +193,31 @@ def test_batches(n: int, max_batch: int, min_interval: float, groups: list[int])
     assert [d.seq for g in got for d in g] == [r.seq for r in rows][: sum(groups)]
 
 
+@dataclass
+class PipedShape(Shape):
+    """A sink that takes several events per attempt, an outcome each (the broker sinks)."""
+
+    async def deliver_each(self, events: Sequence[Event]) -> Any:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize(
+    ("n", "max_batch", "groups"),
+    [
+        (70, 32, [32, 32, 6]),  # a pipelined sink: groups of up to its batch, in seq order
+        (1, 32, [1]),  # one due event goes at once, alone: nothing waits for a group to fill
+        (5, 1, [1] * 5),  # a batch of one is a single
+    ],
+)
+def test_batches_of_a_pipelined_sink(n: int, max_batch: int, groups: list[int]) -> None:
+    """Unpaced, a pipelined sink's due events go in groups of up to max_batch, each seq once, in order."""
+    rows = [due(seq=i, resource=f"lead:{i}") for i in range(n)]
+    sink = PipedShape(SinkConfig(name="crm", type="nats", url="nats://127.0.0.1:4222", subject="s"), max_batch)
+    got = batches(rows, sink)
+    assert [len(g) for g in got] == groups
+    assert [d.seq for g in got for d in g] == [r.seq for r in rows]
+
+
 @pytest.mark.parametrize(
     ("error", "pause"),
     [

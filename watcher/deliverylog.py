@@ -43,6 +43,15 @@ class DeliveryTally:
         counts.slowest = max(counts.slowest, duration)
         counts.total_duration += duration
 
+    def add_many(self, sink: str, types: Counter[str], duration: float, now: float) -> None:
+        """Successes of one attempt (several, for a pipelined one), each taking `duration`."""
+        if self.since is None:
+            self.since = now
+        counts = self._sinks.setdefault(sink, _Counts())
+        counts.by_type.update(types)
+        counts.slowest = max(counts.slowest, duration)
+        counts.total_duration += duration * types.total()
+
     def due(self, now: float) -> bool:
         return self.since is not None and now - self.since >= self.every
 

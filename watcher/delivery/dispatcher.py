@@ -13,6 +13,7 @@ attempt's error and the sink's schedule; how due events are grouped into sends b
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ from watcher.delivery.policy import (
     BURST_SETTLE,
     DIGEST_LIMIT,
     FAILING_ALERT_AFTER,
+    PipelinedSink,
     attempt_excerpt,
     batches,
     bursting,
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from watcher.metrics import DeliveryMetrics
 
 log = structlog.get_logger("watcher.outbox")
+_debug = logging.getLogger("watcher.outbox")  # the stdlib logger behind `log`: is debug on at all?
 
 # Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
 # bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
@@ -335,7 +338,7 @@ class Dispatcher:
         lane.pace.last_send = self.clock.monotonic()
         return KICKED  # the attempt finishing wakes the worker, which then keeps the pace
 
-    def _finished(self, lane: Lane, group: Sequence[Due], task: asyncio.Task[bool]) -> None:
+    def _finished(self, lane: Lane, group: Sequence[Due], task: asyncio.Task[int]) -> None:
         for d in group:
             lane.in_flight.pop(d.seq, None)
             lane.recording.pop(d.seq, None)
@@ -347,10 +350,9 @@ class Dispatcher:
         if lane.passing is not None:
             result = lane.passing.result
             result.attempted += len(group)
-            if not failed and task.result():
-                result.delivered += len(group)
-            else:
-                result.failed += len(group)
+            taken = 0 if failed else task.result()
+            result.delivered += taken
+            result.failed += len(group) - taken
 
     async def _sleep(self, kick: asyncio.Event, stopping: asyncio.Event, wait: Wait) -> None:
         """Wait until kicked, stopping, or the wait is over (on the injected clock when scheduled)."""
@@ -427,64 +429,90 @@ class Dispatcher:
 
     # --- one attempt --------------------------------------------------------------------------
 
-    async def _attempt(self, lane: Lane, batch: Sequence[Due]) -> bool:
-        """Send one group once and record what happened; True when the receiver took it."""
+    async def _attempt(self, lane: Lane, batch: Sequence[Due]) -> int:
+        """Send one group once and record what happened; how many of its events the receiver took."""
         sink = lane.sink
         # A digest's rows beyond its sample carry no body (see Store.due_digest): they are counted.
         events = [d.event() for d in batch if d.payload]
         started = self.clock.monotonic()
-        error: DeliveryError | None = None
+        # Per event: the error that kept it from being taken, or None (taken), and the answer.
+        errors: list[DeliveryError | None]
+        answers: list[str]
         status: int | None = None
         try:
-            if len(batch) > 1 and isinstance(sink, DigestSink):
-                attempt = await sink.deliver_digest(events, Counter(d.type for d in batch))
+            if isinstance(sink, PipelinedSink) and len(batch) > 1:
+                results = await sink.deliver_each(events)
+                errors = [r if isinstance(r, DeliveryError) else None for r in results]
+                answers = [r.excerpt if isinstance(r, DeliveryError) else r.response_excerpt for r in results]
             else:
-                attempt = await sink.deliver(events)
-            status = attempt.status
+                if len(batch) > 1 and isinstance(sink, DigestSink):
+                    attempt = await sink.deliver_digest(events, Counter(d.type for d in batch))
+                else:
+                    attempt = await sink.deliver(events)
+                status = attempt.status
+                errors, answers = [None] * len(batch), [attempt.response_excerpt] * len(batch)
         except DeliveryError as exc:
-            error, status = exc, exc.status
+            status = exc.status
+            errors, answers = [exc] * len(batch), [exc.excerpt] * len(batch)
         except asyncio.CancelledError:
             # Cut off by a stop or a reload after its grace (_drain): the receiver may have read
             # the request, so it is a row in the attempt log, and the event goes again.
-            error = Interrupted(STOPPED)
+            interrupted = Interrupted(STOPPED)
+            errors, answers = [interrupted] * len(batch), [""] * len(batch)
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()  # handled: the record below must not count as cancelled
         except Exception as exc:  # a bug in a sink must not lose the event: it is retried like a failure
             log.exception("sink raised an unexpected error", sink=sink.name)
-            error = DeliveryError(f"internal error: {type(exc).__name__}")
+            internal = DeliveryError(f"internal error: {type(exc).__name__}")
+            errors, answers = [internal] * len(batch), [""] * len(batch)
         duration = round(self.clock.monotonic() - started, 4)
         now = self.clock.now()
-        answer = attempt_excerpt(attempt.response_excerpt if error is None else error.excerpt)
-        outcomes = [decide(d, error, now=now, sink=sink, rng=self.rng, excerpt=answer) for d in batch]
+        outcomes = [
+            decide(d, error, now=now, sink=sink, rng=self.rng, excerpt=attempt_excerpt(answer))
+            for d, error, answer in zip(batch, errors, answers, strict=True)
+        ]
         if lane.passing is not None:
             began = lane.passing.began
             lane.passing.again.update(o.seq for o in outcomes if o.status == PENDING and o.next_attempt_at <= began)
-        if error is None:
-            # Taken: the slot goes to the next event while this outcome waits to be committed with
-            # others; until then the deliveries stay busy (pending in the file). A failure keeps
-            # its slot until recorded, so a pause or a disable it brings stops the next send.
-            this = asyncio.current_task()
-            for d in batch:
-                if lane.in_flight.pop(d.seq, None) is not None and this is not None:
-                    lane.recording[d.seq] = this
+        # Taken: the slot goes to the next event while this outcome waits to be committed with
+        # others; until then the deliveries stay busy (pending in the file). A failure keeps
+        # its slot until recorded, so a pause or a disable it brings stops the next send.
+        this = asyncio.current_task()
+        freed = False
+        for d, error in zip(batch, errors, strict=True):
+            if error is None and lane.in_flight.pop(d.seq, None) is not None and this is not None:
+                lane.recording[d.seq] = this
+                freed = True
+        if freed:
             lane.kick.set()
-        try:
-            await self._recorder.record(Recorded(sink.name, tuple(outcomes), now, status, duration, error is None))
-        except WatcherError as exc:
-            # Nothing was written: the file still says pending. Keep the outcome and write it when
-            # the file accepts it, rather than send a delivered event again every few seconds.
-            self.write_error = str(exc)[:300]
-            lane.unwritten.append(Unwritten(list(batch), outcomes, error, status, duration, now))
-            log.error(
-                "cannot record a delivery outcome; kept in memory and written when the state file accepts it",
-                sink=sink.name,
-                error=self.write_error,
-            )
-            lane.held_until = max(lane.held_until, self.clock.monotonic() + ERROR_BACKOFF)
-            return False
-        self._after(lane, batch, outcomes, error, status, duration)
-        return error is None
+        # One record per distinct error (one in all but a pipelined attempt that was partly taken).
+        groups: dict[int, tuple[DeliveryError | None, list[Due], list[Outcome]]] = {}
+        for d, error, outcome in zip(batch, errors, outcomes, strict=True):
+            group = groups.setdefault(id(error), (error, [], []))
+            group[1].append(d)
+            group[2].append(outcome)
+        taken = 0
+        for error, dues, outs in groups.values():
+            code = status if error is None else error.status
+            try:
+                await self._recorder.record(Recorded(sink.name, tuple(outs), now, code, duration, error is None))
+            except WatcherError as exc:
+                # Nothing was written: the file still says pending. Keep the outcome and write it when
+                # the file accepts it, rather than send a delivered event again every few seconds.
+                self.write_error = str(exc)[:300]
+                lane.unwritten.append(Unwritten(dues, outs, error, code, duration, now))
+                log.error(
+                    "cannot record a delivery outcome; kept in memory and written when the state file accepts it",
+                    sink=sink.name,
+                    error=self.write_error,
+                )
+                lane.held_until = max(lane.held_until, self.clock.monotonic() + ERROR_BACKOFF)
+                continue
+            self._after(lane, dues, outs, error, code, duration)
+            if error is None:
+                taken += len(dues)
+        return taken
 
     def _after(
         self,
@@ -498,28 +526,46 @@ class Dispatcher:
         sink = lane.sink
         if any(o.status != PENDING for o in outcomes):
             lane.rewind = True  # a later event about the same resource, already passed by the reads, is free now
-        for due, outcome in zip(batch, outcomes, strict=True):
-            kind = {DELIVERED: "success", DEAD: "dead"}.get(outcome.status, "retry")
-            if isinstance(error, SinkGone):
-                kind = "disabled"
+        if error is None:
+            # Taken: counted for the summary line, and a line each only when debug is on (a
+            # pipelined broker sink confirms thousands a second; building lines nobody reads costs).
             if self.metrics is not None:
-                self.metrics.delivery(sink.name, kind)
-            fields = dict(
-                sink=sink.name,
-                event_id=due.event_id,
-                type=due.type,
-                attempt=outcome.attempt or outcome.attempts,
-                status=status,
-                duration=duration,
-                outcome=kind,
-            )
-            if error is None:
-                log.debug("delivered", **fields)
-                self.tally.add(sink.name, due.type, duration, self.clock.monotonic())
-            elif outcome.status == DEAD:
-                log.error("delivery dead: schedule or max_age exhausted", error=outcome.error, **fields)
-            else:
-                log.warning("delivery failed", error=outcome.error, next_attempt_at=outcome.next_attempt_at, **fields)
+                for _ in batch:
+                    self.metrics.delivery(sink.name, "success")
+            self.tally.add_many(sink.name, Counter(d.type for d in batch), duration, self.clock.monotonic())
+            if _debug.isEnabledFor(logging.DEBUG):
+                for due, outcome in zip(batch, outcomes, strict=True):
+                    log.debug(
+                        "delivered",
+                        sink=sink.name,
+                        event_id=due.event_id,
+                        type=due.type,
+                        attempt=outcome.attempt or outcome.attempts,
+                        status=status,
+                        duration=duration,
+                        outcome="success",
+                    )
+        else:
+            for due, outcome in zip(batch, outcomes, strict=True):
+                kind = {DELIVERED: "success", DEAD: "dead"}.get(outcome.status, "retry")
+                if isinstance(error, SinkGone):
+                    kind = "disabled"
+                if self.metrics is not None:
+                    self.metrics.delivery(sink.name, kind)
+                fields = dict(
+                    sink=sink.name,
+                    event_id=due.event_id,
+                    type=due.type,
+                    attempt=outcome.attempt or outcome.attempts,
+                    status=status,
+                    duration=duration,
+                    outcome=kind,
+                )
+                if outcome.status == DEAD:
+                    log.error("delivery dead: schedule or max_age exhausted", error=outcome.error, **fields)
+                else:
+                    retry_at = outcome.next_attempt_at
+                    log.warning("delivery failed", error=outcome.error, next_attempt_at=retry_at, **fields)
         pause = pause_for(error)
         if pause > 0:
             # On the URL's pace: every sink posting to the same hook holds back, not only this one.

@@ -83,9 +83,10 @@ class Lane:
 
     sink: Sink
     kick: asyncio.Event = field(default_factory=asyncio.Event)
-    in_flight: dict[int, asyncio.Task[bool]] = field(default_factory=dict)  # event seq -> the attempt sending it
+    # Event seq -> the attempt sending it (its result: how many of its events were delivered).
+    in_flight: dict[int, asyncio.Task[int]] = field(default_factory=dict)
     # Event seq -> its attempt, sent and waiting for its outcome's commit (delivery.recorder).
-    recording: dict[int, asyncio.Task[bool]] = field(default_factory=dict)
+    recording: dict[int, asyncio.Task[int]] = field(default_factory=dict)
     off: bool = False  # `enabled = false` in the configuration
     disabled: bool = False  # refused permanently (410, revoked Slack hook) until enabled again
     pace: Pace = field(default_factory=Pace)

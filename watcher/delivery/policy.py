@@ -10,12 +10,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from functools import partial
+from typing import Protocol, runtime_checkable
 
 from watcher.errors import DeliveryError, Interrupted, SinkGone, Throttled
+from watcher.events import Event
 from watcher.logs import known_secrets, scrub
 from watcher.pii import mask_text
 from watcher.schedule import RETRY_AFTER_FLOOR_CAP, next_attempt_at
-from watcher.sinks.base import Sink
+from watcher.sinks.base import Attempt, Sink
 from watcher.state.records import ASKED_TO_WAIT, DEAD, DELIVERED, PENDING, Due, Outcome
 
 # A sink failing without a single success for this long is flagged in `status` and the logs.
@@ -32,6 +34,14 @@ DIGEST_LIMIT = 50_000
 # Enough of an answer for an operator to see why a receiver refused (`events --attempts`), and
 # little enough that the attempt log stays small and a receiver's echo of a payload stays cut.
 ATTEMPT_EXCERPT_CHARS = 200
+
+
+@runtime_checkable
+class PipelinedSink(Protocol):
+    """A sink that sends up to `max_batch` events in one attempt, each with its own outcome (the
+    broker sinks: publish them all, then await every confirmation)."""
+
+    async def deliver_each(self, events: Sequence[Event]) -> list[Attempt | DeliveryError]: ...
 
 
 def decide(
@@ -79,9 +89,14 @@ def bursting(count: int, sink: Sink) -> bool:
 
 
 def batches(due: Sequence[Due], sink: Sink) -> list[list[Due]]:
-    """Singles, or, for a paced sink facing a burst, one digest of all of them (however many)."""
+    """Singles; for a paced sink facing a burst, one digest of all of them (however many); for a
+    pipelined sink, groups of up to `max_batch`. The rows are at most one per resource (the store
+    hands out only each resource's oldest pending event), so no group holds two events of one
+    lead or campaign, and a group's events may go in any order."""
     if bursting(len(due), sink):
         return [list(due)]
+    if sink.max_batch > 1 and isinstance(sink, PipelinedSink):
+        return [list(due[i : i + sink.max_batch]) for i in range(0, len(due), sink.max_batch)]
     return [[d] for d in due]
 
 

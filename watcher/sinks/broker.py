@@ -30,8 +30,18 @@ BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 30.0
 # A refused connection right after a broker restart often succeeds a moment later.
 CONNECT_RETRY_WAIT = 0.2
+# The most events one attempt publishes before it waits for their confirmations (pipelining): the
+# engine's per-attempt cost and the broker's round trip are then paid once for all of them. The
+# dispatcher only ever groups events of different resources (each the oldest pending of its own),
+# so pipelining never puts two events of one lead or campaign in flight at once.
+PIPELINE = 32
 
 L = TypeVar("L")
+# One message of an attempt: the event, its body, its headers.
+Item = tuple[Event, bytes, dict[str, str]]
+# What became of one message: the broker's answer worth logging ("" for a plain confirmation), or
+# the exception that refused it.
+Result = str | BaseException
 
 log = structlog.get_logger("watcher.sinks")
 
@@ -62,7 +72,7 @@ class BrokerSink(Generic[L]):
     connection still works, and what a library error means (`_explain`).
     """
 
-    max_batch = 1
+    max_batch = PIPELINE  # events per attempt (deliver_each); each gets its own outcome
     min_interval = 0.0
     kind = "broker"  # how errors name the other side: "NATS server", "AMQP broker", "Redis server"
 
@@ -91,6 +101,21 @@ class BrokerSink(Generic[L]):
     async def _publish(self, link: L, event: Event, body: bytes, headers: dict[str, str]) -> str:
         """Publish and wait for the confirmation; anything worth a line in the attempt log, else ""."""
         raise NotImplementedError
+
+    async def _publish_many(self, link: L, items: Sequence[Item], done: list[Result | None]) -> None:
+        """Publish every item, then wait for their confirmations; as each arrives, put its answer
+        (see `_publish`) or the exception that refused it at its index in `done`. An index left
+        empty (this raised, or ran out of time) was not confirmed.
+
+        By default each publish runs as its own task on the one connection; a broker with a
+        cheaper way (a Redis pipeline, JetStream's async publish) says so.
+        """
+        tasks = [asyncio.ensure_future(self._publish(link, *item)) for item in items]
+        try:
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            _collect(tasks, done)
 
     async def _check(self, link: L) -> str:
         """What `check --connect` shows once connected: that the destination exists."""
@@ -126,30 +151,57 @@ class BrokerSink(Generic[L]):
     async def deliver(self, events: Sequence[Event]) -> Attempt:
         """Publish the single event and wait for the broker's confirmation, all within `timeout`."""
         if len(events) != 1:
-            raise ValueError(f"a broker sink delivers one event at a time, got {len(events)}")
-        event = events[0]
-        body = event.body(render_data(event, self.config))
+            raise ValueError(f"deliver takes one event, got {len(events)}: deliver_each takes several")
+        (result,) = await self.deliver_each(events)
+        if isinstance(result, DeliveryError):
+            raise result
+        return result
+
+    async def deliver_each(self, events: Sequence[Event]) -> list[Attempt | DeliveryError]:
+        """Publish the events, then wait for their confirmations, all within `timeout`: for each
+        event, in order, an Attempt when the broker confirmed it, else the error that kept it
+        from being confirmed (an attempt never counts for an event the broker did not confirm)."""
         started = self._clock.monotonic()
+        done: list[Result | None] = [None] * len(events)
         link: L | None = None
+        failure: DeliveryError | None = None
+        timed_out = False
         try:
             async with asyncio.timeout(self.config.timeout):
                 link = await self._connected()
-                headers = message_headers(event, int(self._clock.now()), body, self._keys)
-                answer = await self._publish(link, event, body, headers)
+                stamp = int(self._clock.now())
+                items = []
+                for event in events:
+                    body = event.body(render_data(event, self.config))
+                    items.append((event, body, message_headers(event, stamp, body, self._keys)))
+                await self._publish_many(link, items, done)
         except TimeoutError:
-            if link is not None and self._confirmed_at < started:
-                # Nothing was confirmed on this connection since the attempt began: it is probably
-                # dead without having noticed (a broker that stopped answering), so make a new one.
-                await self._drop(link)
-            raise self._unanswered(connected=link is not None, since=started) from None
-        except DeliveryError:
-            raise
+            timed_out = True
+            failure = self._unanswered(connected=link is not None, since=started)
+        except DeliveryError as exc:
+            failure = exc
         except Exception as exc:
+            failure = self._explain(exc)
             if link is not None and self._lost(exc):
                 await self._drop(link)
-            raise self._explain(exc) from None
-        self._confirmed_at = self._clock.monotonic()
-        return Attempt(status=None, duration=self._confirmed_at - started, response_excerpt=answer)
+                link = None
+        now = self._clock.monotonic()
+        results: list[Attempt | DeliveryError] = []
+        lost = False
+        for answer in done:
+            if isinstance(answer, str):
+                self._confirmed_at = now
+                results.append(Attempt(status=None, duration=now - started, response_excerpt=answer))
+            elif answer is None:
+                results.append(failure or self._unanswered(connected=link is not None, since=started))
+            else:
+                lost = lost or self._lost(answer)
+                results.append(answer if isinstance(answer, DeliveryError) else self._explain(answer))
+        if link is not None and (lost or (timed_out and self._confirmed_at < started)):
+            # A lost connection, or nothing confirmed on it since the attempt began (a broker that
+            # stopped answering without the connection noticing): make a new one.
+            await self._drop(link)
+        return results
 
     async def reach(self) -> str:
         """`check --connect` and the start-up check (sinks.base.Reachable): connect (the broker's
@@ -232,6 +284,15 @@ class BrokerSink(Generic[L]):
         if link is not None:
             await self._quietly_close(link)
         await asyncio.gather(*self._closing)  # each bounded (_aside)
+
+
+def _collect(futures: Sequence[asyncio.Future[str]], done: list[Result | None]) -> None:
+    """Put each finished future's answer or error in `done`; cancel the rest (not confirmed)."""
+    for i, future in enumerate(futures):
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            done[i] = future.exception() or future.result()
 
 
 def broker_sink(config: SinkConfig, *, clock: Clock, version: str) -> BrokerSink[Any]:

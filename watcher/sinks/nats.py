@@ -7,6 +7,8 @@ attempt that says so, never a publish into nothing.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +17,10 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from watcher.errors import DeliveryError, SinkGone
-from watcher.events import Event
-from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, lowered, target
+from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, Item, Result, lowered, target
 from watcher.tls import client_context
 
 
@@ -31,6 +33,12 @@ def _header_block_size(headers: dict[str, str]) -> int:
 class _Link:
     client: Client
     js: JetStreamContext
+
+
+def _answer(ack: PubAck) -> str:
+    """What the attempt log keeps of an ack: only what an operator needs to see. A routine ack
+    leaves the answer empty, which also spares every delivery the log's masking pass."""
+    return f"a duplicate: stream {ack.stream} already had this id (seq {ack.seq})" if ack.duplicate else ""
 
 
 class NatsSink(BrokerSink[_Link]):
@@ -74,24 +82,39 @@ class NatsSink(BrokerSink[_Link]):
             raise failures[-1] if failures else DeliveryError(f"cannot connect to the {self.kind}") from None
         return _Link(client, client.jetstream(timeout=self.config.timeout))
 
-    async def _publish(self, link: _Link, event: Event, body: bytes, headers: dict[str, str]) -> str:
-        subject = target(self.config.subject, event.type)
-        headers = {"Nats-Msg-Id": event.id, **headers}
-        size, limit = len(body) + _header_block_size(headers), link.client.max_payload
-        if size > limit:
-            # The server counts headers and body against max_payload and drops the connection (with
-            # every publish awaiting its ack) on a larger message; nats-py checks the body alone.
-            raise DeliveryError(
-                f"the message ({size} bytes with its headers) is over the {self.kind}'s max_payload "
-                f"({limit} bytes): raise the server's max_payload; the event is retried on its schedule"
-            )
+    async def _publish_many(self, link: _Link, items: Sequence[Item], done: list[Result | None]) -> None:
+        # JetStream's async publish: every message goes out at once, each with its own reply
+        # inbox, and each ack (or refusal) settles its own future; awaited together, not in turn.
+        acks: list[tuple[int, asyncio.Future[PubAck], str]] = []
+        limit = link.client.max_payload
         try:
-            ack = await link.js.publish(subject, body, timeout=self.config.timeout, headers=headers)
-        except nats.js.errors.NoStreamResponseError:
-            raise DeliveryError(f"no JetStream stream stores subject {subject}") from None
-        # Only what an operator needs to see: a routine ack leaves the attempt log's answer empty,
-        # which also spares every delivery the log's masking pass.
-        return f"a duplicate: stream {ack.stream} already had this id (seq {ack.seq})" if ack.duplicate else ""
+            for i, (event, body, headers) in enumerate(items):
+                subject = target(self.config.subject, event.type)
+                headers = {"Nats-Msg-Id": event.id, **headers}
+                size = len(body) + _header_block_size(headers)
+                if size > limit:
+                    # The server counts headers and body against max_payload and drops the
+                    # connection (with every publish awaiting its ack) on a larger message; nats-py
+                    # checks the body alone.
+                    done[i] = DeliveryError(
+                        f"the message ({size} bytes with its headers) is over the {self.kind}'s max_payload "
+                        f"({limit} bytes): raise the server's max_payload; the event is retried on its schedule"
+                    )
+                    continue
+                ack = await link.js.publish_async(subject, body, headers=headers)
+                acks.append((i, ack, subject))
+            if acks:
+                await asyncio.wait([ack for _, ack, _ in acks])
+        finally:
+            for i, ack, subject in acks:
+                if not ack.done():
+                    ack.cancel()  # not confirmed in time: its place among the client's pending acks is freed
+                elif ack.cancelled():
+                    pass
+                elif isinstance(ack.exception(), nats.js.errors.NoStreamResponseError):
+                    done[i] = DeliveryError(f"no JetStream stream stores subject {subject}")
+                else:
+                    done[i] = ack.exception() or _answer(ack.result())
 
     async def _check(self, link: _Link) -> str:
         subjects = sorted({target(self.config.subject, t) for t in self.config.events})

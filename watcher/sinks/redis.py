@@ -7,6 +7,7 @@ re-send an XADD whose reply was lost, and the outbox already retries, with the s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,8 +19,7 @@ from redis.backoff import NoBackoff
 from redis.typing import EncodableT, FieldT
 
 from watcher.errors import DeliveryError, SinkGone
-from watcher.events import Event
-from watcher.sinks.broker import BrokerSink, lowered
+from watcher.sinks.broker import BrokerSink, Item, Result, lowered
 
 
 def _trust(url: str) -> dict[str, Any]:
@@ -57,11 +57,19 @@ class RedisSink(BrokerSink["aredis.Redis"]):
             raise
         return client
 
-    async def _publish(self, link: aredis.Redis, event: Event, body: bytes, headers: dict[str, str]) -> str:
-        fields: dict[FieldT, EncodableT] = {"body": body}
-        fields.update(headers)
-        await link.xadd(self.config.stream, fields, maxlen=self.config.maxlen, approximate=True)
-        return ""  # the entry id is the broker's business; the event's webhook-id finds the entry
+    async def _publish_many(self, link: aredis.Redis, items: Sequence[Item], done: list[Result | None]) -> None:
+        # One pipeline, no transaction: the XADDs go out together and each has its own reply, so
+        # one refused entry fails only its own event. A connection lost meanwhile fails them all
+        # (their replies are lost; the outbox sends them again, same webhook-id).
+        async with link.pipeline(transaction=False) as pipe:
+            for _event, body, headers in items:
+                fields: dict[FieldT, EncodableT] = {"body": body}
+                fields.update(headers)
+                pipe.xadd(self.config.stream, fields, maxlen=self.config.maxlen, approximate=True)
+            replies = await pipe.execute(raise_on_error=False)
+        for i, reply in enumerate(replies):
+            # The entry id is the broker's business; the event's webhook-id finds the entry.
+            done[i] = reply if isinstance(reply, Exception) else ""
 
     async def _check(self, link: aredis.Redis) -> str:
         kind = await link.type(self.config.stream)
