@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,8 @@ TIE_OVERLAP = 1.0
 COUNT_EVERY = 10.0
 # Ids remembered per stream since its last re-read of the lookback, at most (a day at 1 lead/s).
 MAX_SEEN = 100_000
+# Unreadable leads of unknown time a count asks about in one `id[]` list, at most.
+UNKNOWN_COUNTED = 100
 BASELINE = "leads.baseline"
 CHANGE_STREAMS = (UPDATED, BASELINE, RECHECK)  # walks that compare leads with snapshots
 UPDATED_FILTER = "updatedTs[strictly_after]"
@@ -92,6 +94,9 @@ class _Window:
     counted_at: float  # monotonic time of the last re-read or count
     read_to: float  # the latest field value read
     stale: bool = False  # a count found a row no walk read: the next poll re-reads the lookback
+    # Unreadable leads identified in the window: the server counts them, but their time is unknown
+    # (a guess would move `read_to`, or hide a late row from the count); the count asks for them.
+    unknown: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -457,6 +462,12 @@ class Poller:
         page = await self.client.page("leads", params, items_per_page=0)
         self._observe(page)
         read = sum(1 for t in window.seen.values() if t <= upto)
+        if window.unknown and page.total != read:
+            # Counted like the rest, with no row served: how many of them fall in the counted span.
+            if "id[]" not in (self._lead_search or frozenset()) or len(window.unknown) > UNKNOWN_COUNTED:
+                return False
+            ids = {**params, "id[]": [str(i) for i in sorted(window.unknown)]}
+            read += (await self.client.page("leads", ids, items_per_page=0)).total or 0
         if page.total != read:
             log.info("walk.lookback_changed", stream=stream, counted=page.total, read=read)
             return False
@@ -487,6 +498,7 @@ class Poller:
         tracks = self._tracks()
         held: str | None = None  # why the cursor stays where it is: a position this walk could not account for
         seen: dict[int, float] = {}
+        unknown: set[int] = set()
         # aclosing: a failed commit must stop the page read ahead at once, not whenever the
         # abandoned generator is collected.
         async with aclosing(pager.pages(plan.start_page, overlap_id=plan.resume_after)) as reads:
@@ -498,7 +510,7 @@ class Poller:
                 signpost = max(signpost, server_now - self.config.leads.safety_lag)
                 self._served_size = pager.size
                 if plan.cursor_field is not None:
-                    _remember(seen, read, plan.cursor_field, signpost)
+                    _remember(seen, unknown, read, plan.cursor_field, signpost)
                 resumable = plan.cursor_field is None  # a resume starts from the last page committed
                 place = Place(
                     set_walk_from=first,
@@ -550,10 +562,13 @@ class Poller:
             mark.cursor, mark.cursor_ts = plan.sweep_mark, detect.parse_ts(plan.sweep_mark).timestamp()
             self._commit(mark, result)
             read_to = max(seen.values(), default=plan.sweep_since)
-            self._windows[plan.stream] = _Window(plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to)
+            self._windows[plan.stream] = _Window(
+                plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to, unknown=unknown
+            )
         elif plan.stream in self._windows:
             window = self._windows[plan.stream]
             window.seen.update(seen)
+            window.unknown = (window.unknown - seen.keys()) | (unknown - window.seen.keys())
             window.read_to = max([window.read_to, *seen.values()])
             if len(window.seen) > MAX_SEEN:
                 del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
@@ -737,16 +752,19 @@ class Poller:
         self._commit(commit, result)
 
 
-def _remember(seen: dict[int, float], read: Read, field: str, fallback: float) -> None:
-    """The ids a page accounts for, with the walk's field as read (an unreadable one identified
-    counts too: the server counts it, and it is retried on its own)."""
+def _remember(seen: dict[int, float], unknown: set[int], read: Read, field: str, fallback: float) -> None:
+    """The ids a page accounts for, with the walk's field as read. An unreadable one identified
+    counts too (the server counts it, and it is retried on its own), but its time is unknown: the
+    page's time would move the window's `read_to` past rows not read yet and make the next count
+    miss it, a whole re-read of the lookback for nothing."""
     for member in read.page.members:
         lead_id = member.get("id")
         if isinstance(lead_id, int) and not isinstance(lead_id, bool):
             seen[lead_id] = detect.timestamp(member.get(field)) or fallback
+            unknown.discard(lead_id)
     for lead_id, _ in read.unreadable:
-        if lead_id is not None:
-            seen.setdefault(lead_id, fallback)
+        if lead_id is not None and lead_id not in seen:
+            unknown.add(lead_id)
 
 
 def _before_hole(read: Read) -> int | None:

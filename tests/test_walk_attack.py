@@ -1,0 +1,80 @@
+"""Histories found by an outside attack on the lead and campaign walks (issue 19, after it was built),
+one test each, against the real poller, store and client in-process with the simulator on loopback
+(`tests.support.rig`) and a virtual clock. Costs are counted in the simulator's own request log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.support.rig import Rig, make_rig
+from watcher.poller import CREATED
+
+SUMMER = datetime(2026, 6, 10, 9, 0, tzinfo=UTC).timestamp()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+    with ExitStack() as stack:
+
+        def make(leads: int = 0, seed: int = 11) -> Rig:
+            return make_rig(tmp_path, stack, zone="Europe/London", start=SUMMER, leads=leads, seed=seed)
+
+        yield make
+
+
+def _settled(r: Rig) -> list[int]:
+    """A daemon past its first polls (its lookback re-read once), then six new leads, the third unreadable
+    from the start, read by one poll: the unreadable one is identified and put on its slow retry."""
+    r.configure(items_per_page=4, lookback="5m")
+    r.poll()
+    for _ in range(3):
+        r.advance(400)
+        r.poll()
+    fresh = []
+    for _ in range(6):
+        r.advance(1)
+        fresh.append(int(r.sim.add_lead()["id"]))
+    r.sim.poison_lead(fresh[2])
+    r.advance(5)
+    r.poll()
+    assert r.store is not None and [u.lead_id for u in r.store.unreadable(CREATED)] == [fresh[2]]
+    return fresh
+
+
+def test_an_identified_unreadable_lead_costs_no_re_read_of_the_lookback(rig: Callable[..., Rig]) -> None:
+    """Its time is unknown, so it is not taken at the page's time (which made every count of the lookback
+    miss it, and every other poll re-read the whole lookback and isolate the lead again): the polls that
+    follow, before its retry is due, never read its page again."""
+    r = rig()
+    fresh = _settled(r)
+    start = len(r.sim.requests)
+    polls = 8
+    for _ in range(polls):
+        r.advance(20)  # 160 s in all: within the lookback, before the lead's first retry (300 s)
+        r.poll()
+    served = r.sim.requests[start:]
+    assert [q for q in served if q.status != 200] == [], "a poll read the unreadable lead's page again"
+    # Per walk (created, updated): the new rows, one count of the lookback, one of the unreadable lead.
+    assert len(served) <= polls * 2 * 3
+    assert r.created() == {lead: 1 for lead in fresh if lead != fresh[2]}
+
+
+def test_a_late_lead_behind_an_identified_unreadable_one_is_still_found_by_the_count(rig: Callable[..., Rig]) -> None:
+    """The count that stands in for a re-read must not take the unreadable lead for the late one: a lead
+    that becomes visible late, created within the lookback, is announced."""
+    r = rig()
+    fresh = _settled(r)
+    r.advance(20)
+    r.poll()
+    late = int(r.sim.add_lead(created=datetime.fromtimestamp(r.clock.now() - 60, UTC), visible=False)["id"])
+    r.sim.reveal_lead(late)
+    for _ in range(3):
+        r.advance(20)
+        r.poll()
+    assert r.created() == {lead: 1 for lead in [*fresh, late] if lead != fresh[2]}
