@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.rig import Rig, make_rig
-from watcher.poller import CREATED
+from watcher.poller import BASELINE, CREATED
 
 SUMMER = datetime(2026, 6, 10, 9, 0, tzinfo=UTC).timestamp()
 
@@ -78,3 +78,36 @@ def test_a_late_lead_behind_an_identified_unreadable_one_is_still_found_by_the_c
         r.advance(20)
         r.poll()
     assert r.created() == {lead: 1 for lead in [*fresh, late] if lead != fresh[2]}
+
+
+def test_leads_of_a_campaign_added_to_campaign_ids_report_their_first_change(rig: Callable[..., Rig]) -> None:
+    """The snapshot baseline was taken under `campaign_ids = [c1]`; the daemon restarts with c2 added. The
+    leads c2 already had (created within `baseline_window`) get snapshots then, so their first change is a
+    `lead.updated` like c1's; narrowing the list again takes no new baseline."""
+    r = rig()
+    c1, c2 = r.sim.campaign_ids()[:2]
+    ones = [int(r.sim.add_lead(c1)["id"]) for _ in range(3)]
+    twos = [int(r.sim.add_lead(c2)["id"]) for _ in range(3)]
+    r.advance(3600)
+    r.configure(items_per_page=4, campaign_ids=[c1])
+    r.poll()
+    r.advance(60)
+    r.configure(items_per_page=4, campaign_ids=[c1, c2])
+    r.restart()
+    r.poll()
+    r.advance(60)
+    for lead in ones + twos:
+        r.sim.update_lead(lead, score=(r.sim.lead(lead).get("score") or 0) + 1)
+    r.advance(5)
+    r.poll()
+    changed = sorted(e["data"]["lead"]["id"] for e in r.updates() if "score" in e["data"]["changes"])
+    assert changed == sorted(ones + twos)
+    assert r.created() == {}
+    store = r.ensure()
+    mark = store.cursor(BASELINE)
+    r.configure(items_per_page=4, campaign_ids=[c2])
+    r.restart()
+    r.advance(60)
+    r.poll()
+    again = r.ensure().cursor(BASELINE)
+    assert mark is not None and again is not None and again.last_success_at == mark.last_success_at

@@ -56,6 +56,8 @@ MAX_SEEN = 100_000
 # Unreadable leads of unknown time a count asks about in one `id[]` list, at most.
 UNKNOWN_COUNTED = 100
 BASELINE = "leads.baseline"
+# Between a baseline's track signature and the campaigns it covered, in its cursor.
+BASELINE_SCOPE = " campaigns "
 CHANGE_STREAMS = (UPDATED, BASELINE, RECHECK)  # walks that compare leads with snapshots
 UPDATED_FILTER = "updatedTs[strictly_after]"
 CREATED_FILTER = "createdTs[strictly_after]"
@@ -244,11 +246,27 @@ class Poller:
         state = self.store.cursor(BASELINE)
         if state is None or state.walk_from is not None:
             return True
-        # A baseline finished before snapshots kept every repeated leadData entry still counts.
-        return state.cursor not in (self._signature(), detect.legacy_signature(self.config.leads.track))
+        return not self._baseline_covers(state.cursor)
 
     def _signature(self) -> str:
         return detect.track_signature(self.config.leads.track)
+
+    def _baseline_mark(self) -> str:
+        """What a baseline covers, kept as its cursor: the track signature and, when `campaign_ids`
+        limits the walks, those campaigns (leads of a campaign added later have no snapshots)."""
+        wanted = self.config.leads.campaign_ids
+        scope = f"{BASELINE_SCOPE}{','.join(str(c) for c in sorted(wanted))}" if wanted else ""
+        return self._signature() + scope
+
+    def _baseline_covers(self, mark: str | None) -> bool:
+        """Whether the baseline recorded as `mark` holds snapshots of every lead the walks now read
+        under `track`: the same fields, and the same campaigns or more."""
+        signature, _, scope = (mark or "").partition(BASELINE_SCOPE)
+        # A baseline finished before snapshots kept every repeated leadData entry still counts.
+        if signature not in (self._signature(), detect.legacy_signature(self.config.leads.track)):
+            return False
+        wanted = self.config.leads.campaign_ids
+        return not scope or (bool(wanted) and {str(c) for c in wanted} <= set(scope.split(",")))
 
     async def _fresh_now(self) -> float:
         """A fresh reading of the server's clock, for a baseline, where the exact second matters."""
@@ -387,17 +405,18 @@ class Poller:
         """Snapshots of the leads created within `baseline_window`, resumable page by page."""
         leads = self.config.leads
         state = self.store.cursor(BASELINE)
-        signature = self._signature()
+        signature = self._baseline_mark()
         if state is not None and state.walk_from and state.cursor != signature:
-            # Stopped under another `track`: the pages read before the stop hold snapshots without the
-            # fields added since, whose first changes would then pass silently. Taken again whole.
-            log.info("snapshot baseline restarted: track changed while it was under way")
+            # Stopped under another `track` (or `campaign_ids`): the pages read before the stop hold
+            # snapshots without the fields (or campaigns) added since, whose first changes would then
+            # pass silently. Taken again whole.
+            log.info("snapshot baseline restarted: track or campaign_ids changed while it was under way")
             state = None
         if state is not None and state.walk_from:
             plan = _Plan(BASELINE, CREATED_FILTER, state.walk_from, None, None, start_page=max(1, state.progress or 1))
             plan.resume_after = state.resume_after
         elif leads.baseline_window <= 0:
-            self._commit(PageCommit(BASELINE, self.clock.now(), cursor=self._signature(), finished=True), result)
+            self._commit(PageCommit(BASELINE, self.clock.now(), cursor=signature, finished=True), result)
             return
         else:
             server_now = await self._fresh_now()
