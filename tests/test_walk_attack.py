@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,37 @@ def test_leads_of_a_campaign_added_to_campaign_ids_report_their_first_change(rig
     r.poll()
     again = r.ensure().cursor(BASELINE)
     assert mark is not None and again is not None and again.last_success_at == mark.last_success_at
+
+
+def test_a_baseline_resumed_with_larger_pages_snapshots_every_lead(rig: Callable[..., Rig]) -> None:
+    """The snapshot baseline stops (SIGTERM) after five pages of 4; the daemon starts again with pages of
+    10. The page it resumes from is past the set's end at the new size: it steps back to the rows not read
+    yet instead of taking the empty page for the end, so every lead reports its first change."""
+    r = rig(leads=30)
+    r.configure(items_per_page=4, track=["score"])
+    poller = r.start()
+    store = r.ensure()
+    original = store.commit_page
+    pages = [0]
+
+    def commit_page(page: Any) -> Any:
+        if page.stream == BASELINE:
+            pages[0] += 1
+        return original(page)
+
+    store.commit_page = commit_page  # type: ignore[method-assign]
+    poller.should_stop = lambda: pages[0] >= 5
+    r.poll()
+    state = store.cursor(BASELINE)
+    assert state is not None and state.walk_from is not None and state.progress == 5, "the baseline was cut short"
+    r.configure(items_per_page=10, track=["score"])
+    r.restart()
+    r.poll()
+    r.advance(10)
+    leads = r.sim.lead_ids()
+    for lead in leads:
+        r.sim.update_lead(lead, score=(r.sim.lead(lead).get("score") or 0) + 1)
+    r.advance(5)
+    r.poll()
+    changed = sorted(e["data"]["lead"]["id"] for e in r.updates() if "score" in e["data"]["changes"])
+    assert changed == leads

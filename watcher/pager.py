@@ -264,6 +264,10 @@ class Pager:
         while True:
             back -= 1
             read = await self._read(back, after_id=None)
+            if not read.page.members and back > 1:
+                # Past the set's end now: rows left it (or the page size grew since a stopped walk
+                # was resumed), and rows not read yet may sit on the pages before this one.
+                continue
             first = _id(read.page.members[0]) if read.page.members else None
             if back <= 1 or first is None or first <= last_id:
                 return back, read
