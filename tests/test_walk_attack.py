@@ -146,3 +146,27 @@ def test_a_baseline_resumed_with_larger_pages_snapshots_every_lead(rig: Callable
     r.poll()
     changed = sorted(e["data"]["lead"]["id"] for e in r.updates() if "score" in e["data"]["changes"])
     assert changed == leads
+
+
+def test_a_lead_stamped_in_the_future_does_not_delay_the_leads_after_it(rig: Callable[..., Rig]) -> None:
+    """A lead whose createdTs is a day ahead (an import's own dates) is not taken for how far the walks
+    read: each lead created after it is announced by the poll that follows it, not one poll later."""
+    r = rig()
+    r.configure(items_per_page=4, lookback="10m", updates=False)
+    r.poll()
+    for _ in range(3):
+        r.advance(700)
+        r.poll()
+    ahead = int(r.sim.add_lead(created=datetime.fromtimestamp(r.clock.now() + 86400, UTC))["id"])
+    r.advance(5)
+    r.poll()
+    assert r.created()[ahead] == 1
+    late = []
+    for _ in range(6):
+        r.advance(20)
+        lead = int(r.sim.add_lead()["id"])
+        r.advance(5)
+        r.poll()
+        if r.created()[lead] != 1:
+            late.append(lead)
+    assert late == []

@@ -512,6 +512,7 @@ class Poller:
             on_narrow=self.metrics.page_narrowed if self.metrics is not None else None,
         )
         signpost = float("-inf")
+        served_until = float("-inf")  # the server's latest time on the walk's pages
         cursor = plan.cursor
         first = True
         tracks = self._tracks()
@@ -527,6 +528,7 @@ class Poller:
                 # Each page's own Date: a walk that chases the tail moves its cursor along with it.
                 server_now = page.server_date.timestamp() if page.server_date else self.server.now()
                 signpost = max(signpost, server_now - self.config.leads.safety_lag)
+                served_until = max(served_until, server_now)
                 self._served_size = pager.size
                 if plan.cursor_field is not None:
                     _remember(seen, unknown, read, plan.cursor_field, signpost)
@@ -580,7 +582,7 @@ class Poller:
             mark = PageCommit(SWEEPS[plan.stream], now, finished=True)
             mark.cursor, mark.cursor_ts = plan.sweep_mark, detect.parse_ts(plan.sweep_mark).timestamp()
             self._commit(mark, result)
-            read_to = max(seen.values(), default=plan.sweep_since)
+            read_to = max(plan.sweep_since, _read_to(seen, served_until))
             self._windows[plan.stream] = _Window(
                 plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to, unknown=unknown
             )
@@ -588,7 +590,7 @@ class Poller:
             window = self._windows[plan.stream]
             window.seen.update(seen)
             window.unknown = (window.unknown - seen.keys()) | (unknown - window.seen.keys())
-            window.read_to = max([window.read_to, *seen.values()])
+            window.read_to = max(window.read_to, _read_to(seen, served_until))
             if len(window.seen) > MAX_SEEN:
                 del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
             elif plan.count_upto is not None and plan.cursor is not None:
@@ -784,6 +786,13 @@ def _remember(seen: dict[int, float], unknown: set[int], read: Read, field: str,
     for lead_id, _ in read.unreadable:
         if lead_id is not None and lead_id not in seen:
             unknown.add(lead_id)
+
+
+def _read_to(seen: dict[int, float], served_until: float) -> float:
+    """How far a walk read its field: the latest value seen, but never past the server's own time.
+    A lead stamped in the future (an import's own dates) is no sign that the rows before it were
+    read, and would make the next poll start after rows that arrive before that time."""
+    return min(max(seen.values(), default=float("-inf")), served_until)
 
 
 def _before_hole(read: Read) -> int | None:
