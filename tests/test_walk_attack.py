@@ -170,3 +170,43 @@ def test_a_lead_stamped_in_the_future_does_not_delay_the_leads_after_it(rig: Cal
         if r.created()[lead] != 1:
             late.append(lead)
     assert late == []
+
+
+def test_an_unreadable_lead_that_cannot_be_identified_holds_the_cursor_until_it_reads(
+    rig: Callable[..., Rig],
+) -> None:
+    """With `campaign_ids`, an unreadable lead of ours sits between two runs of 5 100 other campaigns'
+    leads, so its id cannot be searched for. The cursor holds before it poll after poll (not only in the
+    poll that met it: the next poll's walk, starting after it, moved the cursor past it, and once it left
+    the lookback it was lost), the vain search is not repeated by every poll, and once it reads, long
+    after the lookback, it is announced."""
+    r = rig()
+    ours, theirs = r.sim.campaign_ids()[:2]
+    r.configure(items_per_page=10, lookback="2m", campaign_ids=[ours], updates=False)
+    r.poll()
+    r.advance(200)
+    r.poll()
+    r.advance(1)
+    before = int(r.sim.add_lead(ours)["id"])
+    r.sim.add_leads(5100, theirs)
+    r.advance(1)
+    unreadable = int(r.sim.add_lead(ours)["id"])
+    r.sim.poison_lead(unreadable)
+    r.sim.add_leads(5100, theirs)
+    r.advance(1)
+    after = int(r.sim.add_lead(ours)["id"])
+    r.advance(5)
+    r.poll()
+    later = []
+    for _ in range(12):  # three minutes: past the lookback
+        start = len(r.sim.requests)
+        for _ in range(3):
+            r.advance(5)
+            later.append(int(r.sim.add_lead(ours)["id"]))
+        r.poll()
+        assert len(r.sim.requests) - start < 50, "a poll searched for the unidentifiable lead again"
+    r.sim.poison_lead(unreadable, poisoned=False)
+    for _ in range(3):
+        r.advance(30)
+        r.poll()
+    assert r.created() == {lead: 1 for lead in [before, unreadable, after, *later]}

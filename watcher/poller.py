@@ -151,6 +151,8 @@ class Poller:
         self._warned_no_date = False
         self._served_size: int | None = None  # the page size the server was seen to serve
         self._windows: dict[str, _Window] = {}  # stream -> what its walks read since its last sweep
+        # stream -> neighbours between which an unreadable lead's id was searched for in vain
+        self._unfindable: dict[str, set[tuple[int | None, int | None]]] = {}
 
     def reconfigure(self, config: Config, client: ConvertrClient) -> None:
         """Take a reloaded configuration between polls (never during one): new routes at once.
@@ -167,6 +169,7 @@ class Poller:
             self._served_size = None
         if config.leads != self.config.leads:
             self._windows.clear()  # another lookback or campaign filter: re-read before trusting a count
+            self._unfindable.clear()
         self.config = config
         self.client = client
         self.route = router(config.sinks)
@@ -510,6 +513,7 @@ class Poller:
             min(self.config.convertr.items_per_page, self._served_size or self.config.convertr.items_per_page),
             id_filter="id[]" in (self._lead_search or frozenset()),
             on_narrow=self.metrics.page_narrowed if self.metrics is not None else None,
+            unfindable=self._unfindable.setdefault(plan.stream, set()),
         )
         signpost = float("-inf")
         served_until = float("-inf")  # the server's latest time on the walk's pages
@@ -578,7 +582,12 @@ class Poller:
             note=held or self.client.throttled_note(),
         )
         self._commit(done, result)
-        if plan.sweep_mark is not None:
+        if held is not None and plan.cursor_field is not None:
+            # A position it could not account for: the lookback is not known complete. No window and
+            # no new sweep mark, so the next poll re-reads from before it (the cursor is held too),
+            # not from what this walk read after it, which would leave it behind for good.
+            self._windows.pop(plan.stream, None)
+        elif plan.sweep_mark is not None:
             mark = PageCommit(SWEEPS[plan.stream], now, finished=True)
             mark.cursor, mark.cursor_ts = plan.sweep_mark, detect.parse_ts(plan.sweep_mark).timestamp()
             self._commit(mark, result)
