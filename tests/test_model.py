@@ -21,9 +21,7 @@ must hold exactly the changes between that and now:
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import ExitStack, suppress
@@ -32,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -40,10 +37,10 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from tests.support.rig import HookedSimulator, Rig, make_rig
+from tests.support.soak import run_machine, soak
 from watcher.poller import BASELINE, CREATED, UPDATED
 
 LOOKBACK = 30.0
@@ -631,36 +628,16 @@ class DetectionMachine(RuleBasedStateMachine):
                 assert cursor.cursor_ts <= server_now - SAFETY_LAG + 1e-6, f"{stream} cursor past the signpost"
 
 
-def _run(examples: int, steps: int, *, derandomize: bool) -> None:
-    run_state_machine_as_test(
-        DetectionMachine,
-        settings=settings(
-            max_examples=examples,
-            stateful_step_count=steps,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            derandomize=derandomize,
-            database=None,
-        ),
-    )
-
-
 def test_detection_matches_the_model() -> None:
     """A bounded profile of random histories: every invariant holds after every step."""
-    _run(examples=12, steps=25, derandomize=True)
+    run_machine(DetectionMachine, examples=12, steps=25, derandomize=True)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(0)  # it runs for WATCHER_SOAK_SECONDS and stops by itself
 def test_detection_soak() -> None:
     """The same machine for WATCHER_SOAK_SECONDS (make soak: ten minutes), fresh random histories each round."""
-    budget = float(os.environ.get("WATCHER_SOAK_SECONDS", "600"))
-    started = time.monotonic()
-    rounds = 0
-    while time.monotonic() < started + budget:
-        _run(examples=20, steps=40, derandomize=False)
-        rounds += 1
+    rounds, seconds = soak(DetectionMachine, examples=20, steps=40)
     print(
-        f"soak: {rounds} rounds of 20 random histories, {STEPS[0]} steps in all, "
-        f"{time.monotonic() - started:.0f} s, every invariant held"
+        f"soak: {rounds} rounds of 20 random histories, {STEPS[0]} steps in all, {seconds:.0f} s, every invariant held"
     )

@@ -11,16 +11,13 @@ soak` runs it for its share of WATCHER_SOAK_SECONDS.
 
 from __future__ import annotations
 
-import os
 import tempfile
-import time
 from collections import Counter
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -28,10 +25,10 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from tests.support.rig import HookedSimulator, Rig, make_rig
+from tests.support.soak import run_machine, soak
 
 PAGE = 4
 BIG = "x" * 70_000  # over the 65 536 bytes the machine allows an answer
@@ -186,35 +183,14 @@ class WalkMachine(RuleBasedStateMachine):
         assert all(n == 1 for n in kinds.values())
 
 
-def _run(examples: int, steps: int, *, derandomize: bool) -> None:
-    run_state_machine_as_test(
-        WalkMachine,
-        settings=settings(
-            max_examples=examples,
-            stateful_step_count=steps,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            derandomize=derandomize,
-            database=None,
-        ),
-    )
-
-
 def test_walks_match_the_model() -> None:
     """A bounded profile of random histories of the walks' own faults."""
-    _run(examples=5, steps=15, derandomize=True)
+    run_machine(WalkMachine, examples=5, steps=15, derandomize=True)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(0)
 def test_walks_soak() -> None:
     """The same machine for a third of WATCHER_SOAK_SECONDS (default 600), fresh histories each round."""
-    budget = float(os.environ.get("WATCHER_SOAK_SECONDS", "600")) / 3
-    started = time.monotonic()
-    rounds = 0
-    while time.monotonic() < started + budget:
-        _run(examples=10, steps=30, derandomize=False)
-        rounds += 1
-    print(
-        f"walk soak: {rounds} rounds of 10 random histories, {time.monotonic() - started:.0f} s, every invariant held"
-    )
+    rounds, seconds = soak(WalkMachine, examples=10, steps=30, share=1 / 3)
+    print(f"walk soak: {rounds} rounds of 10 random histories, {seconds:.0f} s, every invariant held")

@@ -115,6 +115,7 @@ class Pager:
         id_filter: bool = True,
         isolate: bool = True,
         on_narrow: Callable[[str], None] | None = None,
+        unfindable: set[tuple[int | None, int | None]] | None = None,
     ) -> None:
         self.client = client
         self.collection = collection
@@ -127,6 +128,9 @@ class Pager:
         self.step_backs = 0
         self.checks = 0  # one-row position checks made: only where the set's size moved
         self.identified: set[int] = set()  # unreadable ids found in this walk: never searched for again
+        # Neighbours (low, high) between which a search found nothing, kept by the caller across walks:
+        # a walk held before such a record meets it again every poll, and the search costs ~500 requests.
+        self.unfindable = unfindable if unfindable is not None else set()
         self._last_id: int | None = None  # the last id handed to the caller
         self._trust_served = False
         self._totals: list[int] = []  # the set's sizes seen while narrowing one page, in order
@@ -264,6 +268,10 @@ class Pager:
         while True:
             back -= 1
             read = await self._read(back, after_id=None)
+            if not read.page.members and back > 1:
+                # Past the set's end now: rows left it (or the page size grew since a stopped walk
+                # was resumed), and rows not read yet may sit on the pages before this one.
+                continue
             first = _id(read.page.members[0]) if read.page.members else None
             if back <= 1 or first is None or first <= last_id:
                 return back, read
@@ -399,8 +407,9 @@ class Pager:
         for offset, error in sorted(holes):
             low = max((i for o, i in known if o < offset and i is not None), default=after_id)
             high = min((i for o, i in known if o > offset and i is not None), default=None)
-            lead_id = await self._search(low, high)
+            lead_id = None if (low, high) in self.unfindable else await self._search(low, high)
             if lead_id is None:
+                self.unfindable.add((low, high))
                 log.warning(
                     "walk.unreadable_unidentified",
                     collection=self.collection,

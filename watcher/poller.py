@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,11 @@ TIE_OVERLAP = 1.0
 COUNT_EVERY = 10.0
 # Ids remembered per stream since its last re-read of the lookback, at most (a day at 1 lead/s).
 MAX_SEEN = 100_000
+# Unreadable leads of unknown time a count asks about in one `id[]` list, at most.
+UNKNOWN_COUNTED = 100
 BASELINE = "leads.baseline"
+# Between a baseline's track signature and the campaigns it covered, in its cursor.
+BASELINE_SCOPE = " campaigns "
 CHANGE_STREAMS = (UPDATED, BASELINE, RECHECK)  # walks that compare leads with snapshots
 UPDATED_FILTER = "updatedTs[strictly_after]"
 CREATED_FILTER = "createdTs[strictly_after]"
@@ -92,6 +96,9 @@ class _Window:
     counted_at: float  # monotonic time of the last re-read or count
     read_to: float  # the latest field value read
     stale: bool = False  # a count found a row no walk read: the next poll re-reads the lookback
+    # Unreadable leads identified in the window: the server counts them, but their time is unknown
+    # (a guess would move `read_to`, or hide a late row from the count); the count asks for them.
+    unknown: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -144,6 +151,8 @@ class Poller:
         self._warned_no_date = False
         self._served_size: int | None = None  # the page size the server was seen to serve
         self._windows: dict[str, _Window] = {}  # stream -> what its walks read since its last sweep
+        # stream -> neighbours between which an unreadable lead's id was searched for in vain
+        self._unfindable: dict[str, set[tuple[int | None, int | None]]] = {}
 
     def reconfigure(self, config: Config, client: ConvertrClient) -> None:
         """Take a reloaded configuration between polls (never during one): new routes at once.
@@ -160,6 +169,7 @@ class Poller:
             self._served_size = None
         if config.leads != self.config.leads:
             self._windows.clear()  # another lookback or campaign filter: re-read before trusting a count
+            self._unfindable.clear()
         self.config = config
         self.client = client
         self.route = router(config.sinks)
@@ -239,11 +249,27 @@ class Poller:
         state = self.store.cursor(BASELINE)
         if state is None or state.walk_from is not None:
             return True
-        # A baseline finished before snapshots kept every repeated leadData entry still counts.
-        return state.cursor not in (self._signature(), detect.legacy_signature(self.config.leads.track))
+        return not self._baseline_covers(state.cursor)
 
     def _signature(self) -> str:
         return detect.track_signature(self.config.leads.track)
+
+    def _baseline_mark(self) -> str:
+        """What a baseline covers, kept as its cursor: the track signature and, when `campaign_ids`
+        limits the walks, those campaigns (leads of a campaign added later have no snapshots)."""
+        wanted = self.config.leads.campaign_ids
+        scope = f"{BASELINE_SCOPE}{','.join(str(c) for c in sorted(wanted))}" if wanted else ""
+        return self._signature() + scope
+
+    def _baseline_covers(self, mark: str | None) -> bool:
+        """Whether the baseline recorded as `mark` holds snapshots of every lead the walks now read
+        under `track`: the same fields, and the same campaigns or more."""
+        signature, _, scope = (mark or "").partition(BASELINE_SCOPE)
+        # A baseline finished before snapshots kept every repeated leadData entry still counts.
+        if signature not in (self._signature(), detect.legacy_signature(self.config.leads.track)):
+            return False
+        wanted = self.config.leads.campaign_ids
+        return not scope or (bool(wanted) and {str(c) for c in wanted} <= set(scope.split(",")))
 
     async def _fresh_now(self) -> float:
         """A fresh reading of the server's clock, for a baseline, where the exact second matters."""
@@ -382,17 +408,18 @@ class Poller:
         """Snapshots of the leads created within `baseline_window`, resumable page by page."""
         leads = self.config.leads
         state = self.store.cursor(BASELINE)
-        signature = self._signature()
+        signature = self._baseline_mark()
         if state is not None and state.walk_from and state.cursor != signature:
-            # Stopped under another `track`: the pages read before the stop hold snapshots without the
-            # fields added since, whose first changes would then pass silently. Taken again whole.
-            log.info("snapshot baseline restarted: track changed while it was under way")
+            # Stopped under another `track` (or `campaign_ids`): the pages read before the stop hold
+            # snapshots without the fields (or campaigns) added since, whose first changes would then
+            # pass silently. Taken again whole.
+            log.info("snapshot baseline restarted: track or campaign_ids changed while it was under way")
             state = None
         if state is not None and state.walk_from:
             plan = _Plan(BASELINE, CREATED_FILTER, state.walk_from, None, None, start_page=max(1, state.progress or 1))
             plan.resume_after = state.resume_after
         elif leads.baseline_window <= 0:
-            self._commit(PageCommit(BASELINE, self.clock.now(), cursor=self._signature(), finished=True), result)
+            self._commit(PageCommit(BASELINE, self.clock.now(), cursor=signature, finished=True), result)
             return
         else:
             server_now = await self._fresh_now()
@@ -457,6 +484,12 @@ class Poller:
         page = await self.client.page("leads", params, items_per_page=0)
         self._observe(page)
         read = sum(1 for t in window.seen.values() if t <= upto)
+        if window.unknown and page.total != read:
+            # Counted like the rest, with no row served: how many of them fall in the counted span.
+            if "id[]" not in (self._lead_search or frozenset()) or len(window.unknown) > UNKNOWN_COUNTED:
+                return False
+            ids = {**params, "id[]": [str(i) for i in sorted(window.unknown)]}
+            read += (await self.client.page("leads", ids, items_per_page=0)).total or 0
         if page.total != read:
             log.info("walk.lookback_changed", stream=stream, counted=page.total, read=read)
             return False
@@ -480,13 +513,16 @@ class Poller:
             min(self.config.convertr.items_per_page, self._served_size or self.config.convertr.items_per_page),
             id_filter="id[]" in (self._lead_search or frozenset()),
             on_narrow=self.metrics.page_narrowed if self.metrics is not None else None,
+            unfindable=self._unfindable.setdefault(plan.stream, set()),
         )
         signpost = float("-inf")
+        served_until = float("-inf")  # the server's latest time on the walk's pages
         cursor = plan.cursor
         first = True
         tracks = self._tracks()
         held: str | None = None  # why the cursor stays where it is: a position this walk could not account for
         seen: dict[int, float] = {}
+        unknown: set[int] = set()
         # aclosing: a failed commit must stop the page read ahead at once, not whenever the
         # abandoned generator is collected.
         async with aclosing(pager.pages(plan.start_page, overlap_id=plan.resume_after)) as reads:
@@ -496,9 +532,10 @@ class Poller:
                 # Each page's own Date: a walk that chases the tail moves its cursor along with it.
                 server_now = page.server_date.timestamp() if page.server_date else self.server.now()
                 signpost = max(signpost, server_now - self.config.leads.safety_lag)
+                served_until = max(served_until, server_now)
                 self._served_size = pager.size
                 if plan.cursor_field is not None:
-                    _remember(seen, read, plan.cursor_field, signpost)
+                    _remember(seen, unknown, read, plan.cursor_field, signpost)
                 resumable = plan.cursor_field is None  # a resume starts from the last page committed
                 place = Place(
                     set_walk_from=first,
@@ -545,16 +582,24 @@ class Poller:
             note=held or self.client.throttled_note(),
         )
         self._commit(done, result)
-        if plan.sweep_mark is not None:
+        if held is not None and plan.cursor_field is not None:
+            # A position it could not account for: the lookback is not known complete. No window and
+            # no new sweep mark, so the next poll re-reads from before it (the cursor is held too),
+            # not from what this walk read after it, which would leave it behind for good.
+            self._windows.pop(plan.stream, None)
+        elif plan.sweep_mark is not None:
             mark = PageCommit(SWEEPS[plan.stream], now, finished=True)
             mark.cursor, mark.cursor_ts = plan.sweep_mark, detect.parse_ts(plan.sweep_mark).timestamp()
             self._commit(mark, result)
-            read_to = max(seen.values(), default=plan.sweep_since)
-            self._windows[plan.stream] = _Window(plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to)
+            read_to = max(plan.sweep_since, _read_to(seen, served_until))
+            self._windows[plan.stream] = _Window(
+                plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to, unknown=unknown
+            )
         elif plan.stream in self._windows:
             window = self._windows[plan.stream]
             window.seen.update(seen)
-            window.read_to = max([window.read_to, *seen.values()])
+            window.unknown = (window.unknown - seen.keys()) | (unknown - window.seen.keys())
+            window.read_to = max(window.read_to, _read_to(seen, served_until))
             if len(window.seen) > MAX_SEEN:
                 del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
             elif plan.count_upto is not None and plan.cursor is not None:
@@ -737,16 +782,26 @@ class Poller:
         self._commit(commit, result)
 
 
-def _remember(seen: dict[int, float], read: Read, field: str, fallback: float) -> None:
-    """The ids a page accounts for, with the walk's field as read (an unreadable one identified
-    counts too: the server counts it, and it is retried on its own)."""
+def _remember(seen: dict[int, float], unknown: set[int], read: Read, field: str, fallback: float) -> None:
+    """The ids a page accounts for, with the walk's field as read. An unreadable one identified
+    counts too (the server counts it, and it is retried on its own), but its time is unknown: the
+    page's time would move the window's `read_to` past rows not read yet and make the next count
+    miss it, a whole re-read of the lookback for nothing."""
     for member in read.page.members:
         lead_id = member.get("id")
         if isinstance(lead_id, int) and not isinstance(lead_id, bool):
             seen[lead_id] = detect.timestamp(member.get(field)) or fallback
+            unknown.discard(lead_id)
     for lead_id, _ in read.unreadable:
-        if lead_id is not None:
-            seen.setdefault(lead_id, fallback)
+        if lead_id is not None and lead_id not in seen:
+            unknown.add(lead_id)
+
+
+def _read_to(seen: dict[int, float], served_until: float) -> float:
+    """How far a walk read its field: the latest value seen, but never past the server's own time.
+    A lead stamped in the future (an import's own dates) is no sign that the rows before it were
+    read, and would make the next poll start after rows that arrive before that time."""
+    return min(max(seen.values(), default=float("-inf")), served_until)
 
 
 def _before_hole(read: Read) -> int | None:
