@@ -94,11 +94,26 @@ def test_metrics_endpoint_exposes_counts_over_a_real_socket() -> None:
         assert value(p, "watcher_cursor_lag_seconds", stream="leads") == 90
         assert [v for (name, _), v in p.items() if name == "watcher_build_info"] == [1]
         assert value(p, "watcher_outbox_dead", sink="crm") == 0
+        assert value(p, "watcher_leader", state="sqlite") == 1  # the only daemon on an SQLite file leads it
         assert value(p, "process_resident_memory_bytes") > 10_000_000  # the process collector: this process
         # Every series is the watcher's own or the process collector's; no stray registry leaks in.
         assert all(name.startswith(("watcher_", "process_")) for name, _ in p)
 
     asyncio.run(with_server(m, lambda: m.health(clock.now(), INTERVALS), check))
+
+
+def test_leader_gauge_follows_the_role_of_a_shared_state() -> None:
+    """On PostgreSQL a daemon starts standing by (0) and leadership sets 1 and back to 0."""
+    m = Metrics(start=0.0, state="convertr_acme")
+
+    def leader() -> float:
+        return value(samples(m.exposition().decode()), "watcher_leader", state="convertr_acme")
+
+    assert leader() == 0
+    m.set_leader(True)
+    assert leader() == 1
+    m.set_leader(False)
+    assert leader() == 0
 
 
 def test_healthz_turns_503_when_a_stream_misses_three_intervals() -> None:

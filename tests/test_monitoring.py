@@ -40,6 +40,7 @@ REQUIRED_ALERTS = {
     "stranded deliveries": "ConvertrWatcherOutboxStranded",
     "unreadable leads": "ConvertrWatcherUnreadableLeads",
     "memory near MemoryMax": "ConvertrWatcherMemoryNearLimit",
+    "no daemon leads a shared state": "ConvertrWatcherNoLeader",
 }
 # Series an alert must read, by alert: the dead-letter alert on the gauge of dead deliveries waiting.
 REQUIRED_SERIES = {
@@ -48,6 +49,7 @@ REQUIRED_SERIES = {
     "ConvertrWatcherOutboxStranded": "watcher_outbox_stranded",
     "ConvertrWatcherUnreadableLeads": "watcher_unreadable_leads",
     "ConvertrWatcherMemoryNearLimit": "process_resident_memory_bytes",
+    "ConvertrWatcherNoLeader": "watcher_leader",
 }
 # Grafana's built-in interval variables, replaced by a duration PromQL accepts.
 GRAFANA_INTERVALS = re.compile(r"\$__(rate_interval|interval|range)\b")

@@ -12,6 +12,7 @@ import re
 from tests.conftest import CAPTURE
 from tests.support.brokers import BROKER_PASSWORD
 from tests.support.daemon import PASSWORD, WEBHOOK_KEY, WEBHOOK_KEY_2
+from tests.support.postgres import PG_PASSWORD
 
 
 def _forms(secret: str) -> set[str]:
@@ -33,6 +34,7 @@ def test_no_secret_in_any_log_line() -> None:
         WEBHOOK_KEY,
         WEBHOOK_KEY_2,
         BROKER_PASSWORD,
+        PG_PASSWORD,
         "T0FAKE000/B0FAKE000/abcdefghijklmnopqrstuvwx",
     ):
         secrets |= _forms(secret)

@@ -105,13 +105,37 @@ class ConvertrConfig:
 
 
 @dataclass(frozen=True)
+class PostgresState:
+    """`[state] url`: state in PostgreSQL, in one schema of the database (several enterprises may share it).
+
+    `url` is the libpq connection URL as given, TLS parameters (sslmode, sslrootcert...) included:
+    a secret, since it may carry the password. Anything shown to an operator uses `shown()`.
+    """
+
+    url: str = field(repr=False)
+    host: str  # "" when the URL leaves it to libpq (a Unix socket, PGHOST)
+    port: int | None
+    dbname: str
+    schema: str
+    url_is_secret: bool = field(default=False, repr=False)
+
+    def shown(self) -> str:
+        """Where the state is, without user or password: for logs, errors and `status`."""
+        port = f":{self.port}" if self.port else ""
+        return f"postgresql://{self.host}{port}/{self.dbname} (schema {self.schema})"
+
+
+@dataclass(frozen=True)
 class StateConfig:
+    # The SQLite file. With `url` (PostgreSQL) there is no file: this is Path() then, and nothing
+    # may open it (the CLI refuses a PostgreSQL state until its store is wired in).
     path: Path
     delivered_retention: float = 7 * DAY
     attempt_log_retention: float = 14 * DAY
     # Dead deliveries, and queues of sinks no longer configured, are erased this long after they
     # died or were queued: they hold personal data that nothing will send any more.
     dead_retention: float = 30 * DAY
+    postgres: PostgresState | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +229,9 @@ class Config:
     def secret_values(self) -> tuple[str, ...]:
         """Every secret string the log redactor must hide."""
         values = [self.convertr.password]
+        if self.state.postgres is not None:
+            values.append(self.state.postgres.url)
+            values.append(urlsplit(self.state.postgres.url).password or "")
         for sink in self.sinks:
             if sink.type == "slack" or sink.broker or sink.url_is_secret:
                 values.append(sink.url)
@@ -372,7 +399,7 @@ _BROKER_KEYS: Mapping[str, tuple[str, ...]] = {
 def _build(raw: dict[str, object], config_path: Path, ctx: _Context) -> Config:
     top = _Table(raw, "", _TOP_KEYS)
     convertr = _convertr(top.table("convertr", required=True), ctx)
-    state = _state(top.table("state", required=True), ctx)
+    state = _state(top.table("state", required=True), ctx, convertr)
     leads = _leads(top.table("leads"))
     campaigns = _campaigns(top.table("campaigns"))
     sinks = _sinks(top, ctx)
@@ -402,14 +429,85 @@ def _convertr(t: _Table, ctx: _Context) -> ConvertrConfig:
     )
 
 
-def _state(t: _Table, ctx: _Context) -> StateConfig:
-    t.check_keys(("path", "delivered_retention", "attempt_log_retention", "dead_retention"))
-    relative = _nonempty_str(t.require("path"), t.key("path"))
+_RETENTION_KEYS = ("delivered_retention", "attempt_log_retention", "dead_retention")
+
+
+def _state(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> StateConfig:
+    t.check_keys(("path", *_secret_keys("url"), "schema", *_RETENTION_KEYS))
+    urls = [key for key in _secret_keys("url") if key in t.data]
+    if "path" in t.data and urls:
+        raise ConfigError(
+            t.key(urls[0]), f"give either {t.key('path')} (SQLite) or {t.key('url')} (PostgreSQL), not both"
+        )
+    if "schema" in t.data and not urls:
+        raise ConfigError(t.key("schema"), f"only with {t.key('url')} (PostgreSQL)")
+    postgres = None
+    if urls:
+        postgres = _postgres(t, ctx, convertr)
+        where = Path()
+    elif "path" in t.data:
+        where = ctx.folder / _nonempty_str(t.data["path"], t.key("path"))
+    else:
+        raise ConfigError(t.key("path"), f"missing required key (or {t.key('url')} for PostgreSQL)")
     return StateConfig(
-        path=ctx.folder / relative,
+        path=where,
+        postgres=postgres,
         delivered_retention=t.duration("delivered_retention", _STATE.delivered_retention),
         attempt_log_retention=t.duration("attempt_log_retention", _STATE.attempt_log_retention),
         dead_retention=t.duration("dead_retention", _STATE.dead_retention),
+    )
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+# What a schema name may be: a plain lower-case SQL identifier, so it is never quoted wrongly.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def default_schema(base_url: str) -> str:
+    """The schema an enterprise's state gets when `[state] schema` is not given.
+
+    `convertr_` and the enterprise's name, the first label of the Convertr host
+    (`https://acme.cvtr.io` → `convertr_acme`), made a plain identifier: two configurations for
+    the same enterprise share one state and one leader, two enterprises never do.
+    """
+    host = urlsplit(base_url).hostname or ""
+    label = re.sub(r"[^a-z0-9_]", "_", host.split(".")[0].lower()) or "default"
+    return f"convertr_{label}"[:63]
+
+
+def _postgres(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> PostgresState:
+    """`[state] url`: a postgresql:// URL, checked without ever quoting it (it may hold the password)."""
+    _require_module("psycopg", t.key("url"), "PostgreSQL state needs the [postgres] extra", "postgres")
+    url, url_key, indirect = _secret(t, "url", ctx)
+    schema = t.get("schema", None)
+    if schema is None:
+        schema = default_schema(convertr.base_url)
+    elif not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
+        raise ConfigError(
+            t.key("schema"), "must be a lower-case SQL name: letters, digits and '_', at most 63, not starting pg_"
+        )
+    if not url:  # a maintenance command whose url_env/url_file is unreadable (lenient load)
+        return PostgresState(url="", host="", port=None, dbname="", schema=schema, url_is_secret=True)
+    problem = "must be a postgresql:// URL naming the database (postgresql://user@host:5432/dbname?sslmode=...)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(url_key, problem) from None
+    dbname = parts.path.removeprefix("/")
+    if any(ch.isspace() for ch in url) or parts.scheme.lower() not in POSTGRES_SCHEMES or not dbname:
+        raise ConfigError(url_key, problem)
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)  # libpq's own parser: an unknown parameter is refused here, not at connect
+    except ProgrammingError:
+        raise ConfigError(url_key, "is not a connection URL libpq accepts (check the ?parameters)") from None
+    if not indirect and parts.password:
+        ctx.literals.append(url_key)  # a password written in the file
+    return PostgresState(
+        url=url, host=parts.hostname or "", port=port, dbname=dbname, schema=schema, url_is_secret=indirect
     )
 
 
@@ -542,12 +640,16 @@ def _sink(t: _Table, ctx: _Context) -> SinkConfig:
 def _require_extra(kind: str, path: str) -> None:
     """Refuse a broker type whose client library is not installed, naming the extra that brings it."""
     for module in BROKER_MODULES[kind]:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ConfigError(path, f'"{kind}" sinks need the [{kind}] extra: pip install "convertr-watcher[{kind}]"')
+        _require_module(module, path, f'"{kind}" sinks need the [{kind}] extra', kind)
+
+
+def _require_module(module: str, path: str, what: str, extra: str) -> None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(path, f'{what}: pip install "convertr-watcher[{extra}]"')
 
 
 def _broker_url(url: str, path: str, kind: str, allow_plain: bool, allow_key: str) -> None:

@@ -8,8 +8,10 @@
     │   ├── StateTooNew      the state file was written by a newer release (CLI exit 78)
     │   ├── StateDamaged     SQLite finds the file corrupt: `run` refuses it at start (CLI exit 78)
     │   │                    and stops polling if it breaks while running
-    │   └── StateLost        the evidence beside the file says it had history, the file has none
-    │                        (its -wal deleted, a wrong backup): refused unless --start-over (78)
+    │   ├── StateLost        the evidence beside the file says it had history, the file has none
+    │   │                    (its -wal deleted, a wrong backup): refused unless --start-over (78)
+    │   └── Deposed          PostgreSQL state: another daemon leads now (the write transaction's
+    │                        fencing epoch is not ours); rolled back, this daemon stops work and stands by
     ├── ConvertrError        the Convertr API did not give what was asked
     │   ├── AuthError        Convertr's own OAuth2 refusal (invalid_grant-style JSON), an expired
     │   │                    password or an MFA challenge: fatal, never retried
@@ -84,6 +86,21 @@ class StateDamaged(StateError):
 
 class StateLost(StateError):
     """The state file has no history although the marker beside it says it had (see watcher.lineage)."""
+
+
+class Deposed(StateError):
+    """Another daemon has taken the lease over: this one's write transaction was refused and rolled back.
+
+    Raised by watcher.leadership.fence inside a write transaction, and by the leadership loop when
+    a renewal finds another epoch. Not retried as it is: the runtime stops polling and delivering
+    and goes back to standing by (a StateError, so code that only knows the root pauses, and any
+    retry is refused by the fence again: nothing is written either way).
+    """
+
+    def __init__(self, message: str, *, epoch: int | None, current: int | None) -> None:
+        self.epoch = epoch  # the epoch this daemon led under
+        self.current = current  # the one the database holds now (None: no lease row)
+        super().__init__(message)
 
 
 class ConvertrError(WatcherError):

@@ -69,8 +69,11 @@ class Metrics(PollMetrics, DeliveryMetrics):
     """Every watcher_ metric; the daemon calls these methods, /metrics exposes them. Subclassing the
     two protocols has mypy check that this class is what the poller and the dispatcher take."""
 
-    def __init__(self, start: float, streams: Iterable[str] = (), sinks: Iterable[str] = ()) -> None:
-        """`start` is the daemon's start time (Unix seconds): never-polled streams are judged from it."""
+    def __init__(
+        self, start: float, streams: Iterable[str] = (), sinks: Iterable[str] = (), *, state: str = "sqlite"
+    ) -> None:
+        """`start` is the daemon's start time (Unix seconds): never-polled streams are judged from it.
+        `state` names the state this daemon works on (the PostgreSQL schema), for watcher_leader."""
         self.start = start
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -170,6 +173,14 @@ class Metrics(PollMetrics, DeliveryMetrics):
             ["sink"],
             registry=r,
         )
+        # 1 while this daemon leads its state, 0 while it stands by. On SQLite the daemon that holds
+        # the file's lock is the only one, so it starts at 1; on PostgreSQL leadership sets it. The
+        # `state` label (the schema) groups the daemons of one state, so "no leader" is one alert per state.
+        self.leader = Gauge(
+            "watcher_leader", "1 while this daemon leads its state, 0 while it stands by.", ["state"], registry=r
+        )
+        self.state = state
+        self.leader.labels(state=state).set(1 if state == "sqlite" else 0)
         # process_resident_memory_bytes and friends, to watch memory against the unit's MemoryMax.
         ProcessCollector(registry=r)
         build = Gauge("watcher_build_info", "Version information.", ["version", "python"], registry=r)
@@ -190,6 +201,9 @@ class Metrics(PollMetrics, DeliveryMetrics):
             self.set_outbox(sink, 0, 0.0)
             self.sink_disabled.labels(sink=sink).set(0)
             self.outbox_dead.labels(sink=sink).set(0)
+
+    def set_leader(self, leading: bool) -> None:
+        self.leader.labels(state=self.state).set(1 if leading else 0)
 
     def poll_finished(self, stream: str, ok: bool, duration: float, fetched: int, now: float) -> None:
         """Record one poll of `stream` that ended at `now` (Unix seconds)."""

@@ -1,0 +1,212 @@
+"""A TCP proxy for partition tests: 127.0.0.1:<free port> → target, that can go silent.
+
+`blackhole()` stops forwarding in both directions without closing any socket: no FIN, no RST,
+nothing. Each peer sees the other go quiet, as across a network partition; what either sends
+waits in the kernel buffers (as TCP would retransmit it), and a close is not passed on either.
+New connections are not accepted meanwhile (they wait in the listen backlog, so a connect seems
+to succeed and then nothing answers). `heal()` forwards again, what waited included; `close()`
+ends everything.
+
+One thread with a selector, so the proxy keeps working while the test's own event loop or
+threads are blocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import threading
+from dataclasses import dataclass, field
+
+_CHUNK = 65536
+_BUFFER_CAP = 1 << 20  # stop reading a side while this much waits for the other
+
+
+@dataclass(eq=False)
+class _Pair:
+    client: socket.socket
+    upstream: socket.socket
+    # Bytes read from one side waiting to be written to the other, and whether that side said EOF.
+    to_upstream: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
+    client_eof: bool = False
+    upstream_eof: bool = False
+    shut_upstream: bool = False
+    shut_client: bool = False
+
+    def done(self) -> bool:
+        return self.shut_upstream and self.shut_client
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.host = "127.0.0.1"
+        self.port: int = self._listener.getsockname()[1]
+        self._pairs: list[_Pair] = []
+        self._silent = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._loop, name=f"tcpproxy:{self.port}", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- control
+
+    def blackhole(self) -> None:
+        """Stop forwarding both ways; every socket stays open."""
+        self._set(silent=True)
+
+    def heal(self) -> None:
+        """Forward again, starting with whatever waited."""
+        self._set(silent=False)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake()
+        self._thread.join(timeout=10)
+        for pair in self._pairs:
+            pair.client.close()
+            pair.upstream.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @property
+    def silent(self) -> bool:
+        return self._silent
+
+    def _set(self, *, silent: bool) -> None:
+        with self._lock:
+            self._silent = silent
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------- loop
+
+    def _loop(self) -> None:
+        selector = selectors.DefaultSelector()
+        try:
+            while not self._closed:
+                self._register(selector)
+                for key, events in selector.select(timeout=1.0):
+                    self._ready(key.fileobj, events)  # type: ignore[arg-type]
+                self._pairs = [p for p in self._pairs if not self._finish(p)]
+        finally:
+            selector.close()
+
+    def _register(self, selector: selectors.BaseSelector) -> None:
+        for key in list(selector.get_map().values()):
+            selector.unregister(key.fileobj)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        if self._silent:
+            return  # nothing read, written or accepted: every peer hears silence
+        selector.register(self._listener, selectors.EVENT_READ)
+        for pair in self._pairs:
+            for sock, inbound, outbound, eof, shut in (
+                (pair.client, pair.to_upstream, pair.to_client, pair.client_eof, pair.shut_client),
+                (pair.upstream, pair.to_client, pair.to_upstream, pair.upstream_eof, pair.shut_upstream),
+            ):
+                events = 0
+                if not eof and len(inbound) < _BUFFER_CAP:
+                    events |= selectors.EVENT_READ
+                if outbound and not shut:
+                    events |= selectors.EVENT_WRITE
+                if events:
+                    selector.register(sock, events, pair)
+
+    def _ready(self, sock: socket.socket, events: int) -> None:
+        if sock is self._wake_r:
+            try:
+                while self._wake_r.recv(1024):
+                    pass
+            except BlockingIOError:
+                pass
+            return
+        if sock is self._listener:
+            self._accept()
+            return
+        pair = next((p for p in self._pairs if sock in (p.client, p.upstream)), None)
+        if pair is None:
+            return
+        from_client = sock is pair.client
+        if events & selectors.EVENT_READ:
+            try:
+                data = sock.recv(_CHUNK)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""  # a reset: pass it on as an end
+            if data == b"":
+                if from_client:
+                    pair.client_eof = True
+                else:
+                    pair.upstream_eof = True
+            elif data:
+                (pair.to_upstream if from_client else pair.to_client).extend(data)
+        if events & selectors.EVENT_WRITE:
+            buffer = pair.to_client if from_client else pair.to_upstream
+            try:
+                sent = sock.send(buffer)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = len(buffer)  # the peer is gone: drop what it will never read
+                if from_client:
+                    pair.client_eof = True
+                else:
+                    pair.upstream_eof = True
+            del buffer[:sent]
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+        except OSError:
+            client.close()
+            return
+        client.setblocking(False)
+        upstream.setblocking(False)
+        self._pairs.append(_Pair(client, upstream))
+        self.accepted += 1
+
+    def _finish(self, pair: _Pair) -> bool:
+        """Pass an end on once what preceded it is written; True when the pair is over."""
+        if self._silent:
+            return False
+        if pair.client_eof and not pair.to_upstream and not pair.shut_upstream:
+            _shutdown(pair.upstream)
+            pair.shut_upstream = True
+        if pair.upstream_eof and not pair.to_client and not pair.shut_client:
+            _shutdown(pair.client)
+            pair.shut_client = True
+        if pair.done():
+            pair.client.close()
+            pair.upstream.close()
+            return True
+        return False
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
