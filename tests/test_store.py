@@ -1,12 +1,20 @@
-"""The state file: migrations, one-transaction page commits, due ordering, replay and pruning."""
+"""The state: migrations, one-transaction page commits, due ordering, replay and pruning.
+
+Tests taking `store` or `backend` run on SQLite and on PostgreSQL (tests/support/backends.py);
+those about the file itself (WAL, PRAGMAs, a replaced file) are SQLite's alone, and PostgreSQL's
+own (its schema version, schemas side by side, fencing) follow them.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.backends import Backend
 
 from watcher.errors import StateError
 from watcher.events import Event
@@ -22,8 +30,8 @@ def _event(n: int, resource: str = "lead:1") -> Event:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store.open(tmp_path / "state.db")
+def store(backend: Backend) -> Iterator[Store]:
+    s = backend.open()
     yield s
     s.close()
 
@@ -191,12 +199,14 @@ def test_migrations_run_by_version(tmp_path: Path) -> None:
     store.close()
 
 
-def _store_with_one_failed_delivery(tmp_path: Path, asked: bool, retry_at: float) -> tuple[Store, int]:
+def _store_with_one_failed_delivery(
+    backend: Backend, asked: bool, retry_at: float, name: str = "state.db"
+) -> tuple[Store, int]:
     from watcher.events import Event
     from watcher.records import PageCommit
     from watcher.state.records import ASKED_TO_WAIT, Outcome
 
-    store = Store.open(tmp_path / "state.db")
+    store = backend.open(name)
     event = Event("evt_a", "lead.created", "t", {"lead": {"id": 1}}, "lead:1", campaign_id=601)
     store.commit_page(PageCommit("leads.created", 0.0, events=[(event, ["old"])]))
     [due] = store.due("old", 1.0, 10)
@@ -210,26 +220,25 @@ def _store_with_one_failed_delivery(tmp_path: Path, asked: bool, retry_at: float
     return store, due.seq
 
 
-def test_a_wait_the_receiver_asked_for_survives_a_new_retry_schedule(tmp_path: Path) -> None:
+def test_a_wait_the_receiver_asked_for_survives_a_new_retry_schedule(backend: Backend) -> None:
     """Re-timing on a shorter schedule pulls a plain failure's retry in, but never a wait the receiver asked for."""
-    store, _ = _store_with_one_failed_delivery(tmp_path, True, 310.0)
+    store, _ = _store_with_one_failed_delivery(backend, True, 310.0)
     assert store.reschedule("old", [3.0]) == 0
     assert store.deliveries("old")[0]["next_attempt_at"] == 310.0
     store.close()
-    (tmp_path / "state.db").unlink()
-    store, _ = _store_with_one_failed_delivery(tmp_path, False, 310.0)
+    store, _ = _store_with_one_failed_delivery(backend, False, 310.0, "other.db")
     assert store.reschedule("old", [3.0]) == 1
     assert store.deliveries("old")[0]["next_attempt_at"] == 13.0
     store.close()
 
 
-def test_reschedule_reads_the_asked_wait_from_its_column_not_the_error_text(tmp_path: Path) -> None:
+def test_reschedule_reads_the_asked_wait_from_its_column_not_the_error_text(backend: Backend) -> None:
     """The Retry-After flag is the deliveries row's column: an error that merely reads like one is shortened,
     a flagged wait whose text says nothing of it is kept."""
     from watcher.records import PageCommit
     from watcher.state.records import ASKED_TO_WAIT, Outcome
 
-    store = Store.open(tmp_path / "state.db")
+    store = backend.open()
     events = [Event(f"evt_{n}", "lead.created", "t", {"lead": {"id": n}}, f"lead:{n}") for n in (1, 2)]
     store.commit_page(PageCommit("leads.created", 0.0, events=[(e, ["s"]) for e in events]))
     first, second = store.due("s", 1.0, 10)
@@ -282,9 +291,9 @@ def test_a_file_from_before_the_asked_wait_column_upgrades_and_keeps_its_waits(t
     store.close()
 
 
-def test_moving_a_queue_takes_only_what_the_new_sink_accepts(tmp_path: Path) -> None:
+def test_moving_a_queue_takes_only_what_the_new_sink_accepts(backend: Backend) -> None:
     """`replay --from-sink` hands over only events the new sink's own filters accept; the rest stay put."""
-    store, _ = _store_with_one_failed_delivery(tmp_path, False, 50.0)
+    store, _ = _store_with_one_failed_delivery(backend, False, 50.0)
     assert store.move_sink("old", "new", 20.0, lambda event: event.campaign_id == 602) == (0, 1)
     assert store.move_sink("old", "new", 20.0, lambda event: event.campaign_id == 601) == (1, 0)
     assert [d["sink"] for d in store.deliveries()] == ["new"]

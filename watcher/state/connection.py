@@ -279,7 +279,7 @@ class Connection:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
             cur = self.conn.execute(sql, params)
             cur.row_factory = sqlite3.Row
