@@ -8,21 +8,24 @@ own (its schema version, schemas side by side, fencing) follow them.
 from __future__ import annotations
 
 import sqlite3
-from contextlib import closing
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from tests.support.backends import Backend
-
-from watcher.errors import StateError
+from tests.support.postgres import Database
+from watcher.errors import Deposed, StateError, StateTooNew
 from watcher.events import Event
+from watcher.leadership import leadership_ddl
 from watcher.records import CampaignState, LeadState, PageCommit
 from watcher.state.admin import Selection
 from watcher.state.migrations import MIGRATIONS
 from watcher.state.records import DEAD, DELIVERED, PENDING, Outcome
-from watcher.state.store import Store
+from watcher.state.store import Store, open_store
 
 
 def _event(n: int, resource: str = "lead:1") -> Event:
@@ -323,3 +326,133 @@ def test_a_file_replaced_under_an_open_store_never_gets_its_wal(tmp_path: Path) 
         again.verify()
     finally:
         again.close()
+
+
+# ------------------------------------------------------------------------------ PostgreSQL's own
+
+
+def _pg(postgres_db: Database, tmp_path: Path) -> Backend:
+    return Backend("postgresql", tmp_path, postgres_db)
+
+
+def _schema(backend: Backend, name: str = "state.db") -> str:
+    pg = backend.state(name).postgres
+    assert pg is not None
+    return pg.schema
+
+
+def test_postgresql_state_is_versioned_in_its_schema_and_a_newer_one_is_refused(
+    postgres_db: Database, tmp_path: Path
+) -> None:
+    """The schema records its version in state_meta (SQLite's user_version), reopening changes nothing,
+    and a version from a newer release is refused by the daemon's open and by `status`'s."""
+    backend = _pg(postgres_db, tmp_path)
+    backend.open().close()
+    backend.open().close()
+    schema = _schema(backend)
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:  # raw on purpose: the schema's header
+        assert conn.execute(f"SELECT version FROM {schema}.state_meta").fetchall() == [(len(MIGRATIONS),)]
+        conn.execute(f"UPDATE {schema}.state_meta SET version = version + 1")
+    with pytest.raises(StateTooNew, match="newer than this release"):
+        backend.open()
+    with pytest.raises(StateTooNew, match="needs a newer convertr-watcher"):
+        backend.open_readonly()
+
+
+def test_postgresql_status_never_creates_a_state(postgres_db: Database, tmp_path: Path) -> None:
+    """Opening for reading where no daemon has run says so, and leaves no schema behind."""
+    backend = _pg(postgres_db, tmp_path)
+    with pytest.raises(StateError, match="no state in postgresql://"):
+        backend.open_readonly()
+    with psycopg.connect(postgres_db.url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (_schema(backend),)).fetchone() == (
+            0,
+        )
+
+
+def test_enterprises_share_a_database_each_in_its_own_schema(postgres_db: Database, tmp_path: Path) -> None:
+    """Two states in one database (two schemas) keep their own cursors, outboxes and seqs, and a write
+    transaction held open on one does not block the other."""
+    backend = _pg(postgres_db, tmp_path)
+    a, b = backend.open("acme.db"), backend.open("globex.db")
+    try:
+        a.commit_page(PageCommit("leads.created", 1.0, cursor="a1", cursor_ts=1.0, events=[(_event(1), ["crm"])]))
+        b.commit_page(PageCommit("leads.created", 1.0, cursor="b1", cursor_ts=1.0))
+        with a.transaction():  # acme's writer lock held...
+            b.commit_page(PageCommit("leads.created", 2.0, cursor="b2", cursor_ts=2.0, events=[(_event(2), ["crm"])]))
+        assert [d["event_id"] for d in a.deliveries()] == ["evt_1"]
+        assert [d["event_id"] for d in b.deliveries()] == ["evt_2"]
+        assert (a.cursor("leads.created") or _none()).cursor == "a1"
+        assert (b.cursor("leads.created") or _none()).cursor == "b2"
+    finally:
+        a.close()
+        b.close()
+
+
+def _none() -> Any:
+    raise AssertionError("no cursor")
+
+
+def test_postgresql_outside_writes_counts_other_connections_commits_only(postgres_db: Database, tmp_path: Path) -> None:
+    """What the dispatcher re-reads on: another process's commit (a replay) changes it, its own do not."""
+    backend = _pg(postgres_db, tmp_path)
+    daemon, operator = backend.open(), backend.open()
+    try:
+        seen = daemon.outside_writes()
+        daemon.commit_page(PageCommit("s", 1.0, events=[(_event(1), ["a"])]))
+        assert daemon.outside_writes() == seen
+        operator.replay(2.0, Selection(sinks=["a"]))
+        assert daemon.outside_writes() != seen
+    finally:
+        daemon.close()
+        operator.close()
+
+
+def _lease(postgres_db: Database, schema: str, epoch: int) -> None:
+    """The lease row as a takeover leaves it: `epoch` leads now (raw on purpose: no second daemon needed)."""
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+        for statement in leadership_ddl(schema):
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO {schema}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at) "
+            "VALUES ('leader', %s, 'other', 'host-b', 1, now(), now(), now() + interval '1 minute') "
+            "ON CONFLICT (name) DO UPDATE SET epoch = EXCLUDED.epoch, holder = EXCLUDED.holder",
+            (epoch,),
+        )
+
+
+def test_a_deposed_leaders_store_commits_nothing(postgres_db: Database, tmp_path: Path) -> None:
+    """A store opened with a fence writes while its epoch leads; once another epoch leads (a standby took
+    over), its commit_page raises Deposed and neither the cursor, nor a snapshot, nor an outbox row moves."""
+    backend = _pg(postgres_db, tmp_path)
+    schema = _schema(backend)
+    _lease(postgres_db, schema, 1)
+    leading: list[int | None] = [1]
+    store = open_store(backend.state(), fence_epoch=lambda: leading[0])
+    observer = backend.open_readonly()
+    try:
+        store.commit_page(PageCommit("leads.created", 1.0, cursor="c1", cursor_ts=1.0, events=[(_event(1), ["a"])]))
+        _lease(postgres_db, schema, 2)  # a standby took over
+        page = PageCommit(
+            "leads.created",
+            2.0,
+            cursor="c2",
+            cursor_ts=2.0,
+            leads=[LeadState(5, 2.0, None, {"a": 1})],
+            events=[(_event(2, "lead:5"), ["a"])],
+        )
+        with pytest.raises(Deposed, match="epoch 2, this daemon led epoch 1"):
+            store.commit_page(page)
+        with pytest.raises(Deposed):
+            store.record_outcomes("a", [], now=3.0, status_code=200, duration=0.1, success=True)
+        leading[0] = None  # the runtime knows it no longer leads: refused before asking the database
+        with pytest.raises(Deposed, match="does not lead"):
+            store.commit_page(page)
+        assert (observer.cursor("leads.created") or _none()).cursor == "c1"
+        assert observer.leads([5]) == {}
+        assert [d["event_id"] for d in observer.deliveries()] == ["evt_1"]
+        leading[0] = 2  # led again (a later epoch): writes go through
+        assert [e.id for e in store.commit_page(page)] == ["evt_2"]
+    finally:
+        store.close()
+        observer.close()
