@@ -47,6 +47,15 @@ class Backend:
         return open_store_readonly(self.state(name))
 
 
+def state_of(store: Store) -> StateConfig:
+    """The [state] section that opens `store`'s state again (another connection, as another process has)."""
+    from watcher.state.postgres import PostgresStore
+
+    if isinstance(store, PostgresStore):
+        return StateConfig(path=Path(), postgres=store.state)
+    return StateConfig(path=store.path)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """Each test using it runs twice: on an SQLite file, and on a fresh PostgreSQL database."""
