@@ -1,10 +1,10 @@
 """The connection to the state file and its transactions: the one place that knows the backend.
 
 Every other module of `watcher.state` builds its SQL through `Connection`: `transaction()` for a
-write, `_rows`/`_query` for a read, `dialect` for what differs between databases (today only the
-bound-parameter mark). A second backend (PostgreSQL) adds a connection beside this one, with its
-own `Dialect`, connect, error translation and migrations; the per-concern modules stay as they are
-wherever their SQL is standard.
+write, `_rows`/`_query` for a read, `dialect` for what differs between databases. This class is
+the SQLite file; `watcher.state.postgres.PostgresConnection` overrides the same methods for
+PostgreSQL, with its own connect, error translation and migrations, and the per-concern modules
+run unchanged on either.
 
 Every state change is one `BEGIN IMMEDIATE` transaction, and none of them awaits anything, so a
 cancelled task can never leave half a change behind.

@@ -386,9 +386,12 @@ def migrate(pg: psycopg.Connection[Any], schema: str, where: str) -> None:
     """Make the schema and bring it to the version this release knows, one migration per transaction
     under the state's writer lock (two daemons starting at once take turns). StateTooNew for a newer one."""
     lock = f"watcher-state:{schema}"
-    with pg.transaction():
-        pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
-        pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    # Made only where missing: CREATE SCHEMA needs the CREATE privilege on the database even with
+    # IF NOT EXISTS, which a role given a schema of its own may lack.
+    if pg.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is None:
+        with pg.transaction():
+            pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
+            pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     pg.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     while True:
         with pg.transaction():

@@ -19,8 +19,10 @@ class Retention(Connection):
         With `unseen=False` a lead the state holds nothing about is left alone and None comes back:
         a bare tombstone for a mistyped id would silence some other person's lead for good.
 
-        secure_delete zeroes the freed pages, and the WAL is checkpointed and truncated, so the bytes
-        leave the file rather than lingering in free pages or old WAL frames.
+        The backend then clears what the database keeps beside its live rows (`_prepare_erasure`,
+        `_erased`): on SQLite, secure_delete zeroes the freed pages and the WAL is checkpointed and
+        truncated, so the bytes leave the file; on PostgreSQL, a VACUUM of the touched tables removes
+        the rows' old versions (README, "Erasure (`forget`) on PostgreSQL", says what it cannot reach).
         """
         resource = f"lead:{lead_id}"
         self._prepare_erasure()
