@@ -43,6 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from tests.support.postgres import Database
 from tests.support.rig import HookedSimulator, Rig, make_rig
 from watcher.poller import BASELINE, CREATED, UPDATED
 
@@ -114,6 +115,11 @@ def _has_leads(machine: DetectionMachine) -> bool:
 
 
 class DetectionMachine(RuleBasedStateMachine):
+    # The state's PostgreSQL database (a URL), or None for an SQLite file: each example then gets a
+    # schema of its own, so every history starts from an empty state.
+    POSTGRES: str | None = None
+    examples = 0
+
     def __init__(self) -> None:
         super().__init__()
         self.stack = ExitStack()
@@ -132,7 +138,13 @@ class DetectionMachine(RuleBasedStateMachine):
     )
     def start(self, zone: str, start: datetime, skew: float, seed: int) -> None:
         folder = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="model-")))
-        self.rig = make_rig(folder, self.stack, zone=zone, start=start.timestamp(), seed=seed, leads=10, skew=skew)
+        state = None
+        if self.POSTGRES is not None:
+            DetectionMachine.examples += 1
+            state = {"url": self.POSTGRES, "schema": f"model_{DetectionMachine.examples}"}
+        self.rig = make_rig(
+            folder, self.stack, state=state, zone=zone, start=start.timestamp(), seed=seed, leads=10, skew=skew
+        )
         for _ in range(PAGE):  # more campaigns than a page: their walk has page boundaries
             self.rig.sim.add_campaign()
         self.track = BASE_TRACK
@@ -631,9 +643,9 @@ class DetectionMachine(RuleBasedStateMachine):
                 assert cursor.cursor_ts <= server_now - SAFETY_LAG + 1e-6, f"{stream} cursor past the signpost"
 
 
-def _run(examples: int, steps: int, *, derandomize: bool) -> None:
+def _run(examples: int, steps: int, *, derandomize: bool, machine: type[DetectionMachine] = DetectionMachine) -> None:
     run_state_machine_as_test(
-        DetectionMachine,
+        machine,
         settings=settings(
             max_examples=examples,
             stateful_step_count=steps,
@@ -648,6 +660,15 @@ def _run(examples: int, steps: int, *, derandomize: bool) -> None:
 def test_detection_matches_the_model() -> None:
     """A bounded profile of random histories: every invariant holds after every step."""
     _run(examples=12, steps=25, derandomize=True)
+
+
+def test_detection_matches_the_model_on_postgresql(postgres_db: Database) -> None:
+    """The same bounded profile (fewer histories) on a PostgreSQL state; backups are pg_dump, restores pg_restore."""
+
+    class OnPostgres(DetectionMachine):
+        POSTGRES = postgres_db.url
+
+    _run(examples=6, steps=25, derandomize=True, machine=OnPostgres)
 
 
 @pytest.mark.soak
