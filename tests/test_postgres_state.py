@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -120,8 +121,8 @@ def test_run_on_postgresql_leads_delivers_and_a_second_stands_by(
         sent = len(receiver.event_ids())
         with Daemon(config) as second:
 
-            def roles() -> dict[str, object]:
-                return dict(json.loads(cli("status", "-c", str(config), "--json").stdout))
+            def roles() -> Any:
+                return json.loads(cli("status", "-c", str(config), "--json").stdout)
 
             wait_until(lambda: len(roles()["leadership"]["standbys"]) == 1, 20, "the second daemon standing by")
             report = roles()
@@ -138,4 +139,44 @@ def test_run_on_postgresql_leads_delivers_and_a_second_stands_by(
             )
             assert second.stop() == 0
     assert len(receiver.event_ids()) == sent + 1
+    assert len(set(receiver.event_ids())) == len(receiver.event_ids())
+
+
+def test_a_standby_asks_convertr_nothing_and_leads_once_the_lease_expires(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """While another host's lease is live, `run` stands by (status lists it) without one Convertr request or
+    delivery; when that lease ends (the other host died), it takes over with the next epoch and delivers."""
+    simulator, server = sim
+    config = _config(tmp_path, server, receiver, postgres_db)
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:  # raw on purpose: another host's lease
+        for statement in leadership_ddl(SCHEMA):
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO {SCHEMA}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at) "
+            "VALUES ('leader', 4, 'other', 'host-b', 4242, now(), now(), now() + interval '10 minutes')"
+        )
+    before = len(simulator.requests)
+    with Daemon(config) as daemon:
+
+        def report() -> Any:
+            return json.loads(cli("status", "-c", str(config), "--json").stdout)
+
+        wait_until(lambda: len(report()["leadership"]["standbys"]) == 1, 20, "the daemon standing by")
+        assert report()["leadership"]["leader"]["host"] == "host-b"
+        # Two more of the standby's looks at the lease (every 3 s at the default 15 s lease) and still nothing asked.
+        seen = report()["leadership"]["standbys"][0]["seen_at"]
+        wait_until(
+            lambda: report()["leadership"]["standbys"][0]["seen_at"] != seen,
+            20,
+            "another look at the lease",
+        )
+        assert len(simulator.requests) == before, "a standby asked Convertr"
+        assert receiver.requests == []
+        with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+            conn.execute(f"UPDATE {SCHEMA}.leadership SET expires_at = now()")  # host-b is gone
+        wait_until(lambda: len(set(receiver.event_ids())) >= len(simulator.lead_ids()), 30, "the backfill")
+        leader = report()["leadership"]["leader"]
+        assert (leader["pid"], leader["epoch"]) == (_pid(daemon), 5)
+        assert daemon.stop() == 0
     assert len(set(receiver.event_ids())) == len(receiver.event_ids())
