@@ -650,7 +650,12 @@ async def _wait_for_storage(config: Config, clock: Clock, notifier: Notifier) ->
             loop.add_signal_handler(sig, stop.set)
         while not stop.is_set():
             try:
-                open_store(config.state).close()
+                if config.state.postgres is None:
+                    open_store(config.state).close()
+                else:
+                    from watcher.state.postgres import probe
+
+                    probe(config.state.postgres)
                 if waiting:
                     log.warning("state file opens again; starting")
                 return True

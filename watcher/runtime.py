@@ -104,7 +104,10 @@ async def runtime(
         )
         if on
     ]
-    metrics = Metrics(clock.now(), streams=streams, sinks=[s.name for s in config.sinks])
+    schema = config.state.postgres.schema if config.state.postgres is not None else "sqlite"
+    metrics = Metrics(clock.now(), streams=streams, sinks=[s.name for s in config.sinks], state=schema)
+    if fence_epoch is not None:
+        metrics.set_leader(True)  # a runtime on PostgreSQL is built for a term as leader (watcher.leading)
     metrics.set_request_budget(config.convertr.request_budget)
     live = Liveness(
         clock.monotonic(),

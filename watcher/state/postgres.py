@@ -467,6 +467,16 @@ def open_postgres(
     return store
 
 
+def probe(state: PostgresState) -> None:
+    """Whether the database answers (StateError saying why not), without making or migrating anything:
+    `run` waits for this before it stands by; only a leader migrates the schema."""
+    try:
+        with psycopg.connect(conninfo_for(state, None), autocommit=True) as pg:
+            pg.execute("SELECT 1")
+    except psycopg.Error as exc:
+        raise pg_error(exc, state.shown(), "reach") from None
+
+
 def open_postgres_readonly(state: PostgresState) -> PostgresStore:
     """The state for reading only (`status`, `events`): never created or migrated; refused at another version."""
     store = PostgresStore(conninfo_for(state, None), state, readonly=True)
