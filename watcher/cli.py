@@ -237,12 +237,12 @@ async def _connect(config: Config) -> int:
 
 def _disabled_in_state(config: Config) -> dict[str, str]:
     """Sinks the daemon disabled after a permanent refusal, with the reason (scrubbed); read-only."""
-    from watcher.state.store import Store
+    from watcher.state.store import open_store_readonly
 
-    if not config.state.path.exists():
+    if config.state.postgres is None and not config.state.path.exists():
         return {}
     try:
-        store = Store.open_readonly(config.state.path)
+        store = open_store_readonly(config.state)
     except StateError:
         return {}
     with store:
