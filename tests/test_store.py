@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from tests.support.backends import Backend
+from tests.support.daemon import wait_until
 from tests.support.postgres import Database
 from watcher.errors import Deposed, StateError, StateTooNew
 from watcher.events import Event
@@ -402,7 +403,8 @@ def test_postgresql_outside_writes_counts_other_connections_commits_only(postgre
         daemon.commit_page(PageCommit("s", 1.0, events=[(_event(1), ["a"])]))
         assert daemon.outside_writes() == seen
         operator.replay(2.0, Selection(sinks=["a"]))
-        assert daemon.outside_writes() != seen
+        # Told by the replay's NOTIFY, which reaches the daemon's idle session just after the commit.
+        wait_until(lambda: daemon.outside_writes() != seen, 5, "the replay's commit noticed")
     finally:
         daemon.close()
         operator.close()
@@ -456,3 +458,19 @@ def test_a_deposed_leaders_store_commits_nothing(postgres_db: Database, tmp_path
     finally:
         store.close()
         observer.close()
+
+
+def test_sink_health_follows_the_attempts_in_their_order(store: Store) -> None:
+    """Attempts written together count in order: a success after a failure ends the streak, a failure
+    after a success starts one (at the failure's time)."""
+    from watcher.state.records import Recorded
+
+    def attempt(success: bool, now: float) -> Recorded:
+        return Recorded("a", (), now, 200 if success else 500, 0.1, success)
+
+    store.record_attempts([attempt(False, 10.0), attempt(True, 11.0)])
+    assert store.failing_since("a") is None
+    store.record_attempts([attempt(True, 12.0), attempt(False, 13.0), attempt(False, 14.0)])
+    assert store.failing_since("a") == 13.0
+    [state] = store.sink_states(["a"], only=True)
+    assert state.last_success_at == 12.0

@@ -14,8 +14,9 @@ A write transaction:
   enterprises' schemas take other locks;
 - when the store was opened with a `fence` (a leading daemon), checks inside the transaction that
   its epoch still leads (`watcher.leadership.fence`): a deposed leader commits nothing;
-- counts itself in `state_meta.writes`, so `outside_writes` can tell another process's commit
-  (a replay, a `forget`) from this connection's own, as SQLite's PRAGMA data_version does.
+- notifies the state's channel (NOTIFY, delivered at commit), which the daemon's connection
+  listens on, so `outside_writes` can tell another process's commit (a replay, a `forget`) from
+  this connection's own, as SQLite's PRAGMA data_version does, without a query.
 
 The connection is in autocommit mode between transactions: a read is its own short transaction and
 no session ever sits idle inside one (the leader's sessions end such a transaction after op_timeout).
@@ -164,8 +165,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 # The schema's own bookkeeping, made before the first migration: how far it has come (PRAGMA
-# user_version's counterpart) and how many write transactions have committed (data_version's).
-_META = "CREATE TABLE IF NOT EXISTS state_meta (version integer NOT NULL, writes bigint NOT NULL DEFAULT 0)"
+# user_version's counterpart).
+_META = "CREATE TABLE IF NOT EXISTS state_meta (version integer NOT NULL)"
 
 # Outside string literals, `?` is a bound parameter (psycopg's %s); everywhere, `%` is psycopg's
 # escape character and is doubled (psycopg reads the whole text, literals too, for its marks).
@@ -258,9 +259,10 @@ class PostgresConnection(Connection):
         self._fence_epoch = fence_epoch
         self._readonly = readonly
         self._relax = False
-        self._own_writes = 0
+        self._outside = 0  # commits of other connections this one has been told of
         self._pg: psycopg.Connection[Any] | None = None
         self._lock_key = f"watcher-state:{state.schema}"
+        self._channel = f"watcher_{state.schema}"[:63]  # PostgreSQL's limit on a channel name
 
     # ------------------------------------------------------------------------ the connection
 
@@ -279,11 +281,20 @@ class PostgresConnection(Connection):
             pg.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
             if self._readonly:
                 pg.execute("SET default_transaction_read_only = on")
+            else:
+                pg.add_notify_handler(self._notified)
+                pg.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         except psycopg.Error as exc:
             pg.close()
             raise pg_error(exc, self.where, doing) from None
+        # Whatever was written while no connection listened is unknown: count it as a write.
+        self._outside += 1
         self._pg = pg
         return pg
+
+    def _notified(self, notify: psycopg.Notify) -> None:
+        if self._pg is None or notify.pid != self._pg.info.backend_pid:
+            self._outside += 1
 
     def close(self) -> None:
         if self._pg is not None:
@@ -303,8 +314,20 @@ class PostgresConnection(Connection):
         return "ok"
 
     def outside_writes(self) -> int:
-        """Changes whenever another connection commits a write to this state (not this one's own)."""
-        return int(self._rows("SELECT writes FROM state_meta")[0][0]) - self._own_writes
+        """Changes once another connection has committed a write to this state (not this one's own).
+
+        Read from the notifications already on the socket, without a round trip: a commit is
+        seen as soon as its NOTIFY arrives (the server sends it to an idle session at once).
+        """
+        pg = self._live("read")
+        try:
+            pg.pgconn.consume_input()
+            while (notify := pg.pgconn.notifies()) is not None:
+                if notify.be_pid != pg.info.backend_pid:
+                    self._outside += 1
+        except psycopg.Error as exc:
+            raise pg_error(exc, self.where, "read") from None
+        return self._outside
 
     # ---------------------------------------------------------------------- transactions, reads
 
@@ -320,10 +343,9 @@ class PostgresConnection(Connection):
                 if self._fence_epoch is not None:
                     fence(pg, self.schema, _epoch(self._fence_epoch))
                 yield _Tx(pg)
-                pg.execute("UPDATE state_meta SET writes = writes + 1")
+                pg.execute("SELECT pg_notify(%s, '')", (self._channel,))
         except psycopg.Error as exc:
             raise pg_error(exc, self.where, "write") from None
-        self._own_writes += 1
 
     @contextmanager
     def _relaxed(self) -> Iterator[None]:

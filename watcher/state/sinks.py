@@ -12,14 +12,14 @@ from watcher.state.records import DEAD, DELIVERED, PENDING, Recorded, SinkState
 def note_health(c: Tx, attempts: Sequence[Recorded]) -> None:
     """On the open transaction `c`: each attempt's sink succeeded (its failing streak ends) or failed."""
     c.executemany("INSERT INTO sinks (name) VALUES (?) ON CONFLICT DO NOTHING", [(a.sink,) for a in attempts])
-    for a in attempts:
-        if a.success:
-            c.execute("UPDATE sinks SET last_success_at = ?, failing_since = NULL WHERE name = ?", (a.now, a.sink))
-        else:
-            c.execute(
-                "UPDATE sinks SET last_failure_at = ?, failing_since = coalesce(failing_since, ?) WHERE name = ?",
-                (a.now, a.now, a.sink),
-            )
+    # One statement run for each attempt in order (a failure after a success starts a streak, a
+    # success after a failure ends it): executemany sends them together (PostgreSQL: one round trip).
+    c.executemany(
+        "UPDATE sinks SET last_success_at = CASE WHEN ? THEN ? ELSE last_success_at END, "
+        "last_failure_at = CASE WHEN ? THEN last_failure_at ELSE ? END, "
+        "failing_since = CASE WHEN ? THEN NULL ELSE coalesce(failing_since, ?) END WHERE name = ?",
+        [(a.success, a.now, a.success, a.now, a.success, a.now, a.sink) for a in attempts],
+    )
 
 
 class Sinks(Connection):
