@@ -19,8 +19,9 @@ from tests.support.scripted import Script, Scripted
 from watcher.logs import LOG_CAPTURE_ENV
 from watcher.simulator import Simulator, SimulatorServer
 
-# postgres_server / postgres_db: a real PostgreSQL database per test (tests/support/postgres.py).
-pytest_plugins = ["tests.support.postgres"]
+# postgres_server / postgres_db: a real PostgreSQL database per test (tests/support/postgres.py);
+# backend: the state on SQLite and on PostgreSQL, one test run each (tests/support/backends.py).
+pytest_plugins = ["tests.support.postgres", "tests.support.backends"]
 
 CAPTURE = Path(tempfile.mkdtemp(prefix="watcher-logs-")) / "lines.jsonl"
 os.environ[LOG_CAPTURE_ENV] = str(CAPTURE)

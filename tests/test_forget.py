@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import psycopg
+
+from tests.support.backends import Backend
 from tests.support.daemon import cli, webhook_sink, write_config
+from tests.support.postgres import Database
 from tests.support.receiver import Receiver
 
 
@@ -61,14 +66,13 @@ def test_a_forgotten_lead_stays_forgotten_when_it_changes(tmp_path: Path, sim, r
     assert email.encode() not in state
 
 
-def test_forget_erases_attempts_whose_events_were_pruned(tmp_path: Path) -> None:
+def test_forget_erases_attempts_whose_events_were_pruned(backend: Backend) -> None:
     """The attempt log outlives delivered events; erasing a lead still finds its attempts by resource."""
     from watcher.events import Event
     from watcher.records import PageCommit
     from watcher.state.records import Outcome
-    from watcher.state.store import Store
 
-    store = Store.open(tmp_path / "state.db")
+    store = backend.open()
     event = Event("evt_x", "lead.created", "t", {"lead": {"id": 7}}, "lead:7")
     store.commit_page(PageCommit("leads.created", 1.0, events=[(event, ["crm"])]))
     [due] = store.due("crm", 2.0, 10)
@@ -84,4 +88,49 @@ def test_forget_erases_attempts_whose_events_were_pruned(tmp_path: Path) -> None
     assert store.events() == [] and len(store.attempts()) == 1
     assert store.forget(7, 3.0)["attempts"] == 1
     assert store.attempts() == []
+    store.close()
+
+
+def _tuples_holding(db: Database, schema: str, needle: bytes) -> dict[str, int]:
+    """Per table of `schema`, how many row versions in its heap pages, live or dead, hold `needle`:
+    read page by page with pageinspect, as the bytes lie in the table's files, not as a query sees them."""
+    found: dict[str, int] = {}
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        tables = [t for (t,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))]
+        for table in tables:
+            name = f"{schema}.{table}"
+            pages = conn.execute("SELECT pg_relation_size(%s::regclass) / 8192", (name,)).fetchone()
+            assert pages is not None
+            for page in range(int(pages[0])):
+                rows: list[Any] = conn.execute(
+                    "SELECT t_data FROM heap_page_items(get_raw_page(%s, %s))", (name, page)
+                ).fetchall()
+                hits = sum(1 for (data,) in rows if data is not None and needle in bytes(data))
+                if hits:
+                    found[table] = found.get(table, 0) + hits
+    return found
+
+
+def test_forget_on_postgresql_leaves_no_row_version_holding_the_lead(postgres_db: Database, tmp_path: Path) -> None:
+    """PostgreSQL keeps a deleted or updated row's old version in the page until VACUUM: after `forget`,
+    no version of any row in the state's tables, live or dead, holds the lead's e-mail; another lead's stays."""
+    from watcher.events import Event
+    from watcher.records import LeadState, PageCommit
+
+    backend = Backend("postgresql", tmp_path, postgres_db)
+    store = backend.open()
+    schema = backend.state().postgres.schema  # type: ignore[union-attr]
+    email, kept = b"forget-me-7@example.org", b"keep-me-8@example.org"
+    leads = [LeadState(n, 1.0, None, {"email": e.decode()}) for n, e in ((7, email), (8, kept))]
+    events = [
+        (Event(f"evt_{n}", "lead.created", "t", {"lead": {"id": n, "email": e.decode()}}, f"lead:{n}"), ["crm"])
+        for n, e in ((7, email), (8, kept))
+    ]
+    store.commit_page(PageCommit("leads.created", 1.0, leads=leads, events=events))
+    assert _tuples_holding(postgres_db, schema, email) == {"leads": 1, "events": 1}
+    assert store.forget(7, 2.0) == {"events": 1, "deliveries": 1, "attempts": 0}
+    assert _tuples_holding(postgres_db, schema, email) == {}
+    assert _tuples_holding(postgres_db, schema, kept) == {"leads": 1, "events": 1}
+    assert store.tombstones() == [(7, 2.0)]
     store.close()

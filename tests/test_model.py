@@ -39,6 +39,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tests.support.postgres import Database
 from tests.support.rig import HookedSimulator, Rig, make_rig
 from tests.support.soak import run_machine, soak
 from watcher.poller import BASELINE, CREATED, UPDATED
@@ -111,6 +112,11 @@ def _has_leads(machine: DetectionMachine) -> bool:
 
 
 class DetectionMachine(RuleBasedStateMachine):
+    # The state's PostgreSQL database (a URL), or None for an SQLite file: each example then gets a
+    # schema of its own, so every history starts from an empty state.
+    POSTGRES: str | None = None
+    examples = 0
+
     def __init__(self) -> None:
         super().__init__()
         self.stack = ExitStack()
@@ -129,7 +135,13 @@ class DetectionMachine(RuleBasedStateMachine):
     )
     def start(self, zone: str, start: datetime, skew: float, seed: int) -> None:
         folder = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="model-")))
-        self.rig = make_rig(folder, self.stack, zone=zone, start=start.timestamp(), seed=seed, leads=10, skew=skew)
+        state = None
+        if self.POSTGRES is not None:
+            DetectionMachine.examples += 1
+            state = {"url": self.POSTGRES, "schema": f"model_{DetectionMachine.examples}"}
+        self.rig = make_rig(
+            folder, self.stack, state=state, zone=zone, start=start.timestamp(), seed=seed, leads=10, skew=skew
+        )
         for _ in range(PAGE):  # more campaigns than a page: their walk has page boundaries
             self.rig.sim.add_campaign()
         self.track = BASE_TRACK
@@ -631,6 +643,15 @@ class DetectionMachine(RuleBasedStateMachine):
 def test_detection_matches_the_model() -> None:
     """A bounded profile of random histories: every invariant holds after every step."""
     run_machine(DetectionMachine, examples=12, steps=25, derandomize=True)
+
+
+def test_detection_matches_the_model_on_postgresql(postgres_db: Database) -> None:
+    """The same bounded profile (fewer histories) on a PostgreSQL state; backups are pg_dump, restores pg_restore."""
+
+    class OnPostgres(DetectionMachine):
+        POSTGRES = postgres_db.url
+
+    run_machine(OnPostgres, examples=6, steps=25, derandomize=True)
 
 
 @pytest.mark.soak

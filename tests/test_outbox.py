@@ -1,4 +1,5 @@
-"""The dispatcher: pure `decide`/`batches` tables, then real runs over a SQLite store and loopback receivers."""
+"""The dispatcher: pure `decide`/`batches` tables, then real runs over a store (SQLite and PostgreSQL) and
+loopback receivers."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.backends import Backend, state_of
 from tests.support.daemon import WEBHOOK_KEY, wait_until
 from tests.support.receiver import FakeSlack, Receiver, Reply, Request
 from watcher import __version__
 from watcher.clock import FakeClock, SystemClock, rfc3339
-from watcher.config import SinkConfig
+from watcher.config import SinkConfig, StateConfig
 from watcher.delivery.dispatcher import Dispatcher
 from watcher.delivery.lane import PassResult
 from watcher.delivery.policy import batches, decide, pause_for
@@ -29,7 +31,7 @@ from watcher.sinks import build_sink
 from watcher.sinks.base import Sink
 from watcher.state.admin import Selection
 from watcher.state.records import DEAD, DELIVERED, PENDING, Due, Outcome
-from watcher.state.store import Store
+from watcher.state.store import Store, open_store
 
 NOW = 1_800_000_000.0
 
@@ -257,9 +259,9 @@ def queue(store: Store, events: Sequence[Event], sinks: Sequence[str] = ("crm",)
     )
 
 
-def test_next_due_at_looks_only_at_the_head_of_each_resource(tmp_path: Path) -> None:
+def test_next_due_at_looks_only_at_the_head_of_each_resource(backend: Backend) -> None:
     """A later event scheduled earlier cannot go first, so it does not make the worker wake early."""
-    store = Store.open(tmp_path / "state.db")
+    store = backend.open()
     try:
         queue(store, [_event(1, "lead:1"), _event(2, "lead:1"), _event(3, "lead:2")], now=NOW)
         first, other = store.due("crm", NOW, 10)
@@ -299,8 +301,8 @@ def slack(url: str, name: str = "team", **kw: Any) -> SinkConfig:
 class Running:
     """`Dispatcher.run` in its own thread and event loop, on its own connection to the state file."""
 
-    def __init__(self, path: Path, configs: Sequence[SinkConfig], *, grace: float = 5.0) -> None:
-        self.path = path
+    def __init__(self, state: StateConfig, configs: Sequence[SinkConfig], *, grace: float = 5.0) -> None:
+        self.state = state
         self.configs = list(configs)
         self.grace = grace
         self._ready = threading.Event()
@@ -319,7 +321,7 @@ class Running:
 
     async def _run(self) -> None:
         clock = SystemClock()
-        store = Store.open(self.path)
+        store = open_store(self.state)
         sinks = [build_sink(c, clock=clock, version=__version__) for c in self.configs]
         try:
             self._dispatcher = Dispatcher(store, sinks, clock, rng=random.Random(3))
@@ -361,8 +363,8 @@ class Running:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state.db")
+def store(backend: Backend) -> Iterator[Store]:
+    s = backend.open()
     yield s
     s.close()
 
@@ -395,7 +397,7 @@ def test_failures_then_success_keep_per_resource_order_and_ids(tmp_path: Path, s
     rx.respond_sequence([500] * 6)
     events = [_event(n, f"lead:{1 + n % 3}") for n in range(9)]
     queue(store, events)
-    with Running(store.path, [webhook(rx.url, concurrency=4)]):
+    with Running(state_of(store), [webhook(rx.url, concurrency=4)]):
         wait_until(lambda: settled(store), 15, "every delivery settled")
     assert {d["status"] for d in store.deliveries()} == {DELIVERED}
     accepted = [r.headers["webhook-id"] for r in rx.requests if r.status == 200]
@@ -412,7 +414,7 @@ def test_every_attempt_is_logged(tmp_path: Path, store: Store, rx: Receiver) -> 
     """Each request leaves one attempt row: sink, event id, attempt number, status, duration and error."""
     rx.respond_sequence([500, 503, Reply(429, headers={"retry-after": "0"})])
     queue(store, [_event(1)])
-    with Running(store.path, [webhook(rx.url)]):
+    with Running(state_of(store), [webhook(rx.url)]):
         wait_until(lambda: settled(store), 10, "delivered")
     log = store.attempts("crm")
     assert [(a["sink"], a["attempt"], a["status_code"]) for a in log] == [
@@ -433,7 +435,7 @@ def test_unrelated_events_go_concurrently_up_to_the_bound(tmp_path: Path, store:
     events = [_event(0, "lead:1"), _event(1, "lead:1"), *(_event(n, f"lead:{n}") for n in range(2, 7))]
     queue(store, events)
     rx.hang()
-    with Running(store.path, [webhook(rx.url, concurrency=3)]):
+    with Running(state_of(store), [webhook(rx.url, concurrency=3)]):
         held = rx.wait_for_count(3, 10)
         assert {r.headers["webhook-id"] for r in held} == {events[0].id, events[2].id, events[3].id}
         rx.hang(False)
@@ -446,7 +448,7 @@ def test_retry_after_pauses_the_whole_sink(tmp_path: Path, store: Store, rx: Rec
     """After a 429 with Retry-After, no request of any event reaches the receiver before the wait is over."""
     rx.respond_sequence([Reply(429, headers={"retry-after": "1"})])
     queue(store, [_event(1, "lead:1"), _event(2, "lead:2")])
-    with Running(store.path, [webhook(rx.url, concurrency=1)]):
+    with Running(state_of(store), [webhook(rx.url, concurrency=1)]):
         wait_until(lambda: settled(store), 10, "delivered")
     first, second, third = rx.requests
     assert first.status == 429
@@ -459,7 +461,7 @@ def test_410_disables_the_sink_until_another_process_enables_it(tmp_path: Path, 
     rx.respond(410)
     events = [_event(n, "lead:1") for n in range(3)] + [_event(3, "lead:2")]
     queue(store, events)
-    with Running(store.path, [webhook(rx.url, concurrency=2)]):
+    with Running(state_of(store), [webhook(rx.url, concurrency=2)]):
         wait_until(lambda: store.sink_state("crm").disabled_at is not None, 10, "sink disabled")
         # Attempts already in flight when the first 410 came back may still finish; then all is quiet.
         wait_until(lambda: len(store.attempts("crm")) == len(rx.requests), 10, "attempts in flight recorded")
@@ -486,7 +488,9 @@ def test_hung_sink_never_delays_another(tmp_path: Path, store: Store) -> None:
         queue(store, [_event(n, f"lead:{n}") for n in range(20)], sinks=("stuck", "ok"))
         started = time.monotonic()
         with Running(
-            store.path, [webhook(hung.url, "stuck", timeout=20.0, concurrency=4), webhook(healthy.url, "ok")], grace=0.5
+            state_of(store),
+            [webhook(hung.url, "stuck", timeout=20.0, concurrency=4), webhook(healthy.url, "ok")],
+            grace=0.5,
         ) as d:
             wait_until(lambda: settled(store, "ok"), 3, "the healthy sink's whole queue within 3 s")
             took = time.monotonic() - started
@@ -504,7 +508,7 @@ def test_stop_lets_an_attempt_in_flight_finish(tmp_path: Path, store: Store, rx:
     """Stopping while a slow receiver answers waits for the answer and records the delivery."""
     rx.respond(200, delay=0.3)
     queue(store, [_event(1)])
-    with Running(store.path, [webhook(rx.url)]) as d:
+    with Running(state_of(store), [webhook(rx.url)]) as d:
         rx.wait_for_count(1)
         d.stop()
     assert [x["status"] for x in store.deliveries("crm")] == [DELIVERED]
@@ -515,7 +519,7 @@ def test_max_age_makes_a_failing_event_dead_and_unblocks_the_next(tmp_path: Path
     rx.respond(500)
     first, second = _event(1, "lead:1"), _event(2, "lead:1")
     queue(store, [first, second])
-    with Running(store.path, [webhook(rx.url, max_age=0.4, retry_schedule=(0.1,) * 50)]):
+    with Running(state_of(store), [webhook(rx.url, max_age=0.4, retry_schedule=(0.1,) * 50)]):
         wait_until(lambda: settled(store), 10, "both dead")
     rows = {d["event_id"]: d for d in store.deliveries("crm")}
     assert {r["status"] for r in rows.values()} == {DEAD}
@@ -530,7 +534,7 @@ def test_schedule_exhausted_is_dead(tmp_path: Path, store: Store, rx: Receiver) 
     """One first try plus one per schedule step, then dead."""
     rx.respond(502)
     queue(store, [_event(1)])
-    with Running(store.path, [webhook(rx.url, retry_schedule=(0.05, 0.05))]):
+    with Running(state_of(store), [webhook(rx.url, retry_schedule=(0.05, 0.05))]):
         wait_until(lambda: settled(store), 10, "dead")
     [row] = store.deliveries("crm")
     assert (row["status"], row["attempts"]) == (DEAD, 3)
@@ -541,7 +545,7 @@ def test_slack_burst_becomes_paced_digests(tmp_path: Path, store: Store) -> None
     """Thirty queued events reach Slack as one digest counting all thirty and listing a sample of twenty ids."""
     events = [_event(n, f"lead:{n}") for n in range(30)]
     queue(store, events, sinks=("team",))
-    with FakeSlack() as fake, Running(store.path, [slack(fake.url)]):
+    with FakeSlack() as fake, Running(state_of(store), [slack(fake.url)]):
         wait_until(lambda: settled(store, "team"), 10, "all delivered")
         messages = fake.messages()
     assert len(messages) == 1
@@ -555,7 +559,7 @@ def test_two_sinks_posting_to_one_slack_hook_share_its_pace(tmp_path: Path, stor
     """Slack limits a hook, not a sink: two sinks with the same URL together send at most once a second."""
     queue(store, [_event(1, "lead:1")], sinks=("team",))
     queue(store, [_event(2, "lead:2")], sinks=("other",))
-    with FakeSlack() as fake, Running(store.path, [slack(fake.url), slack(fake.url, "other")]):
+    with FakeSlack() as fake, Running(state_of(store), [slack(fake.url), slack(fake.url, "other")]):
         wait_until(lambda: settled(store, "team") and settled(store, "other"), 10, "both delivered")
         first, second = fake.arrival_times()
     assert second - first >= 0.9
@@ -564,9 +568,9 @@ def test_two_sinks_posting_to_one_slack_hook_share_its_pace(tmp_path: Path, stor
 # --- `once` -----------------------------------------------------------------------------------
 
 
-def once(path: Path, configs: Sequence[SinkConfig], clock: FakeClock) -> PassResult:
+def once(state: StateConfig, configs: Sequence[SinkConfig], clock: FakeClock) -> PassResult:
     async def main() -> PassResult:
-        store = Store.open(path)
+        store = open_store(state)
         sinks = [build_sink(c, clock=clock, version=__version__, campaign_names=store.campaign_names) for c in configs]
         try:
             dispatcher = Dispatcher(store, sinks, clock, rng=random.Random(1))
@@ -585,11 +589,11 @@ def test_once_attempts_each_due_delivery_once_in_order(tmp_path: Path, store: St
     clock = FakeClock(NOW)
     rx.respond_sequence([200, 500])
     queue(store, [_event(0, "lead:1"), _event(1, "lead:1"), _event(2, "lead:1")], now=NOW)
-    result = once(store.path, [webhook(rx.url, concurrency=1)], clock)
+    result = once(state_of(store), [webhook(rx.url, concurrency=1)], clock)
     assert (result.attempted, result.delivered, result.failed) == (2, 1, 1)
     assert [d["status"] for d in store.deliveries("crm")] == [DELIVERED, PENDING, PENDING]
     clock.advance(1)
-    result = once(store.path, [webhook(rx.url, concurrency=1)], clock)
+    result = once(state_of(store), [webhook(rx.url, concurrency=1)], clock)
     assert (result.attempted, result.delivered, result.failed) == (2, 2, 0)
 
 
@@ -598,12 +602,12 @@ def test_once_paces_slack_and_stops_a_throttled_sink(tmp_path: Path, store: Stor
     clock = FakeClock(NOW)
     queue(store, [_event(1, "lead:1"), _event(2, "lead:2")], sinks=("team",), now=NOW)
     with FakeSlack() as fake:
-        result = once(store.path, [slack(fake.url)], clock)
+        result = once(state_of(store), [slack(fake.url)], clock)
         assert (result.attempted, result.delivered) == (2, 2)
         assert any(s >= 0.99 for s in clock.slept), "the second message waited for the first second to pass"
         queue(store, [_event(3, "lead:3"), _event(4, "lead:4")], sinks=("team",), now=clock.now())
         fake.respond_sequence([Reply(429, b"rate_limited", {"retry-after": "30"})])
-        result = once(store.path, [slack(fake.url)], clock)
+        result = once(state_of(store), [slack(fake.url)], clock)
         assert (result.attempted, result.failed) == (1, 1)
         assert len(fake.messages()) == 3
 
@@ -613,7 +617,7 @@ def test_disabled_sink_is_skipped_by_once(tmp_path: Path, store: Store, rx: Rece
     queue(store, [_event(1)], now=NOW)
     store.sync_sink("crm", "fingerprint")
     store.disable_sink("crm", NOW, "HTTP 410 Gone")
-    result = once(store.path, [webhook(rx.url)], FakeClock(NOW))
+    result = once(state_of(store), [webhook(rx.url)], FakeClock(NOW))
     assert result == PassResult()
     assert rx.requests == []
 
@@ -621,7 +625,7 @@ def test_disabled_sink_is_skipped_by_once(tmp_path: Path, store: Store, rx: Rece
 def test_updated_event_type_is_carried(tmp_path: Path, store: Store, rx: Receiver) -> None:
     """The stored type and body go out as detected (a lead.updated stays one)."""
     queue(store, [_event(1, "lead:1", LEAD_UPDATED)], now=NOW)
-    once(store.path, [webhook(rx.url)], FakeClock(NOW))
+    once(state_of(store), [webhook(rx.url)], FakeClock(NOW))
     [body] = rx.verified_events(WEBHOOK_KEY, check_timestamp=False)
     assert body["type"] == LEAD_UPDATED
 
@@ -631,6 +635,6 @@ def test_slack_messages_about_a_lead_name_its_campaign(tmp_path: Path, store: St
     store.commit_page(PageCommit("campaigns", NOW, campaigns=[CampaignState(601, "Active", 0, "Spring & Co")]))
     queue(store, [_event(1, "lead:1")], sinks=("team",), now=NOW)
     with FakeSlack() as hook:
-        once(store.path, [slack(hook.url)], FakeClock(NOW))
+        once(state_of(store), [slack(hook.url)], FakeClock(NOW))
         [message] = hook.messages()
     assert "Spring &amp; Co (601)" in str(message["blocks"])

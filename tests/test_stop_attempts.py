@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.support.backends import Backend, state_of
 from tests.support.daemon import wait_until
 from tests.support.receiver import Receiver
 from tests.test_outbox import Running, _event, queue, settled, webhook
@@ -15,8 +15,8 @@ from watcher.state.store import Store
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state.db")
+def store(backend: Backend) -> Iterator[Store]:
+    s = backend.open()
     yield s
     s.close()
 
@@ -28,7 +28,7 @@ def test_an_attempt_cut_off_by_the_stop_is_a_failed_attempt_and_goes_again(store
     with Receiver() as rx:
         rx.respond(200, delay=5.0)
         queue(store, [_event(1)])
-        with Running(store.path, [webhook(rx.url)], grace=0.3) as first:
+        with Running(state_of(store), [webhook(rx.url)], grace=0.3) as first:
             rx.wait_for_count(1)
             first.stop()
         [row] = store.deliveries("crm")
@@ -36,7 +36,7 @@ def test_an_attempt_cut_off_by_the_stop_is_a_failed_attempt_and_goes_again(store
         [attempt] = store.attempts("crm")
         assert "stopped" in str(attempt["error"])
         rx.respond(204)
-        with Running(store.path, [webhook(rx.url)]):
+        with Running(state_of(store), [webhook(rx.url)]):
             wait_until(lambda: settled(store), 10, "the event delivered after the restart")
         assert [r["status"] for r in store.deliveries("crm")] == [DELIVERED]
         assert len(store.attempts("crm")) == len(rx.requests) == 2

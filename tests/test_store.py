@@ -1,20 +1,32 @@
-"""The state file: migrations, one-transaction page commits, due ordering, replay and pruning."""
+"""The state: migrations, one-transaction page commits, due ordering, replay and pruning.
+
+Tests taking `store` or `backend` run on SQLite and on PostgreSQL (tests/support/backends.py);
+those about the file itself (WAL, PRAGMAs, a replaced file) are SQLite's alone, and PostgreSQL's
+own (its schema version, schemas side by side, fencing) follow them.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
-from watcher.errors import StateError
+from tests.support.backends import Backend
+from tests.support.daemon import wait_until
+from tests.support.postgres import Database
+from watcher.errors import Deposed, StateError, StateTooNew
 from watcher.events import Event
+from watcher.leadership import leadership_ddl
 from watcher.records import CampaignState, LeadState, PageCommit
 from watcher.state.admin import Selection
 from watcher.state.migrations import MIGRATIONS
 from watcher.state.records import DEAD, DELIVERED, PENDING, Outcome
-from watcher.state.store import Store
+from watcher.state.store import Store, open_store
 
 
 def _event(n: int, resource: str = "lead:1") -> Event:
@@ -22,8 +34,8 @@ def _event(n: int, resource: str = "lead:1") -> Event:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store.open(tmp_path / "state.db")
+def store(backend: Backend) -> Iterator[Store]:
+    s = backend.open()
     yield s
     s.close()
 
@@ -191,12 +203,14 @@ def test_migrations_run_by_version(tmp_path: Path) -> None:
     store.close()
 
 
-def _store_with_one_failed_delivery(tmp_path: Path, asked: bool, retry_at: float) -> tuple[Store, int]:
+def _store_with_one_failed_delivery(
+    backend: Backend, asked: bool, retry_at: float, name: str = "state.db"
+) -> tuple[Store, int]:
     from watcher.events import Event
     from watcher.records import PageCommit
     from watcher.state.records import ASKED_TO_WAIT, Outcome
 
-    store = Store.open(tmp_path / "state.db")
+    store = backend.open(name)
     event = Event("evt_a", "lead.created", "t", {"lead": {"id": 1}}, "lead:1", campaign_id=601)
     store.commit_page(PageCommit("leads.created", 0.0, events=[(event, ["old"])]))
     [due] = store.due("old", 1.0, 10)
@@ -210,26 +224,25 @@ def _store_with_one_failed_delivery(tmp_path: Path, asked: bool, retry_at: float
     return store, due.seq
 
 
-def test_a_wait_the_receiver_asked_for_survives_a_new_retry_schedule(tmp_path: Path) -> None:
+def test_a_wait_the_receiver_asked_for_survives_a_new_retry_schedule(backend: Backend) -> None:
     """Re-timing on a shorter schedule pulls a plain failure's retry in, but never a wait the receiver asked for."""
-    store, _ = _store_with_one_failed_delivery(tmp_path, True, 310.0)
+    store, _ = _store_with_one_failed_delivery(backend, True, 310.0)
     assert store.reschedule("old", [3.0]) == 0
     assert store.deliveries("old")[0]["next_attempt_at"] == 310.0
     store.close()
-    (tmp_path / "state.db").unlink()
-    store, _ = _store_with_one_failed_delivery(tmp_path, False, 310.0)
+    store, _ = _store_with_one_failed_delivery(backend, False, 310.0, "other.db")
     assert store.reschedule("old", [3.0]) == 1
     assert store.deliveries("old")[0]["next_attempt_at"] == 13.0
     store.close()
 
 
-def test_reschedule_reads_the_asked_wait_from_its_column_not_the_error_text(tmp_path: Path) -> None:
+def test_reschedule_reads_the_asked_wait_from_its_column_not_the_error_text(backend: Backend) -> None:
     """The Retry-After flag is the deliveries row's column: an error that merely reads like one is shortened,
     a flagged wait whose text says nothing of it is kept."""
     from watcher.records import PageCommit
     from watcher.state.records import ASKED_TO_WAIT, Outcome
 
-    store = Store.open(tmp_path / "state.db")
+    store = backend.open()
     events = [Event(f"evt_{n}", "lead.created", "t", {"lead": {"id": n}}, f"lead:{n}") for n in (1, 2)]
     store.commit_page(PageCommit("leads.created", 0.0, events=[(e, ["s"]) for e in events]))
     first, second = store.due("s", 1.0, 10)
@@ -282,9 +295,9 @@ def test_a_file_from_before_the_asked_wait_column_upgrades_and_keeps_its_waits(t
     store.close()
 
 
-def test_moving_a_queue_takes_only_what_the_new_sink_accepts(tmp_path: Path) -> None:
+def test_moving_a_queue_takes_only_what_the_new_sink_accepts(backend: Backend) -> None:
     """`replay --from-sink` hands over only events the new sink's own filters accept; the rest stay put."""
-    store, _ = _store_with_one_failed_delivery(tmp_path, False, 50.0)
+    store, _ = _store_with_one_failed_delivery(backend, False, 50.0)
     assert store.move_sink("old", "new", 20.0, lambda event: event.campaign_id == 602) == (0, 1)
     assert store.move_sink("old", "new", 20.0, lambda event: event.campaign_id == 601) == (1, 0)
     assert [d["sink"] for d in store.deliveries()] == ["new"]
@@ -314,3 +327,150 @@ def test_a_file_replaced_under_an_open_store_never_gets_its_wal(tmp_path: Path) 
         again.verify()
     finally:
         again.close()
+
+
+# ------------------------------------------------------------------------------ PostgreSQL's own
+
+
+def _pg(postgres_db: Database, tmp_path: Path) -> Backend:
+    return Backend("postgresql", tmp_path, postgres_db)
+
+
+def _schema(backend: Backend, name: str = "state.db") -> str:
+    pg = backend.state(name).postgres
+    assert pg is not None
+    return pg.schema
+
+
+def test_postgresql_state_is_versioned_in_its_schema_and_a_newer_one_is_refused(
+    postgres_db: Database, tmp_path: Path
+) -> None:
+    """The schema records its version in state_meta (SQLite's user_version), reopening changes nothing,
+    and a version from a newer release is refused by the daemon's open and by `status`'s."""
+    backend = _pg(postgres_db, tmp_path)
+    backend.open().close()
+    backend.open().close()
+    schema = _schema(backend)
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:  # raw on purpose: the schema's header
+        assert conn.execute(f"SELECT version FROM {schema}.state_meta").fetchall() == [(len(MIGRATIONS),)]
+        conn.execute(f"UPDATE {schema}.state_meta SET version = version + 1")
+    with pytest.raises(StateTooNew, match="newer than this release"):
+        backend.open()
+    with pytest.raises(StateTooNew, match="needs a newer convertr-watcher"):
+        backend.open_readonly()
+
+
+def test_postgresql_status_never_creates_a_state(postgres_db: Database, tmp_path: Path) -> None:
+    """Opening for reading where no daemon has run says so, and leaves no schema behind."""
+    backend = _pg(postgres_db, tmp_path)
+    with pytest.raises(StateError, match="no state in postgresql://"):
+        backend.open_readonly()
+    with psycopg.connect(postgres_db.url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (_schema(backend),)).fetchone() == (
+            0,
+        )
+
+
+def test_enterprises_share_a_database_each_in_its_own_schema(postgres_db: Database, tmp_path: Path) -> None:
+    """Two states in one database (two schemas) keep their own cursors, outboxes and seqs, and a write
+    transaction held open on one does not block the other."""
+    backend = _pg(postgres_db, tmp_path)
+    a, b = backend.open("acme.db"), backend.open("globex.db")
+    try:
+        a.commit_page(PageCommit("leads.created", 1.0, cursor="a1", cursor_ts=1.0, events=[(_event(1), ["crm"])]))
+        b.commit_page(PageCommit("leads.created", 1.0, cursor="b1", cursor_ts=1.0))
+        with a.transaction():  # acme's writer lock held...
+            b.commit_page(PageCommit("leads.created", 2.0, cursor="b2", cursor_ts=2.0, events=[(_event(2), ["crm"])]))
+        assert [d["event_id"] for d in a.deliveries()] == ["evt_1"]
+        assert [d["event_id"] for d in b.deliveries()] == ["evt_2"]
+        assert (a.cursor("leads.created") or _none()).cursor == "a1"
+        assert (b.cursor("leads.created") or _none()).cursor == "b2"
+    finally:
+        a.close()
+        b.close()
+
+
+def _none() -> Any:
+    raise AssertionError("no cursor")
+
+
+def test_postgresql_outside_writes_counts_other_connections_commits_only(postgres_db: Database, tmp_path: Path) -> None:
+    """What the dispatcher re-reads on: another process's commit (a replay) changes it, its own do not."""
+    backend = _pg(postgres_db, tmp_path)
+    daemon, operator = backend.open(), backend.open()
+    try:
+        seen = daemon.outside_writes()
+        daemon.commit_page(PageCommit("s", 1.0, events=[(_event(1), ["a"])]))
+        assert daemon.outside_writes() == seen
+        operator.replay(2.0, Selection(sinks=["a"]))
+        # Told by the replay's NOTIFY, which reaches the daemon's idle session just after the commit.
+        wait_until(lambda: daemon.outside_writes() != seen, 5, "the replay's commit noticed")
+    finally:
+        daemon.close()
+        operator.close()
+
+
+def _lease(postgres_db: Database, schema: str, epoch: int) -> None:
+    """The lease row as a takeover leaves it: `epoch` leads now (raw on purpose: no second daemon needed)."""
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+        for statement in leadership_ddl(schema):
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO {schema}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at) "
+            "VALUES ('leader', %s, 'other', 'host-b', 1, now(), now(), now() + interval '1 minute') "
+            "ON CONFLICT (name) DO UPDATE SET epoch = EXCLUDED.epoch, holder = EXCLUDED.holder",
+            (epoch,),
+        )
+
+
+def test_a_deposed_leaders_store_commits_nothing(postgres_db: Database, tmp_path: Path) -> None:
+    """A store opened with a fence writes while its epoch leads; once another epoch leads (a standby took
+    over), its commit_page raises Deposed and neither the cursor, nor a snapshot, nor an outbox row moves."""
+    backend = _pg(postgres_db, tmp_path)
+    schema = _schema(backend)
+    _lease(postgres_db, schema, 1)
+    leading: list[int | None] = [1]
+    store = open_store(backend.state(), fence_epoch=lambda: leading[0])
+    observer = backend.open_readonly()
+    try:
+        store.commit_page(PageCommit("leads.created", 1.0, cursor="c1", cursor_ts=1.0, events=[(_event(1), ["a"])]))
+        _lease(postgres_db, schema, 2)  # a standby took over
+        page = PageCommit(
+            "leads.created",
+            2.0,
+            cursor="c2",
+            cursor_ts=2.0,
+            leads=[LeadState(5, 2.0, None, {"a": 1})],
+            events=[(_event(2, "lead:5"), ["a"])],
+        )
+        with pytest.raises(Deposed, match="epoch 2, this daemon led epoch 1"):
+            store.commit_page(page)
+        with pytest.raises(Deposed):
+            store.record_outcomes("a", [], now=3.0, status_code=200, duration=0.1, success=True)
+        leading[0] = None  # the runtime knows it no longer leads: refused before asking the database
+        with pytest.raises(Deposed, match="does not lead"):
+            store.commit_page(page)
+        assert (observer.cursor("leads.created") or _none()).cursor == "c1"
+        assert observer.leads([5]) == {}
+        assert [d["event_id"] for d in observer.deliveries()] == ["evt_1"]
+        leading[0] = 2  # led again (a later epoch): writes go through
+        assert [e.id for e in store.commit_page(page)] == ["evt_2"]
+    finally:
+        store.close()
+        observer.close()
+
+
+def test_sink_health_follows_the_attempts_in_their_order(store: Store) -> None:
+    """Attempts written together count in order: a success after a failure ends the streak, a failure
+    after a success starts one (at the failure's time)."""
+    from watcher.state.records import Recorded
+
+    def attempt(success: bool, now: float) -> Recorded:
+        return Recorded("a", (), now, 200 if success else 500, 0.1, success)
+
+    store.record_attempts([attempt(False, 10.0), attempt(True, 11.0)])
+    assert store.failing_since("a") is None
+    store.record_attempts([attempt(True, 12.0), attempt(False, 13.0), attempt(False, 14.0)])
+    assert store.failing_since("a") == 13.0
+    [state] = store.sink_states(["a"], only=True)
+    assert state.last_success_at == 12.0

@@ -13,14 +13,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from watcher import __version__
 from watcher.clock import SystemClock
-from watcher.config import Config, SinkConfig, load_config
+from watcher.config import Config, PostgresState, SinkConfig, load_config
 from watcher.errors import (
     AuthError,
     ConfigError,
@@ -48,9 +48,10 @@ def _load(args: argparse.Namespace, *, secrets_required: bool = True) -> Config:
     """The configuration, logging set up from it. Commands that only read or change the state pass
     `secrets_required=False`: they must work while the service's credentials are not on disk."""
     config = load_config(args.config, secrets_required=secrets_required)
-    if config.state.postgres is not None and (args.command != "check" or args.state):
-        # The configuration parses (check passes); no store opens it yet (issue 21's integration).
-        raise ConfigError("state.url", "PostgreSQL state is not available in this release yet: use [state] path")
+    if config.state.postgres is not None and (args.command not in _ON_POSTGRES or getattr(args, "state", False)):
+        raise ConfigError(
+            "state.url", f"`{args.command}` does not work on a PostgreSQL state in this release yet: use [state] path"
+        )
     configure_logging(
         config.log.level, config.log.format, secrets=config.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
     )
@@ -60,9 +61,20 @@ def _load(args: argparse.Namespace, *, secrets_required: bool = True) -> Config:
     return config
 
 
+# Commands wired to a PostgreSQL state ([state] url); the others refuse it in one line.
+_ON_POSTGRES = frozenset({"check", "run", "once", "status", "events", "replay", "forget", "send-test"})
+
+
 def _writing(args: argparse.Namespace, config: Config) -> AbstractContextManager[object]:
-    """The state file's write lock for a command that polls and delivers, held until the command ends."""
+    """The state file's write lock for a command that polls and delivers, held until the command ends.
+
+    On PostgreSQL the leadership lease takes its place (watcher.leading): `run` stands by while
+    another daemon leads, `once` refuses.
+    """
     from watcher.lock import state_lock
+
+    if config.state.postgres is not None:
+        return nullcontext()
 
     # Named by subcommand and config path only: argv could carry anything an operator typed.
     command = f"{PROG} {args.command} -c {os.path.abspath(args.config)}"
@@ -225,12 +237,12 @@ async def _connect(config: Config) -> int:
 
 def _disabled_in_state(config: Config) -> dict[str, str]:
     """Sinks the daemon disabled after a permanent refusal, with the reason (scrubbed); read-only."""
-    from watcher.state.store import Store
+    from watcher.state.store import open_store_readonly
 
-    if not config.state.path.exists():
+    if config.state.postgres is None and not config.state.path.exists():
         return {}
     try:
-        store = Store.open_readonly(config.state.path)
+        store = open_store_readonly(config.state)
     except StateError:
         return {}
     with store:
@@ -278,6 +290,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise
         state_path, refused = found, f"{args.config}: {exc}"
         print(f"{PROG}: warning: the configuration does not load ({refused}); showing the state", file=sys.stderr)
+    if config is not None and config.state.postgres is not None:
+        missing = _no_state(config)
+        if missing:
+            print(f"{PROG}: {missing}", file=sys.stderr)
+            report = {**_leadership_report(config.state.postgres), "streams": [], "sinks": [], "tracked_leads": 0}
+        else:
+            report = _status_report(state_path, config, refused)
+        if missing and not args.json:
+            return EXIT_OK
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_status(report)
+        return EXIT_OK
     from watcher.lineage import refuse_lost_history
 
     refuse_lost_history(state_path, f"{PROG} run -c {args.config}")
@@ -301,11 +327,12 @@ def _status_report(state_path: Path, config: Config | None, refused: str | None)
     """What `status` shows, as the JSON it prints with `--json`; the config is None when it does not load."""
     from watcher.delivery.policy import FAILING_ALERT_AFTER
     from watcher.lock import running_holder
-    from watcher.state.store import Store
+    from watcher.state.store import Store, open_store_readonly
 
+    postgres = config.state.postgres if config is not None else None
     # Read-only and never migrated: run between an upgrade and the restart, status must not touch
     # the file the old daemon still writes.
-    store = Store.open_readonly(state_path)
+    store = Store.open_readonly(state_path) if config is None or postgres is None else open_store_readonly(config.state)
     secrets = known_secrets()
     now = SystemClock().now()
     try:
@@ -368,6 +395,18 @@ def _status_report(state_path: Path, config: Config | None, refused: str | None)
         forgotten = [{"lead_id": lead, "forgotten_at": _ts(at)} for lead, at in store.tombstones()]
     finally:
         store.close()
+    if postgres is not None:
+        return {
+            **_leadership_report(postgres),
+            "config_error": refused,
+            "streams": streams,
+            "sinks": sinks,
+            "tracked_leads": leads,
+            "unreadable_leads": unreadable,
+            "forgotten_leads": forgotten,
+            "daemon": None,
+            "storage": {"free_bytes": None, "read_only": None, "problem": None},
+        }
     holder = running_holder(state_path)
     return {
         # Whether a `run` or `once` holds the state file now: the lock, not the pid a file remembers.
@@ -385,6 +424,35 @@ def _status_report(state_path: Path, config: Config | None, refused: str | None)
         "forgotten_leads": forgotten,
         "daemon": _daemon_info(state_path, config, holder.pid if holder is not None else None),
         "storage": _storage(state_path),
+    }
+
+
+def _leadership_report(postgres: PostgresState) -> dict[str, Any]:
+    """Who leads a PostgreSQL state and who stands by, read from its leadership tables (no lock taken).
+
+    `running`: some daemon takes part (leading or standing by); `role`: "leader" while one leads,
+    "standby" while daemons run and none leads (a takeover under way), None when none runs.
+    """
+    import psycopg
+
+    from watcher.leadership import describe, read_status
+    from watcher.lease import LeaseTimings
+    from watcher.state.postgres import conninfo_for
+
+    try:
+        with psycopg.connect(conninfo_for(postgres, None), autocommit=True) as conn:
+            status = read_status(conn, postgres.schema, LeaseTimings())
+    except psycopg.Error as exc:
+        raise StateError(f"cannot read who leads the state in {postgres.shown()}: {describe(exc)}") from None
+    leader = status.leader
+    running = leader is not None or bool(status.standbys)
+    return {
+        "running": running,
+        "role": "leader" if leader is not None else ("standby" if running else None),
+        "holder": None
+        if leader is None
+        else {"pid": leader.pid, "command": None, "host": leader.host, "since": leader.since.isoformat()},
+        "leadership": status.as_json(),
     }
 
 
@@ -415,7 +483,16 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"STATE FILE: {storage['problem']}")
     if report["config_error"]:
         print(f"CONFIG: does not load, so sinks are listed from the state alone: {report['config_error']}")
-    if holder is None:
+    if "leadership" in report:
+        leadership = report["leadership"]
+        leader = leadership["leader"]
+        if leader is None:
+            print("leader: none (no daemon leads the state now)")
+        else:
+            print(f"leader: pid {leader['pid']} on {leader['host']}, epoch {leader['epoch']}, since {leader['since']}")
+        for standby in leadership["standbys"]:
+            print(f"standing by: pid {standby['pid']} on {standby['host']} (seen {standby['seen_at']})")
+    elif holder is None:
         print("daemon: not running (no process holds the state file)")
     elif daemon is None:
         print(f"daemon: running, pid {holder['pid']} ({holder['command']}) on {holder['host']} since {holder['since']}")
@@ -494,15 +571,31 @@ def _daemon_info(state_path: Path, config: Config | None, pid: int | None) -> di
     }
 
 
+def _no_state(config: Config) -> str | None:
+    """Why there is no state to change yet (no file; on PostgreSQL, no schema a daemon made), or None."""
+    from watcher.state.store import open_store_readonly
+
+    if config.state.postgres is None:
+        return None if config.state.path.exists() else f"no state file at {config.state.path}"
+    try:
+        open_store_readonly(config.state).close()
+    except StateTooNew:
+        raise
+    except StateError as exc:
+        return str(exc)
+    return None
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     """An erasure request: the lead's snapshot, payloads and attempt log go; a tombstone stays."""
-    from watcher.state.store import Store
+    from watcher.state.store import open_store
 
     config = _load(args, secrets_required=False)
-    if not config.state.path.exists():
-        return _fail(f"forget: no state file at {config.state.path}", EXIT_FAILURE)
+    missing = _no_state(config)
+    if missing:
+        return _fail(f"forget: {missing}", EXIT_FAILURE)
     # No write lock, like replay: one short transaction that a running daemon serialises with.
-    with Store.open(config.state.path) as store:
+    with open_store(config.state) as store:
         erased = store.forget(args.lead, SystemClock().now(), unseen=args.unseen)
     if erased is None:
         return _fail(
@@ -521,7 +614,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from watcher.state.admin import Selection
     from watcher.state.records import DEAD, DELIVERED
-    from watcher.state.store import Store
+    from watcher.state.store import open_store
 
     config = _load(args, secrets_required=False)
     names = {s.name for s in config.sinks}
@@ -538,15 +631,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     chosen = args.sink or args.event or args.since is not None or args.until is not None or args.all
     if not (chosen or args.pending or args.from_sink):
         return _fail("replay: say what to re-queue: --sink, --event, --since/--until, --pending, or --all", EXIT_USAGE)
-    if not config.state.path.exists():
+    missing = _no_state(config)
+    if missing:
         # Opening would create an empty file (owned by whoever ran this, maybe root): nothing to replay.
-        return _fail(f"replay: no state file at {config.state.path} (the daemon has not run yet)", EXIT_FAILURE)
+        return _fail(f"replay: {missing} (the daemon has not run yet)", EXIT_FAILURE)
     statuses = [DEAD, DELIVERED] if args.delivered else [DEAD]
     now = SystemClock().now()
     # No write lock: a replay is one short transaction that a running daemon is meant to pick up
     # (it is how a fixed receiver gets its backlog without a restart); SQLite serialises it with
     # the daemon's own writes. Only processes that poll and deliver must be alone.
-    with Store.open(config.state.path) as store:
+    with open_store(config.state) as store:
         # Without --sink, only configured sinks: a removed sink's queue is read by nothing.
         enabling = args.sink or ([] if args.pending else sorted(names))
         disabled = [s for s in store.sink_states(enabling, only=True) if s.disabled_at is not None]
@@ -655,9 +749,10 @@ def cmd_events(args: argparse.Namespace) -> int:
     config = _load(args, secrets_required=False)
     # Read-only (SQLite mode=ro): safe beside a running daemon, and never creates or migrates the file.
     if args.show:
-        found = show(config.state.path, args.show[1])
+        found = show(config.state, args.show[1])
         if found is None:
-            return _fail(f"events show: no event {args.show[1]!r} in {config.state.path}", EXIT_FAILURE)
+            where = config.state.postgres.shown() if config.state.postgres is not None else config.state.path
+            return _fail(f"events show: no event {args.show[1]!r} in {where}", EXIT_FAILURE)
         print(json.dumps(found, indent=2, ensure_ascii=False))
         return EXIT_OK
     query = Query(
@@ -670,9 +765,9 @@ def cmd_events(args: argparse.Namespace) -> int:
         attempts=args.attempts,
     )
     if args.follow:
-        follow(config.state.path, query, args.format)
+        follow(config.state, query, args.format)
         return EXIT_OK
-    write(read(config.state.path, query), args.format)
+    write(read(config.state, query), args.format)
     return EXIT_OK
 
 

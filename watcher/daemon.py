@@ -25,7 +25,7 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -46,7 +46,10 @@ from watcher.runinfo import config_fingerprint, write_info
 from watcher.runtime import Runtime, fingerprint, runtime, stranded, warn_stranded
 from watcher.sinks import build_sink
 from watcher.sinks.broker import probe_at_start
-from watcher.state.store import Store
+from watcher.state.store import open_store
+
+if TYPE_CHECKING:
+    from watcher.leadership import Leadership
 
 log = structlog.get_logger("watcher.daemon")
 
@@ -68,31 +71,48 @@ async def run_once(config: Config, clock: Clock, *, start_over: str | None = Non
     ones are read. It ends once the polls have and nothing due is left untried. `start_over`: see
     `history_kept`.
     """
+    if config.state.postgres is not None:
+        return await _once_leading(config, clock, **kwargs)
     history_kept(config, start_over)
     async with runtime(config, clock, **kwargs) as rt:
-        polls = asyncio.create_task(_poll_all(rt))
-        polls.add_done_callback(lambda _: rt.dispatcher.wake())
-        passing = asyncio.create_task(rt.dispatcher.deliver_due_once(producing=lambda: not polls.done()))
-        try:
-            ok = await polls
-        except asyncio.CancelledError:
-            passing.cancel()  # interrupted: what is not sent now goes at the next run
-            raise
-        except Exception:
-            # A poll that failed for good still lets what it committed go out.
-            await passing
-            raise
-        passed = await passing
-        if rt.store.cursors():
-            mark_history(rt)
-        log.info(
-            "delivery pass",
-            attempted=passed.attempted,
-            delivered=passed.delivered,
-            failed=passed.failed,
-            broken=passed.broken,
-        )
-        _housekeeping(rt)
+        return await _once(rt)
+
+
+async def _once_leading(config: Config, clock: Clock, **kwargs: Any) -> int:
+    """`once` on PostgreSQL: only while it leads (StateLocked when another daemon does), every write fenced."""
+    from watcher.leading import fence_of, lead_now, taking_part
+
+    async with taking_part(config) as leadership:
+        await lead_now(leadership, config, clock)
+        async with runtime(config, clock, fence_epoch=fence_of(leadership), **kwargs) as rt:
+            return await _once(rt)
+
+
+async def _once(rt: Runtime) -> int:
+    """One poll of every enabled stream and one delivery pass on `rt`."""
+    polls = asyncio.create_task(_poll_all(rt))
+    polls.add_done_callback(lambda _: rt.dispatcher.wake())
+    passing = asyncio.create_task(rt.dispatcher.deliver_due_once(producing=lambda: not polls.done()))
+    try:
+        ok = await polls
+    except asyncio.CancelledError:
+        passing.cancel()  # interrupted: what is not sent now goes at the next run
+        raise
+    except Exception:
+        # A poll that failed for good still lets what it committed go out.
+        await passing
+        raise
+    passed = await passing
+    if rt.store.cursors():
+        mark_history(rt)
+    log.info(
+        "delivery pass",
+        attempted=passed.attempted,
+        delivered=passed.delivered,
+        failed=passed.failed,
+        broken=passed.broken,
+    )
+    _housekeeping(rt)
     return EXIT_OK if ok and not passed.failed and not passed.broken else EXIT_FAILURE
 
 
@@ -116,8 +136,8 @@ async def _poll_all(rt: Runtime) -> bool:
 
 
 def mark_history(rt: Runtime) -> None:
-    """Write the lineage marker once the state has a cursor (see watcher.lineage)."""
-    if rt.history_marked:
+    """Write the lineage marker once the state has a cursor (see watcher.lineage; SQLite's file alone)."""
+    if rt.history_marked or rt.config.state.postgres is not None:
         return
     try:
         mark(rt.config.state.path, rt.clock.now())
@@ -365,6 +385,8 @@ class Daemon:
                 new = load_config(self.rt.config.path)
                 if new.state.path != self.rt.config.state.path:
                     raise ConfigError("state.path", "cannot change on reload (the lock is on the old file): restart")
+                if new.state.postgres != self.rt.config.state.postgres:
+                    raise ConfigError("state.url", "cannot change on reload (the daemon leads that state): restart")
             except ConfigError as exc:
                 self._refuse(str(exc))
             else:
@@ -448,6 +470,8 @@ class Daemon:
             "reload_refused": self._refused[0] if self._refused else None,
             "reload_refused_at": self._refused[1] if self._refused else None,
         }
+        if cfg.state.postgres is not None:
+            return  # no file to write beside: the leadership tables say who runs (`status`)
         try:
             write_info(cfg.state.path, info)
         except OSError as exc:
@@ -528,6 +552,10 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier, *, start_
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not await _wait_for_storage(config, clock, notifier):
         return EXIT_OK  # stopped while waiting
+    if config.state.postgres is not None:
+        from watcher.leading import run_leading
+
+        return await run_leading(config, clock, notifier)
     history_kept(config, start_over)
     stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
     async with runtime(config, stepped) as rt:
@@ -544,6 +572,37 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier, *, start_
             clock_stepped(rt, missed)
         _keep_frame(config.state.path, boot, stepped.offset)
         return await Daemon(rt, notifier).run()
+
+
+async def run_term(config: Config, clock: Clock, notifier: Notifier, leadership: Leadership) -> tuple[int, bool]:
+    """One term as the leader of a PostgreSQL state: the daemon runs on a store fenced by the epoch,
+    until a stop signal or the end of the term. Returns the exit status and whether the term ended
+    because this daemon no longer leads (then it stands by again).
+
+    A clock step is noticed and applied while leading, as on SQLite; a step while standing by or
+    stopped is not (the clock frame is a file beside an SQLite state).
+    """
+    from watcher.leading import fence_of
+
+    stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
+    async with runtime(config, stepped, fence_epoch=fence_of(leadership)) as rt:
+        stepped.on_step = lambda seconds: clock_stepped(rt, seconds)
+        ended = False
+
+        async def term_ends() -> None:
+            nonlocal ended
+            await leadership.wait_standing_by()
+            ended = True
+            log.warning("this daemon no longer leads the state: stopping work and standing by")
+            rt.stopping.set()
+
+        watching = asyncio.create_task(term_ends(), name="term")
+        log.info("this daemon leads the state", epoch=leadership.epoch, host=leadership.host)
+        try:
+            code = await Daemon(rt, notifier).run()
+        finally:
+            watching.cancel()
+        return code, ended
 
 
 def _keep_frame(state_path: Path, boot: str | None, offset: float) -> None:
@@ -591,14 +650,19 @@ async def _wait_for_storage(config: Config, clock: Clock, notifier: Notifier) ->
             loop.add_signal_handler(sig, stop.set)
         while not stop.is_set():
             try:
-                Store.open(config.state.path).close()
+                if config.state.postgres is None:
+                    open_store(config.state).close()
+                else:
+                    from watcher.state.postgres import probe
+
+                    probe(config.state.postgres)
                 if waiting:
                     log.warning("state file opens again; starting")
                 return True
             except (StateTooNew, StateDamaged):
                 raise  # only an upgrade, or the operator's recovery, helps: exit 78 at once
             except StateError as exc:
-                if not config.state.path.parent.is_dir():
+                if config.state.postgres is None and not config.state.path.parent.is_dir():
                     raise  # a wrong path, not a full disk: say so and exit
                 if not waiting:
                     waiting = True

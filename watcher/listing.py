@@ -18,12 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from watcher.events import loads
 from watcher.logs import known_secrets, scrub
 from watcher.pii import strip_pii
-from watcher.state.store import Store
+from watcher.state.store import Store, open_store_readonly
+
+if TYPE_CHECKING:
+    from watcher.config import StateConfig
 
 FORMATS = ("table", "json", "csv")
 COLUMNS = ("id", "type", "resource", "sink", "status", "attempts", "detected_at", "delivered_at", "last_error")
@@ -59,9 +62,16 @@ def _clean(value: Any, secrets: frozenset[str]) -> Any:
     return scrub(value, secrets) if isinstance(value, str) else value
 
 
-def read(path: Path, query: Query) -> list[dict[str, Any]]:
+def _reading(where: Path | StateConfig) -> Store:
+    """The state read-only: an SQLite file by its path, or the configured state (SQLite or PostgreSQL)."""
+    if isinstance(where, Path):
+        return Store.open_readonly(where)
+    return open_store_readonly(where)
+
+
+def read(path: Path | StateConfig, query: Query) -> list[dict[str, Any]]:
     """The matching deliveries as printable rows (times in RFC 3339, text scrubbed), newest first."""
-    with Store.open_readonly(path) as store:
+    with _reading(path) as store:
         rows = store.outbox(
             sinks=query.sinks,
             statuses=query.statuses,
@@ -153,7 +163,7 @@ def _table(rows: Sequence[dict[str, Any]], out: IO[str], *, header: bool = True)
 
 
 def follow(
-    path: Path,
+    path: Path | StateConfig,
     query: Query,
     fmt: str,
     out: IO[str] = sys.stdout,
@@ -164,7 +174,7 @@ def follow(
 ) -> None:
     """`events --follow`: the listing, then each delivery of a newer event as it appears and again
     whenever its status or attempt count changes, oldest first, until `stop()` (or Ctrl-C)."""
-    with Store.open_readonly(path) as store:
+    with _reading(path) as store:
         start = store.last_event_seq()
     listed = read(path, query)
     write(list(reversed(listed)), fmt, out)
@@ -184,10 +194,10 @@ def follow(
             out.flush()
 
 
-def show(path: Path, event_id: str) -> dict[str, Any] | None:
+def show(path: Path | StateConfig, event_id: str) -> dict[str, Any] | None:
     """One event for `events show ID`: its body as detected, personal data left out and secrets
     masked (what an `include_pii = false` sink would get), and its delivery to each sink."""
-    with Store.open_readonly(path) as store:
+    with _reading(path) as store:
         found = store.event(event_id)
     if found is None:
         return None

@@ -27,7 +27,7 @@ from watcher.poller import CAMPAIGNS, CREATED, UPDATED, Poller
 from watcher.sinks import build_sink
 from watcher.sinks.base import Sink
 from watcher.state.records import SinkState
-from watcher.state.store import Store
+from watcher.state.store import Store, open_store
 
 # The name its lines have always carried: an operator's log filter keeps matching them.
 log = structlog.get_logger("watcher.daemon")
@@ -83,8 +83,11 @@ async def runtime(
     api_transport: httpx.AsyncBaseTransport | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     stall: float | None = None,
+    fence_epoch: Callable[[], int | None] | None = None,
 ) -> AsyncIterator[Runtime]:
-    store = Store.open(config.state.path)
+    # fence_epoch: on PostgreSQL, the epoch this daemon leads under (watcher.leading); every write
+    # transaction of the store checks it.
+    store = open_store(config.state, fence_epoch=fence_epoch)
     try:
         # Pages only, no index-to-table matching (about 0.2 s per 100 MB): a damaged file is
         # refused here in one line rather than failing poll after poll.
@@ -101,7 +104,10 @@ async def runtime(
         )
         if on
     ]
-    metrics = Metrics(clock.now(), streams=streams, sinks=[s.name for s in config.sinks])
+    schema = config.state.postgres.schema if config.state.postgres is not None else "sqlite"
+    metrics = Metrics(clock.now(), streams=streams, sinks=[s.name for s in config.sinks], state=schema)
+    if fence_epoch is not None:
+        metrics.set_leader(True)  # a runtime on PostgreSQL is built for a term as leader (watcher.leading)
     metrics.set_request_budget(config.convertr.request_budget)
     live = Liveness(
         clock.monotonic(),

@@ -58,12 +58,14 @@ def write_config(
     convertr: Mapping[str, Any] | None = None,
     leads: Mapping[str, Any] | None = None,
     campaigns: Mapping[str, Any] | None = None,
+    state: Mapping[str, Any] | None = None,
     extra: str = "",
 ) -> Path:
-    """A config for the simulator at `api_url` with short intervals; tables merged from the arguments."""
+    """A config for the simulator at `api_url` with short intervals; tables merged from the arguments
+    (`state` replaces the [state] table: `{"url": ...}` for PostgreSQL)."""
     tables: dict[str, dict[str, Any]] = {
         "convertr": {"base_url": api_url, "username": USERNAME, "password": PASSWORD, **(convertr or {})},
-        "state": {"path": "state.db"},
+        "state": dict(state) if state is not None else {"path": "state.db"},
         "leads": {"interval": 1, "lookback": "30s", "updates": False, "start": "now", **(leads or {})},
         "campaigns": {"enabled": False, **(campaigns or {})},
         "log": {"format": "json", "level": "info"},

@@ -3,12 +3,15 @@
 The simulator's clock is a `FakeClock` that moves only when told, so every step is deterministic;
 the daemon side uses the same clock (it is told the time like any process on that host). The
 outbox is read through the `Store` API. Nothing is delivered: these tests are about detection.
+The state is an SQLite file in the folder, or a schema of a PostgreSQL database (`state`: the
+[state] table, `{"url": ..., "schema": ...}`), backed up and restored with pg_dump and pg_restore.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +25,7 @@ from watcher.events import loads
 from watcher.poller import Poller
 from watcher.simulator import Simulator, SimulatorServer
 from watcher.simulator.filters import LeadQuery, Page
-from watcher.state.store import Store
+from watcher.state.store import Store, open_store
 
 # Never called: the rig runs no dispatcher, a sink only has to exist for events to be kept.
 SINK = {"name": "crm", "type": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "whsec_" + "A" * 32}
@@ -67,8 +70,9 @@ class HookedSimulator(Simulator):
 class Rig:
     """A simulator, a state file and a poller that can be restarted, crashed and reconfigured."""
 
-    def __init__(self, folder: Path, sim: Simulator, url: str) -> None:
+    def __init__(self, folder: Path, sim: Simulator, url: str, state: Mapping[str, Any] | None = None) -> None:
         self.folder = folder
+        self.state = state
         self.sim = sim
         self.url = url
         # The host's clock; the server's is this plus `sim.offset` (a skew between the two).
@@ -86,14 +90,19 @@ class Rig:
         """Write the config (a restart applies it)."""
         values = {"updates": True, "lookback": "30s", **leads}
         path = write_config(
-            self.folder, self.url, [SINK], convertr={"items_per_page": items_per_page, **(convertr or {})}, leads=values
+            self.folder,
+            self.url,
+            [SINK],
+            convertr={"items_per_page": items_per_page, **(convertr or {})},
+            leads=values,
+            state=self.state,
         )
         self.config = load_config(path)
         return self.config
 
     def start(self) -> Poller:
         assert self.config is not None, "configure() first"
-        self.store = Store.open(self.config.state.path)
+        self.store = open_store(self.config.state)
         self.client = ConvertrClient(self.config.convertr, clock=self.clock)
         self.poller = Poller(self.config, self.client, self.store, self.clock)
         return self.poller
@@ -125,13 +134,26 @@ class Rig:
         assert self.config is not None
         self.stop()
         target = self.folder / name
-        shutil.copy(self.config.state.path, target)
+        pg = self.config.state.postgres
+        if pg is None:
+            shutil.copy(self.config.state.path, target)
+        else:
+            _run("pg_dump", "--format=custom", f"--schema={pg.schema}", f"--file={target}", pg.url)
         self.start()
         return target
 
     def restore(self, backup: Path) -> None:
         assert self.config is not None
         self.stop()
+        pg = self.config.state.postgres
+        if pg is not None:
+            import psycopg
+
+            with psycopg.connect(pg.url, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {pg.schema} CASCADE")
+            _run("pg_restore", f"--dbname={pg.url}", str(backup))
+            self.start()
+            return
         for suffix in ("-wal", "-shm"):
             Path(str(self.config.state.path) + suffix).unlink(missing_ok=True)
         shutil.copy(backup, self.config.state.path)
@@ -170,10 +192,16 @@ class Rig:
         return [e for e in self.events("lead.updated") if lead_id is None or e["data"]["lead"]["id"] == lead_id]
 
 
+def _run(*command: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{command[0]}: {done.stderr}"
+
+
 def make_rig(
     folder: Path,
     stack: Any,
     *,
+    state: Mapping[str, Any] | None = None,
     zone: str = "Europe/London",
     start: float,
     seed: int = 11,
@@ -185,6 +213,6 @@ def make_rig(
     sim.offset = skew
     sim.seed_data(campaigns=2, leads=leads)
     server = stack.enter_context(SimulatorServer(sim))
-    rig = Rig(folder, sim, server.url)
+    rig = Rig(folder, sim, server.url, state)
     stack.callback(rig.close)
     return rig

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from watcher.events import Event
-from watcher.state.connection import SQLITE, Connection, Dialect
+from watcher.state.connection import SQLITE, Connection, Dialect, Tx
 from watcher.state.records import DEAD, PENDING, Due
 
 
@@ -53,7 +52,7 @@ class Selection:
 
 
 def _update_chosen(
-    c: sqlite3.Connection,
+    c: Tx,
     assignments: str,
     values: Sequence[Any],
     tests: Sequence[tuple[str, Any]],
@@ -117,11 +116,13 @@ class Admin(Connection):
             moved = 0
             for (seq,) in wanted:
                 moved += c.execute(
-                    "UPDATE OR IGNORE deliveries SET sink = ?, next_attempt_at = ?, "
+                    # Not where `new` already has this event (what UPDATE OR IGNORE did, in standard SQL).
+                    "UPDATE deliveries SET sink = ?, next_attempt_at = ?, "
                     "attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END, "
                     "created_at = CASE WHEN status = 'dead' THEN ? ELSE created_at END, status = 'pending' "
-                    "WHERE sink = ? AND event_seq = ? AND status IN ('pending', 'dead')",
-                    (new, now, now, old, seq),
+                    "WHERE sink = ? AND event_seq = ? AND status IN ('pending', 'dead') "
+                    "AND NOT EXISTS (SELECT 1 FROM deliveries x WHERE x.sink = ? AND x.event_seq = ?)",
+                    (new, now, now, old, seq, new, seq),
                 ).rowcount
         return moved, len(rows) - moved
 

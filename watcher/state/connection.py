@@ -1,10 +1,10 @@
 """The connection to the state file and its transactions: the one place that knows the backend.
 
 Every other module of `watcher.state` builds its SQL through `Connection`: `transaction()` for a
-write, `_rows`/`_query` for a read, `dialect` for what differs between databases (today only the
-bound-parameter mark). A second backend (PostgreSQL) adds a connection beside this one, with its
-own `Dialect`, connect, error translation and migrations; the per-concern modules stay as they are
-wherever their SQL is standard.
+write, `_rows`/`_query` for a read, `dialect` for what differs between databases. This class is
+the SQLite file; `watcher.state.postgres.PostgresConnection` overrides the same methods for
+PostgreSQL, with its own connect, error translation and migrations, and the per-concern modules
+run unchanged on either.
 
 Every state change is one `BEGIN IMMEDIATE` transaction, and none of them awaits anything, so a
 cancelled task can never leave half a change behind.
@@ -15,12 +15,12 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from watcher.errors import StateDamaged, StateError
 
@@ -30,17 +30,53 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Dialect:
-    """What the SQL of the state layer needs to know about the database it talks to."""
+    """What the SQL of the state layer needs to know about the database it talks to.
+
+    The state layer writes its statements with `?` marks on every backend: PostgreSQL's connection
+    turns them into psycopg's `%s` once per statement text (watcher.state.postgres). What cannot be
+    written one way for both comes from here.
+    """
 
     name: str
-    mark: str  # the bound-parameter placeholder
+    mark: str  # the bound-parameter placeholder the state layer writes
+    distinct: str  # the NULL-safe "not equal" operator
+    # Inserted rows' generated keys come back with RETURNING (PostgreSQL's sequences may leave gaps),
+    # rather than being counted back from last_insert_rowid() (SQLite's AUTOINCREMENT under one writer).
+    returning: bool
+    hint_indexes: bool  # SQLite's INDEXED BY: PostgreSQL's planner takes no hints
 
     def marks(self, count: int) -> str:
         """`count` placeholders, comma-separated (an IN list)."""
         return ",".join([self.mark] * count)
 
+    def indexed_by(self, index: str) -> str:
+        """A hint to read a table through `index` (after its alias in FROM), where the database takes one."""
+        return f"INDEXED BY {index}" if self.hint_indexes else ""
 
-SQLITE = Dialect("sqlite", "?")
+
+SQLITE = Dialect("sqlite", "?", distinct="IS NOT", returning=False, hint_indexes=True)
+POSTGRESQL = Dialect("postgresql", "?", distinct="IS DISTINCT FROM", returning=True, hint_indexes=False)
+
+
+class Result(Protocol):
+    """What a statement run in a transaction gives back (an sqlite3 or psycopg cursor)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Tx(Protocol):
+    """An open write transaction, as the state layer's modules write through it."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Result: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Result: ...
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -195,8 +231,23 @@ class Connection:
         """A number that changes whenever another connection commits to the file (PRAGMA data_version)."""
         return int(self._rows("PRAGMA data_version")[0][0])
 
+    def _prepare_erasure(self) -> None:
+        """Before `forget`'s transaction: SQLite zeroes the pages it frees from now on."""
+        try:
+            self.conn.execute("PRAGMA secure_delete = ON")
+        except sqlite3.Error as exc:
+            raise state_error(exc, self.path, "write") from None
+
+    def _erased(self, tables: Sequence[str]) -> None:
+        """After `forget` committed: fold the WAL into the file and truncate it, so the erased bytes
+        do not linger in old WAL frames (secure_delete already zeroed the freed pages)."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise state_error(exc, self.path, "checkpoint") from None
+
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Tx]:
         """One write transaction: the open connection to write through, committed at the end."""
         try:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -228,7 +279,7 @@ class Connection:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
 
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
             cur = self.conn.execute(sql, params)
             cur.row_factory = sqlite3.Row

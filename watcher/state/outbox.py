@@ -9,13 +9,12 @@ cursor that produced them moves in the same commit.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from watcher.events import Event, dumps
-from watcher.state.connection import SQLITE, Connection, Dialect
+from watcher.state.connection import SQLITE, Connection, Dialect, Tx
 from watcher.state.records import Due, Outcome, Recorded
 from watcher.state.sinks import note_health
 
@@ -45,9 +44,7 @@ def _due_where(sink: str, now: float, passing: float | None) -> tuple[str, list[
     return f"d.sink = ? AND d.status = 'pending' AND {when}", [sink, *params]
 
 
-def enqueue(
-    c: sqlite3.Connection, events: list[tuple[Event, Sequence[str]]], now: float, dialect: Dialect = SQLITE
-) -> list[Event]:
+def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialect: Dialect = SQLITE) -> list[Event]:
     """Insert events not stored before, with a pending delivery per sink, on the open transaction
     `c` (the caller's, which commits them with the cursor that found them); return the new ones.
 
@@ -72,14 +69,23 @@ def enqueue(
             new.setdefault(event.id, (event, sinks))
     if not new:
         return []
-    c.executemany(
-        "INSERT INTO events (id, type, resource, campaign_id, payload, detected_at) VALUES (?, ?, ?, ?, ?, ?)",
-        [(e.id, e.type, e.resource, e.campaign_id, dumps(e.envelope()), now) for e, _ in new.values()],
-    )
-    # One writer holds the lock and seq is AUTOINCREMENT: the rows just inserted took the
-    # consecutive seqs ending at last_insert_rowid(), in insertion order.
-    last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
-    seqs = {event_id: last - len(new) + 1 + i for i, event_id in enumerate(new)}
+    rows = [(e.id, e.type, e.resource, e.campaign_id, dumps(e.envelope()), now) for e, _ in new.values()]
+    insert = "INSERT INTO events (id, type, resource, campaign_id, payload, detected_at) VALUES "
+    if dialect.returning:
+        # Each seq as the database gave it (a sequence may skip numbers), matched back by event id:
+        # multi-row VALUES in chunks, well inside PostgreSQL's 65535 bound parameters a statement.
+        seqs: dict[str, int] = {}
+        for start in range(0, len(rows), 1000):
+            chunk = rows[start : start + 1000]
+            values = ", ".join([f"({dialect.marks(6)})"] * len(chunk))
+            found = c.execute(f"{insert}{values} RETURNING id, seq", [v for row in chunk for v in row])
+            seqs.update((str(r[0]), int(r[1])) for r in found)
+    else:
+        c.executemany(f"{insert}({dialect.marks(6)})", rows)
+        # One writer holds the lock and seq is AUTOINCREMENT: the rows just inserted took the
+        # consecutive seqs ending at last_insert_rowid(), in insertion order.
+        last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
+        seqs = {event_id: last - len(new) + 1 + i for i, event_id in enumerate(new)}
     c.executemany(
         "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
         "VALUES (?, ?, ?, 'pending', ?, ?)",
@@ -118,7 +124,7 @@ class Outbox(Connection):
             f"""
             SELECT d.event_seq AS seq, d.sink, e.id AS event_id, e.type, d.resource, e.campaign_id,
                    e.payload, d.attempts, d.created_at
-            FROM deliveries d INDEXED BY deliveries_pending JOIN events e ON e.seq = d.event_seq
+            FROM deliveries d {self.dialect.indexed_by("deliveries_pending")} JOIN events e ON e.seq = d.event_seq
             WHERE {where} AND d.event_seq > ? {marks}
               AND NOT EXISTS (
                 SELECT 1 FROM deliveries p
@@ -139,8 +145,7 @@ class Outbox(Connection):
         Only the first pending delivery of each resource counts: a later one may be scheduled
         earlier, but it cannot go before the one ahead of it.
         """
-        marks = ",".join("?" * len(busy))
-        skip = f"AND d.event_seq NOT IN ({marks})" if busy else ""
+        skip = f"AND d.event_seq NOT IN ({self.dialect.marks(len(busy))})" if busy else ""
         row = self._rows(
             f"""
             SELECT min(d.next_attempt_at) FROM deliveries d

@@ -3,11 +3,10 @@ sent, and moving scheduled times when the host clock steps."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping
 
 from watcher.records import FORGOTTEN
-from watcher.state.connection import Connection, state_error
+from watcher.state.connection import Connection, Tx
 
 
 class Retention(Connection):
@@ -20,14 +19,13 @@ class Retention(Connection):
         With `unseen=False` a lead the state holds nothing about is left alone and None comes back:
         a bare tombstone for a mistyped id would silence some other person's lead for good.
 
-        secure_delete zeroes the freed pages, and the WAL is checkpointed and truncated, so the bytes
-        leave the file rather than lingering in free pages or old WAL frames.
+        The backend then clears what the database keeps beside its live rows (`_prepare_erasure`,
+        `_erased`): on SQLite, secure_delete zeroes the freed pages and the WAL is checkpointed and
+        truncated, so the bytes leave the file; on PostgreSQL, a VACUUM of the touched tables removes
+        the rows' old versions (README, "Erasure (`forget`) on PostgreSQL", says what it cannot reach).
         """
         resource = f"lead:{lead_id}"
-        try:
-            self.conn.execute("PRAGMA secure_delete = ON")
-        except sqlite3.Error as exc:
-            raise state_error(exc, self.path, "write") from None
+        self._prepare_erasure()
         with self.transaction() as c:
             if not unseen and not self._knows_lead(c, lead_id, resource):
                 return None
@@ -49,14 +47,11 @@ class Retention(Connection):
                 "snapshot = '{}', changed_at = excluded.changed_at, track = excluded.track, last_event = NULL",
                 (lead_id, now, now, FORGOTTEN),
             )
-        try:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise state_error(exc, self.path, "checkpoint") from None
+        self._erased(("attempts", "deliveries", "events", "unreadable", "leads"))
         return {"events": events, "deliveries": deliveries, "attempts": attempts}
 
     @staticmethod
-    def _knows_lead(c: sqlite3.Connection, lead_id: int, resource: str) -> bool:
+    def _knows_lead(c: Tx, lead_id: int, resource: str) -> bool:
         found = c.execute(
             "SELECT EXISTS (SELECT 1 FROM leads WHERE id = ?) "
             "OR EXISTS (SELECT 1 FROM events WHERE resource = ?) "
@@ -125,7 +120,8 @@ class Retention(Connection):
             c.execute("DELETE FROM events WHERE seq NOT IN (SELECT event_seq FROM deliveries)")
             attempts = c.execute("DELETE FROM attempts WHERE at < ?", (now - attempt_retention,)).rowcount
             snapshots = c.execute(
-                "DELETE FROM leads WHERE changed_at < ? AND track IS NOT ?", (now - snapshot_retention, FORGOTTEN)
+                f"DELETE FROM leads WHERE changed_at < ? AND track {self.dialect.distinct} ?",
+                (now - snapshot_retention, FORGOTTEN),
             ).rowcount
         return {"deliveries": delivered, "attempts": attempts, "snapshots": snapshots}
 

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from watcher.state.connection import Connection
+from watcher.state.connection import Connection, Tx
 from watcher.state.records import DEAD, DELIVERED, PENDING, Recorded, SinkState
 
 
-def note_health(c: sqlite3.Connection, attempts: Sequence[Recorded]) -> None:
+def note_health(c: Tx, attempts: Sequence[Recorded]) -> None:
     """On the open transaction `c`: each attempt's sink succeeded (its failing streak ends) or failed."""
-    c.executemany("INSERT OR IGNORE INTO sinks (name) VALUES (?)", [(a.sink,) for a in attempts])
-    for a in attempts:
-        if a.success:
-            c.execute("UPDATE sinks SET last_success_at = ?, failing_since = NULL WHERE name = ?", (a.now, a.sink))
-        else:
-            c.execute(
-                "UPDATE sinks SET last_failure_at = ?, failing_since = coalesce(failing_since, ?) WHERE name = ?",
-                (a.now, a.now, a.sink),
-            )
+    c.executemany("INSERT INTO sinks (name) VALUES (?) ON CONFLICT DO NOTHING", [(a.sink,) for a in attempts])
+    # One statement run for each attempt in order (a failure after a success starts a streak, a
+    # success after a failure ends it): executemany sends them together (PostgreSQL: one round trip).
+    c.executemany(
+        "UPDATE sinks SET last_success_at = CASE WHEN ? THEN ? ELSE last_success_at END, "
+        "last_failure_at = CASE WHEN ? THEN last_failure_at ELSE ? END, "
+        "failing_since = CASE WHEN ? THEN NULL ELSE coalesce(failing_since, ?) END WHERE name = ?",
+        [(a.success, a.now, a.success, a.now, a.success, a.now, a.sink) for a in attempts],
+    )
 
 
 class Sinks(Connection):
@@ -28,13 +27,13 @@ class Sinks(Connection):
 
     def disable_sink(self, sink: str, now: float, reason: str) -> None:
         with self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?)", (sink,))
+            c.execute("INSERT INTO sinks (name) VALUES (?) ON CONFLICT DO NOTHING", (sink,))
             c.execute("UPDATE sinks SET disabled_at = ?, disabled_reason = ? WHERE name = ?", (now, reason, sink))
 
     def sync_sink(self, sink: str, fingerprint: str) -> bool:
         """Record a sink's configuration; a changed one is re-enabled. Returns whether it is disabled."""
         with self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO sinks (name, fingerprint) VALUES (?, ?)", (sink, fingerprint))
+            c.execute("INSERT INTO sinks (name, fingerprint) VALUES (?, ?) ON CONFLICT DO NOTHING", (sink, fingerprint))
             row = c.execute("SELECT fingerprint, disabled_at FROM sinks WHERE name = ?", (sink,)).fetchone()
             if row[0] != fingerprint:
                 c.execute(
@@ -79,7 +78,7 @@ class Sinks(Connection):
         # times faster on a large backlog than reading every row for its created_at.
         counts: dict[str, dict[str, int]] = {}
         for r in self._rows(
-            f"SELECT sink, status, count(*) AS n FROM deliveries WHERE 1 {only_sinks} GROUP BY sink, status", params
+            f"SELECT sink, status, count(*) AS n FROM deliveries WHERE true {only_sinks} GROUP BY sink, status", params
         ):
             counts.setdefault(r["sink"], {})[r["status"]] = r["n"]
         oldest = {

@@ -10,7 +10,9 @@ the rows they pass around. Callers keep one object (`store.due(...)`, `store.com
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from watcher.errors import StateError, StateTooNew
 from watcher.state.admin import Admin
@@ -20,6 +22,10 @@ from watcher.state.outbox import Outbox
 from watcher.state.retention import Retention
 from watcher.state.sinks import Sinks
 from watcher.state.walks import Walks
+
+if TYPE_CHECKING:
+    from watcher.config import StateConfig
+    from watcher.lease import LeaseTimings
 
 
 class Store(Walks, Outbox, Sinks, Admin, Retention):
@@ -76,3 +82,31 @@ class Store(Walks, Outbox, Sinks, Admin, Retention):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_store(
+    state: StateConfig,
+    *,
+    fence_epoch: Callable[[], int | None] | None = None,
+    timings: LeaseTimings | None = None,
+) -> Store:
+    """The configured state for writing: the SQLite file (`[state] path`) or PostgreSQL (`[state] url`).
+
+    `fence_epoch` (PostgreSQL only: a leader's store) gives the leadership epoch this process
+    leads under, or None when it does not lead; every write transaction checks it inside the
+    transaction (watcher.leadership.fence), so a deposed leader commits nothing.
+    """
+    if state.postgres is None:
+        return Store.open(state.path)
+    from watcher.state.postgres import open_postgres  # psycopg: the [postgres] extra
+
+    return open_postgres(state.postgres, fence_epoch=fence_epoch, timings=timings)
+
+
+def open_store_readonly(state: StateConfig) -> Store:
+    """The configured state for reading only (`status`, `events`): never created, migrated or written."""
+    if state.postgres is None:
+        return Store.open_readonly(state.path)
+    from watcher.state.postgres import open_postgres_readonly
+
+    return open_postgres_readonly(state.postgres)

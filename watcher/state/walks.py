@@ -88,7 +88,10 @@ class Walks(Connection):
 
     def remember_track(self, signature: str, track: Sequence[str]) -> None:
         with self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO tracks (signature, track) VALUES (?, ?)", (signature, dumps(list(track))))
+            c.execute(
+                "INSERT INTO tracks (signature, track) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (signature, dumps(list(track))),
+            )
 
     def reset_stream(self, stream: str) -> None:
         """Forget a stream's cursor row: its next walk starts as a first one."""
@@ -112,7 +115,7 @@ class Walks(Connection):
                     "ON CONFLICT(id) DO UPDATE SET created_ts = excluded.created_ts, version = excluded.version, "
                     "snapshot = excluded.snapshot, changed_at = excluded.changed_at, track = excluded.track, "
                     "last_event = excluded.last_event "
-                    f"WHERE leads.track IS NOT '{FORGOTTEN}'",  # a forgotten lead stays forgotten
+                    f"WHERE leads.track {self.dialect.distinct} '{FORGOTTEN}'",  # a forgotten lead stays forgotten
                     [
                         (s.id, s.created_ts, s.version, dumps(s.snapshot), page.now, s.track, s.last_event)
                         for s in page.leads
@@ -129,7 +132,7 @@ class Walks(Connection):
             wanted = [(event, sinks) for event, sinks in page.events if sinks]  # no sink wants it: nothing to keep
             if wanted:
                 fresh = enqueue(c, wanted, page.now, self.dialect)
-            c.execute("INSERT OR IGNORE INTO cursors (stream) VALUES (?)", (page.stream,))
+            c.execute("INSERT INTO cursors (stream) VALUES (?) ON CONFLICT DO NOTHING", (page.stream,))
             if page.cursor is not None:
                 c.execute(
                     "UPDATE cursors SET cursor = ?, cursor_ts = ? WHERE stream = ?",
@@ -145,7 +148,7 @@ class Walks(Connection):
                     "INSERT INTO unreadable (stream, lead_id, first_seen, last_tried, next_try, error, emit_after) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(stream, lead_id) DO UPDATE SET "
                     "last_tried = excluded.last_tried, next_try = excluded.next_try, error = excluded.error, "
-                    "tries = tries + 1",
+                    "tries = unreadable.tries + 1",
                     [
                         (page.stream, lead_id, page.now, page.now, due, error, emit_after)
                         for lead_id, due, error, emit_after in page.unreadable

@@ -1,0 +1,112 @@
+"""The daemon on a PostgreSQL state: it works only while it leads (watcher.leadership).
+
+On SQLite the state file's lock (watcher.lock) makes one process the writer. On PostgreSQL the
+lease does: `run` stands by (no Convertr request, no delivery, no work held) until it leads, then
+runs the daemon on a store fenced by its epoch, and goes back to standing by when it stops leading
+(deposed, or its lease at risk); `once` runs only when it can lead at once, and refuses like a
+locked file otherwise. Every write of the term is fenced, so a deposed leader commits nothing
+even before it has noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+
+import structlog
+
+from watcher.clock import Clock
+from watcher.config import Config, PostgresState
+from watcher.errors import StateLocked
+from watcher.exitcodes import EXIT_OK
+from watcher.leadership import Leadership
+from watcher.lease import LeaseTimings
+from watcher.notify import Notifier
+
+log = structlog.get_logger("watcher.leading")
+
+
+def postgres_of(config: Config) -> PostgresState:
+    pg = config.state.postgres
+    if pg is None:
+        raise ValueError("leadership needs a PostgreSQL state")
+    return pg
+
+
+def fence_of(leadership: Leadership) -> Callable[[], int | None]:
+    """The epoch a write transaction fences on: this daemon's while it leads, None (refused) otherwise."""
+    return lambda: leadership.epoch if leadership.leading() else None
+
+
+@asynccontextmanager
+async def taking_part(config: Config, timings: LeaseTimings | None = None) -> AsyncIterator[Leadership]:
+    """This process in the election for the block; on the way out its lease is released (a standby
+    takes over at its next look) and its member row removed."""
+    pg = postgres_of(config)
+    leadership = Leadership(pg.url, pg.schema, timings)
+    task = asyncio.create_task(leadership.run(), name="leadership")
+    try:
+        yield leadership
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+async def lead_now(leadership: Leadership, config: Config, clock: Clock) -> int:
+    """The epoch, once this process leads; StateLocked when another daemon leads (`once`).
+
+    A first look decides: no lease, or an expired one, is taken at once; a live one held by
+    another daemon is a refusal, as the SQLite file's lock refuses. Unanswered within two
+    leadership queries' time: a StateError the caller reports.
+    """
+    from watcher.errors import StateError
+
+    pg = postgres_of(config)
+    deadline = clock.monotonic() + 2 * leadership.timings.op_timeout + 1.0
+    while clock.monotonic() < deadline:
+        if leadership.leading() and leadership.epoch is not None:
+            return leadership.epoch
+        if leadership.leader is not None:
+            held = leadership.leader
+            raise StateLocked(
+                f"the state in {pg.shown()} is led by another daemon (pid {held.pid} on {held.host}, "
+                f"since {held.since:%Y-%m-%d %H:%M:%S %Z}); one process may poll and deliver at a time: "
+                "stop that one or wait for it to finish"
+            )
+        await asyncio.sleep(0.02)
+    raise StateError(
+        f"cannot take the lead of the state in {pg.shown()}: "
+        f"{leadership.last_error or 'the database did not answer in time'}"
+    )
+
+
+async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
+    """`run` on PostgreSQL: stand by, lead, stand by again, until SIGTERM or SIGINT."""
+    from watcher.daemon import run_term
+
+    pg = postgres_of(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with taking_part(config) as leadership:
+        while True:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            notifier.ready("standing by: another daemon leads, or none has yet")
+            log.info("standing by until this daemon leads the state", state=pg.shown(), host=leadership.host)
+            leading = asyncio.create_task(leadership.wait_leading())
+            stopping = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait({leading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                leading.cancel()
+                stopping.cancel()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            if stop.is_set():
+                return EXIT_OK
+            code, deposed = await run_term(config, clock, notifier, leadership)
+            if not deposed:
+                return code
