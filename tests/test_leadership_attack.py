@@ -187,3 +187,42 @@ def test_a_daemon_stopped_during_its_takeover_leaves_no_query_running_behind(pos
         holder.execute("BEGIN")
         fence(holder, SCHEMA, 7)  # the dead leader's fenced transaction, still open: the takeover waits
         asyncio.run(scenario(holder, watch))
+
+
+def test_a_partition_while_the_server_sends_a_fenced_result_does_not_hold_the_takeover(postgres_db: Database) -> None:
+    """Attack: the network goes silent while the server is sending a large result of a fenced transaction.
+
+    Confirmed: the backend sat in ClientWrite ('active', so neither idle_in_transaction nor
+    statement_timeout ends it: the server cannot cancel mid-message) holding the fence's row lock,
+    and every takeover timed out on it: no leader for as long as TCP keeps trying (30 s watched,
+    about 15 min by the kernel's defaults). The server-side tcp_user_timeout in session_conninfo
+    now drops that connection within op_timeout.
+    """
+    with TcpProxy("127.0.0.1", postgres_db.server.port) as proxy:
+        via = f"postgresql://{postgres_db.server.user}@127.0.0.1:{proxy.port}/{postgres_db.name}"
+        a = LeaderThread(via, SCHEMA, TTL, "host-a")
+        b: LeaderThread | None = None
+        store: psycopg.Connection[tuple[object, ...]] | None = None
+        try:
+            epoch = wait_until(lambda: a.leadership.epoch if a.leading() else None, PATIENCE, "a to lead")
+            b = LeaderThread(postgres_db.url, SCHEMA, TTL, "host-b")
+            store = psycopg.connect(session_conninfo(via, TIMINGS))
+            store.execute("BEGIN")
+            fence(store, SCHEMA, epoch)
+            proxy.lose_answers_after(b"generate_series")
+            big = store.pgconn  # the query is sent and its answer never read: the server blocks sending it
+            big.send_query(b"SELECT repeat('x', 1000) FROM generate_series(1, 200000)")
+            sending = """SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'ClientWrite'
+                         AND query LIKE '%generate_series%' AND pid <> pg_backend_pid()"""
+            with psycopg.connect(postgres_db.url, autocommit=True) as watch:
+                wait_until(lambda: watch.execute(sending).fetchone() == (1,), PATIENCE, "the server to block sending")
+            proxy.blackhole()  # and now the leader is cut off altogether
+            wait_until(b.leading, PATIENCE, "b to take over")
+            assert _fence_refuses(postgres_db, epoch)
+        finally:
+            proxy.heal()
+            if store is not None:
+                store.close()
+            if b is not None:
+                b.stop()
+            a.stop()

@@ -71,9 +71,10 @@ MEMBER_GONE_AFTER = 3
 def session_conninfo(url: str, timings: LeaseTimings, application_name: str = APPLICATION_NAME) -> str:
     """The URL with the settings that bound how long a cut-off connection can hold anything.
 
-    Server side (in `options`, for this session only): statement_timeout, lock_timeout and
-    idle_in_transaction_session_timeout at op_timeout, so a transaction the leader left open
-    when it lost the network, or a query stuck behind a lock, is ended well inside the lease.
+    Server side (in `options`, for this session only): statement_timeout, lock_timeout,
+    idle_in_transaction_session_timeout and tcp_user_timeout at op_timeout, so a transaction the
+    leader left open when it lost the network, a query stuck behind a lock, or a result the
+    server cannot deliver, is ended well inside the lease.
     Client side (libpq): TCP keepalives and tcp_user_timeout, so a real partition (unacknowledged
     packets) breaks the socket instead of waiting the kernel's two hours, and connect_timeout.
     The operator's own `options=` in the URL are kept, ours appended; TLS parameters pass untouched.
@@ -85,7 +86,13 @@ def session_conninfo(url: str, timings: LeaseTimings, application_name: str = AP
         # libpq quotes the part it could not parse, which may be the password: say what, not the value.
         problem = re.sub(r'"[^"]*"', "…", str(exc).strip())
         raise StateError(f"the PostgreSQL URL is not a valid connection string ({problem})") from None
-    ours = f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+    # tcp_user_timeout server side too: a backend blocked sending a result to a cut-off client
+    # (ClientWrite) is beyond statement_timeout's reach (the server cannot cancel mid-message) and
+    # would hold the fence's row lock, so the takeover, until TCP gave up (about 15 min).
+    ours = (
+        f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+        f" -c tcp_user_timeout={ms}"
+    )
     options = f"{given['options']} {ours}" if given.get("options") else ours
     return make_conninfo(
         url,
