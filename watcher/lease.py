@@ -32,7 +32,7 @@ class Role(StrEnum):
 class Action(StrEnum):
     """What a standby does after reading the lease row."""
 
-    CLAIM = "claim"  # no row yet: the first daemon on this state inserts epoch 1
+    CLAIM = "claim"  # no row: insert one, its epoch from the database clock (never an epoch used before)
     TAKE_OVER = "take_over"  # the lease expired by the database clock: take it, epoch + 1
     WAIT = "wait"  # another daemon holds a live lease
     RESUME = "resume"  # the row names this daemon: a grant whose answer was lost, renew it
