@@ -156,6 +156,8 @@ class TcpProxy:
             except BlockingIOError:
                 pass
             return
+        if self._silent:
+            return  # blackhole() came while select() was waiting: what it found ready waits too
         if sock is self._listener:
             self._accept()
             return
