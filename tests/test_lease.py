@@ -39,6 +39,13 @@ def row(expires_in: float, epoch: int = 3) -> LeaseRow:
 )
 def test_a_standby_acts_on_the_database_clock_only(lease: LeaseRow | None, action: Action) -> None:
     assert standby_action(lease) is action
+    assert standby_action(lease, "another member") is action
+
+
+@pytest.mark.parametrize("expires_in", [10.0, 0.0, -3600.0])
+def test_a_row_naming_this_daemon_is_resumed_live_or_not(expires_in: float) -> None:
+    """Its own grant, whose answer was lost: renew it (same epoch) rather than wait it out."""
+    assert standby_action(row(expires_in), "m1") is Action.RESUME
 
 
 def test_the_timings_derive_from_the_lease() -> None:

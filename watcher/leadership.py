@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import secrets
 import socket
 import time
@@ -41,7 +42,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
-from watcher.errors import Deposed
+from watcher.errors import Deposed, StateError
 from watcher.lease import (
     Action,
     LeaderInfo,
@@ -70,16 +71,28 @@ MEMBER_GONE_AFTER = 3
 def session_conninfo(url: str, timings: LeaseTimings, application_name: str = APPLICATION_NAME) -> str:
     """The URL with the settings that bound how long a cut-off connection can hold anything.
 
-    Server side (in `options`, for this session only): statement_timeout, lock_timeout and
-    idle_in_transaction_session_timeout at op_timeout, so a transaction the leader left open
-    when it lost the network, or a query stuck behind a lock, is ended well inside the lease.
+    Server side (in `options`, for this session only): statement_timeout, lock_timeout,
+    idle_in_transaction_session_timeout and tcp_user_timeout at op_timeout, so a transaction the
+    leader left open when it lost the network, a query stuck behind a lock, or a result the
+    server cannot deliver, is ended well inside the lease.
     Client side (libpq): TCP keepalives and tcp_user_timeout, so a real partition (unacknowledged
     packets) breaks the socket instead of waiting the kernel's two hours, and connect_timeout.
     The operator's own `options=` in the URL are kept, ours appended; TLS parameters pass untouched.
     """
     ms = int(timings.op_timeout * 1000)
-    given = conninfo_to_dict(url)
-    ours = f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        # libpq quotes the part it could not parse, which may be the password: say what, not the value.
+        problem = re.sub(r'"[^"]*"', "…", str(exc).strip())
+        raise StateError(f"the PostgreSQL URL is not a valid connection string ({problem})") from None
+    # tcp_user_timeout server side too: a backend blocked sending a result to a cut-off client
+    # (ClientWrite) is beyond statement_timeout's reach (the server cannot cancel mid-message) and
+    # would hold the fence's row lock, so the takeover, until TCP gave up (about 15 min).
+    ours = (
+        f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+        f" -c tcp_user_timeout={ms}"
+    )
     options = f"{given['options']} {ours}" if given.get("options") else ours
     return make_conninfo(
         url,
@@ -146,9 +159,13 @@ def _q(text: str, schema: str) -> sql.Composed:
 
 _READ = """SELECT epoch, holder, host, pid, since, expires_at, clock_timestamp()
            FROM {s}.leadership WHERE name = 'leader'"""
-# The first daemon ever: epoch 1. ON CONFLICT: another claimed it in the same instant.
+# No row: the first daemon ever, or an operator deleted the row (or dropped the table). The epoch
+# is the database clock in microseconds, not 1: an epoch held before the row vanished (at most the
+# last claim's microseconds plus one per takeover since) is then never handed out again, so a
+# paused leader of that epoch stays fenced off. ON CONFLICT: another claimed it in the same instant.
 _CLAIM = """INSERT INTO {s}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at)
-            VALUES ('leader', 1, %(member)s, %(host)s, %(pid)s, clock_timestamp(), clock_timestamp(),
+            VALUES ('leader', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+                    %(member)s, %(host)s, %(pid)s, clock_timestamp(), clock_timestamp(),
                     clock_timestamp() + make_interval(secs => %(ttl)s))
             ON CONFLICT (name) DO NOTHING
             RETURNING epoch, since"""
@@ -380,15 +397,26 @@ class Leadership:
         watchdog has already stopped work if the lease is at risk).
         """
         task: asyncio.Task[T] = asyncio.ensure_future(work)
-        done, _ = await asyncio.wait({task}, timeout=self.timings.op_timeout)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.timings.op_timeout)
+        except asyncio.CancelledError:
+            # asyncio.wait leaves the work running: a takeover in hand would commit after run()
+            # returned and promote a daemon that has stopped. It goes with us.
+            self._abandon(task)
+            raise
         if task in done:
             return task.result()
+        self._abandon(task)
+        raise TimeoutError
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        """Cancel a query in hand and give up its connection; _shutdown waits for both to end."""
         task.cancel()
         conn, self._conn = self._conn, None
+        self._ready = False
         keeper = asyncio.create_task(_reap(task, conn))
         self._abandoned.add(keeper)
         keeper.add_done_callback(self._abandoned.discard)
-        raise TimeoutError
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -405,6 +433,8 @@ class Leadership:
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
+        # The next connection makes the tables again if need be: an operator may have dropped them.
+        self._ready = False
         if conn is not None and not conn.closed:
             keeper = asyncio.create_task(_reap(None, conn))
             self._abandoned.add(keeper)
@@ -416,12 +446,21 @@ class Leadership:
     async def _stand_by(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._seen(conn)
         row = _row(await (await conn.execute(_q(_READ, self.schema))).fetchone())
-        action = standby_action(row)
+        action = standby_action(row, self.member)
         self.leader = leader_of(row)
         if action is Action.WAIT:
             return
         sent = self._monotonic()
         self._last_sent = sent
+        if action is Action.RESUME:
+            # Our own lease, won or renewed by a query whose answer we never got (or after the
+            # watchdog stepped down): the epoch unchanged means nobody led since, so renew it.
+            assert row is not None
+            cursor = await conn.execute(_q(_RENEW, self.schema), self._params(epoch=row.epoch))
+            if await cursor.fetchone() is not None:
+                self._promote(row.epoch, row.since, sent)
+                await self._seen(conn)
+            return
         if action is Action.CLAIM:
             won = await (await conn.execute(_q(_CLAIM, self.schema), self._params())).fetchone()
         else:

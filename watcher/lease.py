@@ -32,9 +32,10 @@ class Role(StrEnum):
 class Action(StrEnum):
     """What a standby does after reading the lease row."""
 
-    CLAIM = "claim"  # no row yet: the first daemon on this state inserts epoch 1
+    CLAIM = "claim"  # no row: insert one, its epoch from the database clock (never an epoch used before)
     TAKE_OVER = "take_over"  # the lease expired by the database clock: take it, epoch + 1
     WAIT = "wait"  # another daemon holds a live lease
+    RESUME = "resume"  # the row names this daemon: a grant whose answer was lost, renew it
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,18 @@ class LeaseRow:
         return self.expires_at <= self.db_now
 
 
-def standby_action(row: LeaseRow | None) -> Action:
-    """What a standby does with the lease it read: only the database's clock decides expiry."""
+def standby_action(row: LeaseRow | None, member: str | None = None) -> Action:
+    """What a standby (member id `member`) does with the lease it read: only the database's clock decides expiry.
+
+    A row naming this very daemon is a lease it won or renewed without hearing the answer (a
+    timeout, a connection lost after the COMMIT reached the server), or one its watchdog gave up
+    on: waiting for it to expire would leave nobody leading for a lease; renewing it is safe, as
+    its epoch is unchanged only if nobody led since.
+    """
     if row is None:
         return Action.CLAIM
+    if member is not None and row.holder == member:
+        return Action.RESUME
     return Action.TAKE_OVER if row.expired else Action.WAIT
 
 

@@ -7,6 +7,10 @@ New connections are not accepted meanwhile (they wait in the listen backlog, so 
 to succeed and then nothing answers). `heal()` forwards again, what waited included; `close()`
 ends everything.
 
+`lose_answers_after(pattern)` cuts one direction of one connection: the first connection whose
+client sends `pattern` (say b"COMMIT") no longer gets anything back from the server, while what
+it sends still arrives, as when a partition falls between a request and its answer.
+
 One thread with a selector, so the proxy keeps working while the test's own event loop or
 threads are blocked.
 """
@@ -34,6 +38,7 @@ class _Pair:
     upstream_eof: bool = False
     shut_upstream: bool = False
     shut_client: bool = False
+    mute_to_client: bool = False  # the server's bytes are held back (one-way partition)
 
     def done(self) -> bool:
         return self.shut_upstream and self.shut_client
@@ -53,6 +58,7 @@ class TcpProxy:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.accepted = 0
+        self._trigger: bytes | None = None
         self._thread = threading.Thread(target=self._loop, name=f"tcpproxy:{self.port}", daemon=True)
         self._thread.start()
 
@@ -63,8 +69,18 @@ class TcpProxy:
         self._set(silent=True)
 
     def heal(self) -> None:
-        """Forward again, starting with whatever waited."""
+        """Forward again, starting with whatever waited (one-way cuts included)."""
+        with self._lock:
+            self._trigger = None
+            for pair in self._pairs:
+                pair.mute_to_client = False
         self._set(silent=False)
+
+    def lose_answers_after(self, pattern: bytes) -> None:
+        """Once a client sends `pattern`, hold back everything the server sends on that connection."""
+        with self._lock:
+            self._trigger = pattern
+        self._wake()
 
     def close(self) -> None:
         with self._lock:
@@ -127,7 +143,7 @@ class TcpProxy:
                 events = 0
                 if not eof and len(inbound) < _BUFFER_CAP:
                     events |= selectors.EVENT_READ
-                if outbound and not shut:
+                if outbound and not shut and not (sock is pair.client and pair.mute_to_client):
                     events |= selectors.EVENT_WRITE
                 if events:
                     selector.register(sock, events, pair)
@@ -140,6 +156,8 @@ class TcpProxy:
             except BlockingIOError:
                 pass
             return
+        if self._silent:
+            return  # blackhole() came while select() was waiting: what it found ready waits too
         if sock is self._listener:
             self._accept()
             return
@@ -160,6 +178,10 @@ class TcpProxy:
                 else:
                     pair.upstream_eof = True
             elif data:
+                with self._lock:
+                    if from_client and self._trigger is not None and self._trigger in data:
+                        pair.mute_to_client = True
+                        self._trigger = None
                 (pair.to_upstream if from_client else pair.to_client).extend(data)
         if events & selectors.EVENT_WRITE:
             buffer = pair.to_client if from_client else pair.to_upstream
@@ -197,7 +219,7 @@ class TcpProxy:
         if pair.client_eof and not pair.to_upstream and not pair.shut_upstream:
             _shutdown(pair.upstream)
             pair.shut_upstream = True
-        if pair.upstream_eof and not pair.to_client and not pair.shut_client:
+        if pair.upstream_eof and not pair.to_client and not pair.shut_client and not pair.mute_to_client:
             _shutdown(pair.client)
             pair.shut_client = True
         if pair.done():
