@@ -20,7 +20,7 @@ from typing import Any
 
 from watcher import __version__
 from watcher.clock import SystemClock
-from watcher.config import Config, PostgresState, SinkConfig, load_config
+from watcher.config import Config, PostgresState, SinkConfig, StateConfig, load_config
 from watcher.errors import (
     AuthError,
     ConfigError,
@@ -62,7 +62,7 @@ def _load(args: argparse.Namespace, *, secrets_required: bool = True) -> Config:
 
 
 # Commands wired to a PostgreSQL state ([state] url); the others refuse it in one line.
-_ON_POSTGRES = frozenset({"check", "run", "once", "status", "events", "replay", "forget", "send-test"})
+_ON_POSTGRES = frozenset({"check", "run", "once", "status", "events", "replay", "forget", "send-test", "copy-state"})
 
 
 def _writing(args: argparse.Namespace, config: Config) -> AbstractContextManager[object]:
@@ -611,6 +611,81 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _copy_target(args: argparse.Namespace, config: Config) -> tuple[StateConfig, str]:
+    """The state `copy-state` writes (`--to` / `--to-env`) and how to name it: never the URL itself."""
+    from watcher.config import default_schema, postgres_state, schema_name_ok
+
+    if args.to_env is not None:
+        target = os.environ.get(args.to_env, "")
+        if not target:
+            raise ConfigError(f"--to-env {args.to_env}", "that environment variable is not set or empty")
+        key = f"--to-env {args.to_env}"
+    else:
+        target, key = args.to, "--to"
+    if not target.lower().startswith(("postgresql:", "postgres:")):
+        if args.schema is not None:
+            raise ConfigError("--schema", "only with a PostgreSQL target")
+        path = Path(target).absolute()
+        return StateConfig(path=path), f"state file {path}"
+    current = config.state.postgres.schema if config.state.postgres is not None else None
+    schema = args.schema or current or default_schema(config.convertr.base_url)
+    if not schema_name_ok(schema):
+        raise ConfigError(
+            "--schema", "must be a lower-case SQL name: letters, digits and '_', at most 63, not starting pg_"
+        )
+    pg = postgres_state(target, key, schema)
+    return StateConfig(path=Path(), postgres=pg), pg.shown()
+
+
+def _source_led(postgres: PostgresState) -> None:
+    """StateLocked while a daemon leads the PostgreSQL state (a live lease)."""
+    leader = _leadership_report(postgres)["holder"]
+    if leader is not None:
+        raise StateLocked(
+            f"the state in {postgres.shown()} is led by a running daemon (pid {leader['pid']} on {leader['host']}, "
+            f"since {leader['since']}): stop it before copying the state"
+        )
+
+
+def cmd_copy_state(args: argparse.Namespace) -> int:
+    """The whole state into a new, empty state on another backend (or another file or schema)."""
+    from contextlib import ExitStack
+
+    from watcher.lock import state_lock
+    from watcher.state.copy import TargetNotEmpty, copy_state
+    from watcher.state.store import open_store, open_store_readonly
+
+    config = _load(args, secrets_required=False)
+    try:
+        target, shown = _copy_target(args, config)
+    except ConfigError as exc:
+        return _fail(f"copy-state: {exc}", EXIT_CONFIG)
+    command = f"{PROG} {args.command} -c {os.path.abspath(args.config)}"
+    with ExitStack() as stack:
+        # The source's writers are kept out for the whole copy (SQLite: its write lock, taken here so a
+        # daemon starting meanwhile refuses; PostgreSQL: no leader now, and one snapshot is read).
+        if config.state.postgres is None:
+            stack.enter_context(state_lock(config.state.path, command))
+        else:
+            _source_led(config.state.postgres)
+        if target.postgres is None:
+            if target.path == config.state.path.absolute():
+                return _fail(f"copy-state: the target {shown} is the source itself", EXIT_CONFIG)
+            stack.enter_context(state_lock(target.path, command))
+        source = stack.enter_context(open_store_readonly(config.state))
+        into = stack.enter_context(open_store(target))
+        try:
+            copied = copy_state(source, into)
+        except TargetNotEmpty as exc:
+            return _fail(f"copy-state: {exc}", EXIT_CONFIG)
+    rows = copied.rows
+    print(
+        f"copied the state to {shown}: {rows['events']} events, {rows['deliveries']} deliveries, "
+        f"{rows['attempts']} attempt-log rows, {rows['leads']} lead snapshots, {rows['cursors']} cursors"
+    )
+    return EXIT_OK
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from watcher.state.admin import Selection
     from watcher.state.records import DEAD, DELIVERED
@@ -892,6 +967,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the state has never seen this lead (not polled yet): record the tombstone anyway",
     )
     p.set_defaults(func=cmd_forget)
+    p = with_config(
+        "copy-state",
+        "copy the whole state into a new, empty state: SQLite to PostgreSQL or back (refused while a daemon runs)",
+    )
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", metavar="TARGET", help="a new SQLite file's path, or a postgresql:// URL")
+    to.add_argument("--to-env", metavar="NAME", help="the environment variable holding the target URL or path")
+    p.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="the PostgreSQL target's schema (default: the configured one, else convertr_<enterprise>)",
+    )
+    p.set_defaults(func=cmd_copy_state)
 
     p = sub.add_parser(
         "simulate",

@@ -482,12 +482,20 @@ def _postgres(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> PostgresSta
     schema = t.get("schema", None)
     if schema is None:
         schema = default_schema(convertr.base_url)
-    elif not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
+    elif not schema_name_ok(schema):
         raise ConfigError(
             t.key("schema"), "must be a lower-case SQL name: letters, digits and '_', at most 63, not starting pg_"
         )
     if not url:  # a maintenance command whose url_env/url_file is unreadable (lenient load)
         return PostgresState(url="", host="", port=None, dbname="", schema=schema, url_is_secret=True)
+    state = postgres_state(url, url_key, schema, url_is_secret=indirect)
+    if not indirect and urlsplit(url).password:
+        ctx.literals.append(url_key)  # a password written in the file
+    return state
+
+
+def postgres_state(url: str, url_key: str, schema: str, *, url_is_secret: bool = True) -> PostgresState:
+    """A postgresql:// URL checked without ever quoting it (it may hold the password); ConfigError names `url_key`."""
     problem = "must be a postgresql:// URL naming the database (postgresql://user@host:5432/dbname?sslmode=...)"
     try:
         parts = urlsplit(url)
@@ -504,11 +512,14 @@ def _postgres(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> PostgresSta
         conninfo_to_dict(url)  # libpq's own parser: an unknown parameter is refused here, not at connect
     except ProgrammingError:
         raise ConfigError(url_key, "is not a connection URL libpq accepts (check the ?parameters)") from None
-    if not indirect and parts.password:
-        ctx.literals.append(url_key)  # a password written in the file
     return PostgresState(
-        url=url, host=parts.hostname or "", port=port, dbname=dbname, schema=schema, url_is_secret=indirect
+        url=url, host=parts.hostname or "", port=port, dbname=dbname, schema=schema, url_is_secret=url_is_secret
     )
+
+
+def schema_name_ok(schema: object) -> bool:
+    """Whether `schema` may name a state's PostgreSQL schema (never quoted wrongly, not a system one)."""
+    return isinstance(schema, str) and bool(_SCHEMA_NAME.fullmatch(schema)) and not schema.startswith("pg_")
 
 
 def _leads(t: _Table) -> LeadsConfig:

@@ -264,6 +264,18 @@ class Connection:
             raise
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads in the block see one consistent state (one read transaction; WAL lets writers go on)."""
+        try:
+            self.conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise state_error(exc, self.path, "read") from None
+        try:
+            yield
+        finally:
+            self._rollback()
+
+    @contextmanager
     def _relaxed(self) -> Iterator[None]:
         try:
             self.conn.execute("PRAGMA synchronous = NORMAL")

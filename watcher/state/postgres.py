@@ -348,6 +348,17 @@ class PostgresConnection(Connection):
             raise pg_error(exc, self.where, "write") from None
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads in the block see one consistent state (a REPEATABLE READ, READ ONLY transaction)."""
+        pg = self._live("read")
+        try:
+            with pg.transaction():
+                pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield
+        except psycopg.Error as exc:
+            raise pg_error(exc, self.where, "read") from None
+
+    @contextmanager
     def _relaxed(self) -> Iterator[None]:
         """Commits that need not wait for the WAL flush (synchronous_commit off, this transaction
         only): a server crash may forget the newest of them, never half of one."""
