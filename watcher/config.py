@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeGuard, cast
 from urllib.parse import SplitResult, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -517,7 +517,7 @@ def postgres_state(url: str, url_key: str, schema: str, *, url_is_secret: bool =
     )
 
 
-def schema_name_ok(schema: object) -> bool:
+def schema_name_ok(schema: object) -> TypeGuard[str]:
     """Whether `schema` may name a state's PostgreSQL schema (never quoted wrongly, not a system one)."""
     return isinstance(schema, str) and bool(_SCHEMA_NAME.fullmatch(schema)) and not schema.startswith("pg_")
 
