@@ -45,6 +45,7 @@ def write_config(
     interval: float = 2,
     updates: bool = False,
     campaigns: bool = False,
+    state: str = 'path = "state.db"',
 ) -> Path:
     path = folder / "bench.toml"
     path.write_text(
@@ -55,7 +56,7 @@ username = "{USERNAME}"
 password = "{PASSWORD}"
 request_budget = 2900
 [state]
-path = "state.db"
+{state}
 [leads]
 interval = {interval}
 lookback = "30s"
