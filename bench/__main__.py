@@ -146,7 +146,7 @@ TAKEOVER_RUNS = 10  # failovers: each lasts about a lease (15 s) and is not repe
 def case_postgres(results: dict[str, Any], runs: int, quick: bool) -> None:
     """`once` with its state in PostgreSQL against the same with SQLite, state size, and takeover (issue 21)."""
     n = 500 if quick else 2_000
-    print(f"postgres: {n} leads, concurrency {E2E_CONCURRENCY}, {runs} runs each (PostgreSQL vs SQLite state)", flush=True)
+    print(f"postgres: {n} leads, concurrency {E2E_CONCURRENCY}, {runs} runs each (PostgreSQL vs SQLite)", flush=True)
     out = e2e.postgres_backfill(n, runs, E2E_CONCURRENCY)
     results["pg_once_2k_s"] = out["postgres_s"]
     results["pg_sqlite_once_2k_s"] = out["sqlite_s"]

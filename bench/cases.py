@@ -34,6 +34,7 @@ from watcher.state.records import PENDING
 from watcher.state.store import Store
 
 BACKFILL_FROM = "2000-01-01T00:00:00Z"
+SQLITE_STATE = 'path = "state.db"'  # the body of [state] in every case but the postgres one
 
 
 def write_config(
@@ -45,7 +46,7 @@ def write_config(
     interval: float = 2,
     updates: bool = False,
     campaigns: bool = False,
-    state: str = 'path = "state.db"',
+    state: str = SQLITE_STATE,
 ) -> Path:
     path = folder / "bench.toml"
     path.write_text(

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.cases import webhook_sink, write_config
+from bench.cases import SQLITE_STATE, webhook_sink, write_config
 from bench.procs import child_env, receiver, simulator
 
 PY = sys.executable
@@ -51,12 +51,14 @@ def fresh(tmp: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=tmp))
 
 
-def daemon_once(api: str, url: str, tmp: Path, concurrency: int, folder: Path | None = None, state: str = "") -> float:
+def daemon_once(
+    api: str, url: str, tmp: Path, concurrency: int, folder: Path | None = None, state: str = SQLITE_STATE
+) -> float:
     """`python -m watcher once -c cfg`: backfill from 2000-01-01 into one webhook sink, one delivery
     pass; `state` is the `[state]` table's body (the SQLite file state.db in `folder` by default)."""
     folder = folder or fresh(tmp)
     sinks = webhook_sink(url, concurrency=concurrency)
-    config = write_config(folder, api, sinks=sinks, **({"state": state} if state else {}))
+    config = write_config(folder, api, sinks=sinks, state=state)
     return timed([PY, "-m", "watcher", "once", "-c", str(config)], folder)
 
 
