@@ -140,6 +140,29 @@ def case_brokers(results: dict[str, Any], runs: int, quick: bool) -> None:
         results[f"broker_{key}"] = value
 
 
+TAKEOVER_RUNS = 10  # failovers: each lasts about a lease (15 s) and is not repeated by --runs
+
+
+def case_postgres(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """`once` with its state in PostgreSQL against the same with SQLite, state size, and takeover (issue 21)."""
+    n = 500 if quick else 2_000
+    print(f"postgres: {n} leads, concurrency {E2E_CONCURRENCY}, {runs} runs each (PostgreSQL vs SQLite)", flush=True)
+    out = e2e.postgres_backfill(n, runs, E2E_CONCURRENCY)
+    results["pg_once_2k_s"] = out["postgres_s"]
+    results["pg_sqlite_once_2k_s"] = out["sqlite_s"]
+    results["pg_ratio_2k"] = out["ratio"]
+    results["pg_state_bytes_per_lead"] = out["postgres_bytes_per_lead"]
+    results["pg_sqlite_state_bytes_per_lead"] = out["sqlite_bytes_per_lead"]
+    takeovers = 3 if quick else TAKEOVER_RUNS
+    print(f"postgres: takeover after SIGKILL of the leader, default lease, {takeovers} failovers", flush=True)
+    took = e2e.takeover(takeovers)
+    results["pg_takeover_runs"] = takeovers
+    results["pg_takeover_ttl_s"] = took["ttl_s"]
+    results["pg_takeover_bound_s"] = took["bound_s"]
+    results["pg_takeover_median_s"] = took["median_s"]
+    results["pg_takeover_worst_s"] = took["worst_s"]
+
+
 # (interval s, page size, simulated seconds of arrivals, rates tried in turn): each run outlasts the
 # request budget's 5-minute window, or it could not show the budget running out.
 KEEP_UP_GRID = (
@@ -181,6 +204,7 @@ CASES: dict[str, Callable[[dict[str, Any], int, bool], None]] = {
     "start": case_start,
     "brokers": case_brokers,
     "load": case_load,
+    "postgres": case_postgres,
 }
 
 
@@ -357,6 +381,23 @@ TARGETS: list[tuple[str, str, str, Any]] = [
         "(record)",
         None,
     ),
+    (
+        "pg_ratio_2k",
+        "`once`, 2 000 leads: state in SQLite ÷ state in PostgreSQL (seconds)",
+        "≥ 0.7",
+        lambda r: r["pg_ratio_2k"] >= 0.7,
+    ),
+    ("pg_once_2k_s", "`once`, 2 000 leads, PostgreSQL state (s)", "(record)", None),
+    ("pg_sqlite_once_2k_s", "`once`, 2 000 leads, SQLite state, same runs (s)", "(record)", None),
+    ("pg_state_bytes_per_lead", "PostgreSQL state bytes per lead (tables, indexes, TOAST)", "(record)", None),
+    ("pg_sqlite_state_bytes_per_lead", "SQLite state bytes per lead, same backfill", "(record)", None),
+    (
+        "pg_takeover_worst_s",
+        "PostgreSQL takeover after SIGKILL of the leader, worst (s), default lease",
+        "≤ watcher.lease bound",
+        lambda r: r["pg_takeover_worst_s"] <= r["pg_takeover_bound_s"],
+    ),
+    ("pg_takeover_median_s", "PostgreSQL takeover after SIGKILL of the leader, median (s)", "(record)", None),
 ]
 
 
@@ -451,6 +492,13 @@ def render(results: dict[str, Any], previous: str) -> str:
         '  `Apprise.notify(title="lead.created", body=<the lead as JSON>)` once per lead through a',
         "  `json://` target to the same receiver; timed against `once` in the same runs (its own runs, so",
         "  `--only apprise` stands alone). Needs the `bench` extra, which `make bench` installs.",
+        "- **PostgreSQL state**: the `once` backfill above (2 000 leads, updates off, one webhook sink),",
+        "  run twice per run against freshly started simulators: `[state] path` (SQLite) and `[state] url`",
+        "  on a fresh PostgreSQL database of its own (dropped after the run); the ratio is SQLite seconds",
+        "  over PostgreSQL seconds. State bytes per lead: the SQLite files after the process closed them,",
+        "  and `pg_total_relation_size` of every table of the schema. Takeover: `bench.takeover`'s",
+        "  SIGKILL case at the default lease (a leader process making fenced writes, a standby; seconds from",
+        "  the kill to the standby leading), median and worst of 10, beside `LeaseTimings.takeover_bound`.",
         "- **Slow receiver**: the receiver sleeps 50 ms before answering each request; `once` and the",
         "  plain program both at concurrency 16, so 320 events/s is the ceiling.",
         "- **Start**: a stub API in the bench process stamps the monotonic time of the first request it",

@@ -34,6 +34,7 @@ from watcher.state.records import PENDING
 from watcher.state.store import Store
 
 BACKFILL_FROM = "2000-01-01T00:00:00Z"
+SQLITE_STATE = 'path = "state.db"'  # the body of [state] in every case but the postgres one
 
 
 def write_config(
@@ -45,6 +46,7 @@ def write_config(
     interval: float = 2,
     updates: bool = False,
     campaigns: bool = False,
+    state: str = SQLITE_STATE,
 ) -> Path:
     path = folder / "bench.toml"
     path.write_text(
@@ -55,7 +57,7 @@ username = "{USERNAME}"
 password = "{PASSWORD}"
 request_budget = 2900
 [state]
-path = "state.db"
+{state}
 [leads]
 interval = {interval}
 lookback = "30s"

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.cases import webhook_sink, write_config
+from bench.cases import SQLITE_STATE, webhook_sink, write_config
 from bench.procs import child_env, receiver, simulator
 
 PY = sys.executable
@@ -51,10 +51,14 @@ def fresh(tmp: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=tmp))
 
 
-def daemon_once(api: str, url: str, tmp: Path, concurrency: int) -> float:
-    """`python -m watcher once -c cfg`: backfill from 2000-01-01 into one webhook sink, one delivery pass."""
-    folder = fresh(tmp)
-    config = write_config(folder, api, sinks=webhook_sink(url, concurrency=concurrency))
+def daemon_once(
+    api: str, url: str, tmp: Path, concurrency: int, folder: Path | None = None, state: str = SQLITE_STATE
+) -> float:
+    """`python -m watcher once -c cfg`: backfill from 2000-01-01 into one webhook sink, one delivery
+    pass; `state` is the `[state]` table's body (the SQLite file state.db in `folder` by default)."""
+    folder = folder or fresh(tmp)
+    sinks = webhook_sink(url, concurrency=concurrency)
+    config = write_config(folder, api, sinks=sinks, state=state)
     return timed([PY, "-m", "watcher", "once", "-c", str(config)], folder)
 
 
@@ -149,6 +153,78 @@ def apprise_peer(n: int, runs: int, concurrency: int = 4) -> dict[str, float]:
                 check_count(log, offset, n, "apprise")
     peer, once = statistics.median(apprise_s), statistics.median(once_s)
     return {"apprise_s": peer, "once_s": once, "speedup": peer / once}
+
+
+# --- PostgreSQL state beside SQLite -----------------------------------------------------------
+
+PG_SCHEMA = "convertr_bench"
+
+
+def _pg_state_bytes(url: str, schema: str) -> int:
+    """Bytes of the schema's tables on disk, their indexes and TOAST included."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind IN ('r', 'p')",
+            (schema,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def postgres_backfill(n: int, runs: int, concurrency: int = 4) -> dict[str, float]:
+    """`once` with its state in SQLite against the same `once` with its state in PostgreSQL (a fresh
+    database per run, dropped after it), each against a freshly started simulator holding `n` leads,
+    both delivering to one receiver; state bytes per lead of each."""
+    from tests.support.postgres import HOST, PORT, USER, Server, create_database, drop_database
+
+    server = Server(HOST, PORT, USER)
+    sqlite_s, pg_s, sqlite_bytes, pg_bytes = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp, receiver(Path(tmp) / "recv.log") as url:
+        log = Path(tmp) / "recv.log"
+        for _ in range(runs):
+            with simulator(n) as api:
+                offset = log_end(log)
+                folder = fresh(Path(tmp))
+                sqlite_s.append(daemon_once(api, url, Path(tmp), concurrency, folder))
+                check_ids(log, offset, n, "once (SQLite)")
+                # The process closed its store: SQLite checkpointed the WAL into the file then.
+                sqlite_bytes.append(sum(p.stat().st_size for p in folder.glob("state.db*")) / n)
+            db = create_database(server)
+            try:
+                with simulator(n) as api:
+                    offset = log_end(log)
+                    state = f'url = "{db.url}"\nschema = "{PG_SCHEMA}"'
+                    pg_s.append(daemon_once(api, url, Path(tmp), concurrency, state=state))
+                    check_ids(log, offset, n, "once (PostgreSQL)")
+                    pg_bytes.append(_pg_state_bytes(db.url, PG_SCHEMA) / n)
+            finally:
+                drop_database(db)
+    sqlite, pg = statistics.median(sqlite_s), statistics.median(pg_s)
+    return {
+        "sqlite_s": sqlite,
+        "postgres_s": pg,
+        "ratio": sqlite / pg,
+        "sqlite_bytes_per_lead": statistics.median(sqlite_bytes),
+        "postgres_bytes_per_lead": statistics.median(pg_bytes),
+    }
+
+
+def takeover(runs: int) -> dict[str, float]:
+    """Seconds from SIGKILL of a leader process to a standby leading, default lease, `runs` times."""
+    from bench.takeover import kill_once
+    from tests.support.postgres import HOST, PORT, USER, Server
+    from watcher.lease import LeaseTimings
+
+    timings = LeaseTimings()
+    kills = [kill_once(Server(HOST, PORT, USER), timings.ttl) for _ in range(runs)]
+    return {
+        "ttl_s": timings.ttl,
+        "bound_s": timings.takeover_bound,
+        "median_s": statistics.median(kills),
+        "worst_s": max(kills),
+    }
 
 
 # --- cheap start ------------------------------------------------------------------------------

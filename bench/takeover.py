@@ -17,6 +17,7 @@ import random
 import signal
 import statistics
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -27,6 +28,12 @@ from watcher.leadership import fence, session_conninfo
 from watcher.lease import LeaseTimings
 
 SCHEMA = "convertr_bench"
+
+
+def has_led(thread: LeaderThread) -> Callable[[], bool]:
+    """Whether `thread` has become leader, as recorded: leading() turns true a moment before the
+    change is recorded (led_at), so waiting on it alone may read led_at() as None."""
+    return lambda: thread.led_at() is not None
 
 
 def kill_once(server: Server, ttl: float) -> float:
@@ -42,7 +49,7 @@ def kill_once(server: Server, ttl: float) -> float:
             time.sleep(random.uniform(0, LeaseTimings(ttl).renew_every))  # any phase of the renewal cycle
             killed = time.monotonic()
             leader.proc.send_signal(signal.SIGKILL)
-            wait_until(standby.leading, 5 * ttl, "the standby to lead")
+            wait_until(has_led(standby), 5 * ttl, "the standby to lead")
             return standby.led_at() - killed  # type: ignore[operator]
         finally:
             leader.end()
@@ -71,7 +78,7 @@ def partition_once(server: Server, ttl: float) -> tuple[float, float]:
                 time.sleep(random.uniform(0, timings.renew_every))  # any phase of the renewal cycle
                 cut = time.monotonic()
                 proxy.blackhole()
-                wait_until(standby.leading, 5 * ttl, "the standby to lead")
+                wait_until(has_led(standby), 5 * ttl, "the standby to lead")
                 took, stopped = standby.led_at(), leader.stepped_down_at()
                 assert took is not None and stopped is not None
                 proxy.heal()

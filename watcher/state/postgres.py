@@ -214,18 +214,49 @@ def _rows_by_name(cursor: Any) -> Callable[[Sequence[Any]], Row]:
 
 
 class _Tx:
-    """The open transaction as the state layer writes through it (`?` marks, sqlite3's two calls)."""
+    """The open transaction as the state layer writes through it (`?` marks, sqlite3's two calls).
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    The transaction runs in pipeline mode: statements are sent without waiting for each one's
+    answer, and the whole of it costs one round trip to the server per read the code waits on
+    (fetching rows) plus one at the commit, rather than one per statement. A failed statement
+    aborts the rest, and its error is raised at the next read or at the commit, still inside the
+    transaction, which then rolls back: all of it or none, as before.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> None:
         self._conn = conn
+        self._pipeline = pipeline
 
     def execute(self, text: str, parameters: Sequence[Any] = (), /) -> Result:
-        return cast(Result, self._conn.execute(pg_sql(text), list(parameters)))
+        return _Answer(self._conn.execute(pg_sql(text), list(parameters)), self._pipeline)
 
     def executemany(self, text: str, parameters: Iterable[Sequence[Any]], /) -> Result:
         cursor = self._conn.cursor()
         cursor.executemany(pg_sql(text), [list(p) for p in parameters])
-        return cast(Result, cursor)
+        return _Answer(cursor, self._pipeline)
+
+
+class _Answer:
+    """A statement's cursor in a pipelined transaction. Rows are fetched on demand by psycopg
+    itself; the row count is known only once the server has answered, so asking for it waits."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any], pipeline: psycopg.Pipeline) -> None:
+        self._cursor = cursor
+        self._pipeline = pipeline
+
+    @property
+    def rowcount(self) -> int:
+        self._pipeline.sync()
+        return self._cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor)
 
 
 def pg_error(exc: psycopg.Error, where: str, doing: str) -> StateError:
@@ -263,6 +294,8 @@ class PostgresConnection(Connection):
         self._pg: psycopg.Connection[Any] | None = None
         self._lock_key = f"watcher-state:{state.schema}"
         self._channel = f"watcher_{state.schema}"[:63]  # PostgreSQL's limit on a channel name
+        # Set when the schema's tables have never been analyzed (a fresh state): see _gather_statistics.
+        self._statistics_due = False
 
     # ------------------------------------------------------------------------ the connection
 
@@ -336,16 +369,36 @@ class PostgresConnection(Connection):
         """One write transaction, fenced when this store belongs to a leader; committed at the end."""
         pg = self._live("write")
         try:
-            with pg.transaction():
+            with pg.pipeline() as pipeline, pg.transaction():
                 pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
                 if self._relax:
                     pg.execute("SET LOCAL synchronous_commit TO off")
                 if self._fence_epoch is not None:
+                    pipeline.sync()  # the BEGIN answered: fence() checks that it runs in a transaction
                     fence(pg, self.schema, _epoch(self._fence_epoch))
-                yield _Tx(pg)
+                yield _Tx(pg, pipeline)
                 pg.execute("SELECT pg_notify(%s, '')", (self._channel,))
         except psycopg.Error as exc:
             raise pg_error(exc, self.where, "write") from None
+        if self._statistics_due:
+            self._gather_statistics(pg)
+
+    def _gather_statistics(self, pg: psycopg.Connection[Any]) -> None:
+        """ANALYZE the outbox's tables once, after the first commit that put deliveries in them.
+
+        Until a table has been analyzed the planner guesses its size and selectivities, and the
+        outbox reads of a fresh state (due deliveries, above all) cost several times what they do
+        once it knows; autovacuum would analyze only after its naptime, a whole backfill later.
+        Statistics taken from the first page already tell row widths and densities, which the
+        planner scales by the tables' current sizes. Statistics are not state: no fence, and a failure
+        leaves them to autovacuum as before."""
+        try:
+            found = pg.execute("SELECT EXISTS (SELECT 1 FROM deliveries)").fetchone()
+            if found is not None and found[0]:
+                self._statistics_due = False
+                pg.execute("ANALYZE events, deliveries, leads, attempts")
+        except psycopg.Error:
+            self._statistics_due = False
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -491,6 +544,9 @@ def open_postgres(
     pg = store._live("open")
     try:
         migrate(pg, state.schema, store.where)
+        # reltuples is -1 until a table is first vacuumed or analyzed (PostgreSQL 14 and later).
+        never = pg.execute("SELECT reltuples < 0 FROM pg_class WHERE oid = 'deliveries'::regclass").fetchone()
+        store._statistics_due = bool(never and never[0])
     except psycopg.Error as exc:
         store.close()
         raise pg_error(exc, store.where, "migrate") from None
