@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from tests.support.leaders import LeaderProcess, LeaderThread, wait_until, writes_table
+from tests.support.daemon import wait_until
+from tests.support.leaders import LeaderProcess, LeaderThread, writes_table
 from tests.support.postgres import HOST, PORT, USER, Server, create_database, drop_database
 from tests.support.tcpproxy import TcpProxy
 from watcher.leadership import fence, session_conninfo

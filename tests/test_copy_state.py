@@ -14,11 +14,11 @@ import pytest
 from tests.conftest import serving
 from tests.support.backends import Backend
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, events_json, wait_until, webhook_sink, write_config
+from tests.support.leaders import another_hosts_lease
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.receiver import Receiver
 from watcher.config import PostgresState, StateConfig
 from watcher.exitcodes import EXIT_CONFIG, EXIT_LOCKED
-from watcher.leadership import leadership_ddl
 from watcher.simulator import Simulator, SimulatorServer
 from watcher.state.copy import IDENTITIES, TABLES, copy_state, schema_tables
 from watcher.state.store import Store, open_store, open_store_readonly
@@ -178,14 +178,7 @@ def test_refused_while_a_daemon_leads_the_postgresql_source(
     _, server = sim
     config = _config(tmp_path / "b", server, receiver, {"url": _url(postgres_db), "schema": SCHEMA})
     assert cli("once", "-c", str(config)).returncode in (0, 1)  # 1: the down sink
-    with psycopg.connect(postgres_db.url, autocommit=True) as conn:  # raw on purpose: another host's lease
-        for statement in leadership_ddl(SCHEMA):
-            conn.execute(statement)
-        conn.execute(
-            f"INSERT INTO {SCHEMA}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at) "
-            "VALUES ('leader', 4, 'other', 'host-b', 4242, now(), now(), now() + interval '10 minutes') "
-            "ON CONFLICT (name) DO UPDATE SET expires_at = EXCLUDED.expires_at, host = 'host-b', pid = 4242"
-        )
+    another_hosts_lease(postgres_db.url, SCHEMA)
     target = tmp_path / "copy.db"
     result = _copy(config, "--to", str(target))
     assert result.returncode == EXIT_LOCKED, result.stderr

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.support.leaders import LeaderProcess, LeaderThread, wait_until, writes_table
+from tests.support.daemon import wait_until
+from tests.support.leaders import LeaderProcess, LeaderThread, writes_table
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.tcpproxy import TcpProxy
 from watcher.errors import Deposed, StateError

@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.support.leaders import LeaderThread, wait_until
+from tests.support.daemon import wait_until
+from tests.support.leaders import LeaderThread
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.tcpproxy import TcpProxy
 from watcher.errors import Deposed, StateError

@@ -13,10 +13,10 @@ import pytest
 
 from tests.conftest import serving
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
+from tests.support.leaders import another_hosts_lease
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.receiver import Receiver
 from watcher.exitcodes import EXIT_LOCKED
-from watcher.leadership import leadership_ddl
 from watcher.simulator import Simulator, SimulatorServer
 
 SCHEMA = "convertr_e2e"
@@ -91,13 +91,7 @@ def test_once_refuses_while_another_daemon_leads(
     asks Convertr nor delivers anything."""
     simulator, server = sim
     config = _config(tmp_path, server, receiver, postgres_db)
-    with psycopg.connect(postgres_db.url, autocommit=True) as conn:  # raw on purpose: another host's lease
-        for statement in leadership_ddl(SCHEMA):
-            conn.execute(statement)
-        conn.execute(
-            f"INSERT INTO {SCHEMA}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at) "
-            "VALUES ('leader', 4, 'other', 'host-b', 4242, now(), now(), now() + interval '10 minutes')"
-        )
+    another_hosts_lease(postgres_db.url, SCHEMA)
     requests_before = len(simulator.requests)
     result = cli("once", "-c", str(config))
     assert result.returncode == EXIT_LOCKED, result.stderr
@@ -149,13 +143,7 @@ def test_a_standby_asks_convertr_nothing_and_leads_once_the_lease_expires(
     delivery; when that lease ends (the other host died), it takes over with the next epoch and delivers."""
     simulator, server = sim
     config = _config(tmp_path, server, receiver, postgres_db)
-    with psycopg.connect(postgres_db.url, autocommit=True) as conn:  # raw on purpose: another host's lease
-        for statement in leadership_ddl(SCHEMA):
-            conn.execute(statement)
-        conn.execute(
-            f"INSERT INTO {SCHEMA}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at) "
-            "VALUES ('leader', 4, 'other', 'host-b', 4242, now(), now(), now() + interval '10 minutes')"
-        )
+    another_hosts_lease(postgres_db.url, SCHEMA)
     before = len(simulator.requests)
     with Daemon(config) as daemon:
 

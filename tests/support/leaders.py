@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +26,23 @@ import psycopg
 from psycopg import sql
 
 from watcher.errors import Deposed
-from watcher.leadership import Leadership, fence_async, session_conninfo
+from watcher.leadership import Leadership, fence_async, leadership_ddl, session_conninfo
 from watcher.lease import LeaseTimings, Role
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(0.02)
+def another_hosts_lease(url: str, schema: str) -> None:
+    """A live lease (epoch 4, pid 4242 on host-b, ten minutes left) held by a daemon on another host,
+    written raw on purpose: no second daemon is needed to be led by one."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in leadership_ddl(schema):
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO {schema}.leadership (name, epoch, holder, host, pid, since, renewed_at, expires_at) "
+            "VALUES ('leader', 4, 'other', 'host-b', 4242, now(), now(), now() + interval '10 minutes') "
+            "ON CONFLICT (name) DO UPDATE SET expires_at = EXCLUDED.expires_at, host = 'host-b', pid = 4242"
+        )
 
 
 def writes_table(url: str, schema: str) -> None:
