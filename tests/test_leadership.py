@@ -341,7 +341,7 @@ def test_session_conninfo_keeps_tls_and_the_operators_options_and_bounds_every_w
     assert (got["sslmode"], got["sslrootcert"]) == ("verify-full", "/etc/ssl/db-ca.pem")
     assert got["options"] == (
         "-c search_path=x -c statement_timeout=5000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=5000"
-        " -c tcp_user_timeout=5000"
+        " -c tcp_user_timeout=5000 -c tcp_keepalives_idle=2 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
     )
     assert (got["keepalives"], got["keepalives_idle"], got["keepalives_count"], got["tcp_user_timeout"]) == (
         "1", "2", "3", "5000",

@@ -161,7 +161,7 @@ def test_a_daemon_stopped_during_its_takeover_leaves_no_query_running_behind(pos
             ).format(sql.Identifier(SCHEMA))
         )
     waiting = """SELECT count(*) FROM pg_stat_activity
-                 WHERE application_name = 'convertr-watcher leadership' AND wait_event_type = 'Lock'"""
+                 WHERE application_name LIKE 'convertr-watcher leadership %' AND wait_event_type = 'Lock'"""
     live = sql.SQL("SELECT epoch FROM {}.leadership WHERE expires_at > clock_timestamp()").format(
         sql.Identifier(SCHEMA)
     )

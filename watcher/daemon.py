@@ -84,7 +84,7 @@ async def _once_leading(config: Config, clock: Clock, **kwargs: Any) -> int:
 
     async with taking_part(config) as leadership:
         await lead_now(leadership, config, clock)
-        async with runtime(config, clock, fence_epoch=fence_of(leadership), **kwargs) as rt:
+        async with runtime(config, clock, fence_epoch=fence_of(leadership), member=leadership.member, **kwargs) as rt:
             return await _once(rt)
 
 
@@ -585,7 +585,7 @@ async def run_term(config: Config, clock: Clock, notifier: Notifier, leadership:
     from watcher.leading import fence_of
 
     stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
-    async with runtime(config, stepped, fence_epoch=fence_of(leadership)) as rt:
+    async with runtime(config, stepped, fence_epoch=fence_of(leadership), member=leadership.member) as rt:
         stepped.on_step = lambda seconds: clock_stepped(rt, seconds)
         ended = False
 

@@ -68,6 +68,20 @@ MEMBER_GONE_AFTER = 3
 # --------------------------------------------------------------------------------- connections
 
 
+def application_name(part: str, member: str | None = None) -> str:
+    """What a daemon's session calls itself in pg_stat_activity: "convertr-watcher <part> <member>".
+
+    The member id lets a standby taking over an expired lease find the sessions of the daemon that
+    held it (`_TERMINATE`); PostgreSQL cuts application_name at 63 bytes, and this stays under
+    (16 hex digits of member id, the longest part "leadership").
+    """
+    return f"{APPLICATION_NAME} {part} {member}" if member else f"{APPLICATION_NAME} {part}"
+
+
+# The parts of a daemon's sessions: its Leadership's and its state store's.
+SESSION_PARTS = ("leadership", "state")
+
+
 def session_conninfo(url: str, timings: LeaseTimings, application_name: str = APPLICATION_NAME) -> str:
     """The URL with the settings that bound how long a cut-off connection can hold anything.
 
@@ -75,6 +89,11 @@ def session_conninfo(url: str, timings: LeaseTimings, application_name: str = AP
     idle_in_transaction_session_timeout and tcp_user_timeout at op_timeout, so a transaction the
     leader left open when it lost the network, a query stuck behind a lock, or a result the
     server cannot deliver, is ended well inside the lease.
+    Server side too, TCP keepalives at the same pace as the client's: across a real partition the
+    server's socket then fails and the backend ends, whatever it was waiting for (a backend
+    waiting for the rest of a pipeline, `active` in ClientRead, is beyond every timeout above).
+    They cannot help when something between still acknowledges (a proxy, a load balancer that
+    keeps the connection): the standby's takeover ends such sessions (`_TERMINATE`).
     Client side (libpq): TCP keepalives and tcp_user_timeout, so a real partition (unacknowledged
     packets) breaks the socket instead of waiting the kernel's two hours, and connect_timeout.
     The operator's own `options=` in the URL are kept, ours appended; TLS parameters pass untouched.
@@ -89,9 +108,11 @@ def session_conninfo(url: str, timings: LeaseTimings, application_name: str = AP
     # tcp_user_timeout server side too: a backend blocked sending a result to a cut-off client
     # (ClientWrite) is beyond statement_timeout's reach (the server cannot cancel mid-message) and
     # would hold the fence's row lock, so the takeover, until TCP gave up (about 15 min).
+    idle = max(1, int(timings.op_timeout / 2))
     ours = (
         f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
         f" -c tcp_user_timeout={ms}"
+        f" -c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
     )
     options = f"{given['options']} {ours}" if given.get("options") else ours
     return make_conninfo(
@@ -100,7 +121,7 @@ def session_conninfo(url: str, timings: LeaseTimings, application_name: str = AP
         application_name=application_name,
         connect_timeout=max(2, math.ceil(timings.op_timeout)),
         keepalives=1,
-        keepalives_idle=max(1, int(timings.op_timeout / 2)),
+        keepalives_idle=idle,
         keepalives_interval=1,
         keepalives_count=3,
         tcp_user_timeout=ms,
@@ -175,6 +196,26 @@ _CLAIM = """INSERT INTO {s}.leadership (name, epoch, holder, host, pid, since, r
 # read and only once expired by the database clock: of two standbys racing, the second re-checks
 # the row the first wrote (a newer epoch, a live lease) and gets no row.
 _LOCK = "SELECT epoch FROM {s}.leadership WHERE name = 'leader' FOR UPDATE"
+# Before the FOR UPDATE: end the sessions of the daemon whose lease expired (by the database clock)
+# that are still inside something (not 'idle': an idle session holds no lock). A leader cut off in
+# the middle of a pipeline leaves its backend `active`, waiting in ClientRead for the rest of it:
+# no statement runs, so statement_timeout does not fire, and the session is not idle in a
+# transaction, so idle_in_transaction_session_timeout does not either; it holds the fence's row
+# lock (and the state's writer lock) until TCP notices, which through a proxy that still
+# acknowledges is never. Ending it is safe: that daemon stopped trusting its lease `margin` before
+# the expiry, and what it has in hand is a fenced transaction, which the termination rolls back.
+# Only backends this role may signal (its own role's, or any with pg_signal_backend; a superuser's
+# only by a superuser): one it may not would fail the whole statement, so they are counted and
+# left, and the takeover waits for them as before. The EXISTS re-checks that the lease read is still
+# the one in the row and still expired: a holder that renewed meanwhile keeps its sessions.
+_TERMINATE = """SELECT a.pid, (pg_has_role(a.usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE'))
+                       AND (NOT r.rolsuper OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))
+                FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid
+                WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+                  AND a.application_name = ANY(%(names)s) AND a.state IS DISTINCT FROM 'idle'
+                  AND EXISTS (SELECT 1 FROM {s}.leadership WHERE name = 'leader' AND epoch = %(epoch)s
+                              AND expires_at <= clock_timestamp())"""
+_SIGNAL = "SELECT pg_terminate_backend(pid, %(wait)s) FROM unnest(%(pids)s::integer[]) AS pid"
 _TAKE_OVER = """UPDATE {s}.leadership
                 SET epoch = epoch + 1, holder = %(member)s, host = %(host)s, pid = %(pid)s,
                     since = clock_timestamp(), renewed_at = clock_timestamp(),
@@ -325,7 +366,7 @@ class Leadership:
         self.member = secrets.token_hex(8)  # new per process start: a restarted daemon is a new member
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
-        self._conninfo = session_conninfo(url, self.timings, f"{APPLICATION_NAME} leadership")
+        self._conninfo = session_conninfo(url, self.timings, application_name("leadership", self.member))
         self._monotonic = monotonic
         self._sleep = sleep
         self._on_role = on_role
@@ -342,6 +383,7 @@ class Leadership:
         self._standing = asyncio.Event()
         self._standing.set()
         self._abandoned: set[asyncio.Task[None]] = set()
+        self._refused_signal = False  # said once: this role may not end another daemon's sessions
 
     # ------------------------------------------------------------------------ what others ask
 
@@ -465,6 +507,7 @@ class Leadership:
             won = await (await conn.execute(_q(_CLAIM, self.schema), self._params())).fetchone()
         else:
             assert row is not None
+            await self._end_sessions_of(conn, row)
             async with conn.transaction():
                 await conn.execute(_q(_LOCK, self.schema))
                 cursor = await conn.execute(_q(_TAKE_OVER, self.schema), self._params(epoch=row.epoch))
@@ -472,6 +515,46 @@ class Leadership:
         if won is not None:
             self._promote(int(won[0]), won[1], sent)
             await self._seen(conn)
+
+    async def _end_sessions_of(self, conn: psycopg.AsyncConnection[Any], row: LeaseRow) -> None:
+        """End the sessions the holder of the expired lease `row` left busy (`_TERMINATE` says why).
+
+        Any failure (no privilege, an old server) leaves the takeover to wait for them, as before,
+        and is said once per process.
+        """
+        names = [application_name(part, row.holder) for part in SESSION_PARTS]
+        try:
+            cursor = await conn.execute(_q(_TERMINATE, self.schema), {"names": names, "epoch": row.epoch})
+            found = await cursor.fetchall()
+            allowed = [int(pid) for pid, may in found if may]
+            if allowed:
+                wait_ms = max(1, int(self.timings.op_timeout * 1000 / 3))
+                await conn.execute(_SIGNAL, {"pids": allowed, "wait": wait_ms})
+                log.warning(
+                    "leadership: ended the sessions the previous leader left open (its lease expired)",
+                    sessions=len(allowed),
+                    previous_host=row.host,
+                    previous_pid=row.pid,
+                    epoch=row.epoch,
+                    schema=self.schema,
+                )
+            if len(allowed) < len(found):
+                self._cannot_signal(f"{len(found) - len(allowed)} session(s) of another role")
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            self._cannot_signal(describe(exc))
+
+    def _cannot_signal(self, why: str) -> None:
+        if self._refused_signal:
+            return
+        self._refused_signal = True
+        log.warning(
+            "leadership: cannot end the previous leader's sessions; a takeover waits for them to end "
+            "(grant this role pg_signal_backend, or run every daemon as one role)",
+            reason=why,
+            schema=self.schema,
+        )
 
     async def _renew(self, conn: psycopg.AsyncConnection[Any]) -> None:
         sent = self._monotonic()

@@ -84,10 +84,12 @@ async def runtime(
     progress: Callable[[int, int | None], None] | None = None,
     stall: float | None = None,
     fence_epoch: Callable[[], int | None] | None = None,
+    member: str | None = None,
 ) -> AsyncIterator[Runtime]:
     # fence_epoch: on PostgreSQL, the epoch this daemon leads under (watcher.leading); every write
-    # transaction of the store checks it.
-    store = open_store(config.state, fence_epoch=fence_epoch)
+    # transaction of the store checks it. member: its Leadership.member, in the sessions' names, so
+    # a standby taking over can end the sessions this daemon left busy when cut off.
+    store = open_store(config.state, fence_epoch=fence_epoch, member=member)
     try:
         # Pages only, no index-to-table matching (about 0.2 s per 100 MB): a damaged file is
         # refused here in one line rather than failing poll after poll.

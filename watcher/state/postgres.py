@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from watcher.errors import Deposed, StateDamaged, StateError, StateTooNew
-from watcher.leadership import APPLICATION_NAME, describe, fence, session_conninfo
+from watcher.leadership import application_name, describe, fence, session_conninfo
 from watcher.lease import LeaseTimings
 from watcher.state.connection import POSTGRESQL, Connection, Result, Tx
 from watcher.state.store import Store
@@ -519,12 +519,15 @@ class PostgresStore(PostgresConnection, Store):
     """`Store` over PostgreSQL: the same parts, this connection under them."""
 
 
-def conninfo_for(state: PostgresState, timings: LeaseTimings | None) -> str:
+def conninfo_for(state: PostgresState, timings: LeaseTimings | None, member: str | None = None) -> str:
     """A leader's sessions bound what a cut-off connection can hold (watcher.leadership.session_conninfo);
-    other commands' sessions only name themselves and bound the connect."""
+    other commands' sessions only name themselves and bound the connect. `member` (a daemon's
+    Leadership.member) goes into application_name, so a standby that takes the lease over can end
+    the sessions this daemon left busy (watcher.leadership, `_TERMINATE`)."""
+    name = application_name("state", member)
     if timings is not None:
-        return session_conninfo(state.url, timings, f"{APPLICATION_NAME} state")
-    return make_conninfo(state.url, application_name=f"{APPLICATION_NAME} state", connect_timeout=10)
+        return session_conninfo(state.url, timings, name)
+    return make_conninfo(state.url, application_name=name, connect_timeout=10)
 
 
 def open_postgres(
@@ -532,12 +535,13 @@ def open_postgres(
     *,
     fence_epoch: Callable[[], int | None] | None = None,
     timings: LeaseTimings | None = None,
+    member: str | None = None,
 ) -> PostgresStore:
     """The state in PostgreSQL, its schema made and migrated. With `fence_epoch` (a leader's store),
     every write transaction checks that the epoch it returns still leads, and sessions are bounded
-    by `timings` (the lease's)."""
+    by `timings` (the lease's) and named after `member` (the daemon's Leadership.member)."""
     store = PostgresStore(
-        conninfo_for(state, timings if timings is not None or fence_epoch is None else LeaseTimings()),
+        conninfo_for(state, timings if timings is not None or fence_epoch is None else LeaseTimings(), member),
         state,
         fence_epoch=fence_epoch,
     )

@@ -89,18 +89,20 @@ def open_store(
     *,
     fence_epoch: Callable[[], int | None] | None = None,
     timings: LeaseTimings | None = None,
+    member: str | None = None,
 ) -> Store:
     """The configured state for writing: the SQLite file (`[state] path`) or PostgreSQL (`[state] url`).
 
     `fence_epoch` (PostgreSQL only: a leader's store) gives the leadership epoch this process
     leads under, or None when it does not lead; every write transaction checks it inside the
-    transaction (watcher.leadership.fence), so a deposed leader commits nothing.
+    transaction (watcher.leadership.fence), so a deposed leader commits nothing. `member` (its
+    Leadership.member) names its sessions, so a standby taking over can end those it left busy.
     """
     if state.postgres is None:
         return Store.open(state.path)
     from watcher.state.postgres import open_postgres  # psycopg: the [postgres] extra
 
-    return open_postgres(state.postgres, fence_epoch=fence_epoch, timings=timings)
+    return open_postgres(state.postgres, fence_epoch=fence_epoch, timings=timings, member=member)
 
 
 def open_store_readonly(state: StateConfig) -> Store:
