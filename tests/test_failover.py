@@ -1,10 +1,12 @@
 """Failover with two real daemons (issue 21): `run` twice on one PostgreSQL state, leads arriving all the while.
 
 The leader is SIGKILLed, or cut off from the database by a TCP proxy that goes silent (no FIN, no
-RST). In both, the standby takes over, every lead created reaches the receiver as a verified
-`lead.created`, and no change ever goes out under two webhook-ids (a repeat with the same id is
-allowed: a delivery in flight may be sent again). The takeover time is measured and printed, not
-asserted as a speed (`python -m bench.takeover` is where speed lives).
+RST) in the middle of a pipelined write, where the server keeps its backend waiting for the rest
+of the pipeline with the fence's lock held until the standby ends it. In both, the standby takes
+over, every lead created reaches the receiver as a verified `lead.created`, and no change ever
+goes out under two webhook-ids (a repeat with the same id is allowed: a delivery in flight may be
+sent again). The takeover time is measured and printed, not asserted as a speed
+(`python -m bench.takeover` is where speed lives).
 
 The daemon's lease is the default 15 s one (`run` has no setting for it), so each test waits out
 one lease; the deadlines below derive from `LeaseTimings().takeover_bound`.
@@ -29,6 +31,7 @@ from tests.conftest import serving
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
 from tests.support.postgres import Database
 from tests.support.receiver import Receiver
+from tests.support.tcpproxy import PIPELINE_FLUSH, TcpProxy
 from watcher.lease import LeaseTimings
 from watcher.simulator import Simulator, SimulatorServer
 
@@ -110,6 +113,16 @@ def _lease_pid(db: Database) -> int | None:
     return None if row is None else int(row[0])
 
 
+def _stuck_in_client_read(db: Database) -> bool:
+    """A daemon's state session is what a cut mid-pipeline leaves: active, waiting to read the rest."""
+    with psycopg.connect(db.url, connect_timeout=5) as conn:
+        found = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'convertr-watcher state %' "
+            "AND state = 'active' AND wait_event = 'ClientRead'"
+        ).fetchone()
+    return found is not None and found[0] > 0
+
+
 def _created_ids(*receivers: Receiver) -> dict[int, set[str]]:
     """Every lead id with a verified `lead.created`, and the webhook-ids it came under (all receivers)."""
     ids: dict[int, set[str]] = defaultdict(set)
@@ -188,5 +201,59 @@ def test_the_standby_takes_over_from_a_sigkilled_leader_and_nothing_is_missed_or
         f"kill -> new lease {led - killed:.2f} s, kill -> first delivery by the new leader {first - killed:.2f} s"
     )
     assert led - killed <= TAKEOVER_DEADLINE
+    _one_id_per_change(receiver)
+    assert all(len(ids) == 1 for ids in _created_ids(receiver).values())
+
+
+def test_the_standby_takes_over_from_a_leader_cut_off_by_a_silent_network_and_nothing_is_missed_or_renamed(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """Two `run` daemons on one state; the leader reaches PostgreSQL through a TCP proxy that goes
+    silent mid-stream (no FIN, no RST) in the middle of a pipelined write, whose backend then waits
+    in ClientRead holding the fence's lock. The standby ends that session and leads within the lease
+    bound; every lead gets its `lead.created`, each change under one webhook-id; once the network
+    heals the old leader stands by."""
+    simulator, server = sim
+    db = postgres_db.server
+    with TcpProxy(db.host, db.port) as proxy:
+        via_proxy = f"postgresql://{db.user}@{proxy.host}:{proxy.port}/{postgres_db.name}"
+        config_a = _config(tmp_path / "a", server, receiver, via_proxy)
+        config_b = _config(tmp_path / "b", server, receiver, postgres_db.url)
+        with _daemon(config_a, "a") as leader:
+            wait_until(lambda: _lease_pid(postgres_db) == _pid(leader), 30, "the proxied daemon to lead")
+            with _daemon(config_b, "b") as standby:
+                wait_until(lambda: _pid(standby) in _standby_pids(config_b), 30, "the other daemon standing by")
+                wait_until(lambda: _all_delivered(simulator, receiver), 60, "the backfill")
+                with Feed(simulator) as feed:
+                    started = time.monotonic()
+                    wait_until(
+                        lambda: len(set(feed.since(started)) & set(_created_ids(receiver))) >= 5,
+                        30,
+                        "leads delivered from the stream by the first leader",
+                    )
+                    # No FIN, no RST: silence once the leader's store asks for answers mid-pipeline
+                    # (the fence's), so its backend waits in ClientRead holding the fence's lock.
+                    proxy.blackhole_after(PIPELINE_FLUSH)
+                    cut = wait_until(lambda: proxy.silenced_at, 30, "the leader's next pipelined write")
+                    wait_until(lambda: _stuck_in_client_read(postgres_db), TAKEOVER_DEADLINE, "a backend in ClientRead")
+                    wait_until(lambda: _lease_pid(postgres_db) == _pid(standby), TAKEOVER_DEADLINE, "the takeover")
+                    led = time.monotonic()
+                    first = wait_until(lambda: _first_post_after(led, receiver), 30, "a delivery by the new leader")
+                    wait_until(lambda: len(feed.since(led)) >= 5, 10, "more leads after the takeover")
+                wait_until(lambda: _all_delivered(simulator, receiver), EVERYTHING_DEADLINE, "every lead delivered")
+                assert standby.running(), standby.log()[-3000:]
+                assert "ended the sessions the previous leader left open" in standby.log()
+                proxy.heal()  # the old leader hears the network again: it stands by, it does not lead
+                wait_until(lambda: _pid(leader) in _standby_pids(config_b), 60, "the old leader standing by")
+                assert _lease_pid(postgres_db) == _pid(standby)
+                assert standby.stop() == 0
+            assert leader.running(), leader.log()[-3000:]
+            assert "Traceback" not in leader.log(), leader.log()[-3000:]
+            assert leader.stop() == 0
+    print(
+        f"\npartition failover (lease {TIMINGS.ttl:g} s, bound {TIMINGS.takeover_bound:g} s): "
+        f"cut -> new lease {led - cut:.2f} s, cut -> first delivery by the new leader {first - cut:.2f} s"
+    )
+    assert led - cut <= TAKEOVER_DEADLINE
     _one_id_per_change(receiver)
     assert all(len(ids) == 1 for ids in _created_ids(receiver).values())

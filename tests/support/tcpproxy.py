@@ -11,6 +11,11 @@ ends everything.
 client sends `pattern` (say b"COMMIT") no longer gets anything back from the server, while what
 it sends still arrives, as when a partition falls between a request and its answer.
 
+`blackhole_after(pattern)` goes silent at a chosen point: the chunk in which a client sends
+`pattern` is passed on to the server, then nothing more, either way (`PIPELINE_FLUSH`: a
+pipelined client asking for the answers so far, after which the server waits for the rest of the
+pipeline).
+
 One thread with a selector, so the proxy keeps working while the test's own event loop or
 threads are blocked.
 """
@@ -21,10 +26,14 @@ import contextlib
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 _CHUNK = 65536
 _BUFFER_CAP = 1 << 20  # stop reading a side while this much waits for the other
+# The frontend's Flush message ('H', length 4): libpq sends it in pipeline mode to have the
+# answers so far without ending the pipeline (psycopg, fetching a result inside a pipeline).
+PIPELINE_FLUSH = b"H\x00\x00\x00\x04"
 
 
 @dataclass(eq=False)
@@ -59,6 +68,8 @@ class TcpProxy:
         self._wake_r.setblocking(False)
         self.accepted = 0
         self._trigger: bytes | None = None
+        self._silence_trigger: bytes | None = None
+        self.silenced_at: float | None = None  # time.monotonic() when blackhole_after's pattern passed
         self._thread = threading.Thread(target=self._loop, name=f"tcpproxy:{self.port}", daemon=True)
         self._thread.start()
 
@@ -72,6 +83,7 @@ class TcpProxy:
         """Forward again, starting with whatever waited (one-way cuts included)."""
         with self._lock:
             self._trigger = None
+            self._silence_trigger = None
             for pair in self._pairs:
                 pair.mute_to_client = False
         self._set(silent=False)
@@ -80,6 +92,13 @@ class TcpProxy:
         """Once a client sends `pattern`, hold back everything the server sends on that connection."""
         with self._lock:
             self._trigger = pattern
+        self._wake()
+
+    def blackhole_after(self, pattern: bytes) -> None:
+        """Once a client sends `pattern`, pass that chunk on to the server, then go silent as blackhole()."""
+        with self._lock:
+            self._silence_trigger = pattern
+            self.silenced_at = None
         self._wake()
 
     def close(self) -> None:
@@ -183,6 +202,9 @@ class TcpProxy:
                         pair.mute_to_client = True
                         self._trigger = None
                 (pair.to_upstream if from_client else pair.to_client).extend(data)
+                if from_client and self._silence_trigger is not None and self._silence_trigger in data:
+                    self._silence_after(pair)
+                    return
         if events & selectors.EVENT_WRITE:
             buffer = pair.to_client if from_client else pair.to_upstream
             try:
@@ -196,6 +218,16 @@ class TcpProxy:
                 else:
                     pair.upstream_eof = True
             del buffer[:sent]
+
+    def _silence_after(self, pair: _Pair) -> None:
+        """Send what this client just sent (the pattern with it) to the server, then silence everything."""
+        with contextlib.suppress(OSError):
+            sent = pair.upstream.send(pair.to_upstream)
+            del pair.to_upstream[:sent]
+        with self._lock:
+            self._silence_trigger = None
+            self._silent = True
+            self.silenced_at = time.monotonic()
 
     def _accept(self) -> None:
         try:
