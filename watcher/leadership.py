@@ -18,7 +18,10 @@ database without sharing a leader:
 
 The store must call `fence(conn, schema, epoch)` (or `fence_async`) inside every write
 transaction on the state, and open its connections with `session_conninfo`, whose timeouts let
-the server end a transaction the leader left open when it was cut off.
+the server end a transaction the leader left open when it was cut off, named with
+`application_name(part, member)`: a standby that finds the lease expired by the database clock
+first ends the holder's sessions that are still busy (a leader cut off mid-pipeline leaves its
+backend waiting in ClientRead with the fence's lock, which no timeout ends), then takes the row.
 """
 
 from __future__ import annotations

@@ -84,8 +84,12 @@ class LeaseTimings:
         The lease was last renewed at or before t, so it ends by t + ttl (database clock); a
         standby reads it within poll_every after that and its takeover query takes at most
         op_timeout. A transaction the cut-off leader left open cannot hold the takeover back
-        longer: the server ends it after idle_in_transaction_session_timeout (op_timeout), well
-        inside the lease.
+        longer: the server ends one left idle after idle_in_transaction_session_timeout
+        (op_timeout), well inside the lease, and the standby itself ends, before it takes the
+        row, every session of the expired holder still busy (one cut off mid-pipeline waits in
+        ClientRead, beyond any timeout), waiting at most op_timeout/3 for them to go. Where its
+        database role may not end them (another role, without pg_signal_backend), only the
+        server's TCP keepalives do, and behind a proxy that still acknowledges there is no bound.
         """
         return self.ttl + self.poll_every + self.op_timeout
 
