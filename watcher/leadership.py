@@ -218,7 +218,9 @@ _TERMINATE = """SELECT a.pid, (pg_has_role(a.usesysid, 'USAGE') OR pg_has_role('
                   AND a.application_name = ANY(%(names)s) AND a.state IS DISTINCT FROM 'idle'
                   AND EXISTS (SELECT 1 FROM {s}.leadership WHERE name = 'leader' AND epoch = %(epoch)s
                               AND expires_at <= clock_timestamp())"""
-_SIGNAL = "SELECT pg_terminate_backend(pid, %(wait)s) FROM unnest(%(pids)s::integer[]) AS pid"
+# Without a wait (the one-argument form every version has): the FOR UPDATE that follows waits, within
+# lock_timeout, for the ended backend to let go of its locks, which takes milliseconds.
+_SIGNAL = "SELECT pg_terminate_backend(pid) FROM unnest(%(pids)s::integer[]) AS pid"
 _TAKE_OVER = """UPDATE {s}.leadership
                 SET epoch = epoch + 1, holder = %(member)s, host = %(host)s, pid = %(pid)s,
                     since = clock_timestamp(), renewed_at = clock_timestamp(),
@@ -531,8 +533,7 @@ class Leadership:
             found = await cursor.fetchall()
             allowed = [int(pid) for pid, may in found if may]
             if allowed:
-                wait_ms = max(1, int(self.timings.op_timeout * 1000 / 3))
-                await conn.execute(_SIGNAL, {"pids": allowed, "wait": wait_ms})
+                await conn.execute(_SIGNAL, {"pids": allowed})
                 log.warning(
                     "leadership: ended the sessions the previous leader left open (its lease expired)",
                     sessions=len(allowed),

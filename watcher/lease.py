@@ -87,7 +87,7 @@ class LeaseTimings:
         longer: the server ends one left idle after idle_in_transaction_session_timeout
         (op_timeout), well inside the lease, and the standby itself ends, before it takes the
         row, every session of the expired holder still busy (one cut off mid-pipeline waits in
-        ClientRead, beyond any timeout), waiting at most op_timeout/3 for them to go. Where its
+        ClientRead, beyond any timeout); its FOR UPDATE then waits the moment they take to go. Where its
         database role may not end them (another role, without pg_signal_backend), only the
         server's TCP keepalives do, and behind a proxy that still acknowledges there is no bound.
         """
