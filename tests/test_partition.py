@@ -12,12 +12,14 @@ Real PostgreSQL, a real proxy, the real store (`open_postgres`) and Leadership o
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 
 import psycopg
 import pytest
 from psycopg import sql
+from structlog.testing import capture_logs
 
 from tests.support.daemon import wait_until
 from tests.support.leaders import LeaderThread
@@ -52,6 +54,33 @@ def _tracks(db: Database) -> list[tuple[str, str]]:
         return [(str(a), str(b)) for a, b in conn.execute(query).fetchall()]
 
 
+def _write_cut_mid_pipeline(
+    store: PostgresStore, proxy: TcpProxy
+) -> tuple[threading.Thread, list[BaseException | None]]:
+    """A fenced write on a thread, the proxy silenced while it is open (after the fence's answer, before
+    the rest of the pipeline): the thread then waits on the silent socket; its outcome lands in the list."""
+    inside = threading.Event()
+    cut_done = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            with store.transaction() as tx:
+                inside.set()  # fenced: the lease row is locked FOR KEY SHARE until the end
+                cut_done.wait(PATIENCE)
+                tx.execute("INSERT INTO tracks (signature, track) VALUES (?, ?)", ("cut", "a"))
+            outcome.append(None)
+        except BaseException as exc:  # the test reads it
+            outcome.append(exc)
+
+    writer = threading.Thread(target=write, name="cut-off-writer", daemon=True)
+    writer.start()
+    assert inside.wait(PATIENCE), "the fenced write did not start"
+    proxy.blackhole()
+    cut_done.set()
+    return writer, outcome
+
+
 def test_a_leader_cut_off_mid_pipeline_is_taken_over_within_the_bound_and_its_write_never_commits(
     postgres_db: Database,
 ) -> None:
@@ -79,27 +108,8 @@ def test_a_leader_cut_off_mid_pipeline_is_taken_over_within_the_bound_and_its_wr
                 tx.execute("INSERT INTO tracks (signature, track) VALUES (?, ?)", ("before", "a"))
             b = LeaderThread(postgres_db.url, SCHEMA, TTL, "host-b")
 
-            inside = threading.Event()
-            cut_done = threading.Event()
-            outcome: list[BaseException | None] = []
-
-            def write() -> None:
-                try:
-                    assert store is not None
-                    with store.transaction() as tx:
-                        inside.set()  # fenced: the lease row is locked FOR KEY SHARE until the end
-                        cut_done.wait(PATIENCE)
-                        tx.execute("INSERT INTO tracks (signature, track) VALUES (?, ?)", ("cut", "a"))
-                    outcome.append(None)
-                except BaseException as exc:  # the test reads it below
-                    outcome.append(exc)
-
-            writer = threading.Thread(target=write, name="cut-off-writer", daemon=True)
-            writer.start()
-            assert inside.wait(PATIENCE), "the fenced write did not start"
-            proxy.blackhole()
+            writer, outcome = _write_cut_mid_pipeline(store, proxy)
             cut = time.monotonic()
-            cut_done.set()
             name = application_name("state", leadership.member)
             wait_until(lambda: _stuck_in_client_read(postgres_db, name), PATIENCE, "the backend in ClientRead")
 
@@ -133,3 +143,80 @@ def test_a_leader_cut_off_mid_pipeline_is_taken_over_within_the_bound_and_its_wr
                 b.stop()
             a.stop()
         assert _tracks(postgres_db) == [("before", "a")]
+
+
+def test_a_standby_whose_role_may_not_end_the_leaders_sessions_says_so_once_and_waits_for_them(
+    postgres_db: Database,
+) -> None:
+    """The standby runs as another role, which may not signal the leader's backends (a superuser's):
+    it says so once, takes nothing while the cut-off session holds the fence's lock (the takeover
+    times out on it, as before the fix), and once the network heals there is one leader again."""
+    server = postgres_db.server
+    role = f"watcher_nosignal_{secrets.token_hex(4)}"
+    with psycopg.connect(postgres_db.url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(*map(sql.Identifier, (postgres_db.name, role)))
+        )
+    as_role = f"postgresql://{role}@{server.host}:{server.port}/{postgres_db.name}"
+    try:
+        _without_the_right_to_signal(postgres_db, as_role, role)
+    finally:
+        with psycopg.connect(postgres_db.url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _without_the_right_to_signal(postgres_db: Database, as_role: str, role: str) -> None:
+    server = postgres_db.server
+    with TcpProxy(server.host, server.port) as proxy, capture_logs() as logs:
+        via_proxy = f"postgresql://{server.user}@{proxy.host}:{proxy.port}/{postgres_db.name}"
+        a = LeaderThread(via_proxy, SCHEMA, TTL, "host-a")
+        b: LeaderThread | None = None
+        store: PostgresStore | None = None
+        try:
+            wait_until(a.leading, PATIENCE, "a to lead")
+            leadership = a.leadership
+            epoch_a = leadership.epoch
+            state = PostgresState(
+                url=via_proxy, host=proxy.host, port=proxy.port, dbname=postgres_db.name, schema=SCHEMA
+            )
+            store = open_postgres(state, fence_epoch=lambda: epoch_a, timings=TIMINGS, member=leadership.member)
+            with psycopg.connect(postgres_db.url, autocommit=True) as admin:
+                for grant in (
+                    "GRANT USAGE, CREATE ON SCHEMA {} TO {}",
+                    "GRANT ALL ON ALL TABLES IN SCHEMA {} TO {}",
+                ):
+                    admin.execute(sql.SQL(grant).format(sql.Identifier(SCHEMA), sql.Identifier(role)))
+            b = LeaderThread(as_role, SCHEMA, TTL, "host-b")
+            writer, _ = _write_cut_mid_pipeline(store, proxy)
+            name = application_name("state", leadership.member)
+            wait_until(lambda: _stuck_in_client_read(postgres_db, name), PATIENCE, "the backend in ClientRead")
+
+            # Past the bound, several looks have found the lease expired and could not take it.
+            deadline = time.monotonic() + TIMINGS.takeover_bound + 2 * TIMINGS.poll_every
+            while time.monotonic() < deadline:
+                assert b.led_at() is None, "the standby took over while the old session held the fence's lock"
+                time.sleep(0.05)
+            refusals = [e for e in logs if "cannot end the previous leader's sessions" in e["event"]]
+            assert len(refusals) == 1, refusals
+            assert "another role" in refusals[0]["reason"]
+            assert b.leadership.last_error is not None  # each takeover ran out of time on the row lock
+
+            healed = time.monotonic()
+            proxy.heal()  # the rest of the pipeline arrives, the transaction ends, its lock goes
+            writer.join(PATIENCE)
+            assert not writer.is_alive()
+            # Nobody led since: the old holder may resume its own lease (same epoch), or b take it over.
+            wait_until(lambda: a.leading() or (b is not None and b.leading()), TIMINGS.takeover_bound, "a leader again")
+            who = "b took over" if b.leading() else f"a resumed its lease (epoch {a.leadership.epoch})"
+            print(f"\nno right to signal: {who} {time.monotonic() - healed:.2f} s after the network healed")
+            assert not (a.leading() and b.leading())
+            assert a.leadership.epoch == epoch_a if a.leading() else b.leadership.epoch == epoch_a + 1
+        finally:
+            proxy.heal()
+            if store is not None:
+                store.close()
+            if b is not None:
+                b.stop()
+            a.stop()
