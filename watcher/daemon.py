@@ -49,6 +49,7 @@ from watcher.sinks.broker import probe_at_start
 from watcher.state.store import open_store
 
 if TYPE_CHECKING:
+    from watcher.endpoint import Endpoint
     from watcher.leadership import Leadership
 
 log = structlog.get_logger("watcher.daemon")
@@ -180,9 +181,16 @@ def _housekeeping(rt: Runtime) -> None:
 
 class Daemon:
     def __init__(
-        self, rt: Runtime, notifier: Notifier, *, housekeeping_interval: float = HOUSEKEEPING_INTERVAL
+        self,
+        rt: Runtime,
+        notifier: Notifier,
+        *,
+        housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.rt = rt
+        # On PostgreSQL the port outlives the term (watcher.endpoint): the term shows its metrics there.
+        self.endpoint = endpoint
         self.notifier = notifier
         self.housekeeping_interval = housekeeping_interval
         self.fatal: BaseException | None = None
@@ -317,6 +325,9 @@ class Daemon:
         return rt.metrics.health(rt.clock.now(), health_intervals(rt.config, rt.poller.updates_filter))
 
     async def _serve_metrics(self) -> asyncio.Server | None:
+        if self.endpoint is not None:
+            self.endpoint.show(self.rt.metrics, self._health)
+            return None
         if self.rt.config.metrics.listen is None:
             return None
         host, port = self.rt.config.metrics.listen
@@ -574,7 +585,9 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier, *, start_
         return await Daemon(rt, notifier).run()
 
 
-async def run_term(config: Config, clock: Clock, notifier: Notifier, leadership: Leadership) -> tuple[int, bool]:
+async def run_term(
+    config: Config, clock: Clock, notifier: Notifier, leadership: Leadership, endpoint: Endpoint | None = None
+) -> tuple[int, bool]:
     """One term as the leader of a PostgreSQL state: the daemon runs on a store fenced by the epoch,
     until a stop signal or the end of the term. Returns the exit status and whether the term ended
     because this daemon no longer leads (then it stands by again).
@@ -599,7 +612,7 @@ async def run_term(config: Config, clock: Clock, notifier: Notifier, leadership:
         watching = asyncio.create_task(term_ends(), name="term")
         log.info("this daemon leads the state", epoch=leadership.epoch, host=leadership.host)
         try:
-            code = await Daemon(rt, notifier).run()
+            code = await Daemon(rt, notifier, endpoint=endpoint).run()
         finally:
             watching.cancel()
         return code, ended
