@@ -109,3 +109,76 @@ def test_a_standby_serves_metrics_saying_it_does_not_lead_stays_healthy_and_feed
         assert PG_PASSWORD not in daemon.log()
     finally:
         notify.close()
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()]
+
+
+def test_check_state_on_postgresql_says_it_answers_its_version_and_who_leads(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """`check --state` on a PostgreSQL state: before any daemon, that there is no state yet; after `once`,
+    the schema version and the streams with a cursor, and who leads (nobody, then another host's live
+    lease); exit 0 each time, the URL shown with host, port and database only."""
+    from watcher.state.postgres import MIGRATIONS
+
+    _simulator, server = sim
+    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url)], state=_state(postgres_db))
+    where = f"postgresql://{postgres_db.server.host}:{postgres_db.server.port}/{postgres_db.name} (schema {SCHEMA})"
+
+    fresh = cli("check", "-c", str(config), "--state")
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"state: {where} answers; no state there yet (the first daemon to lead makes it)" in _lines(fresh.stdout)
+    assert "leader: none (no daemon leads now)" in _lines(fresh.stdout)
+
+    assert cli("once", "-c", str(config)).returncode == 0
+    after = cli("check", "-c", str(config), "--state")
+    assert after.returncode == 0, after.stderr
+    assert f"state: {where} answers; schema version {len(MIGRATIONS)}; 1 streams with a cursor" in _lines(after.stdout)
+    assert "leader: none (no daemon leads now)" in _lines(after.stdout)
+
+    another_hosts_lease(postgres_db.url, SCHEMA)
+    led = cli("check", "-c", str(config), "--state")
+    assert led.returncode == 0, led.stderr
+    assert any(re.match(r"leader: pid 4242 on host-b, epoch \d+, since \d{4}-", line) for line in _lines(led.stdout))
+    for result in (fresh, after, led):
+        assert PG_PASSWORD not in result.stdout + result.stderr
+        assert postgres_db.server.user + ":" not in result.stdout + result.stderr
+
+
+def test_check_state_on_postgresql_fails_in_one_clear_line(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """Nothing listening: exit 1 and one line saying the connection was refused; a database that does not
+    exist: exit 1 naming it; a schema a newer release made: exit 78. No traceback, no credentials."""
+    _simulator, server = sim
+    closed = free_port()
+    db = postgres_db
+    gone = {"url": f"postgresql://{db.server.user}:{PG_PASSWORD}@127.0.0.1:{closed}/{db.name}", "schema": SCHEMA}
+    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url)], state=gone)
+    refused = cli("check", "-c", str(config), "--state")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"convertr-watcher: cannot check the state in postgresql://127.0.0.1:{closed}/{db.name} "
+        f"(schema {SCHEMA}): cannot connect: Connection refused"
+    )
+
+    missing = {"url": f"postgresql://{db.server.user}:{PG_PASSWORD}@{db.server.host}:{db.server.port}/nodb_{db.name}"}
+    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url)], state={**missing, "schema": SCHEMA})
+    absent = cli("check", "-c", str(config), "--state")
+    assert absent.returncode == 1
+    assert len(absent.stderr.strip().splitlines()) == 1
+    assert f'database "nodb_{db.name}" does not exist' in absent.stderr
+
+    config = write_config(tmp_path, server.url, [webhook_sink(receiver.url)], state=_state(db))
+    assert cli("once", "-c", str(config)).returncode == 0
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        conn.execute(f"UPDATE {SCHEMA}.state_meta SET version = version + 1")
+    newer = cli("check", "-c", str(config), "--state")
+    assert newer.returncode == 78
+    assert len(newer.stderr.strip().splitlines()) == 1
+    assert "newer than this release knows" in newer.stderr
+    for result in (refused, absent, newer):
+        assert "Traceback" not in result.stderr
+        assert PG_PASSWORD not in result.stdout + result.stderr
