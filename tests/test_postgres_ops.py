@@ -21,6 +21,7 @@ from tests.support.daemon import Daemon, cli, healthz, wait_until, webhook_sink,
 from tests.support.leaders import another_hosts_lease
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.receiver import Receiver
+from tests.test_clock_steps import _created, _faketime_env
 from tests.test_service import NotifySocket
 from watcher.simulator import Simulator, SimulatorServer
 
@@ -111,6 +112,10 @@ def test_a_standby_serves_metrics_saying_it_does_not_lead_stays_healthy_and_feed
         notify.close()
 
 
+def _polls(config: Path) -> int:
+    return sum(st["polls"] for st in status(config)["streams"] if st["stream"] == "leads.created")
+
+
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines()]
 
@@ -182,3 +187,34 @@ def test_check_state_on_postgresql_fails_in_one_clear_line(
     for result in (refused, absent, newer):
         assert "Traceback" not in result.stderr
         assert PG_PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_step_back_while_no_daemon_led_a_postgresql_state_does_not_hold_a_waiting_retry(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """The clock frame on PostgreSQL: the leader stops with a retry due in seconds; the host's clock goes
+    back an hour before it leads again (same boot): the retry is sent within seconds, not in an hour,
+    and the log says the clock stepped while it was not leading. (The frame is a row in the state, not
+    a file: there is no file beside a PostgreSQL state.)"""
+    simulator, server = sim
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    config = write_config(
+        tmp_path, server.url, [webhook_sink(receiver.url, retry_schedule=["3s"] * 5)], state=_state(postgres_db)
+    )
+    daemon = Daemon(config, env=_faketime_env(offset))
+    with daemon:
+        wait_until(lambda: _polls(config) >= 2, 30, "the daemon leading and polling")
+        receiver.respond(500)
+        waiting = set(simulator.add_leads(1, simulator.campaign_ids()[0]))
+        wait_until(lambda: "delivery failed" in daemon.log(), 20, "the failed attempt recorded")
+        assert daemon.stop() == 0
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {SCHEMA}.clock_frame").fetchone() == (1,)
+    receiver.respond(200)
+    offset.write_text("-3600\n")
+    with daemon:
+        wait_until(lambda: waiting <= _created(receiver), 20, "the retry after the step")
+        assert daemon.stop() == 0
+    assert "the host clock stepped while this daemon was not leading" in daemon.log()
+    assert list(tmp_path.glob("*.clock.json")) == []

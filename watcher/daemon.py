@@ -592,14 +592,41 @@ async def run_term(
     until a stop signal or the end of the term. Returns the exit status and whether the term ended
     because this daemon no longer leads (then it stands by again).
 
-    A clock step is noticed and applied while leading, as on SQLite; a step while standing by or
-    stopped is not (the clock frame is a file beside an SQLite state).
+    A clock step is noticed and applied while leading, as on SQLite; one made while this host did
+    not lead is applied at the start of the term when this boot's daemon was the last to lead
+    (watcher.state.pgframe: the frame is kept in the state).
     """
     from watcher.leading import fence_of
+    from watcher.state import pgframe
+    from watcher.state.postgres import PostgresConnection
 
     stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
     async with runtime(config, stepped, fence_epoch=fence_of(leadership)) as rt:
-        stepped.on_step = lambda seconds: clock_stepped(rt, seconds)
+        store = rt.store
+        assert isinstance(store, PostgresConnection)  # a term is led on a PostgreSQL state only
+        boot = boot_id() if isinstance(clock, SystemClock) else None
+
+        def keep_frame() -> None:
+            try:
+                pgframe.keep(store, boot, stepped.offset, stepped.now())
+            except StateError as exc:
+                # Only a step made before the next term goes unnoticed then; nothing done now depends on it.
+                log.warning("cannot keep the clock frame in the state", error=str(exc))
+
+        def stepped_now(seconds: float) -> None:
+            clock_stepped(rt, seconds)
+            keep_frame()
+
+        stepped.on_step = stepped_now
+        try:
+            missed = pgframe.step_while_stopped(store, boot, stepped.offset)
+        except StateError as exc:
+            log.warning("cannot read the clock frame in the state", error=str(exc))
+            missed = 0.0
+        if missed:
+            log.warning("the host clock stepped while this daemon was not leading", seconds=round(missed, 3))
+            clock_stepped(rt, missed)
+        keep_frame()
         ended = False
 
         async def term_ends() -> None:
