@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from tests.conftest import serving
-from tests.support.daemon import Daemon, cli, healthz, wait_until, webhook_sink, write_config
+from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, healthz, wait_until, webhook_sink, write_config
 from tests.support.leaders import another_hosts_lease
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.receiver import Receiver
@@ -218,3 +218,160 @@ def test_a_step_back_while_no_daemon_led_a_postgresql_state_does_not_hold_a_wait
         assert daemon.stop() == 0
     assert "the host clock stepped while this daemon was not leading" in daemon.log()
     assert list(tmp_path.glob("*.clock.json")) == []
+
+
+# The least privileges of docs/operations-postgres.md, section "The database role": kept word for word
+# in step with it (test_the_guide_states_these_grants checks the guide holds each statement).
+PREMADE_SCHEMA_GRANTS = (
+    "REVOKE ALL ON DATABASE {db} FROM PUBLIC",
+    "GRANT CONNECT ON DATABASE {db} TO {role}",
+    "CREATE SCHEMA {schema} AUTHORIZATION {role}",
+)
+OWN_SCHEMA_GRANTS = (
+    "REVOKE ALL ON DATABASE {db} FROM PUBLIC",
+    "GRANT CONNECT, CREATE ON DATABASE {db} TO {role}",
+)
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "operations-postgres.md"
+
+
+@pytest.fixture
+def role(postgres_db: Database) -> Iterator[str]:
+    """A login role of this test's own with no privilege at all yet (roles are cluster-wide: dropped after)."""
+    name = f"watcher_{postgres_db.name[-12:]}"
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {name} LOGIN NOINHERIT")
+        # PostgreSQL 15 gives PUBLIC no CREATE on schema public; say it anyway, for older clusters.
+        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+            conn.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'")
+            conn.execute(f"DROP OWNED BY {name} CASCADE")
+        with psycopg.connect(postgres_db.server.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {name} CASCADE")
+            conn.execute(f"DROP ROLE {name}")
+
+
+def _grant(db: Database, statements: tuple[str, ...], role: str, schema: str) -> None:
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement.format(db=db.name, role=role, schema=schema))
+
+
+def _as(db: Database, role: str, schema: str) -> dict[str, str]:
+    return {"url": f"postgresql://{role}@{db.server.host}:{db.server.port}/{db.name}", "schema": schema}
+
+
+def test_the_guide_states_these_grants() -> None:
+    text = GUIDE.read_text()
+    for statement in PREMADE_SCHEMA_GRANTS + OWN_SCHEMA_GRANTS:
+        shown = statement.format(db="convertr", role="convertr_watcher", schema="convertr_acme")
+        assert shown in text, f"the guide no longer says: {shown}"
+
+
+def test_the_least_privileges_of_the_guide_suffice_for_run_status_check_and_forget(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database, role: str
+) -> None:
+    """A role given only CONNECT on the database and a schema of its own (the guide's first way) runs the
+    daemon: it leads, backfills and delivers, `status` and `check --state` read it, `forget` erases (and
+    VACUUMs, which needs the tables' ownership). The guide's second way (CONNECT and CREATE on the
+    database, no schema made) lets `once` make its schema and deliver. A role with CONNECT alone is
+    refused in one line naming the privilege."""
+    simulator, server = sim
+    _grant(postgres_db, PREMADE_SCHEMA_GRANTS, role, SCHEMA)
+    config = write_config(
+        tmp_path,
+        server.url,
+        [webhook_sink(receiver.url)],
+        leads={"start": "2000-01-01T00:00:00Z", "lookback": "1d"},
+        state=_as(postgres_db, role, SCHEMA),
+    )
+    with Daemon(config) as daemon:
+        wait_until(lambda: len(set(receiver.event_ids())) >= len(simulator.lead_ids()), 30, "the backfill")
+        report = status(config)
+        assert (report["running"], report["role"]) == (True, "leader")
+        checked = cli("check", "-c", str(config), "--state")
+        assert checked.returncode == 0, checked.stderr
+        assert "streams with a cursor" in checked.stdout
+        assert daemon.stop() == 0
+    assert "permission denied" not in daemon.log().lower()
+    lead = simulator.lead_ids()[0]
+    erased = cli("forget", "-c", str(config), "--lead", str(lead))
+    assert erased.returncode == 0, erased.stderr
+
+    other = tmp_path / "own"
+    other.mkdir()
+    _grant(postgres_db, OWN_SCHEMA_GRANTS, role, "unused")
+    own = write_config(
+        other,
+        server.url,
+        [webhook_sink(receiver.url)],
+        leads={"start": "2000-01-01T00:00:00Z", "lookback": "1d"},
+        state=_as(postgres_db, role, "convertr_own"),
+    )
+    result = cli("once", "-c", str(own))
+    assert result.returncode == 0, result.stderr
+    assert status(own)["streams"]
+
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+        conn.execute(f"REVOKE CREATE ON DATABASE {postgres_db.name} FROM {role}")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    refused_config = write_config(
+        bare, server.url, [webhook_sink(receiver.url)], state=_as(postgres_db, role, "convertr_bare")
+    )
+    refused = cli("once", "-c", str(refused_config))
+    assert refused.returncode != 0
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "InsufficientPrivilege" in refused.stderr
+
+
+def test_a_schema_dumped_with_pg_dump_and_restored_with_pg_restore_keeps_its_history(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """The guide's backup and restore: `pg_dump -Fc -n SCHEMA`, the schema lost (dropped), `pg_restore`.
+    `check --state` tells the loss (no state there) and the restore (its cursors back); the next `once`
+    resumes from the restored cursors: the lead added since the dump is announced, nothing already
+    delivered goes again, no baseline is taken. (This is why a PostgreSQL state needs no lineage marker:
+    the cursors travel with the rows they produced.)"""
+    import shutil
+    import subprocess
+
+    simulator, server = sim
+    config = write_config(
+        tmp_path,
+        server.url,
+        [webhook_sink(receiver.url)],
+        leads={"start": "2000-01-01T00:00:00Z", "lookback": "1d"},
+        state=_state(postgres_db),
+    )
+    assert cli("once", "-c", str(config)).returncode == 0
+    delivered = set(receiver.event_ids())
+    assert len(delivered) == len(simulator.lead_ids())
+    dump = tmp_path / "state.dump"
+    pg_dump, pg_restore = shutil.which("pg_dump"), shutil.which("pg_restore")
+    assert pg_dump is not None and pg_restore is not None, "pg_dump and pg_restore are needed (postgresql-client)"
+    # The guide's command: the leadership tables' rows left out (a restored lease would hand out an epoch again).
+    subprocess.run(
+        [pg_dump, "-Fc", "-n", SCHEMA, f"--exclude-table-data={SCHEMA}.leadership*", "-f", str(dump), postgres_db.url],
+        check=True,
+        timeout=60,
+    )
+    new = simulator.add_lead(simulator.campaign_ids()[0])["id"]
+
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {SCHEMA} CASCADE")
+    lost = cli("check", "-c", str(config), "--state")
+    assert "no state there yet" in lost.stdout, lost.stdout + lost.stderr
+    subprocess.run([pg_restore, "-d", postgres_db.url, str(dump)], check=True, timeout=60)
+    back = cli("check", "-c", str(config), "--state")
+    assert back.returncode == 0 and "1 streams with a cursor" in back.stdout, back.stdout + back.stderr
+
+    with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {SCHEMA}.leadership").fetchone() == (0,)
+    assert cli("once", "-c", str(config)).returncode == 0
+    after = receiver.event_ids()
+    assert set(after) - delivered and len(after) == len(delivered) + 1, "only the new lead goes out"
+    announced = {e["data"]["lead"]["id"] for e in receiver.verified_events(WEBHOOK_KEY) if e["type"] == "lead.created"}
+    assert new in announced
