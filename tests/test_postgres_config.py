@@ -121,14 +121,18 @@ def test_check_shows_host_and_database_only(tmp_path: Path) -> None:
     assert "watcher:" not in result.stdout  # the user name neither
 
 
-def test_a_command_not_yet_wired_to_postgresql_refuses_it(tmp_path: Path) -> None:
-    """Nothing opens a file in place of the database: `check --state` (SQLite's integrity check) exits 78
-    saying so. (run, once, status, events, replay and forget work on it: tests/test_postgres_state.py.)"""
-    config = _write(tmp_path, f'url = "{URL}"\n')
+def test_check_state_on_postgresql_opens_no_file_and_says_why_it_cannot_reach_the_database(tmp_path: Path) -> None:
+    """Nothing opens a file in place of the database: `check --state` with no server listening exits 1 in
+    one line naming host, port and database, never the user or password.
+    (The checks of a reachable state: tests/test_postgres_ops.py.)"""
+    closed = f"postgresql://watcher:{DB_PASSWORD}@127.0.0.1:1/convertr"
+    config = _write(tmp_path, f'url = "{closed}"\n')
     result = _cli(config, "check", "--state")
-    assert result.returncode == 78, result.stderr
-    assert "state.url: `check` does not work on a PostgreSQL state in this release yet" in result.stderr
-    assert DB_PASSWORD not in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        "convertr-watcher: cannot check the state in postgresql://127.0.0.1:1/convertr (schema convertr_acme): "
+        "cannot connect: Connection refused"
+    )
     assert list(tmp_path.iterdir()) == [config]
 
 

@@ -48,7 +48,7 @@ def _load(args: argparse.Namespace, *, secrets_required: bool = True) -> Config:
     """The configuration, logging set up from it. Commands that only read or change the state pass
     `secrets_required=False`: they must work while the service's credentials are not on disk."""
     config = load_config(args.config, secrets_required=secrets_required)
-    if config.state.postgres is not None and (args.command not in _ON_POSTGRES or getattr(args, "state", False)):
+    if config.state.postgres is not None and args.command not in _ON_POSTGRES:
         raise ConfigError(
             "state.url", f"`{args.command}` does not work on a PostgreSQL state in this release yet: use [state] path"
         )
@@ -155,7 +155,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     print(f"{args.config}: valid")
     print(f"  convertr: {config.convertr.base_url} as {config.convertr.username}")
-    if config.state.postgres is not None:
+    if config.state.postgres is not None and not args.state:
         print(f"  state: {config.state.postgres.shown()}")
     for sink in config.sinks:
         state = "enabled" if sink.enabled else "disabled in config"
@@ -170,10 +170,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check_state(config: Config) -> None:
-    """`check --state`: SQLite's full integrity check and the lineage check; StateDamaged/StateLost end it."""
+    """`check --state`: SQLite's full integrity check and the lineage check; StateDamaged/StateLost end it.
+    On PostgreSQL: whether the state answers, its schema version, and who leads (StateError ends it)."""
     from watcher.lineage import marked_since, refuse_lost_history
     from watcher.state.store import Store
 
+    if config.state.postgres is not None:
+        _check_postgres_state(config.state.postgres)
+        return
     path = config.state.path
     refuse_lost_history(path, f"{PROG} run -c {os.path.abspath(config.path)}")
     if not path.exists():
@@ -185,6 +189,33 @@ def _check_state(config: Config) -> None:
     since = marked_since(path)
     history = f", polling since {since}" if since else ""
     print(f"  state: {path} passes SQLite's integrity check; {streams} streams with a cursor{history}")
+
+
+def _check_postgres_state(postgres: PostgresState) -> None:
+    """`check --state` on PostgreSQL, read-only: the state answers, its schema version, who leads."""
+    from watcher.state.pgcheck import check_postgres
+
+    found = check_postgres(postgres)
+    where = postgres.shown()
+    if found.version is None:
+        print(f"  state: {where} answers; no state there yet (the first daemon to lead makes it)")
+    elif found.version < found.knows:
+        print(
+            f"  state: {where} answers; schema version {found.version}, older than this release's "
+            f"({found.knows}): the daemon migrates it when it next leads; {found.cursors} streams with a cursor"
+        )
+    else:
+        print(f"  state: {where} answers; schema version {found.version}; {found.cursors} streams with a cursor")
+    leader = found.leadership.leader
+    if leader is None:
+        print("  leader: none (no daemon leads now)")
+    else:
+        print(
+            f"  leader: pid {leader.pid} on {leader.host}, epoch {leader.epoch}, "
+            f"since {leader.since.isoformat(timespec='seconds')}"
+        )
+    for member in found.leadership.standbys:
+        print(f"  standing by: pid {member.pid} on {member.host}")
 
 
 async def _connect(config: Config) -> int:
@@ -878,7 +909,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state",
         action="store_true",
-        help="also run SQLite's integrity check on the state file and check it kept its history (read-only)",
+        help="also check the state, read-only: SQLite's integrity check and its history on a state file; "
+        "on PostgreSQL that it answers, its schema version and who leads",
     )
     p.set_defaults(func=cmd_check)
     p = with_config("status", "show cursors, last polls and per-sink outbox counts")

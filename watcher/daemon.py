@@ -49,6 +49,7 @@ from watcher.sinks.broker import probe_at_start
 from watcher.state.store import open_store
 
 if TYPE_CHECKING:
+    from watcher.endpoint import Endpoint
     from watcher.leadership import Leadership
 
 log = structlog.get_logger("watcher.daemon")
@@ -180,9 +181,16 @@ def _housekeeping(rt: Runtime) -> None:
 
 class Daemon:
     def __init__(
-        self, rt: Runtime, notifier: Notifier, *, housekeeping_interval: float = HOUSEKEEPING_INTERVAL
+        self,
+        rt: Runtime,
+        notifier: Notifier,
+        *,
+        housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.rt = rt
+        # On PostgreSQL the port outlives the term (watcher.endpoint): the term shows its metrics there.
+        self.endpoint = endpoint
         self.notifier = notifier
         self.housekeeping_interval = housekeeping_interval
         self.fatal: BaseException | None = None
@@ -317,6 +325,9 @@ class Daemon:
         return rt.metrics.health(rt.clock.now(), health_intervals(rt.config, rt.poller.updates_filter))
 
     async def _serve_metrics(self) -> asyncio.Server | None:
+        if self.endpoint is not None:
+            self.endpoint.show(self.rt.metrics, self._health)
+            return None
         if self.rt.config.metrics.listen is None:
             return None
         host, port = self.rt.config.metrics.listen
@@ -574,19 +585,48 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier, *, start_
         return await Daemon(rt, notifier).run()
 
 
-async def run_term(config: Config, clock: Clock, notifier: Notifier, leadership: Leadership) -> tuple[int, bool]:
+async def run_term(
+    config: Config, clock: Clock, notifier: Notifier, leadership: Leadership, endpoint: Endpoint | None = None
+) -> tuple[int, bool]:
     """One term as the leader of a PostgreSQL state: the daemon runs on a store fenced by the epoch,
     until a stop signal or the end of the term. Returns the exit status and whether the term ended
     because this daemon no longer leads (then it stands by again).
 
-    A clock step is noticed and applied while leading, as on SQLite; a step while standing by or
-    stopped is not (the clock frame is a file beside an SQLite state).
+    A clock step is noticed and applied while leading, as on SQLite; one made while this host did
+    not lead is applied at the start of the term when this boot's daemon was the last to lead
+    (watcher.state.pgframe: the frame is kept in the state).
     """
     from watcher.leading import fence_of
+    from watcher.state import pgframe
+    from watcher.state.postgres import PostgresConnection
 
     stepped = SteppedClock(clock, boot_seconds if isinstance(clock, SystemClock) else None)
     async with runtime(config, stepped, fence_epoch=fence_of(leadership), member=leadership.member) as rt:
-        stepped.on_step = lambda seconds: clock_stepped(rt, seconds)
+        store = rt.store
+        assert isinstance(store, PostgresConnection)  # a term is led on a PostgreSQL state only
+        boot = boot_id() if isinstance(clock, SystemClock) else None
+
+        def keep_frame() -> None:
+            try:
+                pgframe.keep(store, boot, stepped.offset, stepped.now())
+            except StateError as exc:
+                # Only a step made before the next term goes unnoticed then; nothing done now depends on it.
+                log.warning("cannot keep the clock frame in the state", error=str(exc))
+
+        def stepped_now(seconds: float) -> None:
+            clock_stepped(rt, seconds)
+            keep_frame()
+
+        stepped.on_step = stepped_now
+        try:
+            missed = pgframe.step_while_stopped(store, boot, stepped.offset)
+        except StateError as exc:
+            log.warning("cannot read the clock frame in the state", error=str(exc))
+            missed = 0.0
+        if missed:
+            log.warning("the host clock stepped while this daemon was not leading", seconds=round(missed, 3))
+            clock_stepped(rt, missed)
+        keep_frame()
         ended = False
 
         async def term_ends() -> None:
@@ -599,7 +639,7 @@ async def run_term(config: Config, clock: Clock, notifier: Notifier, leadership:
         watching = asyncio.create_task(term_ends(), name="term")
         log.info("this daemon leads the state", epoch=leadership.epoch, host=leadership.host)
         try:
-            code = await Daemon(rt, notifier).run()
+            code = await Daemon(rt, notifier, endpoint=endpoint).run()
         finally:
             watching.cancel()
         return code, ended

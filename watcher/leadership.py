@@ -153,7 +153,12 @@ def leadership_ddl(schema: str) -> list[sql.Composed]:
     """The schema and the two tables, idempotent; the state's migrations may run the same statements."""
     s = sql.Identifier(schema)
     return [
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s),
+        # Made only where missing: CREATE SCHEMA needs CREATE on the database even with IF NOT EXISTS,
+        # which a role given a schema of its own lacks (docs/operations-postgres.md, least privileges).
+        sql.SQL(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = {}) "
+            "THEN CREATE SCHEMA {}; END IF; END $$"
+        ).format(sql.Literal(schema), s),
         sql.SQL(
             """CREATE TABLE IF NOT EXISTS {}.leadership (
                 name text PRIMARY KEY CHECK (name = 'leader'),

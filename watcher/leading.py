@@ -86,11 +86,13 @@ async def lead_now(leadership: Leadership, config: Config, clock: Clock) -> int:
 async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
     """`run` on PostgreSQL: stand by, lead, stand by again, until SIGTERM or SIGINT."""
     from watcher.daemon import run_term
+    from watcher.endpoint import ping_while_standing_by, serving
 
     pg = postgres_of(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    async with taking_part(config) as leadership:
+    # The metrics port is bound first and kept for the process's life: a standby is scraped and probed too.
+    async with serving(config, clock) as endpoint, taking_part(config) as leadership:
         while True:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
@@ -98,15 +100,18 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
             log.info("standing by until this daemon leads the state", state=pg.shown(), host=leadership.host)
             leading = asyncio.create_task(leadership.wait_leading())
             stopping = asyncio.create_task(stop.wait())
+            pinging = asyncio.create_task(ping_while_standing_by(notifier))
             try:
                 await asyncio.wait({leading, stopping}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 leading.cancel()
                 stopping.cancel()
+                pinging.cancel()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
             if stop.is_set():
                 return EXIT_OK
-            code, deposed = await run_term(config, clock, notifier, leadership)
+            code, deposed = await run_term(config, clock, notifier, leadership, endpoint)
+            endpoint.stand_by()
             if not deposed:
                 return code

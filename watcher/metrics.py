@@ -304,6 +304,13 @@ class Metrics(PollMetrics, DeliveryMetrics):
 HealthFn = Callable[[], tuple[bool, str]]
 
 
+class Exposes(Protocol):
+    """What /metrics serves: a daemon's Metrics, or on PostgreSQL the endpoint that shows the
+    standby's or the leading term's (watcher.endpoint)."""
+
+    def exposition(self) -> bytes: ...
+
+
 def _response(status: str, body: bytes, content_type: str, head: bool) -> bytes:
     headers = (
         f"HTTP/1.1 {status}\r\n"
@@ -315,7 +322,7 @@ def _response(status: str, body: bytes, content_type: str, head: bool) -> bytes:
     return headers.encode("ascii") + (b"" if head else body)
 
 
-def route(method: str, target: str, metrics: Metrics, health_fn: HealthFn) -> bytes:
+def route(method: str, target: str, metrics: Exposes, health_fn: HealthFn) -> bytes:
     """The full HTTP response for one request line."""
     text = "text/plain; charset=utf-8"
     path = target.split("?", 1)[0]
@@ -333,7 +340,7 @@ def route(method: str, target: str, metrics: Metrics, health_fn: HealthFn) -> by
 
 
 def _handler(
-    metrics: Metrics, health_fn: HealthFn, max_connections: int = MAX_CONNECTIONS
+    metrics: Exposes, health_fn: HealthFn, max_connections: int = MAX_CONNECTIONS
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     active = 0
     # Connections still sending their headers, oldest first: when the cap is reached the oldest of
@@ -381,7 +388,7 @@ def _handler(
 
 
 async def serve(
-    metrics: Metrics, host: str, port: int, health_fn: HealthFn, *, max_connections: int = MAX_CONNECTIONS
+    metrics: Exposes, host: str, port: int, health_fn: HealthFn, *, max_connections: int = MAX_CONNECTIONS
 ) -> asyncio.Server:
     """Listen on host:port (port 0 picks one) for GET /metrics and GET /healthz; close() to stop."""
     handler = _handler(metrics, health_fn, max_connections)

@@ -37,8 +37,11 @@ _ORDER.update({"tracks": "signature", "events": "seq"})
 IDENTITIES: tuple[tuple[str, str], ...] = (("events", "seq"), ("attempts", "id"))
 # Tables that are not the state's data: the schema's version (each side's migrations set it), SQLite's
 # own bookkeeping (its AUTOINCREMENT counters are carried as high-water marks), and PostgreSQL's
-# leadership (a lease belongs to the daemons of one deployment, never to a copy).
-_NOT_STATE = frozenset({"state_meta", "sqlite_sequence", "sqlite_stat1", "leadership", "leadership_members"})
+# leadership (a lease belongs to the daemons of one deployment, never to a copy) and its clock frame
+# (one boot's wall-clock offset, watcher.state.pgframe: meaningless to another state).
+_NOT_STATE = frozenset(
+    {"state_meta", "sqlite_sequence", "sqlite_stat1", "leadership", "leadership_members", "clock_frame"}
+)
 
 
 class TargetNotEmpty(StateError):
