@@ -38,6 +38,16 @@ class Action(StrEnum):
     RESUME = "resume"  # the row names this daemon: a grant whose answer was lost, renew it
 
 
+# `[state] lease` (watcher.config): the default, and the range a configuration may choose from.
+# Below 3 s, op_timeout (lease/3) would cap every query of the leader's sessions under 1 s and
+# libpq's connect_timeout (whole seconds, at least 2) would no longer fit in it: a busy database
+# would depose a healthy leader. Above 5 min, a crash leaves nobody working for over 7 min
+# (takeover_bound = 1.53 leases), longer than an operator takes to notice and act.
+DEFAULT_TTL = 15.0
+MIN_TTL = 3.0
+MAX_TTL = 300.0
+
+
 @dataclass(frozen=True)
 class LeaseTimings:
     """The lease's clock. Every other duration derives from `ttl`, so one number tunes failover.
@@ -47,7 +57,7 @@ class LeaseTimings:
     `takeover_bound` (about 20 s at the defaults).
     """
 
-    ttl: float = 15.0
+    ttl: float = DEFAULT_TTL
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ttl) and self.ttl >= 1.0):

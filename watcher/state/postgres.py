@@ -535,9 +535,9 @@ def open_postgres(
 ) -> PostgresStore:
     """The state in PostgreSQL, its schema made and migrated. With `fence_epoch` (a leader's store),
     every write transaction checks that the epoch it returns still leads, and sessions are bounded
-    by `timings` (the lease's)."""
+    by `timings` (the lease's: `[state] lease` unless given)."""
     store = PostgresStore(
-        conninfo_for(state, timings if timings is not None or fence_epoch is None else LeaseTimings()),
+        conninfo_for(state, timings if timings is not None or fence_epoch is None else state.timings),
         state,
         fence_epoch=fence_epoch,
     )
