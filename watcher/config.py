@@ -506,10 +506,14 @@ def _postgres(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> PostgresSta
 
 
 def _lease(t: _Table) -> float:
-    """`[state] lease`, within MIN_TTL..MAX_TTL (watcher.lease says why those)."""
-    lease = t.duration("lease", DEFAULT_TTL)
+    return parse_lease(t.get("lease", DEFAULT_TTL), t.key("lease"))
+
+
+def parse_lease(value: object, path: str) -> float:
+    """`[state] lease` (or a tool's --lease): a duration within MIN_TTL..MAX_TTL (watcher.lease says why those)."""
+    lease = _bounded_duration(value, path, None)
     if not MIN_TTL <= lease <= MAX_TTL:
-        raise ConfigError(t.key("lease"), f"must be from {MIN_TTL:g}s to {MAX_TTL:g}s (5m), got {lease:g}s")
+        raise ConfigError(path, f"must be from {MIN_TTL:g}s to {MAX_TTL:g}s (5m), got {lease:g}s")
     return lease
 
 
