@@ -39,10 +39,11 @@ class Action(StrEnum):
 
 
 # `[state] lease` (watcher.config): the default, and the range a configuration may choose from.
-# Below 3 s, op_timeout (lease/3) would cap every query of the leader's sessions under 1 s and
-# libpq's connect_timeout (whole seconds, at least 2) would no longer fit in it: a busy database
-# would depose a healthy leader. Above 5 min, a crash leaves nobody working for over 7 min
-# (takeover_bound = 1.53 leases), longer than an operator takes to notice and act.
+# Below 3 s, op_timeout (lease/3) would cap every query of the leader's sessions, its store's
+# included, under 1 s, and each leadership step (connect, make the tables, look, take over) must
+# fit in it: already at 3 s a 100 ms round trip never leads (docs/leadership.md, Limits), so any
+# shorter and a busy database would depose a healthy leader. Above 5 min, a crash leaves nobody
+# working for over 7 min (takeover_bound = 1.53 leases), longer than an operator takes to act.
 DEFAULT_TTL = 15.0
 MIN_TTL = 3.0
 MAX_TTL = 300.0
