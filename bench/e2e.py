@@ -215,9 +215,9 @@ def takeover(runs: int) -> dict[str, float]:
     """Seconds from SIGKILL of a leader process to a standby leading, default lease, `runs` times."""
     from bench.takeover import kill_once
     from tests.support.postgres import HOST, PORT, USER, Server
-    from watcher.lease import LeaseTimings
+    from watcher.lease import DEFAULT_TTL, LeaseTimings
 
-    timings = LeaseTimings()
+    timings = LeaseTimings(DEFAULT_TTL)  # the default lease, on purpose: what an unconfigured deployment gets
     kills = [kill_once(Server(HOST, PORT, USER), timings.ttl) for _ in range(runs)]
     return {
         "ttl_s": timings.ttl,

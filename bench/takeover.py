@@ -1,6 +1,9 @@
 """Takeover time of PostgreSQL leadership: from a leader's SIGKILL or partition to a standby leading.
 
-    python -m bench.takeover [--runs 10] [--ttl 15]
+    python -m bench.takeover [--runs 10] [--lease 15s | -c CONFIG]
+
+The lease is `--lease` (a duration as in the configuration, within the same range), or the
+`[state] lease` of the configuration given with `-c`, or the default.
 
 Each run: a fresh database, a leader process making fenced writes (tests/support/leaders.py), a
 standby; then either SIGKILL the leader, or cut it off through the silent proxy (no FIN, no
@@ -25,8 +28,10 @@ from tests.support.daemon import wait_until
 from tests.support.leaders import LeaderProcess, LeaderThread, writes_table
 from tests.support.postgres import HOST, PORT, USER, Server, create_database, drop_database
 from tests.support.tcpproxy import TcpProxy
+from watcher.config import load_config, parse_lease
+from watcher.errors import ConfigError
 from watcher.leadership import fence, session_conninfo
-from watcher.lease import LeaseTimings
+from watcher.lease import DEFAULT_TTL, LeaseTimings
 
 SCHEMA = "convertr_bench"
 
@@ -94,11 +99,26 @@ def partition_once(server: Server, ttl: float) -> tuple[float, float]:
         drop_database(db)
 
 
+def _lease_of(args: argparse.Namespace) -> float:
+    if args.config is not None:
+        pg = load_config(args.config, secrets_required=False).state.postgres
+        if pg is None:
+            raise ConfigError("state.url", "the configuration's state is SQLite: it has no lease")
+        return pg.lease
+    return DEFAULT_TTL if args.lease is None else parse_lease(args.lease, "--lease")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--ttl", type=float, default=LeaseTimings().ttl)
+    lease = parser.add_mutually_exclusive_group()
+    lease.add_argument("--lease", "--ttl", default=None, help=f"the lease (default {DEFAULT_TTL:g}s)")
+    lease.add_argument("-c", "--config", help="take the lease from this configuration's [state] lease")
     args = parser.parse_args()
+    try:
+        args.ttl = _lease_of(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
     import structlog
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(open("/dev/null", "w")))  # noqa: SIM115

@@ -91,7 +91,7 @@ def test_example_documents_every_key() -> None:
         "base_url", "username", "password", "password_env", "password_file", "items_per_page", "timeout",
         "timezone", "max_in_flight", "request_budget", "path", "delivered_retention", "attempt_log_retention",
         "enabled", "interval", "lookback", "updates", "campaign_ids", "start", "track", "recheck_window",
-        "recheck_interval", "snapshot_retention", "safety_lag", "name", "type", "url", "url_env", "url_file",
+        "recheck_interval", "snapshot_retention", "safety_lag", "name", "type", "url", "url_env", "url_file", "lease",
         "secret", "secret_env", "secret_file", "events", "retry_schedule", "max_age", "include_pii",
         "concurrency", "listen", "level", "format",
     }  # fmt: skip

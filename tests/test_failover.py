@@ -8,8 +8,8 @@ goes out under two webhook-ids (a repeat with the same id is allowed: a delivery
 sent again). The takeover time is measured and printed, not asserted as a speed
 (`python -m bench.takeover` is where speed lives).
 
-The daemon's lease is the default 15 s one (`run` has no setting for it), so each test waits out
-one lease; the deadlines below derive from `LeaseTimings().takeover_bound`.
+The daemons lead by the shortest lease a configuration allows (`[state] lease`, LEASE below), so
+each test waits out one short lease; the deadlines below derive from `TIMINGS.takeover_bound`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_s
 from tests.support.postgres import Database
 from tests.support.receiver import Receiver
 from tests.support.tcpproxy import PIPELINE_FLUSH, TcpProxy
-from watcher.lease import LeaseTimings
+from watcher.lease import MIN_TTL, LeaseTimings
 from watcher.simulator import Simulator, SimulatorServer
 
 SCHEMA = "convertr_failover"
-TIMINGS = LeaseTimings()
+LEASE = MIN_TTL  # `[state] lease` of every daemon here
+TIMINGS = LeaseTimings(LEASE)
 # A loaded CI machine (two cores, several suites) gets slack beyond the stated bound; it is not a speed check.
 TAKEOVER_DEADLINE = TIMINGS.takeover_bound + 15
 EVERYTHING_DEADLINE = TAKEOVER_DEADLINE + 30
@@ -87,7 +88,7 @@ def _config(folder: Path, server: SimulatorServer, receiver: Receiver, url: str)
         server.url,
         [webhook_sink(receiver.url)],
         leads={"start": "2000-01-01T00:00:00Z", "lookback": "1d"},
-        state={"url": url, "schema": SCHEMA},
+        state={"url": url, "schema": SCHEMA, "lease": f"{LEASE:g}s"},
     )
 
 

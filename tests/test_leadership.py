@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,9 +23,9 @@ from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.tcpproxy import TcpProxy
 from watcher.errors import Deposed, StateError
 from watcher.leadership import fence, read_status, session_conninfo
-from watcher.lease import LeaseTimings, Role
+from watcher.lease import MIN_TTL, LeaseTimings, Role
 
-TTL = 3.0
+TTL = MIN_TTL  # the shortest `[state] lease` a configuration allows
 TIMINGS = LeaseTimings(TTL)
 SCHEMA = "convertr_acme"
 # How long a test waits for a takeover: several bounds, so a loaded machine does not fail it.
@@ -216,6 +217,50 @@ def test_a_killed_leader_is_replaced_within_the_bound(postgres_db: Database) -> 
         epoch_b = b.leadership.epoch
         assert epoch_b == first + 1
         assert {epoch for _, epoch, _ in _writes(postgres_db)} == {first}
+    finally:
+        leader.end()
+        if b is not None:
+            b.stop()
+
+
+def test_a_standby_with_a_shorter_lease_still_waits_for_the_leaders_own_expiry(postgres_db: Database) -> None:
+    """Leases that differ (docs/leadership.md): the holder writes its expiry with its own lease, a standby
+    only compares it with the database clock. A standby on a 3 s lease, its leader on 2 leases, SIGKILLed:
+    the standby leads no earlier than the expiry the leader last wrote, which lay beyond the standby's own
+    lease from the kill; the takeover still comes within the dead leader's lease + the standby's look."""
+    long = LeaseTimings(2 * TTL)
+    writes_table(postgres_db.url, SCHEMA)
+    leader = LeaderProcess(postgres_db.url, SCHEMA, long.ttl)
+    b: LeaderThread | None = None
+    try:
+        leader.wait_for("leading", PATIENCE)
+        b = LeaderThread(postgres_db.url, SCHEMA, TTL, "host-b")
+        wait_until(lambda: b.leadership.leader is not None, PATIENCE, "b to see the leader")
+        expiry = sql.SQL("SELECT expires_at, clock_timestamp() FROM {}.leadership").format(sql.Identifier(SCHEMA))
+        with psycopg.connect(postgres_db.url, autocommit=True) as conn:
+
+            def lease_row() -> tuple[Any, Any]:
+                row = conn.execute(expiry).fetchone()
+                assert row is not None
+                return row[0], row[1]
+
+            # Right after a renewal, so the lease left is more than the standby's own lease.
+            before = lease_row()[0]
+            wait_until(lambda: lease_row()[0] != before, PATIENCE, "a renewal")
+            expires_at, db_now = lease_row()
+            left = (expires_at - db_now).total_seconds()
+            assert left > TTL, f"only {left:.2f}s of the leader's lease left: the test cannot tell the leases apart"
+            killed = time.monotonic()
+            leader.proc.send_signal(signal.SIGKILL)
+            wait_until(lambda: b.led_at() is not None, PATIENCE + long.ttl, "b to take over (recorded)")
+            _, host, since = _lease(postgres_db)
+        took = b.led_at() - killed  # type: ignore[operator]
+        print(
+            f"\nleader's lease {long.ttl:g}s, standby's {TTL:g}s: {left:.2f}s left at the kill, b led {took:.2f}s after"
+        )
+        assert host == "host-b"
+        assert since >= expires_at, "the standby took over before the leader's own expiry"
+        assert took <= long.ttl + TIMINGS.poll_every + TIMINGS.op_timeout + PATIENCE
     finally:
         leader.end()
         if b is not None:

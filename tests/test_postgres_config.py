@@ -82,6 +82,14 @@ def test_url_env_and_url_file(tmp_path: Path, form: str) -> None:
         (f'url = "{URL}"\nschema = "Bad-Name"\n', "state.schema", "must be a lower-case SQL name"),
         (f'url = "{URL}"\nschema = "pg_catalog"\n', "state.schema", "must be a lower-case SQL name"),
         (f'url = "{URL}"\nurl_env = "X"\n', "state.url", "give only one of url, url_env, url_file"),
+        ('path = "state.db"\nlease = "5s"\n', "state.lease", "only with state.url (PostgreSQL)"),
+        (f'url = "{URL}"\nlease = "2s"\n', "state.lease", "must be from 3s to 300s (5m), got 2s"),
+        (f'url = "{URL}"\nlease = 2.9\n', "state.lease", "must be from 3s to 300s (5m), got 2.9s"),
+        (f'url = "{URL}"\nlease = "5m1s"\n', "state.lease", "must be from 3s to 300s (5m), got 301s"),
+        (f'url = "{URL}"\nlease = "1h"\n', "state.lease", "must be from 3s to 300s (5m), got 3600s"),
+        (f'url = "{URL}"\nlease = 0\n', "state.lease", "must be a positive duration"),
+        (f'url = "{URL}"\nlease = "soon"\n', "state.lease", "must be a duration"),
+        (f'url = "{URL}"\nlease = true\n', "state.lease", "must be a duration"),
     ],
 )
 def test_refusals_exit_78_naming_the_key_and_never_the_url(tmp_path: Path, state: str, key: str, problem: str) -> None:
@@ -95,6 +103,27 @@ def test_refusals_exit_78_naming_the_key_and_never_the_url(tmp_path: Path, state
     assert f"{key}: " in result.stderr and problem in result.stderr
     assert DB_PASSWORD not in result.stderr + result.stdout
     assert "db.internal" not in result.stderr  # nothing of the URL, not even its host
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [(None, 15.0), ("3", 3.0), ('"3s"', 3.0), ("15", 15.0), ('"90s"', 90.0), ('"2m30s"', 150.0), ('"5m"', 300.0)],
+)
+def test_the_lease_is_a_duration_from_3s_to_5m_defaulting_to_15s(
+    tmp_path: Path, given: str | None, seconds: float
+) -> None:
+    """`[state] lease` reaches the frozen config, and from there every timing derived from it."""
+    line = "" if given is None else f"lease = {given}\n"
+    pg = load_config(_write(tmp_path, f'url = "{URL}"\n{line}'), {"PW": "x"}).state.postgres
+    assert pg is not None
+    assert pg.lease == seconds
+    assert pg.timings.ttl == seconds
+
+
+def test_check_names_the_lease_and_its_takeover_bound(tmp_path: Path) -> None:
+    result = _cli(_write(tmp_path, f'url = "{URL}"\nlease = "3s"\n'), "check")
+    assert result.returncode == 0, result.stderr
+    assert "(schema convertr_acme), lease 3s (a standby leads within 4.6s of a crash)" in result.stdout
 
 
 def test_default_schema_is_a_plain_identifier_from_the_enterprise() -> None:

@@ -4,12 +4,15 @@ simulator and a receiver over loopback, a real PostgreSQL database of the test's
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tests.conftest import serving
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
@@ -17,9 +20,13 @@ from tests.support.leaders import another_hosts_lease
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.receiver import Receiver
 from watcher.exitcodes import EXIT_LOCKED
+from watcher.lease import MIN_TTL, LeaseTimings
 from watcher.simulator import Simulator, SimulatorServer
 
 SCHEMA = "convertr_e2e"
+LEASE = MIN_TTL  # `[state] lease` of every daemon here: the shortest allowed, so a takeover is quick
+TIMINGS = LeaseTimings(LEASE)
+SLACK = 15.0  # beyond a stated bound, for a loaded CI machine (two cores, several suites): not a speed check
 
 
 def _pid(daemon: Daemon) -> int:
@@ -36,7 +43,7 @@ def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
 def _state(db: Database) -> dict[str, str]:
     # A password in the URL (trust authentication ignores it): it must reach no log line and no output.
     url = f"postgresql://{db.server.user}:{PG_PASSWORD}@{db.server.host}:{db.server.port}/{db.name}"
-    return {"url": url, "schema": SCHEMA}
+    return {"url": url, "schema": SCHEMA, "lease": f"{LEASE:g}s"}
 
 
 def _config(tmp_path: Path, server: SimulatorServer, receiver: Receiver, db: Database) -> Path:
@@ -103,6 +110,55 @@ def test_once_refuses_while_another_daemon_leads(
     assert status["leadership"]["leader"]["host"] == "host-b"
 
 
+def test_run_leads_by_the_configured_lease_and_keeps_it_on_reload(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """`[state] lease = "3s"` reaches the election of a real `run`: each renewal sets the expiry 3 s past
+    itself by the database clock, renewals come every lease/3, and `status --json` shows that expiry.
+    A SIGHUP with another lease is refused naming `state.lease`; the daemon keeps leading by 3 s."""
+    _, server = sim
+    config = _config(tmp_path, server, receiver, postgres_db)
+    lease = sql.SQL("SELECT renewed_at, expires_at, clock_timestamp() FROM {}.leadership").format(
+        sql.Identifier(SCHEMA)
+    )
+    with Daemon(config) as daemon, psycopg.connect(postgres_db.url, autocommit=True) as conn:
+
+        def row() -> tuple[datetime, datetime, datetime]:
+            found = conn.execute(lease).fetchone()
+            assert found is not None
+            return found[0], found[1], found[2]
+
+        def renewals(n: int) -> list[tuple[datetime, datetime, datetime]]:
+            seen = [row()]
+            for _ in range(n):
+                last = seen[-1][0]
+                wait_until(lambda last=last: row()[0] != last, TIMINGS.renew_every + SLACK, "a renewal")
+                seen.append(row())
+            return seen
+
+        wait_until(lambda: (_status(config)["leadership"]["leader"] or {}).get("pid") == _pid(daemon), 30, "a leader")
+        for renewed_at, expires_at, _ in renewals(3):
+            assert (expires_at - renewed_at).total_seconds() == pytest.approx(LEASE, abs=0.05)
+        shown = datetime.fromisoformat(_status(config)["leadership"]["leader"]["lease_expires_at"])
+        renewed_at, expires_at, db_now = row()
+        assert shown <= expires_at  # status read this renewal's expiry or an earlier one
+        assert 0 < (shown - db_now).total_seconds() <= LEASE
+
+        config.write_text(config.read_text().replace(f'lease = "{LEASE:g}s"', 'lease = "10s"'))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "state.lease: cannot change on reload" in daemon.log(), 20, "the reload refused")
+        for renewed_at, expires_at, _ in renewals(2):
+            assert (expires_at - renewed_at).total_seconds() == pytest.approx(LEASE, abs=0.05)
+        assert daemon.stop() == 0
+
+
+def _status(config: Path) -> Any:
+    result = cli("status", "-c", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def test_run_on_postgresql_leads_delivers_and_a_second_stands_by(
     tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
 ) -> None:
@@ -124,7 +180,11 @@ def test_run_on_postgresql_leads_delivers_and_a_second_stands_by(
             assert report["leadership"]["leader"]["pid"] == _pid(first)
             assert report["leadership"]["standbys"][0]["pid"] == _pid(second)
             assert first.stop() == 0
-            wait_until(lambda: (roles()["leadership"]["leader"] or {}).get("pid") == _pid(second), 30, "the takeover")
+            wait_until(
+                lambda: (roles()["leadership"]["leader"] or {}).get("pid") == _pid(second),
+                TIMINGS.takeover_bound + SLACK,
+                "the takeover",
+            )
             new = simulator.add_lead(simulator.campaign_ids()[0])["id"]
             wait_until(
                 lambda: new in {e["data"]["lead"]["id"] for e in receiver.verified_events(WEBHOOK_KEY)},
@@ -152,11 +212,11 @@ def test_a_standby_asks_convertr_nothing_and_leads_once_the_lease_expires(
 
         wait_until(lambda: len(report()["leadership"]["standbys"]) == 1, 20, "the daemon standing by")
         assert report()["leadership"]["leader"]["host"] == "host-b"
-        # Two more of the standby's looks at the lease (every 3 s at the default 15 s lease) and still nothing asked.
+        # Another of the standby's looks at the lease (every lease/5) and still nothing asked.
         seen = report()["leadership"]["standbys"][0]["seen_at"]
         wait_until(
             lambda: report()["leadership"]["standbys"][0]["seen_at"] != seen,
-            20,
+            TIMINGS.poll_every + SLACK,
             "another look at the lease",
         )
         assert len(simulator.requests) == before, "a standby asked Convertr"

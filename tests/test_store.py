@@ -460,6 +460,24 @@ def test_a_deposed_leaders_store_commits_nothing(postgres_db: Database, tmp_path
         observer.close()
 
 
+@pytest.mark.parametrize(("lease", "bound"), [(None, "5s"), (3.0, "1s"), (60.0, "20s")])
+def test_a_leaders_store_sessions_are_bounded_by_the_configured_lease(
+    postgres_db: Database, tmp_path: Path, lease: float | None, bound: str
+) -> None:
+    """A leader's store (fenced) bounds its statements at a third of `[state] lease` (the default 15 s:
+    5 s), never a silent 15 s lease's; a store that leads nothing keeps the server's settings."""
+    from dataclasses import replace
+
+    state = _pg(postgres_db, tmp_path).state()
+    assert state.postgres is not None
+    if lease is not None:
+        state = replace(state, postgres=replace(state.postgres, lease=lease))
+    with closing(open_store(state, fence_epoch=lambda: None)) as fenced, closing(open_store(state)) as plain:
+        for setting in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"):
+            assert fenced._live("read").execute(f"SHOW {setting}").fetchone() == (bound,)  # type: ignore[attr-defined]
+        assert plain._live("read").execute("SHOW statement_timeout").fetchone() == ("0",)  # type: ignore[attr-defined]
+
+
 def test_sink_health_follows_the_attempts_in_their_order(store: Store) -> None:
     """Attempts written together count in order: a success after a failure ends the streak, a failure
     after a success starts one (at the failure's time)."""

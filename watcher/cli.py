@@ -156,7 +156,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: valid")
     print(f"  convertr: {config.convertr.base_url} as {config.convertr.username}")
     if config.state.postgres is not None and not args.state:
-        print(f"  state: {config.state.postgres.shown()}")
+        pg = config.state.postgres
+        bound = pg.timings.takeover_bound
+        print(f"  state: {pg.shown()}, lease {pg.lease:g}s (a standby leads within {bound:g}s of a crash)")
     for sink in config.sinks:
         state = "enabled" if sink.enabled else "disabled in config"
         print(f"  sink {sink.name}: {sink.type}, {len(sink.events)} event types, {state}")
@@ -467,12 +469,12 @@ def _leadership_report(postgres: PostgresState) -> dict[str, Any]:
     import psycopg
 
     from watcher.leadership import describe, read_status
-    from watcher.lease import LeaseTimings
     from watcher.state.postgres import conninfo_for
 
     try:
         with psycopg.connect(conninfo_for(postgres, None), autocommit=True) as conn:
-            status = read_status(conn, postgres.schema, LeaseTimings())
+            # The configured lease: a member unseen for MEMBER_GONE_AFTER of them is no longer listed.
+            status = read_status(conn, postgres.schema, postgres.timings)
     except psycopg.Error as exc:
         raise StateError(f"cannot read who leads the state in {postgres.shown()}: {describe(exc)}") from None
     leader = status.leader

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from watcher.errors import ConfigError
 from watcher.events import EVENT_TYPES
+from watcher.lease import DEFAULT_TTL, MAX_TTL, MIN_TTL, LeaseTimings
 from watcher.logs import FORMATS, LEVELS
 from watcher.pii import CONTACT_FIELDS
 
@@ -118,6 +119,13 @@ class PostgresState:
     dbname: str
     schema: str
     url_is_secret: bool = field(default=False, repr=False)
+    # `[state] lease`: every daemon on this state leads by a lease this long (watcher.lease derives
+    # the renewal, the standby's look, the leader's query bounds and the takeover bound from it).
+    lease: float = DEFAULT_TTL
+
+    @property
+    def timings(self) -> LeaseTimings:
+        return LeaseTimings(self.lease)
 
     def shown(self) -> str:
         """Where the state is, without user or password: for logs, errors and `status`."""
@@ -433,7 +441,7 @@ _RETENTION_KEYS = ("delivered_retention", "attempt_log_retention", "dead_retenti
 
 
 def _state(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> StateConfig:
-    t.check_keys(("path", *_secret_keys("url"), "schema", *_RETENTION_KEYS))
+    t.check_keys(("path", *_secret_keys("url"), "schema", "lease", *_RETENTION_KEYS))
     urls = [key for key in _secret_keys("url") if key in t.data]
     if "path" in t.data and urls:
         raise ConfigError(
@@ -441,6 +449,8 @@ def _state(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> StateConfig:
         )
     if "schema" in t.data and not urls:
         raise ConfigError(t.key("schema"), f"only with {t.key('url')} (PostgreSQL)")
+    if "lease" in t.data and not urls:
+        raise ConfigError(t.key("lease"), f"only with {t.key('url')} (PostgreSQL): an SQLite state has no leader lease")
     postgres = None
     if urls:
         postgres = _postgres(t, ctx, convertr)
@@ -479,6 +489,7 @@ def _postgres(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> PostgresSta
     """`[state] url`: a postgresql:// URL, checked without ever quoting it (it may hold the password)."""
     _require_module("psycopg", t.key("url"), "PostgreSQL state needs the [postgres] extra", "postgres")
     url, url_key, indirect = _secret(t, "url", ctx)
+    lease = _lease(t)
     schema = t.get("schema", None)
     if schema is None:
         schema = default_schema(convertr.base_url)
@@ -487,11 +498,23 @@ def _postgres(t: _Table, ctx: _Context, convertr: ConvertrConfig) -> PostgresSta
             t.key("schema"), "must be a lower-case SQL name: letters, digits and '_', at most 63, not starting pg_"
         )
     if not url:  # a maintenance command whose url_env/url_file is unreadable (lenient load)
-        return PostgresState(url="", host="", port=None, dbname="", schema=schema, url_is_secret=True)
-    state = postgres_state(url, url_key, schema, url_is_secret=indirect)
+        return PostgresState(url="", host="", port=None, dbname="", schema=schema, url_is_secret=True, lease=lease)
+    state = replace(postgres_state(url, url_key, schema, url_is_secret=indirect), lease=lease)
     if not indirect and urlsplit(url).password:
         ctx.literals.append(url_key)  # a password written in the file
     return state
+
+
+def _lease(t: _Table) -> float:
+    return parse_lease(t.get("lease", DEFAULT_TTL), t.key("lease"))
+
+
+def parse_lease(value: object, path: str) -> float:
+    """`[state] lease` (or a tool's --lease): a duration within MIN_TTL..MAX_TTL (watcher.lease says why those)."""
+    lease = _bounded_duration(value, path, None)
+    if not MIN_TTL <= lease <= MAX_TTL:
+        raise ConfigError(path, f"must be from {MIN_TTL:g}s to {MAX_TTL:g}s (5m), got {lease:g}s")
+    return lease
 
 
 def postgres_state(url: str, url_key: str, schema: str, *, url_is_secret: bool = True) -> PostgresState:

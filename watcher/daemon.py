@@ -22,6 +22,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -396,7 +397,12 @@ class Daemon:
                 new = load_config(self.rt.config.path)
                 if new.state.path != self.rt.config.state.path:
                     raise ConfigError("state.path", "cannot change on reload (the lock is on the old file): restart")
-                if new.state.postgres != self.rt.config.state.postgres:
+                old_pg, new_pg = self.rt.config.state.postgres, new.state.postgres
+                if old_pg is not None and new_pg is not None and replace(new_pg, lease=old_pg.lease) == old_pg:
+                    if new_pg.lease != old_pg.lease:
+                        # The running election holds its timings; every daemon on the state restarts with the new one.
+                        raise ConfigError("state.lease", "cannot change on reload (the daemon leads by it): restart")
+                elif new_pg != old_pg:
                     raise ConfigError("state.url", "cannot change on reload (the daemon leads that state): restart")
             except ConfigError as exc:
                 self._refuse(str(exc))

@@ -363,7 +363,7 @@ class Leadership:
         self,
         url: str,
         schema: str,
-        timings: LeaseTimings | None = None,
+        timings: LeaseTimings,
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -372,7 +372,7 @@ class Leadership:
         on_role: Callable[[Role], None] | None = None,
     ) -> None:
         self.schema = schema
-        self.timings = timings or LeaseTimings()
+        self.timings = timings  # no default: the lease is `[state] lease`, and a silent 15 s would differ
         self.member = secrets.token_hex(8)  # new per process start: a restarted daemon is a new member
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid

@@ -43,9 +43,10 @@ def fence_of(leadership: Leadership) -> Callable[[], int | None]:
 @asynccontextmanager
 async def taking_part(config: Config, timings: LeaseTimings | None = None) -> AsyncIterator[Leadership]:
     """This process in the election for the block; on the way out its lease is released (a standby
-    takes over at its next look) and its member row removed."""
+    takes over at its next look) and its member row removed. The lease is `[state] lease` unless
+    `timings` says otherwise."""
     pg = postgres_of(config)
-    leadership = Leadership(pg.url, pg.schema, timings)
+    leadership = Leadership(pg.url, pg.schema, timings or pg.timings)
     task = asyncio.create_task(leadership.run(), name="leadership")
     try:
         yield leadership

@@ -38,6 +38,17 @@ class Action(StrEnum):
     RESUME = "resume"  # the row names this daemon: a grant whose answer was lost, renew it
 
 
+# `[state] lease` (watcher.config): the default, and the range a configuration may choose from.
+# Below 3 s, op_timeout (lease/3) would cap every query of the leader's sessions, its store's
+# included, under 1 s, and each leadership step (connect, make the tables, look, take over) must
+# fit in it: already at 3 s a 100 ms round trip never leads (docs/leadership.md, Limits), so any
+# shorter and a busy database would depose a healthy leader. Above 5 min, a crash leaves nobody
+# working for over 7 min (takeover_bound = 1.53 leases), longer than an operator takes to act.
+DEFAULT_TTL = 15.0
+MIN_TTL = 3.0
+MAX_TTL = 300.0
+
+
 @dataclass(frozen=True)
 class LeaseTimings:
     """The lease's clock. Every other duration derives from `ttl`, so one number tunes failover.
@@ -47,7 +58,7 @@ class LeaseTimings:
     `takeover_bound` (about 20 s at the defaults).
     """
 
-    ttl: float = 15.0
+    ttl: float = DEFAULT_TTL
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ttl) and self.ttl >= 1.0):

@@ -16,7 +16,6 @@ from psycopg import sql
 
 from watcher.errors import StateError, StateTooNew
 from watcher.leadership import LeadershipStatus, describe, read_status
-from watcher.lease import LeaseTimings
 from watcher.state.postgres import MIGRATIONS, conninfo_for, schema_version
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ def check_postgres(state: PostgresState) -> PostgresCheck:
             if version is not None and version >= 1:
                 found = pg.execute("SELECT count(*) FROM cursors").fetchone()
                 cursors = int(found[0]) if found is not None else 0
-            leadership = read_status(pg, state.schema, LeaseTimings())
+            leadership = read_status(pg, state.schema, state.timings)
     except psycopg.Error as exc:
         raise StateError(f"cannot check the state in {state.shown()}: {reason(exc)}") from None
     if version is not None and version > known:

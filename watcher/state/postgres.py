@@ -539,9 +539,10 @@ def open_postgres(
 ) -> PostgresStore:
     """The state in PostgreSQL, its schema made and migrated. With `fence_epoch` (a leader's store),
     every write transaction checks that the epoch it returns still leads, and sessions are bounded
-    by `timings` (the lease's) and named after `member` (the daemon's Leadership.member)."""
+    by `timings` (the lease's: `[state] lease` unless given) and named after `member` (the daemon's
+    Leadership.member)."""
     store = PostgresStore(
-        conninfo_for(state, timings if timings is not None or fence_epoch is None else LeaseTimings(), member),
+        conninfo_for(state, timings if timings is not None or fence_epoch is None else state.timings, member),
         state,
         fence_epoch=fence_epoch,
     )
