@@ -188,8 +188,13 @@ class Daemon:
         *,
         housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
         endpoint: Endpoint | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.rt = rt
+        # A process that outlives this daemon (a term on PostgreSQL) hears of stop signals too, and
+        # keeps the handlers in place afterwards: removing one restores the default action, and a
+        # SIGTERM or SIGHUP between two terms would kill the process without a clean stop.
+        self.on_stop = on_stop
         # On PostgreSQL the port outlives the term (watcher.endpoint): the term shows its metrics there.
         self.endpoint = endpoint
         self.notifier = notifier
@@ -538,8 +543,9 @@ class Daemon:
             server.close()
             with suppress(Exception):
                 await server.wait_closed()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        if self.on_stop is None:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
         log.info("stopped")
         if isinstance(self.fatal, AuthError):
             raise self.fatal
@@ -548,6 +554,8 @@ class Daemon:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("signal received", signal=sig.name)
         self.rt.stopping.set()
+        if self.on_stop is not None:
+            self.on_stop()
 
 
 def history_kept(config: Config, start_over: str | None) -> None:
@@ -592,7 +600,12 @@ async def run_daemon(config: Config, clock: Clock, notifier: Notifier, *, start_
 
 
 async def run_term(
-    config: Config, clock: Clock, notifier: Notifier, leadership: Leadership, endpoint: Endpoint | None = None
+    config: Config,
+    clock: Clock,
+    notifier: Notifier,
+    leadership: Leadership,
+    endpoint: Endpoint | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> tuple[int, bool]:
     """One term as the leader of a PostgreSQL state: the daemon runs on a store fenced by the epoch,
     until a stop signal or the end of the term. Returns the exit status and whether the term ended
@@ -645,7 +658,7 @@ async def run_term(
         watching = asyncio.create_task(term_ends(), name="term")
         log.info("this daemon leads the state", epoch=leadership.epoch, host=leadership.host)
         try:
-            code = await Daemon(rt, notifier, endpoint=endpoint).run()
+            code = await Daemon(rt, notifier, endpoint=endpoint, on_stop=on_stop).run()
         finally:
             watching.cancel()
         return code, ended

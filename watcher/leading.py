@@ -94,25 +94,38 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
     stop = asyncio.Event()
     # The metrics port is bound first and kept for the process's life: a standby is scraped and probed too.
     async with serving(config, clock) as endpoint, taking_part(config) as leadership:
-        while True:
+        # Installed once for the process's life (a term's daemon replaces them while it runs and
+        # leaves its own in place): never the default action, which would end the process uncleanly.
+        def standing_by_signals() -> None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            notifier.ready("standing by: another daemon leads, or none has yet")
-            log.info("standing by until this daemon leads the state", state=pg.shown(), host=leadership.host)
-            leading = asyncio.create_task(leadership.wait_leading())
-            stopping = asyncio.create_task(stop.wait())
-            pinging = asyncio.create_task(ping_while_standing_by(notifier))
-            try:
-                await asyncio.wait({leading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                leading.cancel()
-                stopping.cancel()
-                pinging.cancel()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-            if stop.is_set():
-                return EXIT_OK
-            code, deposed = await run_term(config, clock, notifier, leadership, endpoint)
-            endpoint.stand_by()
-            if not deposed:
-                return code
+            loop.add_signal_handler(signal.SIGHUP, _reload_while_standing_by)
+
+        try:
+            while not stop.is_set():
+                standing_by_signals()
+                notifier.ready("standing by: another daemon leads, or none has yet")
+                log.info("standing by until this daemon leads the state", state=pg.shown(), host=leadership.host)
+                leading = asyncio.create_task(leadership.wait_leading())
+                stopping = asyncio.create_task(stop.wait())
+                pinging = asyncio.create_task(ping_while_standing_by(notifier))
+                try:
+                    await asyncio.wait({leading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    leading.cancel()
+                    stopping.cancel()
+                    pinging.cancel()
+                if stop.is_set():
+                    break
+                code, deposed = await run_term(config, clock, notifier, leadership, endpoint, on_stop=stop.set)
+                endpoint.stand_by()
+                if not deposed:
+                    return code
+            return EXIT_OK
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+
+def _reload_while_standing_by() -> None:
+    log.info("SIGHUP while standing by: a standby reads its configuration when it starts; restart it to apply changes")
