@@ -31,14 +31,15 @@ from watcher.delivery.policy import (
     BURST_SETTLE,
     DIGEST_LIMIT,
     FAILING_ALERT_AFTER,
-    PipelinedSink,
     attempt_excerpt,
     batches,
     bursting,
     decide,
     pause_for,
+    pipelined,
 )
 from watcher.delivery.recorder import Recorder
+from watcher.delivery.stored import stored_event
 from watcher.deliverylog import DeliveryTally, say
 from watcher.errors import DeliveryError, Interrupted, SinkGone, StateDamaged, WatcherError
 from watcher.events import Event
@@ -433,14 +434,14 @@ class Dispatcher:
         """Send one group once and record what happened; how many of its events the receiver took."""
         sink = lane.sink
         # A digest's rows beyond its sample carry no body (see Store.due_digest): they are counted.
-        events = [d.event() for d in batch if d.payload]
+        events = [stored_event(d) for d in batch if d.payload]
         started = self.clock.monotonic()
         # Per event: the error that kept it from being taken, or None (taken), and the answer.
         errors: list[DeliveryError | None]
         answers: list[str]
         status: int | None = None
         try:
-            if isinstance(sink, PipelinedSink) and len(batch) > 1:
+            if len(batch) > 1 and pipelined(sink):
                 results = await sink.deliver_each(events)
                 errors = [r if isinstance(r, DeliveryError) else None for r in results]
                 answers = [r.excerpt if isinstance(r, DeliveryError) else r.response_excerpt for r in results]
