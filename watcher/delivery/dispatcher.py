@@ -56,7 +56,8 @@ _debug = logging.getLogger("watcher.outbox")  # the stdlib logger behind `log`: 
 # Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
 # bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
 SWEEP_INTERVAL = 1.0
-# How many due deliveries one query reads ahead for a sink.
+# How many due deliveries one query reads ahead for a sink, at least: a pipelined sink reads what
+# fills all its attempts (each read pays for its busy list and the per-resource check, whatever it returns).
 READ_AHEAD = 64
 _SWEEP = Wait(SWEEP_INTERVAL)  # an idle look for changes made by other processes
 # After the state file refused a read or write: wait this long before touching it (or a receiver) again.
@@ -264,7 +265,7 @@ class Dispatcher:
         """The next due deliveries for this lane, resuming where its last read ended."""
         sink, now, mono = lane.sink.name, self.clock.now(), self.clock.monotonic()
         passing = lane.passing.began if lane.passing is not None else None
-        limit = max(want, READ_AHEAD)
+        limit = max(want, READ_AHEAD, lane.sink.config.concurrency * lane.sink.max_batch)
         if lane.scan_after and not lane.rewind and mono - lane.last_rewind >= SWEEP_INTERVAL:
             # Another process may have made earlier rows due (replay): look back once a sweep, if
             # anything is due at all. A read from the start walks every waiting retry before it.
