@@ -31,14 +31,15 @@ from watcher.delivery.policy import (
     BURST_SETTLE,
     DIGEST_LIMIT,
     FAILING_ALERT_AFTER,
-    PipelinedSink,
     attempt_excerpt,
     batches,
     bursting,
     decide,
     pause_for,
+    pipelined,
 )
 from watcher.delivery.recorder import Recorder
+from watcher.delivery.stored import stored_event
 from watcher.deliverylog import DeliveryTally, say
 from watcher.errors import DeliveryError, Interrupted, SinkGone, StateDamaged, WatcherError
 from watcher.events import Event
@@ -55,7 +56,8 @@ _debug = logging.getLogger("watcher.outbox")  # the stdlib logger behind `log`: 
 # Longest a worker sleeps without looking at the store. Our own commits wake it at once; this
 # bounds how late it notices another process's (`replay` re-queuing events, re-enabling a sink).
 SWEEP_INTERVAL = 1.0
-# How many due deliveries one query reads ahead for a sink.
+# How many due deliveries one query reads ahead for a sink, at least: a pipelined sink reads what
+# fills all its attempts (each read pays for its busy list and the per-resource check, whatever it returns).
 READ_AHEAD = 64
 _SWEEP = Wait(SWEEP_INTERVAL)  # an idle look for changes made by other processes
 # After the state file refused a read or write: wait this long before touching it (or a receiver) again.
@@ -263,7 +265,7 @@ class Dispatcher:
         """The next due deliveries for this lane, resuming where its last read ended."""
         sink, now, mono = lane.sink.name, self.clock.now(), self.clock.monotonic()
         passing = lane.passing.began if lane.passing is not None else None
-        limit = max(want, READ_AHEAD)
+        limit = max(want, READ_AHEAD, lane.sink.config.concurrency * lane.sink.max_batch)
         if lane.scan_after and not lane.rewind and mono - lane.last_rewind >= SWEEP_INTERVAL:
             # Another process may have made earlier rows due (replay): look back once a sweep, if
             # anything is due at all. A read from the start walks every waiting retry before it.
@@ -433,14 +435,14 @@ class Dispatcher:
         """Send one group once and record what happened; how many of its events the receiver took."""
         sink = lane.sink
         # A digest's rows beyond its sample carry no body (see Store.due_digest): they are counted.
-        events = [d.event() for d in batch if d.payload]
+        events = [stored_event(d) for d in batch if d.payload]
         started = self.clock.monotonic()
         # Per event: the error that kept it from being taken, or None (taken), and the answer.
         errors: list[DeliveryError | None]
         answers: list[str]
         status: int | None = None
         try:
-            if isinstance(sink, PipelinedSink) and len(batch) > 1:
+            if len(batch) > 1 and pipelined(sink):
                 results = await sink.deliver_each(events)
                 errors = [r if isinstance(r, DeliveryError) else None for r in results]
                 answers = [r.excerpt if isinstance(r, DeliveryError) else r.response_excerpt for r in results]

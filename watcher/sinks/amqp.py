@@ -63,9 +63,9 @@ class AmqpSink(BrokerSink[_Link]):
             type=event.type,
         )
         try:
-            confirm = await link.exchange.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=self.config.timeout
-            )
+            # No timeout of its own: the attempt's (deliver_each) bounds it, and one per message
+            # costs a timer each.
+            confirm = await link.exchange.publish(message, routing_key=routing_key, mandatory=True)
         except amqp_errors.PublishError as exc:
             reason = getattr(exc.frame, "reply_text", "") or "returned"
             raise DeliveryError(

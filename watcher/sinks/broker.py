@@ -171,8 +171,10 @@ class BrokerSink(Generic[L]):
                 link = await self._connected()
                 stamp = int(self._clock.now())
                 items = []
+                whole = self.config.include_pii
                 for event in events:
-                    body = event.body(render_data(event, self.config))
+                    # The whole data: the stored envelope as it is (delivery.stored), nothing decoded.
+                    body = event.body() if whole else event.body(render_data(event, self.config))
                     items.append((event, body, message_headers(event, stamp, body, self._keys)))
                 await self._publish_many(link, items, done)
         except TimeoutError:

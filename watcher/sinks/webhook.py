@@ -50,7 +50,8 @@ class WebhookSink(HttpSink):
         if len(events) != 1:
             raise ValueError(f"a webhook sink delivers one event at a time, got {len(events)}")
         event = events[0]
-        body = event.body(render_data(event, self.config))
+        # The whole data: the stored envelope as it is (delivery.stored), nothing decoded.
+        body = event.body() if self.config.include_pii else event.body(render_data(event, self.config))
 
         def build() -> tuple[bytes, dict[str, str]]:
             # The timestamp is per attempt (the spec's replay window), the id and body are not.
