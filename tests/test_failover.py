@@ -212,8 +212,8 @@ def test_the_standby_takes_over_from_a_leader_cut_off_by_a_silent_network_and_no
     """Two `run` daemons on one state; the leader reaches PostgreSQL through a TCP proxy that goes
     silent mid-stream (no FIN, no RST) at its next pipelined write, whose backend then mostly waits
     in ClientRead holding the fence's lock: the standby ends such a session (tests/test_partition.py
-    pins that case) and leads within the lease bound; every lead gets its `lead.created`, each change under one webhook-id; once the network
-    heals the old leader stands by."""
+    pins that case) and leads within the lease bound; every lead gets its `lead.created`, each
+    change under one webhook-id; once the network heals the old leader stands by."""
     simulator, server = sim
     db = postgres_db.server
     with TcpProxy(db.host, db.port) as proxy:
