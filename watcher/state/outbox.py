@@ -94,6 +94,55 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
     return [e for e, _ in new.values()]
 
 
+def _record_in_sets(c: Tx, attempts: Sequence[Recorded]) -> None:
+    """`record_attempts`' two writes as one statement each, the rows bound as arrays (PostgreSQL).
+
+    Two outcomes for one delivery in a batch leave what running them in order would: the later
+    one's values, and the time of a delivery among them. An array holds one type: numbers are
+    made floats or ints here, as its column takes them.
+    """
+    final: dict[tuple[str, int], tuple[Any, ...]] = {}
+    for a in attempts:
+        for o in a.outcomes:
+            earlier = final.get((a.sink, o.seq))
+            delivered_at = float(a.now) if o.status == "delivered" else (earlier[6] if earlier else None)
+            final[(a.sink, o.seq)] = (
+                *(a.sink, int(o.seq), o.status, int(o.attempts), float(o.next_attempt_at), o.error),
+                *(delivered_at, int(o.asked_to_wait)),
+            )
+    if not final:
+        return
+    c.execute(
+        "UPDATE deliveries d SET status = u.status, attempts = u.attempts, next_attempt_at = u.next_at, "
+        "last_error = u.error, asked_to_wait = u.asked, delivered_at = coalesce(u.delivered_at, d.delivered_at) "
+        "FROM unnest(?::text[], ?::bigint[], ?::text[], ?::integer[], ?::float8[], ?::text[], ?::float8[], "
+        "?::integer[]) AS u(sink, seq, status, attempts, next_at, error, delivered_at, asked) "
+        "WHERE d.sink = u.sink AND d.event_seq = u.seq",
+        [list(column) for column in zip(*final.values(), strict=True)],
+    )
+    logged = [
+        (
+            *(a.sink, o.event_id, int(o.logged_attempt), a.status_code, float(a.duration), o.error, float(a.now)),
+            *(o.excerpt, o.resource, int(o.seq)),
+        )
+        for a in attempts
+        for o in a.outcomes
+    ]
+    # In the outcomes' order (the log's ids), and not for a delivery gone meanwhile (`forget`
+    # erased the lead while it was in flight).
+    c.execute(
+        "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt, resource) "
+        "SELECT u.sink, u.event_id, u.attempt, u.status_code, u.duration, u.error, u.at, u.excerpt, "
+        "coalesce(u.resource, e.resource) "
+        "FROM unnest(?::text[], ?::text[], ?::integer[], ?::integer[], ?::float8[], ?::text[], ?::float8[], "
+        "?::text[], ?::text[], ?::bigint[]) WITH ORDINALITY "
+        "AS u(sink, event_id, attempt, status_code, duration, error, at, excerpt, resource, seq, n) "
+        "JOIN deliveries d ON d.sink = u.sink AND d.event_seq = u.seq LEFT JOIN events e ON e.seq = u.seq "
+        "ORDER BY u.n",
+        [list(column) for column in zip(*logged, strict=True)],
+    )
+
+
 class Outbox(Connection):
     """Reading what is due, and writing what attempts did to it."""
 
@@ -181,6 +230,10 @@ class Outbox(Connection):
         which move the cursor, keep FULL, and each of them makes everything before it durable too.
         """
         with self._relaxed(), self.transaction() as c:
+            if self.dialect.arrays:
+                _record_in_sets(c, attempts)
+                note_health(c, attempts)
+                return
             c.executemany(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
                 "asked_to_wait = ?, delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
