@@ -108,7 +108,30 @@ class Walks(Connection):
         """Write a page's state, outbox rows and cursor in one transaction; return the events that were new."""
         fresh: list[Event] = []
         with self.transaction() as c:
-            if page.leads:
+            if page.leads and self.dialect.arrays:
+                # One statement for the page (PostgreSQL): the rows bound as arrays, a lead met twice
+                # in the page written once with its last values (as upserting them in turn leaves it).
+                last = {int(s.id): s for s in page.leads}
+                c.execute(
+                    "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
+                    "SELECT u.id, u.created_ts, u.version, u.snapshot, ?, u.track, u.last_event "
+                    "FROM unnest(?::bigint[], ?::float8[], ?::text[], ?::text[], ?::text[], ?::text[]) "
+                    "AS u(id, created_ts, version, snapshot, track, last_event) "
+                    "ON CONFLICT(id) DO UPDATE SET created_ts = excluded.created_ts, version = excluded.version, "
+                    "snapshot = excluded.snapshot, changed_at = excluded.changed_at, track = excluded.track, "
+                    "last_event = excluded.last_event "
+                    f"WHERE leads.track {self.dialect.distinct} '{FORGOTTEN}'",
+                    [
+                        page.now,
+                        list(last),
+                        [float(s.created_ts) for s in last.values()],
+                        [s.version for s in last.values()],
+                        [dumps(s.snapshot) for s in last.values()],
+                        [s.track for s in last.values()],
+                        [s.last_event for s in last.values()],
+                    ],
+                )
+            elif page.leads:
                 c.executemany(
                     "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) "
