@@ -86,19 +86,19 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
         # consecutive seqs ending at last_insert_rowid(), in insertion order.
         last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
         seqs = {event_id: last - len(new) + 1 + i for i, event_id in enumerate(new)}
-    rows = [(seqs[e.id], sink, e.resource) for e, sinks in new.values() for sink in sinks]
-    if dialect.arrays and rows:  # one statement, the rows bound as arrays (PostgreSQL)
+    owed = [(seqs[e.id], sink, e.resource) for e, sinks in new.values() for sink in sinks]
+    if dialect.arrays and owed:  # one statement, the rows bound as arrays (PostgreSQL)
         c.execute(
             "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
             "SELECT u.seq, u.sink, u.resource, 'pending', ?, ? FROM unnest(?::bigint[], ?::text[], ?::text[]) "
             "AS u(seq, sink, resource)",
-            [now, now, *(list(column) for column in zip(*rows, strict=True))],
+            [now, now, *(list(column) for column in zip(*owed, strict=True))],
         )
         return [e for e, _ in new.values()]
     c.executemany(
         "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
         "VALUES (?, ?, ?, 'pending', ?, ?)",
-        [(*row, now, now) for row in rows],
+        [(*row, now, now) for row in owed],
     )
     return [e for e, _ in new.values()]
 
