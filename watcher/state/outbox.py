@@ -54,15 +54,21 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
     resources = sorted({e.resource for e, _ in events})
     ids = [e.id for e, _ in events]
     # Two IN lists (not a row-value IN, which SQLite answers with a full scan) so the
-    # (resource, id) index is searched; the ids alone decide what is known.
-    known = {
-        row[0]
-        for row in c.execute(
-            f"SELECT id FROM events WHERE resource IN ({dialect.marks(len(resources))}) "
-            f"AND id IN ({dialect.marks(len(ids))})",
-            [*resources, *ids],
-        )
-    }
+    # (resource, id) index is searched; the ids alone decide what is known. Where inserted rows
+    # come back (RETURNING), the insert itself skips the known ones instead (an id names its
+    # resource: watcher.events.event_id), and the read is not needed.
+    known = (
+        set()
+        if dialect.returning
+        else {
+            row[0]
+            for row in c.execute(
+                f"SELECT id FROM events WHERE resource IN ({dialect.marks(len(resources))}) "
+                f"AND id IN ({dialect.marks(len(ids))})",
+                [*resources, *ids],
+            )
+        }
+    )
     new: dict[str, tuple[Event, Sequence[str]]] = {}
     for event, sinks in events:
         if event.id not in known:
@@ -78,8 +84,14 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
         for start in range(0, len(rows), 1000):
             chunk = rows[start : start + 1000]
             values = ", ".join([f"({dialect.marks(6)})"] * len(chunk))
-            found = c.execute(f"{insert}{values} RETURNING id, seq", [v for row in chunk for v in row])
+            found = c.execute(
+                f"{insert}{values} ON CONFLICT (resource, id) DO NOTHING RETURNING id, seq",
+                [v for row in chunk for v in row],
+            )
             seqs.update((str(r[0]), int(r[1])) for r in found)
+        new = {event_id: kept for event_id, kept in new.items() if event_id in seqs}  # the rest: stored before
+        if not new:
+            return []
     else:
         c.executemany(f"{insert}({dialect.marks(6)})", rows)
         # One writer holds the lock and seq is AUTOINCREMENT: the rows just inserted took the
