@@ -10,7 +10,7 @@ A write transaction:
 - takes a transaction-level advisory lock on the schema, so writers to one state take turns as
   they do under SQLite's BEGIN IMMEDIATE: the outbox's seqs are handed out in commit order (a
   dispatcher resuming after the last seq it read never skips one committed later), and a
-  read-then-write (enqueue's known ids, sync_sink) sees no other writer in between. Other
+  read-then-write (sync_sink) sees no other writer in between. Other
   enterprises' schemas take other locks;
 - when the store was opened with a `fence` (a leading daemon), checks inside the transaction that
   its epoch still leads (`watcher.leadership.fence_pipelined`): a deposed leader commits nothing.
@@ -475,8 +475,12 @@ def _epoch(provider: Callable[[], int | None]) -> int:
 
 
 def migrate(pg: psycopg.Connection[Any], schema: str, where: str) -> None:
-    """Make the schema and bring it to the version this release knows, one migration per transaction
-    under the state's writer lock (two daemons starting at once take turns). StateTooNew for a newer one."""
+    """Make the schema and bring it to the version this release knows, under the state's writer lock
+    (two daemons starting at once take turns). StateTooNew for a newer one.
+
+    Every pending migration goes in one transaction (PostgreSQL's DDL is transactional): a new
+    state's seven cost one commit, not seven, and a failure leaves the version it started from.
+    """
     lock = f"watcher-state:{schema}"
     # Made only where missing: CREATE SCHEMA needs the CREATE privilege on the database even with
     # IF NOT EXISTS, which a role given a schema of its own may lack.
@@ -485,27 +489,27 @@ def migrate(pg: psycopg.Connection[Any], schema: str, where: str) -> None:
             pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
             pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     pg.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-    while True:
-        with pg.transaction():
-            pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
-            pg.execute(_META)
-            found = pg.execute("SELECT version FROM state_meta").fetchone()
-            if found is None:
-                pg.execute("INSERT INTO state_meta (version) VALUES (0)")
-            version = int(found[0]) if found is not None else 0
-            if version > len(MIGRATIONS):
-                raise StateTooNew(
-                    f"the state in {where} has schema version {version}, newer than this release knows "
-                    f"({len(MIGRATIONS)}): upgrade convertr-watcher or restore a matching backup",
-                    needs=version,
-                    knows=len(MIGRATIONS),
-                )
-            if version == len(MIGRATIONS):
-                return
-            for statement in MIGRATIONS[version].split(";"):
+    with pg.transaction():
+        pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
+        pg.execute(_META)
+        found = pg.execute("SELECT version FROM state_meta").fetchone()
+        if found is None:
+            pg.execute("INSERT INTO state_meta (version) VALUES (0)")
+        version = int(found[0]) if found is not None else 0
+        if version > len(MIGRATIONS):
+            raise StateTooNew(
+                f"the state in {where} has schema version {version}, newer than this release knows "
+                f"({len(MIGRATIONS)}): upgrade convertr-watcher or restore a matching backup",
+                needs=version,
+                knows=len(MIGRATIONS),
+            )
+        if version == len(MIGRATIONS):
+            return
+        for migration in MIGRATIONS[version:]:
+            for statement in migration.split(";"):
                 if statement.strip():
                     pg.execute(statement)
-            pg.execute("UPDATE state_meta SET version = %s", (version + 1,))
+        pg.execute("UPDATE state_meta SET version = %s", (len(MIGRATIONS),))
 
 
 def schema_version(pg: psycopg.Connection[Any]) -> int | None:
