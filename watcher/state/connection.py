@@ -234,6 +234,10 @@ class Connection:
         """A number that changes whenever another connection commits to the file (PRAGMA data_version)."""
         return int(self._rows("PRAGMA data_version")[0][0])
 
+    def _outbox_grew(self, events: int) -> None:
+        """A commit added `events` new events to the outbox (SQLite's planner takes the INDEXED BY
+        hints instead of statistics: nothing to do; PostgreSQL may gather them again)."""
+
     def _prepare_erasure(self) -> None:
         """Before `forget`'s transaction: SQLite zeroes the pages it frees from now on."""
         try:

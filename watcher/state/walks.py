@@ -195,4 +195,6 @@ class Walks(Connection):
                     "polls = polls + 1 WHERE stream = ?",
                     (page.now, page.now, page.note, page.stream),
                 )
+        if fresh:
+            self._outbox_grew(len(fresh))
         return fresh
