@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from psycopg.pq import TransactionStatus
 
 from watcher.errors import Deposed, StateDamaged, StateError, StateTooNew
 from watcher.leadership import APPLICATION_NAME, deposed, describe, fence_pipelined, session_conninfo
@@ -378,16 +379,44 @@ class PostgresConnection(Connection):
         """One write transaction, fenced when this store belongs to a leader; committed at the end."""
         epoch = _epoch(self._fence_epoch) if self._fence_epoch is not None else None
         pg = self._live("write")
+        failed: BaseException | None = None  # what the writer's block raised
         try:
-            with pg.pipeline() as pipeline, pg.transaction():
-                pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
-                if self._relax:
-                    pg.execute("SET LOCAL synchronous_commit TO off")
-                if epoch is not None:
-                    # Not waited for: a refusal fails the transaction at its next read or its commit.
-                    fence_pipelined(pg, self.schema, epoch)
-                yield _Tx(pg, pipeline)
-                pg.execute("SELECT pg_notify(%s, '')", (self._channel,))
+            try:
+                # BEGIN and COMMIT are statements of the pipeline, not psycopg's transaction(), which
+                # waits for the BEGIN's answer and syncs once more after the COMMIT: the transaction
+                # is sent whole and answered once (plus once per read its writer waits on).
+                with pg.pipeline() as pipeline:
+                    pg.execute("BEGIN")
+                    pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
+                    if self._relax:
+                        pg.execute("SET LOCAL synchronous_commit TO off")
+                    if epoch is not None:
+                        # Not waited for: a refusal fails the transaction at its next read or its commit.
+                        fence_pipelined(pg, self.schema, epoch)
+                    try:
+                        yield _Tx(pg, pipeline)
+                    except BaseException as exc:
+                        # Raised below, once the pipeline has ended: ending it after a failed statement
+                        # raises that failure again, which psycopg would log as a second error.
+                        failed = exc
+                    else:
+                        pg.execute("SELECT pg_notify(%s, '')", (self._channel,))
+                        committed = pg.execute("COMMIT")
+            except psycopg.Error:
+                if failed is None:
+                    raise
+            finally:
+                if pg.info.transaction_status != TransactionStatus.IDLE:
+                    try:
+                        pg.execute("ROLLBACK")  # what failed or was interrupted leaves nothing behind
+                    except psycopg.Error:
+                        pg.close()  # opened again by the next use
+            if failed is not None:
+                raise failed
+            # A failed statement makes the server skip the rest up to the sync, and the pipeline
+            # raises its error; a transaction that failed anyway answers COMMIT with ROLLBACK.
+            if committed.statusmessage != "COMMIT":
+                raise StateError(f"cannot write the state in {self.where}: the transaction was rolled back")
         except psycopg.Error as exc:
             refused = deposed(pg, self.schema, epoch) if epoch is not None and not pg.broken else None
             if refused is not None:
