@@ -568,11 +568,12 @@ def migrate(pg: psycopg.Connection[Any], schema: str, where: str) -> None:
             )
         if version == len(MIGRATIONS):
             return
-        for migration in MIGRATIONS[version:]:
-            for statement in migration.split(";"):
-                if statement.strip():
-                    pg.execute(statement)
-        pg.execute("UPDATE state_meta SET version = %s", (len(MIGRATIONS),))
+        with pg.pipeline():  # sent together, answered once: nothing here is read back
+            for migration in MIGRATIONS[version:]:
+                for statement in migration.split(";"):
+                    if statement.strip():
+                        pg.execute(statement)
+            pg.execute("UPDATE state_meta SET version = %s", (len(MIGRATIONS),))
 
 
 def schema_version(pg: psycopg.Connection[Any]) -> int | None:
