@@ -9,7 +9,7 @@ cursor that produced them moves in the same commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -51,24 +51,35 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
     An event id already present means the same change was committed before (an overlap
     re-read, a restart): its deliveries exist, so nothing is added for it.
     """
+    return enqueued(c, events, now, dialect)()
+
+
+def enqueued(
+    c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialect: Dialect = SQLITE
+) -> Callable[[], list[Event]]:
+    """`enqueue`, its answer read by the function it returns: on PostgreSQL, called once the
+    transaction has committed, it reads what the commit's one round trip brought back, rather
+    than waiting for the server halfway through the transaction."""
+    if dialect.arrays:
+        return _enqueue_in_sets(c, events, now)
+    found = _enqueue_rows(c, events, now, dialect)
+    return lambda: found
+
+
+def _enqueue_rows(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialect: Dialect) -> list[Event]:
+    """`enqueue` a statement per row (SQLite)."""
     resources = sorted({e.resource for e, _ in events})
     ids = [e.id for e, _ in events]
     # Two IN lists (not a row-value IN, which SQLite answers with a full scan) so the
-    # (resource, id) index is searched; the ids alone decide what is known. Where inserted rows
-    # come back (RETURNING), the insert itself skips the known ones instead (an id names its
-    # resource: watcher.events.event_id), and the read is not needed.
-    known = (
-        set()
-        if dialect.returning
-        else {
-            row[0]
-            for row in c.execute(
-                f"SELECT id FROM events WHERE resource IN ({dialect.marks(len(resources))}) "
-                f"AND id IN ({dialect.marks(len(ids))})",
-                [*resources, *ids],
-            )
-        }
-    )
+    # (resource, id) index is searched; the ids alone decide what is known.
+    known = {
+        row[0]
+        for row in c.execute(
+            f"SELECT id FROM events WHERE resource IN ({dialect.marks(len(resources))}) "
+            f"AND id IN ({dialect.marks(len(ids))})",
+            [*resources, *ids],
+        )
+    }
     new: dict[str, tuple[Event, Sequence[str]]] = {}
     for event, sinks in events:
         if event.id not in known:
@@ -84,35 +95,63 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
         for start in range(0, len(rows), 1000):
             chunk = rows[start : start + 1000]
             values = ", ".join([f"({dialect.marks(6)})"] * len(chunk))
-            found = c.execute(
-                f"{insert}{values} ON CONFLICT (resource, id) DO NOTHING RETURNING id, seq",
-                [v for row in chunk for v in row],
-            )
+            found = c.execute(f"{insert}{values} RETURNING id, seq", [v for row in chunk for v in row])
             seqs.update((str(r[0]), int(r[1])) for r in found)
-        new = {event_id: kept for event_id, kept in new.items() if event_id in seqs}  # the rest: stored before
-        if not new:
-            return []
     else:
         c.executemany(f"{insert}({dialect.marks(6)})", rows)
         # One writer holds the lock and seq is AUTOINCREMENT: the rows just inserted took the
         # consecutive seqs ending at last_insert_rowid(), in insertion order.
         last = c.execute("SELECT last_insert_rowid()").fetchone()[0]
         seqs = {event_id: last - len(new) + 1 + i for i, event_id in enumerate(new)}
-    owed = [(seqs[e.id], sink, e.resource) for e, sinks in new.values() for sink in sinks]
-    if dialect.arrays and owed:  # one statement, the rows bound as arrays (PostgreSQL)
-        c.execute(
-            "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
-            "SELECT u.seq, u.sink, u.resource, 'pending', ?, ? FROM unnest(?::bigint[], ?::text[], ?::text[]) "
-            "AS u(seq, sink, resource)",
-            [now, now, *(list(column) for column in zip(*owed, strict=True))],
-        )
-        return [e for e, _ in new.values()]
     c.executemany(
         "INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at) "
         "VALUES (?, ?, ?, 'pending', ?, ?)",
-        [(*row, now, now) for row in owed],
+        [(seqs[e.id], sink, e.resource, now, now) for e, sinks in new.values() for sink in sinks],
     )
     return [e for e, _ in new.values()]
+
+
+def _enqueue_in_sets(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float) -> Callable[[], list[Event]]:
+    """`enqueue` as one statement (PostgreSQL): the events inserted in the order given, skipping those
+    stored before (an id names its resource: watcher.events.event_id), and a delivery per sink for
+    each inserted one, made from the rows the insert returns; the new ids come back with the commit."""
+    new: dict[str, tuple[Event, Sequence[str]]] = {}
+    for event, sinks in events:
+        new.setdefault(event.id, (event, sinks))
+    if not new:
+        return list
+    owed = [(e.id, sink) for e, sinks in new.values() for sink in sinks]
+    found = c.execute(
+        "WITH new AS ("
+        " INSERT INTO events (id, type, resource, campaign_id, payload, detected_at)"
+        " SELECT u.id, u.type, u.resource, u.campaign_id, u.payload, ?"
+        " FROM unnest(?::text[], ?::text[], ?::text[], ?::bigint[], ?::text[]) WITH ORDINALITY"
+        " AS u(id, type, resource, campaign_id, payload, n) ORDER BY u.n"
+        " ON CONFLICT (resource, id) DO NOTHING RETURNING id, seq, resource),"
+        " owed AS ("
+        " INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at)"
+        " SELECT new.seq, w.sink, new.resource, 'pending', ?, ?"
+        " FROM new JOIN unnest(?::text[], ?::text[]) AS w(id, sink) ON w.id = new.id)"
+        " SELECT id FROM new",
+        [
+            now,
+            [e.id for e, _ in new.values()],
+            [e.type for e, _ in new.values()],
+            [e.resource for e, _ in new.values()],
+            [e.campaign_id for e, _ in new.values()],
+            [dumps(e.envelope()) for e, _ in new.values()],
+            now,
+            now,
+            [event_id for event_id, _ in owed],
+            [sink for _, sink in owed],
+        ],
+    )
+
+    def fresh() -> list[Event]:
+        inserted = {str(row[0]) for row in found}
+        return [e for event_id, (e, _) in new.items() if event_id in inserted]
+
+    return fresh
 
 
 def _record_in_sets(c: Tx, attempts: Sequence[Recorded]) -> None:

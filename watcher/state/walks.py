@@ -1,20 +1,20 @@
 """The walks' cursors and snapshots: where each stream has read to, and what it has seen.
 
 A poll's page is written by `commit_page` in one transaction: snapshots, the outbox rows its
-changes produced (`enqueue`, on the same transaction), and the cursor that moves past them.
+changes produced (`enqueued`, on the same transaction), and the cursor that moves past them.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from watcher.events import Event, dumps, loads
 from watcher.records import FORGOTTEN, CampaignState, LeadState, PageCommit, Unreadable
 from watcher.state.connection import Connection, connect_readonly, state_error
-from watcher.state.outbox import enqueue
+from watcher.state.outbox import enqueued
 from watcher.state.records import Cursor
 
 
@@ -106,7 +106,7 @@ class Walks(Connection):
 
     def commit_page(self, page: PageCommit) -> list[Event]:
         """Write a page's state, outbox rows and cursor in one transaction; return the events that were new."""
-        fresh: list[Event] = []
+        fresh: Callable[[], list[Event]] = list
         with self.transaction() as c:
             if page.leads and self.dialect.arrays:
                 # One statement for the page (PostgreSQL): the rows bound as arrays, a lead met twice
@@ -154,7 +154,7 @@ class Walks(Connection):
                 )
             wanted = [(event, sinks) for event, sinks in page.events if sinks]  # no sink wants it: nothing to keep
             if wanted:
-                fresh = enqueue(c, wanted, page.now, self.dialect)
+                fresh = enqueued(c, wanted, page.now, self.dialect)  # read once committed
             c.execute("INSERT INTO cursors (stream) VALUES (?) ON CONFLICT DO NOTHING", (page.stream,))
             if page.cursor is not None:
                 c.execute(
@@ -195,6 +195,7 @@ class Walks(Connection):
                     "polls = polls + 1 WHERE stream = ?",
                     (page.now, page.now, page.note, page.stream),
                 )
-        if fresh:
-            self._outbox_grew(len(fresh))
-        return fresh
+        new = fresh()
+        if new:
+            self._outbox_grew(len(new))
+        return new
