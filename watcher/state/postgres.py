@@ -192,6 +192,17 @@ def pg_sql(text: str) -> str:
     return _TOKENS.sub(_token, text)
 
 
+_MARKS = re.compile(r"%%|%s")
+
+
+@lru_cache(maxsize=256)
+def pg_sql_binary(text: str) -> str:
+    """`pg_sql` with every parameter sent in binary (psycopg's %b): for a statement binding lists,
+    whose text form psycopg builds by escaping each element in Python (some 16 ms for a page's
+    hundred event payloads; a microsecond in binary)."""
+    return _MARKS.sub(lambda m: "%b" if m.group(0) == "%s" else "%%", pg_sql(text))
+
+
 class Row(tuple[Any, ...]):
     """A row read by position or by column name, and turned into a dict by `dict(row)`, as sqlite3.Row is."""
 
@@ -234,7 +245,8 @@ class _Tx:
         self._pipeline = pipeline
 
     def execute(self, text: str, parameters: Sequence[Any] = (), /) -> Result:
-        return _Answer(self._conn.execute(pg_sql(text), list(parameters)), self._pipeline)
+        query = pg_sql_binary(text) if any(isinstance(p, list) for p in parameters) else pg_sql(text)
+        return _Answer(self._conn.execute(query, list(parameters)), self._pipeline)
 
     def executemany(self, text: str, parameters: Iterable[Sequence[Any]], /) -> Result:
         cursor = self._conn.cursor()
