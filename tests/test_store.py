@@ -492,3 +492,9 @@ def test_sink_health_follows_the_attempts_in_their_order(store: Store) -> None:
     assert store.failing_since("a") == 13.0
     [state] = store.sink_states(["a"], only=True)
     assert state.last_success_at == 12.0
+    # A batch of failures alone continues the streak; a success ending one batch is the last word.
+    store.record_attempts([attempt(False, 15.0), attempt(False, 16.0)])
+    assert store.failing_since("a") == 13.0
+    store.record_attempts([attempt(False, 17.0), attempt(True, 18.0)])
+    assert store.failing_since("a") is None
+    assert store.sink_states(["a"], only=True)[0].last_success_at == 18.0

@@ -254,6 +254,18 @@ _MEMBERS = """SELECT member, host, pid, role, started_at, seen_at FROM {s}.leade
 # it, and lets the leader's renewals through. Once a takeover has committed, READ COMMITTED
 # follows the row to its newest version here, so the new epoch is what this reads.
 _FENCE = "SELECT epoch FROM {s}.leadership WHERE name = 'leader' FOR KEY SHARE"
+# The same check as a statement that fails, rather than answers, when another epoch leads (or none
+# does): a pipelined transaction sends it without waiting for it, and its failure aborts the
+# transaction, whose COMMIT then rolls back. The cast of a text that is no number is plain SQL's way
+# to raise; `deposed` reads the epoch afterwards to say why the transaction failed.
+_FENCE_OR_FAIL = (
+    """SELECT CASE WHEN f.epoch IS NOT DISTINCT FROM %(epoch)s::bigint THEN 0
+                         ELSE ('write fenced off: epoch ' || coalesce(f.epoch::text, 'none') || ' leads')::integer END
+                    FROM (SELECT ("""
+    + _FENCE
+    + """) AS epoch) f"""
+)
+_EPOCH = "SELECT epoch FROM {s}.leadership WHERE name = 'leader'"
 
 
 def _row(found: Sequence[Any] | None) -> LeaseRow | None:
@@ -285,6 +297,27 @@ def fence(conn: psycopg.Connection[Any], schema: str, epoch: int) -> None:
     if conn.info.transaction_status != TransactionStatus.INTRANS:
         raise RuntimeError("fence() belongs inside the write transaction it protects")
     _check_fence(conn.execute(_q(_FENCE, schema)).fetchone(), epoch)
+
+
+def fence_pipelined(conn: psycopg.Connection[Any], schema: str, epoch: int) -> None:
+    """`fence` without waiting for the server: sent in the pipelined write transaction it protects,
+    it makes that transaction fail (a psycopg error at its next read or at the commit) unless `epoch`
+    still leads, holding the row as `fence` does. `deposed` then tells whether that was why."""
+    conn.execute(_q(_FENCE_OR_FAIL, schema), {"epoch": epoch})
+
+
+def deposed(conn: psycopg.Connection[Any], schema: str, epoch: int) -> Deposed | None:
+    """After a fenced transaction failed: the Deposed to raise when another epoch leads (or none
+    does), None when `epoch` still leads or the epoch cannot be read (the failure was another one)."""
+    try:
+        found = conn.execute(_q(_EPOCH, schema)).fetchone()
+    except psycopg.Error:
+        return None
+    try:
+        _check_fence(found, epoch)
+    except Deposed as exc:
+        return exc
+    return None
 
 
 async def fence_async(conn: psycopg.AsyncConnection[Any], schema: str, epoch: int) -> None:

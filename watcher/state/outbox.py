@@ -9,7 +9,7 @@ cursor that produced them moves in the same commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -51,6 +51,23 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
     An event id already present means the same change was committed before (an overlap
     re-read, a restart): its deliveries exist, so nothing is added for it.
     """
+    return enqueued(c, events, now, dialect)()
+
+
+def enqueued(
+    c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialect: Dialect = SQLITE
+) -> Callable[[], list[Event]]:
+    """`enqueue`, its answer read by the function it returns: on PostgreSQL, called once the
+    transaction has committed, it reads what the commit's one round trip brought back, rather
+    than waiting for the server halfway through the transaction."""
+    if dialect.arrays:
+        return _enqueue_in_sets(c, events, now)
+    found = _enqueue_rows(c, events, now, dialect)
+    return lambda: found
+
+
+def _enqueue_rows(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialect: Dialect) -> list[Event]:
+    """`enqueue` a statement per row (SQLite)."""
     resources = sorted({e.resource for e, _ in events})
     ids = [e.id for e, _ in events]
     # Two IN lists (not a row-value IN, which SQLite answers with a full scan) so the
@@ -92,6 +109,98 @@ def enqueue(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float, dialec
         [(seqs[e.id], sink, e.resource, now, now) for e, sinks in new.values() for sink in sinks],
     )
     return [e for e, _ in new.values()]
+
+
+def _enqueue_in_sets(c: Tx, events: list[tuple[Event, Sequence[str]]], now: float) -> Callable[[], list[Event]]:
+    """`enqueue` as one statement (PostgreSQL): the events inserted in the order given, skipping those
+    stored before (an id names its resource: watcher.events.event_id), and a delivery per sink for
+    each inserted one, made from the rows the insert returns; the new ids come back with the commit."""
+    new: dict[str, tuple[Event, Sequence[str]]] = {}
+    for event, sinks in events:
+        new.setdefault(event.id, (event, sinks))
+    if not new:
+        return list
+    owed = [(e.id, sink) for e, sinks in new.values() for sink in sinks]
+    found = c.execute(
+        "WITH new AS ("
+        " INSERT INTO events (id, type, resource, campaign_id, payload, detected_at)"
+        " SELECT u.id, u.type, u.resource, u.campaign_id, u.payload, ?"
+        " FROM unnest(?::text[], ?::text[], ?::text[], ?::bigint[], ?::text[]) WITH ORDINALITY"
+        " AS u(id, type, resource, campaign_id, payload, n) ORDER BY u.n"
+        " ON CONFLICT (resource, id) DO NOTHING RETURNING id, seq, resource),"
+        " owed AS ("
+        " INSERT INTO deliveries (event_seq, sink, resource, status, next_attempt_at, created_at)"
+        " SELECT new.seq, w.sink, new.resource, 'pending', ?, ?"
+        " FROM new JOIN unnest(?::text[], ?::text[]) AS w(id, sink) ON w.id = new.id)"
+        " SELECT id FROM new",
+        [
+            now,
+            [e.id for e, _ in new.values()],
+            [e.type for e, _ in new.values()],
+            [e.resource for e, _ in new.values()],
+            [e.campaign_id for e, _ in new.values()],
+            [dumps(e.envelope()) for e, _ in new.values()],
+            now,
+            now,
+            [event_id for event_id, _ in owed],
+            [sink for _, sink in owed],
+        ],
+    )
+
+    def fresh() -> list[Event]:
+        inserted = {str(row[0]) for row in found}
+        return [e for event_id, (e, _) in new.items() if event_id in inserted]
+
+    return fresh
+
+
+def _record_in_sets(c: Tx, attempts: Sequence[Recorded]) -> None:
+    """`record_attempts`' two writes as one statement each, the rows bound as arrays (PostgreSQL).
+
+    Two outcomes for one delivery in a batch leave what running them in order would: the later
+    one's values, and the time of a delivery among them. An array holds one type: numbers are
+    made floats or ints here, as its column takes them.
+    """
+    final: dict[tuple[str, int], tuple[Any, ...]] = {}
+    for a in attempts:
+        for o in a.outcomes:
+            earlier = final.get((a.sink, o.seq))
+            delivered_at = float(a.now) if o.status == "delivered" else (earlier[6] if earlier else None)
+            final[(a.sink, o.seq)] = (
+                *(a.sink, int(o.seq), o.status, int(o.attempts), float(o.next_attempt_at), o.error),
+                *(delivered_at, int(o.asked_to_wait)),
+            )
+    if not final:
+        return
+    c.execute(
+        "UPDATE deliveries d SET status = u.status, attempts = u.attempts, next_attempt_at = u.next_at, "
+        "last_error = u.error, asked_to_wait = u.asked, delivered_at = coalesce(u.delivered_at, d.delivered_at) "
+        "FROM unnest(?::text[], ?::bigint[], ?::text[], ?::integer[], ?::float8[], ?::text[], ?::float8[], "
+        "?::integer[]) AS u(sink, seq, status, attempts, next_at, error, delivered_at, asked) "
+        "WHERE d.sink = u.sink AND d.event_seq = u.seq",
+        [list(column) for column in zip(*final.values(), strict=True)],
+    )
+    logged = [
+        (
+            *(a.sink, o.event_id, int(o.logged_attempt), a.status_code, float(a.duration), o.error, float(a.now)),
+            *(o.excerpt, o.resource, int(o.seq)),
+        )
+        for a in attempts
+        for o in a.outcomes
+    ]
+    # In the outcomes' order (the log's ids), and not for a delivery gone meanwhile (`forget`
+    # erased the lead while it was in flight).
+    c.execute(
+        "INSERT INTO attempts (sink, event_id, attempt, status_code, duration, error, at, excerpt, resource) "
+        "SELECT u.sink, u.event_id, u.attempt, u.status_code, u.duration, u.error, u.at, u.excerpt, "
+        "coalesce(u.resource, e.resource) "
+        "FROM unnest(?::text[], ?::text[], ?::integer[], ?::integer[], ?::float8[], ?::text[], ?::float8[], "
+        "?::text[], ?::text[], ?::bigint[]) WITH ORDINALITY "
+        "AS u(sink, event_id, attempt, status_code, duration, error, at, excerpt, resource, seq, n) "
+        "JOIN deliveries d ON d.sink = u.sink AND d.event_seq = u.seq LEFT JOIN events e ON e.seq = u.seq "
+        "ORDER BY u.n",
+        [list(column) for column in zip(*logged, strict=True)],
+    )
 
 
 class Outbox(Connection):
@@ -181,6 +290,10 @@ class Outbox(Connection):
         which move the cursor, keep FULL, and each of them makes everything before it durable too.
         """
         with self._relaxed(), self.transaction() as c:
+            if self.dialect.arrays:
+                _record_in_sets(c, attempts)
+                note_health(c, attempts)
+                return
             c.executemany(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
                 "asked_to_wait = ?, delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "

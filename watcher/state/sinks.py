@@ -11,14 +11,25 @@ from watcher.state.records import DEAD, DELIVERED, PENDING, Recorded, SinkState
 
 def note_health(c: Tx, attempts: Sequence[Recorded]) -> None:
     """On the open transaction `c`: each attempt's sink succeeded (its failing streak ends) or failed."""
-    c.executemany("INSERT INTO sinks (name) VALUES (?) ON CONFLICT DO NOTHING", [(a.sink,) for a in attempts])
-    # One statement run for each attempt in order (a failure after a success starts a streak, a
-    # success after a failure ends it): executemany sends them together (PostgreSQL: one round trip).
+    # What the attempts, taken in order, leave of each sink's health: its last success and failure,
+    # and where its current failing streak began (a failure after a success starts one, a success
+    # ends it). One statement per sink, not one per attempt: a flush holds dozens of attempts.
+    health: dict[str, tuple[float | None, float | None, bool, float | None]] = {}
+    for a in attempts:
+        succeeded, failed, ended, streak = health.get(a.sink, (None, None, False, None))
+        if a.success:
+            health[a.sink] = (a.now, failed, True, None)
+        else:
+            health[a.sink] = (succeeded, a.now, ended, a.now if streak is None else streak)
+    c.executemany("INSERT INTO sinks (name) VALUES (?) ON CONFLICT DO NOTHING", [(sink,) for sink in health])
     c.executemany(
-        "UPDATE sinks SET last_success_at = CASE WHEN ? THEN ? ELSE last_success_at END, "
-        "last_failure_at = CASE WHEN ? THEN last_failure_at ELSE ? END, "
-        "failing_since = CASE WHEN ? THEN NULL ELSE coalesce(failing_since, ?) END WHERE name = ?",
-        [(a.success, a.now, a.success, a.now, a.success, a.now, a.sink) for a in attempts],
+        "UPDATE sinks SET last_success_at = coalesce(?, last_success_at), "
+        "last_failure_at = coalesce(?, last_failure_at), "
+        "failing_since = CASE WHEN ? THEN ? ELSE coalesce(failing_since, ?) END WHERE name = ?",
+        [
+            (succeeded, failed, ended, streak, streak, sink)
+            for sink, (succeeded, failed, ended, streak) in health.items()
+        ],
     )
 
 

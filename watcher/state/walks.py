@@ -1,20 +1,20 @@
 """The walks' cursors and snapshots: where each stream has read to, and what it has seen.
 
 A poll's page is written by `commit_page` in one transaction: snapshots, the outbox rows its
-changes produced (`enqueue`, on the same transaction), and the cursor that moves past them.
+changes produced (`enqueued`, on the same transaction), and the cursor that moves past them.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from watcher.events import Event, dumps, loads
 from watcher.records import FORGOTTEN, CampaignState, LeadState, PageCommit, Unreadable
 from watcher.state.connection import Connection, connect_readonly, state_error
-from watcher.state.outbox import enqueue
+from watcher.state.outbox import enqueued
 from watcher.state.records import Cursor
 
 
@@ -106,9 +106,32 @@ class Walks(Connection):
 
     def commit_page(self, page: PageCommit) -> list[Event]:
         """Write a page's state, outbox rows and cursor in one transaction; return the events that were new."""
-        fresh: list[Event] = []
+        fresh: Callable[[], list[Event]] = list
         with self.transaction() as c:
-            if page.leads:
+            if page.leads and self.dialect.arrays:
+                # One statement for the page (PostgreSQL): the rows bound as arrays, a lead met twice
+                # in the page written once with its last values (as upserting them in turn leaves it).
+                last = {int(s.id): s for s in page.leads}
+                c.execute(
+                    "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
+                    "SELECT u.id, u.created_ts, u.version, u.snapshot, ?, u.track, u.last_event "
+                    "FROM unnest(?::bigint[], ?::float8[], ?::text[], ?::text[], ?::text[], ?::text[]) "
+                    "AS u(id, created_ts, version, snapshot, track, last_event) "
+                    "ON CONFLICT(id) DO UPDATE SET created_ts = excluded.created_ts, version = excluded.version, "
+                    "snapshot = excluded.snapshot, changed_at = excluded.changed_at, track = excluded.track, "
+                    "last_event = excluded.last_event "
+                    f"WHERE leads.track {self.dialect.distinct} '{FORGOTTEN}'",
+                    [
+                        page.now,
+                        list(last),
+                        [float(s.created_ts) for s in last.values()],
+                        [s.version for s in last.values()],
+                        [dumps(s.snapshot) for s in last.values()],
+                        [s.track for s in last.values()],
+                        [s.last_event for s in last.values()],
+                    ],
+                )
+            elif page.leads:
                 c.executemany(
                     "INSERT INTO leads (id, created_ts, version, snapshot, changed_at, track, last_event) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -131,7 +154,7 @@ class Walks(Connection):
                 )
             wanted = [(event, sinks) for event, sinks in page.events if sinks]  # no sink wants it: nothing to keep
             if wanted:
-                fresh = enqueue(c, wanted, page.now, self.dialect)
+                fresh = enqueued(c, wanted, page.now, self.dialect)  # read once committed
             c.execute("INSERT INTO cursors (stream) VALUES (?) ON CONFLICT DO NOTHING", (page.stream,))
             if page.cursor is not None:
                 c.execute(
@@ -172,4 +195,7 @@ class Walks(Connection):
                     "polls = polls + 1 WHERE stream = ?",
                     (page.now, page.now, page.note, page.stream),
                 )
-        return fresh
+        new = fresh()
+        if new:
+            self._outbox_grew(len(new))
+        return new
