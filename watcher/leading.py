@@ -19,7 +19,7 @@ import structlog
 
 from watcher.clock import Clock
 from watcher.config import Config, PostgresState
-from watcher.errors import StateLocked
+from watcher.errors import StateDamaged, StateError, StateLocked, StateLost, StateTooNew
 from watcher.exitcodes import EXIT_OK
 from watcher.leadership import Leadership
 from watcher.lease import LeaseTimings
@@ -117,7 +117,22 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
                     pinging.cancel()
                 if stop.is_set():
                     break
-                code, deposed = await run_term(config, clock, notifier, leadership, endpoint, on_stop=stop.set)
+                try:
+                    code, deposed = await run_term(config, clock, notifier, leadership, endpoint, on_stop=stop.set)
+                except (StateTooNew, StateDamaged, StateLost):
+                    raise  # only the operator can help (exit 78), as on SQLite
+                except StateError as exc:
+                    # The term could not start (its store's connection timed out, a write at start-up was
+                    # refused): `run` pauses and retries a StateError, it does not exit. Exiting here left
+                    # no daemon working when the leader it had just replaced was dead. The lease goes
+                    # back, and a lease passes before this daemon tries again, so a standby that can
+                    # reach the database may lead meanwhile.
+                    endpoint.stand_by()
+                    log.error("this daemon leads but cannot start its term; standing by", error=str(exc))
+                    await leadership.release()
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=leadership.timings.ttl)
+                    continue
                 endpoint.stand_by()
                 if not deposed:
                     return code

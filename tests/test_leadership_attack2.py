@@ -1,0 +1,103 @@
+"""A second outsider's attack on the PostgreSQL leadership (issue 21): each test is a fault it confirmed.
+
+Real PostgreSQL, real `convertr-watcher run` processes, the simulator, a TCP proxy for network faults.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.conftest import serving
+from tests.support.daemon import Daemon, wait_until, webhook_sink, write_config
+from tests.support.postgres import Database
+from tests.support.receiver import Receiver
+from tests.support.tcpproxy import TcpProxy
+from watcher.lease import MIN_TTL, LeaseTimings
+from watcher.simulator import Simulator, SimulatorServer
+
+SCHEMA = "convertr_attack2"
+LEASE = MIN_TTL
+TIMINGS = LeaseTimings(LEASE)
+PATIENCE = TIMINGS.takeover_bound + 20
+
+
+@pytest.fixture
+def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
+    with serving(seed=7, campaigns=2, leads=4) as pair:
+        yield pair
+
+
+def _config(folder: Path, server: SimulatorServer, receiver: Receiver, url: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_config(
+        folder,
+        server.url,
+        [webhook_sink(receiver.url)],
+        leads={"start": "2000-01-01T00:00:00Z", "lookback": "1d"},
+        state={"url": url, "schema": SCHEMA, "lease": f"{LEASE:g}s"},
+    )
+
+
+def _lease_pid(db: Database) -> int | None:
+    query = sql.SQL("SELECT pid FROM {}.leadership WHERE expires_at > clock_timestamp()").format(sql.Identifier(SCHEMA))
+    try:
+        with psycopg.connect(db.url, connect_timeout=5) as conn:
+            row = conn.execute(query).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return None if row is None else int(row[0])
+
+
+def _member_of(db: Database, pid: int) -> str | None:
+    query = sql.SQL("SELECT member FROM {}.leadership_members WHERE pid = %s").format(sql.Identifier(SCHEMA))
+    try:
+        with psycopg.connect(db.url, connect_timeout=5) as conn:
+            row = conn.execute(query, (pid,)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return None if row is None else str(row[0])
+
+
+def _pid(daemon: Daemon) -> int:
+    assert daemon.proc is not None
+    return daemon.proc.pid
+
+
+def _daemon(config: Path, name: str) -> Daemon:
+    daemon = Daemon(config)
+    daemon.log_path = config.parent / f"daemon-{name}.log"
+    return daemon
+
+
+def test_a_daemon_that_wins_the_lease_while_its_store_cannot_connect_stands_by_instead_of_exiting(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """The standby takes the lease over, then the network goes silent as its term's store connects:
+    the term cannot start. A database blip is no reason for `run` to exit: it stands by (or leads)
+    again once the network heals."""
+    _, server = sim
+    db = postgres_db.server
+    with TcpProxy(db.host, db.port) as proxy:
+        via_proxy = f"postgresql://{db.user}@{proxy.host}:{proxy.port}/{postgres_db.name}"
+        config_a = _config(tmp_path / "a", server, receiver, postgres_db.url)
+        config_b = _config(tmp_path / "b", server, receiver, via_proxy)
+        with _daemon(config_a, "a") as a:
+            wait_until(lambda: _lease_pid(postgres_db) == _pid(a), PATIENCE, "a to lead")
+            with _daemon(config_b, "b") as b:
+                member = wait_until(lambda: _member_of(postgres_db, _pid(b)), PATIENCE, "b standing by")
+                proxy.blackhole_after(f"convertr-watcher state {member}".encode())  # b's term's store connecting
+                a.stop(signal.SIGKILL)
+                wait_until(lambda: proxy.silenced_at or not b.running(), PATIENCE, "b's term to open its store")
+                time.sleep(TIMINGS.ttl)
+                proxy.heal()
+                wait_until(lambda: _lease_pid(postgres_db) == _pid(b) or not b.running(), PATIENCE, "b to lead again")
+                assert b.running(), b.log()[-3000:]
+                wait_until(lambda: '"event": "started"' in b.log(), PATIENCE, "b's term to start")
+                assert b.stop() == 0, b.log()[-3000:]
