@@ -101,3 +101,42 @@ def test_a_daemon_that_wins_the_lease_while_its_store_cannot_connect_stands_by_i
                 assert b.running(), b.log()[-3000:]
                 wait_until(lambda: '"event": "started"' in b.log(), PATIENCE, "b's term to start")
                 assert b.stop() == 0, b.log()[-3000:]
+
+
+def _posts(receiver: Receiver) -> int:
+    return len([r for r in receiver.requests if r.method == "POST"])
+
+
+def test_a_configuration_reloaded_while_leading_still_applies_in_the_next_term(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """The operator moves the sink to a new URL and sends SIGHUP: the leader applies it. The daemon is
+    then paused past its lease (nobody else stands by), stops leading, and leads again: the new term
+    must run on the configuration in force, not on the one read at start, which would send events
+    to the endpoint the operator removed."""
+    simulator, server = sim
+    with Receiver() as moved_to:
+        config = _config(tmp_path, server, receiver, postgres_db.url)
+        with Daemon(config) as daemon:
+            wait_until(lambda: _posts(receiver) >= len(simulator.lead_ids()), PATIENCE, "the backfill")
+            text = config.read_text()
+            assert receiver.url in text
+            config.write_text(text.replace(receiver.url, moved_to.url))
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "SIGHUP: reloading" in daemon.log(), PATIENCE, "the reload")
+            campaign = simulator.campaign_ids()[0]
+            simulator.add_lead(campaign)
+            wait_until(lambda: _posts(moved_to) >= 1, PATIENCE, "a delivery to the new URL")
+            before = _posts(receiver)
+
+            daemon.proc.send_signal(signal.SIGSTOP)  # past the lease: its watchdog ends the term at SIGCONT
+            time.sleep(TIMINGS.ttl + 1)
+            daemon.proc.send_signal(signal.SIGCONT)
+            wait_until(
+                lambda: daemon.log().count('"event": "started"') >= 2 or not daemon.running(), PATIENCE, "term 2"
+            )
+            simulator.add_lead(campaign)
+            wait_until(lambda: _posts(moved_to) >= 2 or _posts(receiver) > before, PATIENCE, "the next delivery")
+            assert _posts(receiver) == before, "the second term delivered to the URL the operator had moved away from"
+            assert daemon.stop() == 0, daemon.log()[-3000:]

@@ -606,10 +606,11 @@ async def run_term(
     leadership: Leadership,
     endpoint: Endpoint | None = None,
     on_stop: Callable[[], None] | None = None,
-) -> tuple[int, bool]:
+) -> tuple[int, bool, Config]:
     """One term as the leader of a PostgreSQL state: the daemon runs on a store fenced by the epoch,
-    until a stop signal or the end of the term. Returns the exit status and whether the term ended
-    because this daemon no longer leads (then it stands by again).
+    until a stop signal or the end of the term. Returns the exit status, whether the term ended
+    because this daemon no longer leads (then it stands by again), and the configuration in force at
+    its end: a SIGHUP during the term may have replaced `config`, and the next term runs on that one.
 
     A clock step is noticed and applied while leading, as on SQLite; one made while this host did
     not lead is applied at the start of the term when this boot's daemon was the last to lead
@@ -661,7 +662,7 @@ async def run_term(
             code = await Daemon(rt, notifier, endpoint=endpoint, on_stop=on_stop).run()
         finally:
             watching.cancel()
-        return code, ended
+        return code, ended, rt.config
 
 
 def _keep_frame(state_path: Path, boot: str | None, offset: float) -> None:

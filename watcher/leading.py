@@ -118,7 +118,12 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
                 if stop.is_set():
                     break
                 try:
-                    code, deposed = await run_term(config, clock, notifier, leadership, endpoint, on_stop=stop.set)
+                    # The configuration a reload applied during the term carries into the next: starting
+                    # again from the one read at start undid it (events went to a sink URL the operator
+                    # had moved away from, signed with a secret already rotated).
+                    code, deposed, config = await run_term(
+                        config, clock, notifier, leadership, endpoint, on_stop=stop.set
+                    )
                 except (StateTooNew, StateDamaged, StateLost):
                     raise  # only the operator can help (exit 78), as on SQLite
                 except StateError as exc:
