@@ -140,3 +140,34 @@ def test_a_configuration_reloaded_while_leading_still_applies_in_the_next_term(
             wait_until(lambda: _posts(moved_to) >= 2 or _posts(receiver) > before, PATIENCE, "the next delivery")
             assert _posts(receiver) == before, "the second term delivered to the URL the operator had moved away from"
             assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_a_standby_sent_sighup_takes_over_on_the_configuration_it_was_told_to_load(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """The operator moves the sink to a new URL and sends SIGHUP to both daemons on the configuration,
+    as to any pair. The leader applies it; the standby must too, or the first failover sends events
+    to the endpoint the operator removed."""
+    simulator, server = sim
+    with Receiver() as moved_to:
+        config = _config(tmp_path, server, receiver, postgres_db.url)
+        with _daemon(config, "a") as a:
+            wait_until(lambda: _lease_pid(postgres_db) == _pid(a), PATIENCE, "a to lead")
+            with _daemon(config, "b") as b:
+                wait_until(lambda: _member_of(postgres_db, _pid(b)), PATIENCE, "b standing by")
+                wait_until(lambda: _posts(receiver) >= len(simulator.lead_ids()), PATIENCE, "the backfill")
+                config.write_text(config.read_text().replace(receiver.url, moved_to.url))
+                for daemon in (a, b):
+                    assert daemon.proc is not None
+                    daemon.proc.send_signal(signal.SIGHUP)
+                wait_until(lambda: "SIGHUP" in a.log() and "SIGHUP" in b.log(), PATIENCE, "both to hear SIGHUP")
+                before = _posts(receiver)
+                a.stop(signal.SIGKILL)
+                wait_until(lambda: _lease_pid(postgres_db) == _pid(b), PATIENCE, "b to take over")
+                simulator.add_lead(simulator.campaign_ids()[0])
+                wait_until(lambda: _posts(moved_to) >= 1 or _posts(receiver) > before, PATIENCE, "the next delivery")
+                assert _posts(receiver) == before, (
+                    "the new leader delivered to the URL the operator had moved away from"
+                )
+                assert b.running(), b.log()[-3000:]
+                assert b.stop() == 0, b.log()[-3000:]

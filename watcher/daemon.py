@@ -180,6 +180,21 @@ def _housekeeping(rt: Runtime) -> None:
 # --- run ------------------------------------------------------------------------------------
 
 
+def reloadable(old: Config) -> Config:
+    """The configuration file read again, for a reload: ConfigError when invalid or when it changes the state."""
+    new = load_config(old.path)
+    if new.state.path != old.state.path:
+        raise ConfigError("state.path", "cannot change on reload (the lock is on the old file): restart")
+    old_pg, new_pg = old.state.postgres, new.state.postgres
+    if old_pg is not None and new_pg is not None and replace(new_pg, lease=old_pg.lease) == old_pg:
+        if new_pg.lease != old_pg.lease:
+            # The running election holds its timings; every daemon on the state restarts with the new one.
+            raise ConfigError("state.lease", "cannot change on reload (the daemon leads by it): restart")
+    elif new_pg != old_pg:
+        raise ConfigError("state.url", "cannot change on reload (the daemon leads that state): restart")
+    return new
+
+
 class Daemon:
     def __init__(
         self,
@@ -399,16 +414,7 @@ class Daemon:
             self.notifier.reloading("reloading the configuration")
             log.info("SIGHUP: reloading the configuration", path=str(self.rt.config.path))
             try:
-                new = load_config(self.rt.config.path)
-                if new.state.path != self.rt.config.state.path:
-                    raise ConfigError("state.path", "cannot change on reload (the lock is on the old file): restart")
-                old_pg, new_pg = self.rt.config.state.postgres, new.state.postgres
-                if old_pg is not None and new_pg is not None and replace(new_pg, lease=old_pg.lease) == old_pg:
-                    if new_pg.lease != old_pg.lease:
-                        # The running election holds its timings; every daemon on the state restarts with the new one.
-                        raise ConfigError("state.lease", "cannot change on reload (the daemon leads by it): restart")
-                elif new_pg != old_pg:
-                    raise ConfigError("state.url", "cannot change on reload (the daemon leads that state): restart")
+                new = reloadable(self.rt.config)
             except ConfigError as exc:
                 self._refuse(str(exc))
             else:

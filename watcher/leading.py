@@ -11,6 +11,7 @@ even before it has noticed.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -19,10 +20,11 @@ import structlog
 
 from watcher.clock import Clock
 from watcher.config import Config, PostgresState
-from watcher.errors import StateDamaged, StateError, StateLocked, StateLost, StateTooNew
+from watcher.errors import ConfigError, StateDamaged, StateError, StateLocked, StateLost, StateTooNew
 from watcher.exitcodes import EXIT_OK
 from watcher.leadership import Leadership
 from watcher.lease import LeaseTimings
+from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.notify import Notifier
 
 log = structlog.get_logger("watcher.leading")
@@ -86,7 +88,7 @@ async def lead_now(leadership: Leadership, config: Config, clock: Clock) -> int:
 
 async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
     """`run` on PostgreSQL: stand by, lead, stand by again, until SIGTERM or SIGINT."""
-    from watcher.daemon import run_term
+    from watcher.daemon import reloadable, run_term
     from watcher.endpoint import ping_while_standing_by, serving
 
     pg = postgres_of(config)
@@ -99,7 +101,24 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
         def standing_by_signals() -> None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, _reload_while_standing_by)
+            loop.add_signal_handler(signal.SIGHUP, reload_while_standing_by)
+
+        def reload_while_standing_by() -> None:
+            # Read now, not at the next term: an operator sends SIGHUP to every daemon of a pair after
+            # editing the file, and a standby that ignored it took over on the old sinks, URLs and
+            # secrets (events to an endpoint already removed). Invalid or state-changing: refused,
+            # the configuration in force stays, as a leader's reload does.
+            nonlocal config
+            try:
+                new = reloadable(config)
+            except ConfigError as exc:
+                log.error("SIGHUP while standing by: reload REFUSED; the previous configuration stays", error=str(exc))
+                return
+            configure_logging(
+                new.log.level, new.log.format, secrets=new.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
+            )
+            config = new
+            log.info("SIGHUP while standing by: configuration read again; the next term runs on it")
 
         try:
             while not stop.is_set():
@@ -145,7 +164,3 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-
-
-def _reload_while_standing_by() -> None:
-    log.info("SIGHUP while standing by: a standby reads its configuration when it starts; restart it to apply changes")
