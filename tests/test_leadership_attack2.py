@@ -171,3 +171,28 @@ def test_a_standby_sent_sighup_takes_over_on_the_configuration_it_was_told_to_lo
                 )
                 assert b.running(), b.log()[-3000:]
                 assert b.stop() == 0, b.log()[-3000:]
+
+
+def test_a_standby_refuses_an_invalid_configuration_on_sighup_and_leads_on_the_one_in_force(
+    tmp_path: Path, sim: tuple[Simulator, SimulatorServer], receiver: Receiver, postgres_db: Database
+) -> None:
+    """The other side of reading the file on SIGHUP while standing by: a broken file, or one that
+    changes the lease, is refused in one line and the standby later leads on the configuration in force."""
+    simulator, server = sim
+    config = _config(tmp_path, server, receiver, postgres_db.url)
+    good = config.read_text()
+    with _daemon(config, "a") as a:
+        wait_until(lambda: _lease_pid(postgres_db) == _pid(a), PATIENCE, "a to lead")
+        with _daemon(config, "b") as b:
+            wait_until(lambda: _member_of(postgres_db, _pid(b)), PATIENCE, "b standing by")
+            assert b.proc is not None
+            for bad, says in (("[sinks\n", "REFUSED"), (good.replace('lease = "3s"', 'lease = "4s"'), "state.lease")):
+                config.write_text(bad)
+                b.proc.send_signal(signal.SIGHUP)
+                wait_until(lambda says=says: says in b.log(), PATIENCE, f"the standby to refuse ({says})")
+            config.write_text(good)
+            a.stop(signal.SIGKILL)
+            wait_until(lambda: _lease_pid(postgres_db) == _pid(b), PATIENCE, "b to take over")
+            wait_until(lambda: _posts(receiver) >= len(simulator.lead_ids()), PATIENCE, "deliveries by b")
+            assert b.running(), b.log()[-3000:]
+            assert b.stop() == 0, b.log()[-3000:]
