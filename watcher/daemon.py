@@ -180,6 +180,21 @@ def _housekeeping(rt: Runtime) -> None:
 # --- run ------------------------------------------------------------------------------------
 
 
+def reloadable(old: Config) -> Config:
+    """The configuration file read again, for a reload: ConfigError when invalid or when it changes the state."""
+    new = load_config(old.path)
+    if new.state.path != old.state.path:
+        raise ConfigError("state.path", "cannot change on reload (the lock is on the old file): restart")
+    old_pg, new_pg = old.state.postgres, new.state.postgres
+    if old_pg is not None and new_pg is not None and replace(new_pg, lease=old_pg.lease) == old_pg:
+        if new_pg.lease != old_pg.lease:
+            # The running election holds its timings; every daemon on the state restarts with the new one.
+            raise ConfigError("state.lease", "cannot change on reload (the daemon leads by it): restart")
+    elif new_pg != old_pg:
+        raise ConfigError("state.url", "cannot change on reload (the daemon leads that state): restart")
+    return new
+
+
 class Daemon:
     def __init__(
         self,
@@ -399,16 +414,7 @@ class Daemon:
             self.notifier.reloading("reloading the configuration")
             log.info("SIGHUP: reloading the configuration", path=str(self.rt.config.path))
             try:
-                new = load_config(self.rt.config.path)
-                if new.state.path != self.rt.config.state.path:
-                    raise ConfigError("state.path", "cannot change on reload (the lock is on the old file): restart")
-                old_pg, new_pg = self.rt.config.state.postgres, new.state.postgres
-                if old_pg is not None and new_pg is not None and replace(new_pg, lease=old_pg.lease) == old_pg:
-                    if new_pg.lease != old_pg.lease:
-                        # The running election holds its timings; every daemon on the state restarts with the new one.
-                        raise ConfigError("state.lease", "cannot change on reload (the daemon leads by it): restart")
-                elif new_pg != old_pg:
-                    raise ConfigError("state.url", "cannot change on reload (the daemon leads that state): restart")
+                new = reloadable(self.rt.config)
             except ConfigError as exc:
                 self._refuse(str(exc))
             else:
@@ -606,10 +612,11 @@ async def run_term(
     leadership: Leadership,
     endpoint: Endpoint | None = None,
     on_stop: Callable[[], None] | None = None,
-) -> tuple[int, bool]:
+) -> tuple[int, bool, Config]:
     """One term as the leader of a PostgreSQL state: the daemon runs on a store fenced by the epoch,
-    until a stop signal or the end of the term. Returns the exit status and whether the term ended
-    because this daemon no longer leads (then it stands by again).
+    until a stop signal or the end of the term. Returns the exit status, whether the term ended
+    because this daemon no longer leads (then it stands by again), and the configuration in force at
+    its end: a SIGHUP during the term may have replaced `config`, and the next term runs on that one.
 
     A clock step is noticed and applied while leading, as on SQLite; one made while this host did
     not lead is applied at the start of the term when this boot's daemon was the last to lead
@@ -661,7 +668,7 @@ async def run_term(
             code = await Daemon(rt, notifier, endpoint=endpoint, on_stop=on_stop).run()
         finally:
             watching.cancel()
-        return code, ended
+        return code, ended, rt.config
 
 
 def _keep_frame(state_path: Path, boot: str | None, offset: float) -> None:

@@ -11,6 +11,7 @@ even before it has noticed.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -19,10 +20,11 @@ import structlog
 
 from watcher.clock import Clock
 from watcher.config import Config, PostgresState
-from watcher.errors import StateLocked
+from watcher.errors import ConfigError, StateDamaged, StateError, StateLocked, StateLost, StateTooNew
 from watcher.exitcodes import EXIT_OK
 from watcher.leadership import Leadership
 from watcher.lease import LeaseTimings
+from watcher.logs import LOG_CAPTURE_ENV, configure_logging
 from watcher.notify import Notifier
 
 log = structlog.get_logger("watcher.leading")
@@ -86,7 +88,7 @@ async def lead_now(leadership: Leadership, config: Config, clock: Clock) -> int:
 
 async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
     """`run` on PostgreSQL: stand by, lead, stand by again, until SIGTERM or SIGINT."""
-    from watcher.daemon import run_term
+    from watcher.daemon import reloadable, run_term
     from watcher.endpoint import ping_while_standing_by, serving
 
     pg = postgres_of(config)
@@ -99,7 +101,24 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
         def standing_by_signals() -> None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, _reload_while_standing_by)
+            loop.add_signal_handler(signal.SIGHUP, reload_while_standing_by)
+
+        def reload_while_standing_by() -> None:
+            # Read now, not at the next term: an operator sends SIGHUP to every daemon of a pair after
+            # editing the file, and a standby that ignored it took over on the old sinks, URLs and
+            # secrets (events to an endpoint already removed). Invalid or state-changing: refused,
+            # the configuration in force stays, as a leader's reload does.
+            nonlocal config
+            try:
+                new = reloadable(config)
+            except ConfigError as exc:
+                log.error("SIGHUP while standing by: reload REFUSED; the previous configuration stays", error=str(exc))
+                return
+            configure_logging(
+                new.log.level, new.log.format, secrets=new.secret_values(), capture=os.environ.get(LOG_CAPTURE_ENV)
+            )
+            config = new
+            log.info("SIGHUP while standing by: configuration read again; the next term runs on it")
 
         try:
             while not stop.is_set():
@@ -117,7 +136,27 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
                     pinging.cancel()
                 if stop.is_set():
                     break
-                code, deposed = await run_term(config, clock, notifier, leadership, endpoint, on_stop=stop.set)
+                try:
+                    # The configuration a reload applied during the term carries into the next: starting
+                    # again from the one read at start undid it (events went to a sink URL the operator
+                    # had moved away from, signed with a secret already rotated).
+                    code, deposed, config = await run_term(
+                        config, clock, notifier, leadership, endpoint, on_stop=stop.set
+                    )
+                except (StateTooNew, StateDamaged, StateLost):
+                    raise  # only the operator can help (exit 78), as on SQLite
+                except StateError as exc:
+                    # The term could not start (its store's connection timed out, a write at start-up was
+                    # refused): `run` pauses and retries a StateError, it does not exit. Exiting here left
+                    # no daemon working when the leader it had just replaced was dead. The lease goes
+                    # back, and a lease passes before this daemon tries again, so a standby that can
+                    # reach the database may lead meanwhile.
+                    endpoint.stand_by()
+                    log.error("this daemon leads but cannot start its term; standing by", error=str(exc))
+                    await leadership.release()
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=leadership.timings.ttl)
+                    continue
                 endpoint.stand_by()
                 if not deposed:
                     return code
@@ -125,7 +164,3 @@ async def run_leading(config: Config, clock: Clock, notifier: Notifier) -> int:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-
-
-def _reload_while_standing_by() -> None:
-    log.info("SIGHUP while standing by: a standby reads its configuration when it starts; restart it to apply changes")
