@@ -20,6 +20,7 @@ import structlog
 
 from tests.support.daemon import cli
 from tests.support.rig import Rig, make_rig
+from watcher import poller
 from watcher.convertr import ConvertrClient
 from watcher.metrics import Metrics
 from watcher.poller import CREATED, UPDATED
@@ -179,6 +180,43 @@ def test_a_spent_budget_is_one_warning_a_metric_and_a_status_line(rig: Rig) -> N
     state = rig.ensure().cursor(CREATED)
     assert state is not None and (state.last_error or "").startswith("throttled")
     assert "throttled" in cli("status", "-c", str(rig.folder / "config.toml")).stdout
+
+
+def test_a_backfill_holds_no_id_per_lead_it_read(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids a walk read are kept for a lookback window only: a backfill starts none, so it keeps none
+    (it held all 100 000 of a large backfill to its end: 14 MB more peak RSS). The sweep that
+    follows keeps what it read, and its window finds a lead that became visible late."""
+    largest: list[int] = []
+    real = poller._remember
+
+    def remember(seen: dict[int, float], *args: object) -> None:
+        real(seen, *args)  # type: ignore[arg-type]
+        largest.append(len(seen))
+
+    monkeypatch.setattr(poller, "_remember", remember)
+    expected: list[int] = []
+    for _ in range(100):  # 20 a second: 600 in a lookback of 30 s
+        expected += rig.sim.add_leads(20)
+        rig.advance(1)
+    rig.advance(60)  # older than the lookback: the updated walk's first sweep has none of them to read
+    rig.configure(items_per_page=100, start=BACKFILL, updates=True, lookback="30s")
+    rig.start()
+    rig.poll()
+    assert sorted(rig.created()) == expected
+    assert max(largest, default=0) == 0
+    late = rig.sim.add_lead(created=rig.sim.now() - timedelta(seconds=20), visible=False)["id"]
+    fresh = rig.sim.add_leads(3)
+    rig.advance(1)
+    rig.poll()  # a sweep of the lookback behind the cursor: it keeps what it read there
+    # the last 30 s of the backfill behind its cursor and the 3 new leads, not the 2 000 backfilled
+    assert 600 <= max(largest) <= 600 + 20 + 3
+    rig.sim.reveal_lead(late)
+    rig.advance(11)
+    rig.poll()  # its count finds a row no walk read
+    rig.advance(1)
+    rig.poll()  # and this one reads the lookback again
+    assert sorted(rig.created()) == sorted([*expected, *fresh, late])
+    assert set(rig.created().values()) == {1}
 
 
 def _steady(rig: Rig, *, lookback: str = "5m", updates: bool = False, page: int = 100) -> None:

@@ -523,6 +523,10 @@ class Poller:
         held: str | None = None  # why the cursor stays where it is: a position this walk could not account for
         seen: dict[int, float] = {}
         unknown: set[int] = set()
+        # What a walk read only matters to a window: one this walk starts (a sweep) or one it extends.
+        # Any other walk (a backfill, a first or resumed walk) would hold every id it read to the end
+        # and then drop them: 100 000 ids, 14 MB of a backfill's peak RSS (58 -> 72 MB, measured).
+        remember = plan.cursor_field is not None and (plan.sweep_mark is not None or plan.stream in self._windows)
         # aclosing: a failed commit must stop the page read ahead at once, not whenever the
         # abandoned generator is collected.
         async with aclosing(pager.pages(plan.start_page, overlap_id=plan.resume_after)) as reads:
@@ -534,7 +538,7 @@ class Poller:
                 signpost = max(signpost, server_now - self.config.leads.safety_lag)
                 served_until = max(served_until, server_now)
                 self._served_size = pager.size
-                if plan.cursor_field is not None:
+                if remember and plan.cursor_field is not None:
                     _remember(seen, unknown, read, plan.cursor_field, signpost)
                 resumable = plan.cursor_field is None  # a resume starts from the last page committed
                 place = Place(
@@ -595,6 +599,9 @@ class Poller:
             self._windows[plan.stream] = _Window(
                 plan.bound, plan.sweep_since, seen, self.clock.monotonic(), read_to, unknown=unknown
             )
+        elif plan.stream in self._windows and not remember:
+            # A window made while this walk ran without remembering: it lacks what this walk read.
+            del self._windows[plan.stream]  # the next poll re-reads the lookback and starts afresh
         elif plan.stream in self._windows:
             window = self._windows[plan.stream]
             window.seen.update(seen)
