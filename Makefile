@@ -21,8 +21,11 @@ test-tools:
 	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime golang-go >/dev/null; } \
 	  || echo "note: faketime or golang-go is missing (apt-get install faketime golang-go): tests that need them will fail"
 
+# -n 4: four pytest-xdist workers. Most tests wait on real daemons, brokers and PostgreSQL rather
+# than compute, so more workers than a CI machine's 2 cores still shortens the run; tests share no
+# port, file or database name. tests/support/parallel.py says how tests are shared out.
 test: $(STAMP) test-tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check watcher tests bench

@@ -1,30 +1,26 @@
-"""Suite-wide set-up: every log line any test or subprocess renders is also written to one file.
+"""Suite-wide set-up: every log line any test or subprocess renders is also written to a capture file.
 
-`test_zz_log_secrets.py` (collected last) scans that file for every secret the suite uses.
+`test_zz_log_secrets.py` scans those files for every secret the suite uses, after every other test
+(tests/support/logscan.py: also under pytest-xdist).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import PASSWORD, USERNAME
 from tests.support.receiver import Receiver
 from tests.support.scripted import Script, Scripted
-from watcher.logs import LOG_CAPTURE_ENV
 from watcher.simulator import Simulator, SimulatorServer
 
 # postgres_server / postgres_db: a real PostgreSQL database per test (tests/support/postgres.py);
 # backend: the state on SQLite and on PostgreSQL, one test run each (tests/support/backends.py).
-pytest_plugins = ["tests.support.postgres", "tests.support.backends"]
-
-CAPTURE = Path(tempfile.mkdtemp(prefix="watcher-logs-")) / "lines.jsonl"
-os.environ[LOG_CAPTURE_ENV] = str(CAPTURE)
+# parallel: how pytest-xdist shares the tests out (tests/support/parallel.py); logscan: the capture
+# files and the log-secrets scan's place at the end of the run (tests/support/logscan.py).
+pytest_plugins = ["tests.support.parallel", "tests.support.logscan", "tests.support.postgres", "tests.support.backends"]
 
 
 @contextmanager

@@ -7,11 +7,11 @@ monotonic clock is left real. The simulator and the receiver run in this process
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
 from tests.support.daemon import WEBHOOK_KEY, Daemon, wait_until, webhook_sink, write_config
+from tests.support.faketime import faketime_env
 from tests.support.receiver import Receiver, verify_request
 from watcher import clockframe
 from watcher.clock import FakeClock, SteppedClock
@@ -22,18 +22,7 @@ def _stepping(tmp_path: Path, api_url: str, sink: dict[str, object]) -> tuple[Da
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
     config = write_config(tmp_path, api_url, [sink])
-    return Daemon(config, env=_faketime_env(offset)), offset
-
-
-def _faketime_env(offset_file: Path) -> dict[str, str]:
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    assert found, "libfaketime is missing: `apt-get install faketime` (make test installs it when run as root)"
-    return {
-        "LD_PRELOAD": found[0],
-        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
-        "FAKETIME_NO_CACHE": "1",  # read the file on every call: a rewrite is a step at once
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-    }
+    return Daemon(config, env=faketime_env(offset)), offset
 
 
 def _created(receiver: Receiver) -> set[int]:

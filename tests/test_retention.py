@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
 
-from tests.support.daemon import cli, wait_until, webhook_sink, write_config
+from tests.support.daemon import cli, webhook_sink, write_config
+from tests.support.faketime import faketime_env
 from tests.support.receiver import Receiver
 from tests.support.state import reading
 
@@ -34,9 +36,21 @@ def _aged(output: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in output.splitlines() if '"personal data aged out"' in line]
 
 
+def _at(offset_file: Path, when: float) -> dict[str, str]:
+    """The environment that runs a `once` whose wall clock starts at `when` (Unix seconds)."""
+    offset_file.write_text(f"{math.ceil(when - time.time()):+d}\n")
+    return faketime_env(offset_file)
+
+
 def test_queues_of_disabled_and_removed_sinks_age_out(tmp_path: Path, sim) -> None:
-    """A 410-disabled sink's queue dies after max_age, dead rows and a removed sink's queue go after dead_retention."""
+    """A 410-disabled sink's queue dies after max_age, dead rows and a removed sink's queue go after dead_retention.
+
+    The later runs read a wall clock set ahead (libfaketime) rather than waiting it out: each lands
+    well inside the window it tests (after max_age, 60 s before dead_retention; then past it) however
+    slowly a loaded machine starts the process.
+    """
     _simulator, server = sim
+    offset = tmp_path / "faketime"
     with Receiver() as gone, Receiver() as down:
         gone.respond(410)  # the sink is disabled; its events stay queued
         down.respond(500)
@@ -45,7 +59,7 @@ def test_queues_of_disabled_and_removed_sinks_age_out(tmp_path: Path, sim) -> No
             webhook_sink(down.url, name="old", retry_schedule=["1h"]),
         ]
         config = write_config(tmp_path, server.url, sinks, leads={"start": "2000-01-01T00:00:00Z"})
-        text = config.read_text().replace('path = "state.db"', 'path = "state.db"\ndead_retention = "4s"')
+        text = config.read_text().replace('path = "state.db"', 'path = "state.db"\ndead_retention = "60s"')
         config.write_text(text)
         db = tmp_path / "state.db"
         assert cli("once", "-c", str(config)).returncode == 1  # both sinks failed
@@ -56,8 +70,7 @@ def test_queues_of_disabled_and_removed_sinks_age_out(tmp_path: Path, sim) -> No
 
         # Sink "old" leaves the configuration; "gone" stays, disabled, past its max_age.
         config.write_text(text[: text.index("[[sinks]]")] + text[text.index("[[sinks]]") :].split("\n\n[[sinks]]")[0])
-        wait_until(lambda: time.time() > queued_at + 2.2, 10, "max_age to pass")
-        second = cli("once", "-c", str(config))
+        second = cli("once", "-c", str(config), env=_at(offset, queued_at + 10))  # max_age 2s is past
         assert _rows(db) == {
             ("gone", "dead"): queued[("gone", "pending")],
             ("old", "pending"): queued[("old", "pending")],
@@ -65,8 +78,7 @@ def test_queues_of_disabled_and_removed_sinks_age_out(tmp_path: Path, sim) -> No
         assert _aged(second.stdout)[0]["expired"] == queued[("gone", "pending")]
 
         died_at = _newest(db, "next_attempt_at", "dead")
-        wait_until(lambda: time.time() > max(queued_at, died_at) + 4.2, 10, "dead_retention to pass")
-        third = cli("once", "-c", str(config))
+        third = cli("once", "-c", str(config), env=_at(offset, max(queued_at, died_at) + 65))  # and dead_retention
         assert _rows(db) == {}, "dead rows and the removed sink's queue are still there"
         assert _events(db) == 0 < events, "payloads outlived every delivery"
         aged = _aged(third.stdout)[0]

@@ -7,6 +7,7 @@ import http.client
 import itertools
 import json
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,15 +35,27 @@ STREAMS = ("leads.created", "leads.updated", "campaigns")
 # --- a fake systemd notify socket -----------------------------------------------------------
 
 
+# Linux's SO_TIMESTAMPNS (asm-generic; Python's socket module does not name it): the kernel stamps
+# each datagram with the wall time it was queued to the socket, i.e. when the daemon sent it.
+SO_TIMESTAMPNS = 35
+
+
 class NotifySocket:
-    """A bound AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+    """A bound AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET.
+
+    Each message is timed by when the daemon sent it (the kernel's stamp), not when this test got
+    round to reading it: the test reads only inside wait_for and quiet, so pings sent meanwhile
+    (during daemon.wait_polls, or while a loaded machine runs other work) would read as one late
+    burst, a gap the daemon never left.
+    """
 
     def __init__(self, path: Path) -> None:
         assert len(str(path)) < 100, "AF_UNIX paths are limited to 107 bytes"
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.bind(str(path))
-        self.messages: list[tuple[float, dict[str, str]]] = []  # (time.monotonic(), fields)
+        self.messages: list[tuple[float, dict[str, str]]] = []  # (time.monotonic() when sent, fields)
 
     def close(self) -> None:
         self.sock.close()
@@ -50,11 +63,14 @@ class NotifySocket:
     def _receive(self, timeout: float) -> bool:
         self.sock.settimeout(max(timeout, 0.001))
         try:
-            data = self.sock.recv(4096)
+            data, ancillary, _flags, _address = self.sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("@ll")))
         except TimeoutError:
             return False
+        now, wall = time.monotonic(), time.time()
+        [stamp] = [d for level, kind, d in ancillary if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS)]
+        seconds, nanoseconds = struct.unpack("@ll", stamp[: struct.calcsize("@ll")])
         fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-        self.messages.append((time.monotonic(), fields))
+        self.messages.append((now - (wall - (seconds + nanoseconds / 1e9)), fields))
         return True
 
     def wait_for(self, predicate: Callable[[dict[str, str]], bool], timeout: float, what: str) -> int:

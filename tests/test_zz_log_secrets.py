@@ -1,7 +1,8 @@
 """The log-secrets scan: no line the suite emitted carries a password, token, key or hook URL.
 
 Collected last, so it reads the lines of every earlier test (subprocesses included, through the
-capture file set in conftest.py).
+capture files set in tests/support/logscan.py). Under pytest-xdist the controller runs these tests
+once every worker has finished (tests/support/logscan.py says how).
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import base64
 import re
 
-from tests.conftest import CAPTURE
 from tests.support.brokers import BROKER_PASSWORD
 from tests.support.daemon import PASSWORD, WEBHOOK_KEY, WEBHOOK_KEY_2
+from tests.support.logscan import CAPTURE_DIR, captured_text
 from tests.support.postgres import PG_PASSWORD
 
 
@@ -25,8 +26,8 @@ def _forms(secret: str) -> set[str]:
 
 def test_no_secret_in_any_log_line() -> None:
     """Every captured log line is free of the suite's passwords, webhook keys and Slack hook paths."""
-    assert CAPTURE.exists(), "no log line was captured: the capture hook is not wired"
-    text = CAPTURE.read_text()
+    assert any(CAPTURE_DIR.glob("lines-*.jsonl")), "no log line was captured: the capture hook is not wired"
+    text = captured_text()
     assert text.count("\n") > 50, "suspiciously few log lines captured"
     secrets = set()
     for secret in (
@@ -44,6 +45,6 @@ def test_no_secret_in_any_log_line() -> None:
 
 def test_no_email_address_in_any_log_line() -> None:
     """No captured log line carries an e-mail address (leads' personal data, or a login name)."""
-    text = CAPTURE.read_text()
+    text = captured_text()
     found = set(re.findall(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+", text))
     assert found == set(), f"{len(found)} e-mail addresses in logs, e.g. {sorted(found)[:3]}"
