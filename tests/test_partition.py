@@ -54,11 +54,26 @@ def _tracks(db: Database) -> list[tuple[str, str]]:
         return [(str(a), str(b)) for a, b in conn.execute(query).fetchall()]
 
 
+def _holds_the_fence(db: Database, name: str) -> bool:
+    """The session named `name` holds its lock on the lease table: the fence has run on the server."""
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        found = conn.execute(
+            sql.SQL(
+                """SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                   WHERE a.application_name = %s AND l.granted AND l.relation = '{}.leadership'::regclass"""
+            ).format(sql.Identifier(SCHEMA)),
+            (name,),
+        ).fetchone()
+    return found is not None and int(found[0]) > 0
+
+
 def _write_cut_mid_pipeline(
-    store: PostgresStore, proxy: TcpProxy
+    store: PostgresStore, proxy: TcpProxy, db: Database, name: str
 ) -> tuple[threading.Thread, list[BaseException | None]]:
-    """A fenced write on a thread, the proxy silenced while it is open (after the fence's answer, before
-    the rest of the pipeline): the thread then waits on the silent socket; its outcome lands in the list."""
+    """A fenced write on a thread, the proxy silenced while it is open (once the server has run the
+    fence, before the rest of the pipeline: the fence is sent without waiting for its answer, so the
+    server's lock, not the client's progress, says when): the thread then waits on the silent socket;
+    its outcome lands in the list."""
     inside = threading.Event()
     cut_done = threading.Event()
     outcome: list[BaseException | None] = []
@@ -76,6 +91,7 @@ def _write_cut_mid_pipeline(
     writer = threading.Thread(target=write, name="cut-off-writer", daemon=True)
     writer.start()
     assert inside.wait(PATIENCE), "the fenced write did not start"
+    wait_until(lambda: _holds_the_fence(db, name), PATIENCE, "the fence to run on the server")
     proxy.blackhole()
     cut_done.set()
     return writer, outcome
@@ -108,7 +124,9 @@ def test_a_leader_cut_off_mid_pipeline_is_taken_over_within_the_bound_and_its_wr
                 tx.execute("INSERT INTO tracks (signature, track) VALUES (?, ?)", ("before", "a"))
             b = LeaderThread(postgres_db.url, SCHEMA, TTL, "host-b")
 
-            writer, outcome = _write_cut_mid_pipeline(store, proxy)
+            writer, outcome = _write_cut_mid_pipeline(
+                store, proxy, postgres_db, application_name("state", leadership.member)
+            )
             cut = time.monotonic()
             name = application_name("state", leadership.member)
             wait_until(lambda: _stuck_in_client_read(postgres_db, name), PATIENCE, "the backend in ClientRead")
@@ -189,7 +207,7 @@ def _without_the_right_to_signal(postgres_db: Database, as_role: str, role: str)
                 ):
                     admin.execute(sql.SQL(grant).format(sql.Identifier(SCHEMA), sql.Identifier(role)))
             b = LeaderThread(as_role, SCHEMA, TTL, "host-b")
-            writer, _ = _write_cut_mid_pipeline(store, proxy)
+            writer, _ = _write_cut_mid_pipeline(store, proxy, postgres_db, application_name("state", leadership.member))
             name = application_name("state", leadership.member)
             wait_until(lambda: _stuck_in_client_read(postgres_db, name), PATIENCE, "the backend in ClientRead")
 

@@ -18,10 +18,11 @@ import pytest
 
 from tests.conftest import serving
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, healthz, wait_until, webhook_sink, write_config
+from tests.support.faketime import faketime_env
 from tests.support.leaders import another_hosts_lease
 from tests.support.postgres import PG_PASSWORD, Database
 from tests.support.receiver import Receiver
-from tests.test_clock_steps import _created, _faketime_env
+from tests.test_clock_steps import _created
 from tests.test_service import NotifySocket
 from watcher.simulator import Simulator, SimulatorServer
 
@@ -202,7 +203,7 @@ def test_a_step_back_while_no_daemon_led_a_postgresql_state_does_not_hold_a_wait
     config = write_config(
         tmp_path, server.url, [webhook_sink(receiver.url, retry_schedule=["3s"] * 5)], state=_state(postgres_db)
     )
-    daemon = Daemon(config, env=_faketime_env(offset))
+    daemon = Daemon(config, env=faketime_env(offset))
     with daemon:
         wait_until(lambda: _polls(config) >= 2, 30, "the daemon leading and polling")
         receiver.respond(500)
