@@ -6,17 +6,27 @@ Real PostgreSQL, the real store (`open_postgres`), a second session as the other
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
+from tests.support import brokers
+from tests.support.brokers import AMQP_URL, headers_of
 from tests.support.leaders import another_hosts_lease
 from tests.support.postgres import Database
-from watcher.config import PostgresState
-from watcher.errors import StateError
-from watcher.events import Event
+from watcher.clock import SystemClock
+from watcher.config import PostgresState, SinkConfig
+from watcher.delivery.stored import stored_event
+from watcher.errors import DeliveryError, StateError
+from watcher.events import Event, dumps
 from watcher.lease import LeaseTimings
 from watcher.records import PageCommit
+from watcher.sinks import build_sink
+from watcher.sinks.base import Attempt
+from watcher.sinks.broker import BrokerSink
 from watcher.state.postgres import PostgresStore, open_postgres
+from watcher.state.records import Due
 
 SCHEMA = "convertr_attack"
 TIMINGS = LeaseTimings(3.0)  # op_timeout 1 s: a write waiting longer for the writer lock is refused
@@ -87,3 +97,31 @@ def test_a_leaders_store_writes_again_after_two_writes_refused_mid_pipeline(post
     finally:
         other.close()
         store.close()
+
+
+def test_a_corrupt_stored_payload_fails_only_its_own_event_in_a_broker_batch_without_pii() -> None:
+    """A sink that strips personal fields decodes each stored envelope (delivery.stored) inside the
+    attempt, since the bodies became lazy: one payload that no longer decodes (a damaged row) raised
+    out of the whole batch's publishing, so every event of the attempt failed with it, each counting
+    an attempt, and the good ones went dead with the damaged one. Only that event may fail."""
+    brokers.require(5672, "RabbitMQ")
+    good = [_event(1), _event(2)]
+    dues = [
+        Due(1, "rabbit", good[0].id, good[0].type, good[0].resource, None, dumps(good[0].envelope()), 0, 0.0),
+        Due(2, "rabbit", "evt_" + "d" * 32, "lead.created", "lead:99", None, '{"type":"lead.created","timest', 0, 0.0),
+        Due(3, "rabbit", good[1].id, good[1].type, good[1].resource, None, dumps(good[1].envelope()), 0, 0.0),
+    ]
+    with brokers.rabbit() as mq:
+        config = SinkConfig("rabbit", "amqp", AMQP_URL, exchange=mq.exchange, include_pii=False)
+
+        async def attempt() -> list[Attempt | DeliveryError]:
+            sink = build_sink(config, clock=SystemClock(), version="test")
+            assert isinstance(sink, BrokerSink)
+            try:
+                return await sink.deliver_each([stored_event(d) for d in dues])
+            finally:
+                await sink.aclose()
+
+        results = asyncio.run(attempt())
+        assert [isinstance(r, Attempt) for r in results] == [True, False, True], results
+        assert sorted(headers_of(m)["webhook-id"] for m in mq.messages()) == sorted(e.id for e in good)
