@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from watcher.errors import DeliveryError
 from watcher.events import Event, loads
 from watcher.state.records import Due
 
@@ -30,8 +31,15 @@ class StoredEvent(Event):
         # Only reached when normal lookup fails: the two fields not decoded yet.
         if name not in _LAZY or "_payload" not in self.__dict__:
             raise AttributeError(name)
-        envelope = loads(self._payload)
-        self.__dict__.update(timestamp=envelope["timestamp"], data=envelope["data"])
+        try:
+            envelope = loads(self._payload)
+            timestamp, data = envelope["timestamp"], envelope["data"]
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            # A damaged row: this event's attempt fails with it (a broker batch sends the rest).
+            raise DeliveryError(
+                f"event {self.id} cannot be read back from the state ({type(exc).__name__}): the stored row is damaged"
+            ) from None
+        self.__dict__.update(timestamp=timestamp, data=data)
         return self.__dict__[name]
 
     def __eq__(self, other: object) -> bool:

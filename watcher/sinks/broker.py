@@ -171,12 +171,23 @@ class BrokerSink(Generic[L]):
                 link = await self._connected()
                 stamp = int(self._clock.now())
                 items = []
+                sent: list[int] = []  # the index in `events` of each item
                 whole = self.config.include_pii
-                for event in events:
-                    # The whole data: the stored envelope as it is (delivery.stored), nothing decoded.
-                    body = event.body() if whole else event.body(render_data(event, self.config))
+                for i, event in enumerate(events):
+                    try:
+                        # The whole data: the stored envelope as it is (delivery.stored), nothing decoded.
+                        body = event.body() if whole else event.body(render_data(event, self.config))
+                    except DeliveryError as exc:  # its stored row no longer decodes: it alone fails
+                        done[i] = exc
+                        continue
                     items.append((event, body, message_headers(event, stamp, body, self._keys)))
-                await self._publish_many(link, items, done)
+                    sent.append(i)
+                answers: list[Result | None] = [None] * len(items)
+                try:
+                    await self._publish_many(link, items, answers)
+                finally:
+                    for i, answer in zip(sent, answers, strict=True):
+                        done[i] = answer
         except TimeoutError:
             timed_out = True
             failure = self._unanswered(connected=link is not None, since=started)

@@ -420,7 +420,11 @@ class PostgresConnection(Connection):
             finally:
                 if pg.info.transaction_status != TransactionStatus.IDLE:
                     try:
-                        pg.execute("ROLLBACK")  # what failed or was interrupted leaves nothing behind
+                        # What failed or was interrupted leaves nothing behind. psycopg's rollback(), not
+                        # a ROLLBACK statement: the server skipped what followed the failure, statements
+                        # psycopg counted as prepared then included, and only rollback() forgets them
+                        # (otherwise every later write: 'prepared statement "_pg3_N" does not exist').
+                        pg.rollback()
                     except psycopg.Error:
                         pg.close()  # opened again by the next use
             if failed is not None:
@@ -428,6 +432,7 @@ class PostgresConnection(Connection):
             # A failed statement makes the server skip the rest up to the sync, and the pipeline
             # raises its error; a transaction that failed anyway answers COMMIT with ROLLBACK.
             if committed.statusmessage != "COMMIT":
+                pg.close()  # what it skipped may sit in psycopg's prepared cache too: a new session
                 raise StateError(f"cannot write the state in {self.where}: the transaction was rolled back")
         except psycopg.Error as exc:
             refused = deposed(pg, self.schema, epoch) if epoch is not None and not pg.broken else None
