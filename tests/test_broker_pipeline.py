@@ -111,8 +111,15 @@ def test_nats_mid_batch_refusal_fails_only_that_event(created_only: Any) -> None
     assert [m.headers["Nats-Msg-Id"] for m in stored] == [events[0].id, events[2].id]
 
 
-def test_amqp_mid_batch_return_fails_only_that_event() -> None:
-    """A queue bound to lead.created only: the update in the middle comes back, the others are confirmed."""
+@pytest.mark.parametrize("path", ["one write", "library publish"])
+def test_amqp_mid_batch_return_fails_only_that_event(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queue bound to lead.created only: the update in the middle comes back, the others are
+    confirmed; the same through the batch written at once and through aio-pika's own publish (the
+    path taken when an aiormq release lacks the channel parts the batch uses)."""
+    from watcher.sinks import amqp
+
+    if path == "library publish":
+        monkeypatch.setattr(amqp, "_batchable", lambda channel: False)
     brokers.require(5672, "RabbitMQ")
     with brokers.rabbit(bind="lead.created") as mq:
         events = [_event(1), _event(2, LEAD_UPDATED, "v2"), _event(3)]
@@ -222,3 +229,23 @@ def test_a_pipelined_attempt_fails_only_its_refused_events_and_their_leads_wait(
         assert all(d["status"] == DELIVERED for d in store.deliveries())
     finally:
         store.close()
+
+
+def test_the_installed_aiormq_has_the_channel_parts_the_amqp_batch_uses() -> None:
+    """The batch path is the one that runs with the aiormq this project installs: a release that
+    reshapes the channel falls back to one publish per message (correct, slower), and this says so."""
+    from watcher.sinks import amqp
+
+    brokers.require(5672, "RabbitMQ")
+
+    async def go() -> bool:
+        import aio_pika
+
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            return amqp._batchable(await channel.get_underlay_channel())
+        finally:
+            await connection.close()
+
+    assert asyncio.run(go())
