@@ -86,7 +86,7 @@ class AmqpSink(BrokerSink[_Link]):
             await self._publish_each(link, items, done)
             return
         exchange = self.config.exchange
-        frames: list[Any] = []
+        each: list[list[Any]] = []  # the frames of each item
         for event, body, headers in items:
             routing_key = target(self.config.routing_key, event.type)
             properties = Basic.Properties(
@@ -96,38 +96,53 @@ class AmqpSink(BrokerSink[_Link]):
                 message_id=event.id,
                 message_type=event.type,
             )
-            frames.append(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True))
+            frames: list[Any] = [Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True)]
             frames.append(ContentHeader(properties=properties, body_size=len(body)))
             frames += channel._split_body(body)
+            each.append(frames)
+        sent: list[int] = []  # the index in `items` of each message written, in tag order
         confirmations: list[asyncio.Future[Any]] = []
         async with channel.lock:
             first = channel.delivery_tag
             try:
-                for event, _, _ in items:
+                written: list[Any] = []
+                for i, (event, _, _) in enumerate(items):
+                    if event.id in channel.message_id_delivery_tag:
+                        # aiormq finds a returned message's confirmation by its message_id, one tag
+                        # per id: a second unconfirmed copy would take the first one's basic.return,
+                        # and the first one's ack would then count an unroutable message delivered.
+                        done[i] = DeliveryError("a message with the same event id is still unconfirmed on the channel")
+                        continue
                     channel.delivery_tag += 1
                     tag = channel.delivery_tag
                     confirmation = channel.create_future()
                     channel.confirmations[tag] = confirmation
                     channel.message_id_delivery_tag[event.id] = tag
                     confirmations.append(confirmation)
-                await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
+                    sent.append(i)
+                    written += each[i]
+                if written:
+                    await channel.write_queue.put(ChannelFrame.marshall(frames=written, channel_number=channel.number))
             except BaseException:
                 # Nothing was written: the broker never saw these tags, so they are used again.
                 channel.delivery_tag = first
-                for i, (event, _, _) in enumerate(items[: len(confirmations)]):
-                    tag = first + 1 + i
+                for n, i in enumerate(sent):
+                    tag = first + 1 + n
                     channel.confirmations.pop(tag, None)
-                    if channel.message_id_delivery_tag.get(event.id) == tag:
-                        channel.message_id_delivery_tag.pop(event.id)
-                    confirmations[i].cancel()
+                    if channel.message_id_delivery_tag.get(items[i][0].id) == tag:
+                        channel.message_id_delivery_tag.pop(items[i][0].id)
+                    confirmations[n].cancel()
                 raise
-        for i, (event, _, _) in enumerate(items):
-            confirmations[i].add_done_callback(partial(_forget, channel, event.id, first + 1 + i))
+        for n, i in enumerate(sent):
+            confirmations[n].add_done_callback(partial(_forget, channel, items[i][0].id, first + 1 + n))
+        if not confirmations:
+            return
         try:
             # No timeout of its own: the attempt's (deliver_each) bounds it.
             await asyncio.wait(confirmations)
         finally:
-            for i, confirmation in enumerate(confirmations):
+            for n, i in enumerate(sent):
+                confirmation = confirmations[n]
                 if not confirmation.done():
                     confirmation.cancel()  # not confirmed in time: the attempt fails for it
                 elif not confirmation.cancelled():
