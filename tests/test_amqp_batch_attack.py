@@ -43,3 +43,50 @@ def test_the_same_event_twice_in_flight_is_never_confirmed_by_the_other_copys_ac
         assert mq.messages() == []
     assert all(isinstance(r, DeliveryError) for r in in_one), in_one
     assert all(isinstance(r, DeliveryError) for r in concurrent), concurrent
+
+
+def test_a_return_read_just_after_the_attempt_was_cancelled_leaves_the_channel_working(amqp_up: None) -> None:
+    """The attempt's timeout can cancel its confirmations in the same loop pass in which the
+    channel's reader gets the last frame of a basic.return for one of them. The message id still
+    led to the cancelled future (it was let go only by a callback run later), aiormq set the
+    return's error on it, InvalidStateError ended the channel's reader and the channel closed
+    under every other attempt using it."""
+    from pamqp.commands import Basic
+
+    unroutable, routable = _event(1, "lead.nobody"), _event(2, "lead.created")
+
+    async def go(exchange: str) -> tuple[bool, bool, object]:
+        sink = _sink(SinkConfig("rabbit", "amqp", AMQP_URL, exchange=exchange, routing_key="{type}"))
+        try:
+            await sink.deliver_each([routable])
+            link = sink._link
+            assert link is not None
+            channel = await link.channel.get_underlay_channel()
+            attempt: list[asyncio.Task[object]] = []
+
+            class CancelAtReturn(asyncio.Queue[tuple[int, object]]):
+                async def put(self, item: tuple[int, object]) -> None:
+                    if isinstance(item[1], Basic.Return):
+                        # As the attempt's timeout would, in the loop pass in which the connection
+                        # hands the return to the channel: the attempt's cancellation runs before
+                        # the channel's reader reads the return, the callbacks it schedules after.
+                        attempt[0].cancel()
+                    await super().put(item)
+
+            channel.frames.__class__ = CancelAtReturn
+            attempt.append(asyncio.create_task(sink.deliver_each([unroutable])))
+            cancelled = False
+            try:
+                await attempt[0]
+            except asyncio.CancelledError:
+                cancelled = True
+            (after,) = await sink.deliver_each([routable])
+            return cancelled, sink._link is link and not channel.is_closed, after
+        finally:
+            await sink.aclose()
+
+    with brokers.rabbit(bind="lead.created") as mq:
+        cancelled, same_channel, after = asyncio.run(go(mq.exchange))
+    assert cancelled
+    assert not isinstance(after, DeliveryError), after
+    assert same_channel, "the channel closed under the next attempt"
