@@ -145,6 +145,10 @@ class AmqpSink(BrokerSink[_Link]):
                 confirmation = confirmations[n]
                 if not confirmation.done():
                     confirmation.cancel()  # not confirmed in time: the attempt fails for it
+                    # Now, not in _forget's callback: a basic.return read before the callback runs
+                    # would set its error on the cancelled future, and aiormq's channel reader
+                    # dies of the InvalidStateError, taking the channel and connection with it.
+                    _forget(channel, items[i][0].id, first + 1 + n, None)
                 elif not confirmation.cancelled():
                     error = confirmation.exception()
                     done[i] = (
