@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +32,9 @@ class _Link:
     connection: AbstractConnection
     channel: AbstractChannel
     exchange: AbstractExchange
+    # Event ids with a message unconfirmed on the channel through _publish_each: aiormq leads a
+    # basic.return to one delivery tag per message id, so a second copy must wait its turn.
+    publishing: set[str] = field(default_factory=set)
 
 
 class AmqpSink(BrokerSink[_Link]):
@@ -170,8 +173,21 @@ class AmqpSink(BrokerSink[_Link]):
             routing_key = target(self.config.routing_key, event.type)
             return await link.exchange.publish(message, routing_key=routing_key, mandatory=True)
 
-        answers = await asyncio.gather(*(one(*item) for item in items), return_exceptions=True)
-        for i, answer in enumerate(answers):
+        async def owned(event: Event, body: bytes, headers: dict[str, str]) -> object:
+            try:
+                return await one(event, body, headers)
+            finally:
+                link.publishing.discard(event.id)
+
+        sent: list[int] = []
+        for i, (event, _, _) in enumerate(items):
+            if event.id in link.publishing:
+                done[i] = DeliveryError("a message with the same event id is still unconfirmed on the channel")
+            else:
+                link.publishing.add(event.id)
+                sent.append(i)
+        answers = await asyncio.gather(*(owned(*items[i]) for i in sent), return_exceptions=True)
+        for i, answer in zip(sent, answers, strict=True):
             done[i] = self._refused(items[i][0], answer) if isinstance(answer, BaseException) else self._answer(answer)
 
     def _answer(self, confirm: object) -> Result:
