@@ -98,3 +98,49 @@ def test_a_return_read_just_after_the_attempt_was_cancelled_leaves_the_channel_w
     assert cancelled
     assert not isinstance(after, DeliveryError), after
     assert same_channel, "the channel closed under the next attempt"
+
+
+def test_concurrent_batches_settle_each_message_by_its_own_ack_return_or_nack(amqp_up: None) -> None:
+    """Six attempts of 32 on one channel at once, their tags interleaved and settled by RabbitMQ's
+    single and multiple acks, with returns (an unbound type) and nacks (a full reject-publish
+    queue) among them: each event's outcome is what the broker did with that very message."""
+    import aio_pika
+
+    def kind(b: int, i: int) -> str:
+        return ("lead.created", "lead.nobody", "lead.full")[(i * 7 + b) % 3]
+
+    async def go(mq: brokers.Rabbit) -> tuple[list[tuple[str, object]], int]:
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
+        full = await channel.declare_queue(
+            brokers.name("cw-q-"), auto_delete=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await full.bind(await channel.get_exchange(mq.exchange), "lead.full")
+        sink = _sink(SinkConfig("rabbit", "amqp", AMQP_URL, exchange=mq.exchange, routing_key="{type}"))
+        try:
+            await sink.reach()
+            batches = [[_event(100 * b + i, kind(b, i)) for i in range(32)] for b in range(6)]
+            results = await asyncio.gather(*(sink.deliver_each(batch) for batch in batches))
+            link = sink._link
+            assert link is not None
+            underlay = await link.channel.get_underlay_channel()
+            out = [
+                (e.type, r) for batch, rs in zip(batches, results, strict=True) for e, r in zip(batch, rs, strict=True)
+            ]
+            return out, len(underlay.message_id_delivery_tag)
+        finally:
+            await sink.aclose()
+            await full.delete(if_unused=False, if_empty=False)
+            await connection.close()
+
+    with brokers.rabbit(bind="lead.created") as mq:
+        outcomes, ids_left = asyncio.run(go(mq))
+        stored = sorted(str(m.message_id) for m in mq.messages())
+    for type_, result in outcomes:
+        if type_ == "lead.created":
+            assert not isinstance(result, DeliveryError), (type_, result)
+        else:
+            assert isinstance(result, DeliveryError), (type_, result)
+            assert ("returned" if type_ == "lead.nobody" else "refused") in str(result)
+    assert len(stored) == sum(t == "lead.created" for t, _ in outcomes) == len(set(stored))
+    assert ids_left == 0  # every settled message let go of its id
