@@ -57,8 +57,8 @@ def test_a_return_read_just_after_the_attempt_was_cancelled_leaves_the_channel_w
     """The attempt's timeout can cancel its confirmations in the same loop pass in which the
     channel's reader gets the last frame of a basic.return for one of them. The message id still
     led to the cancelled future (it was let go only by a callback run later), aiormq set the
-    return's error on it, InvalidStateError ended the channel's reader and the channel closed
-    under every other attempt using it."""
+    return's error on it, InvalidStateError ended the channel's reader, and RabbitMQ then closed the
+    whole connection (504 CHANNEL_ERROR) under the next attempt and every other one on it."""
     from pamqp.commands import Basic
 
     unroutable, routable = _event(1, "lead.nobody"), _event(2, "lead.created")
