@@ -85,6 +85,8 @@ def _read_ack(msg: Msg, subject: str) -> Result:
         if "error" in reply:
             refused: BaseException = nats.js.errors.APIError.from_error(reply["error"])
             return refused
+        if "stream" in reply and "seq" in reply and not reply.get("duplicate"):
+            return ""  # a routine ack (nearly all of them): the PubAck nats-py would build says nothing more
         return _answer(PubAck.from_response(reply))
     except Exception as exc:  # not a JetStream answer at all (something else replied on the subject)
         return DeliveryError(f"the {NatsSink.kind} answered with no JetStream acknowledgement: {exc}")
