@@ -108,7 +108,7 @@ class BrokerSink(Generic[L]):
         empty (this raised, or ran out of time) was not confirmed.
 
         By default each publish runs as its own task on the one connection; a broker with a
-        cheaper way (a Redis pipeline, JetStream's async publish) says so.
+        cheaper way (a Redis pipeline, JetStream acks read off one inbox subscription) says so.
         """
         tasks = [asyncio.ensure_future(self._publish(link, *item)) for item in items]
         try:

@@ -8,16 +8,19 @@ attempt that says so, never a publish into nothing.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.js.api import Header, PubAck
 
 from watcher.errors import DeliveryError, SinkGone
 from watcher.sinks.broker import CONNECT_RETRY_WAIT, BrokerSink, Item, Result, lowered, target
@@ -29,16 +32,64 @@ def _header_block_size(headers: dict[str, str]) -> int:
     return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
 
 
+# The status header of the server's own answer to a publish nothing subscribes to: no stream stores it.
+NO_RESPONDERS = "503"
+
+
+class _Batch:
+    """One attempt's messages awaiting the stream's answers: each reply lands at its index, and
+    `finished` settles once every message has one."""
+
+    __slots__ = ("answers", "finished", "left")
+
+    def __init__(self, size: int) -> None:
+        self.answers: list[Msg | None] = [None] * size
+        self.left = 1  # one for the sending itself: replies that come while it goes on cannot finish the batch
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 @dataclass
 class _Link:
     client: Client
     js: JetStreamContext
+    # Replies come to `inbox` + a number on one wildcard subscription, each routed by its subject to
+    # its attempt's batch and index: no future, task or random token per message (publish_async's
+    # semaphore, future and token_hex cost the sink about as much as the publish itself).
+    inbox: str = ""
+    waiting: dict[str, tuple[_Batch, int]] = field(default_factory=dict)
+    numbers: itertools.count[int] = field(default_factory=itertools.count)
+
+    async def on_reply(self, msg: Msg) -> None:
+        entry = self.waiting.pop(msg.subject, None)
+        if entry is None:  # its attempt gave up on it (timed out): too late to count
+            return
+        batch, i = entry
+        batch.answers[i] = msg
+        batch.left -= 1
+        if batch.left == 0 and not batch.finished.done():
+            batch.finished.set_result(None)
 
 
 def _answer(ack: PubAck) -> str:
     """What the attempt log keeps of an ack: only what an operator needs to see. A routine ack
     leaves the answer empty, which also spares every delivery the log's masking pass."""
     return f"a duplicate: stream {ack.stream} already had this id (seq {ack.seq})" if ack.duplicate else ""
+
+
+def _read_ack(msg: Msg, subject: str) -> Result:
+    """What the stream answered to one publish, read as nats-py's JetStream publish reads it."""
+    if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS:
+        return DeliveryError(f"no JetStream stream stores subject {subject}")
+    try:
+        reply = json.loads(msg.data)
+        if "error" in reply:
+            refused: BaseException = nats.js.errors.APIError.from_error(reply["error"])
+            return refused
+        if "stream" in reply and "seq" in reply and not reply.get("duplicate"):
+            return ""  # a routine ack (nearly all of them): the PubAck nats-py would build says nothing more
+        return _answer(PubAck.from_response(reply))
+    except Exception as exc:  # not a JetStream answer at all (something else replied on the subject)
+        return DeliveryError(f"the {NatsSink.kind} answered with no JetStream acknowledgement: {exc}")
 
 
 class NatsSink(BrokerSink[_Link]):
@@ -80,12 +131,20 @@ class NatsSink(BrokerSink[_Link]):
             )
         except nats.errors.NoServersError:
             raise failures[-1] if failures else DeliveryError(f"cannot connect to the {self.kind}") from None
-        return _Link(client, client.jetstream(timeout=self.config.timeout))
+        link = _Link(client, client.jetstream(timeout=self.config.timeout), inbox=client.new_inbox() + ".")
+        try:
+            await client.subscribe(link.inbox + "*", cb=link.on_reply)
+        except BaseException:
+            await self._quietly_close(link)
+            raise
+        return link
 
     async def _publish_many(self, link: _Link, items: Sequence[Item], done: list[Result | None]) -> None:
-        # JetStream's async publish: every message goes out at once, each with its own reply
-        # inbox, and each ack (or refusal) settles its own future; awaited together, not in turn.
-        acks: list[tuple[int, asyncio.Future[PubAck], str]] = []
+        # Every message goes out at once (nats-py writes them in one flush), each with its own
+        # reply subject; the acks (or refusals) come back on the link's inbox and are read once
+        # all are in, or the attempt's timeout cancels the wait.
+        batch = _Batch(len(items))
+        subjects: list[str | None] = [None] * len(items)  # the reply subject of each message sent
         limit = link.client.max_payload
         try:
             for i, (event, body, headers) in enumerate(items):
@@ -101,20 +160,22 @@ class NatsSink(BrokerSink[_Link]):
                         f"({limit} bytes): raise the server's max_payload; the event is retried on its schedule"
                     )
                     continue
-                ack = await link.js.publish_async(subject, body, headers=headers)
-                acks.append((i, ack, subject))
-            if acks:
-                await asyncio.wait([ack for _, ack, _ in acks])
+                reply = f"{link.inbox}{next(link.numbers)}"
+                link.waiting[reply] = (batch, i)
+                subjects[i] = reply
+                batch.left += 1
+                await link.client.publish(subject, body, reply=reply, headers=headers)
+            batch.left -= 1
+            if batch.left:
+                await batch.finished
         finally:
-            for i, ack, subject in acks:
-                if not ack.done():
-                    ack.cancel()  # not confirmed in time: its place among the client's pending acks is freed
-                elif ack.cancelled():
-                    pass
-                elif isinstance(ack.exception(), nats.js.errors.NoStreamResponseError):
-                    done[i] = DeliveryError(f"no JetStream stream stores subject {subject}")
-                else:
-                    done[i] = ack.exception() or _answer(ack.result())
+            for i, sent in enumerate(subjects):
+                if sent is None:
+                    continue
+                link.waiting.pop(sent, None)  # not answered in time: a late ack is ignored
+                msg = batch.answers[i]
+                if msg is not None:
+                    done[i] = _read_ack(msg, target(self.config.subject, items[i][0].type))
 
     async def _check(self, link: _Link) -> str:
         subjects = sorted({target(self.config.subject, t) for t in self.config.events})
