@@ -83,8 +83,11 @@ def _read_ack(msg: Msg, subject: str) -> Result:
     try:
         reply = json.loads(msg.data)
         if "error" in reply:
-            refused: BaseException = nats.js.errors.APIError.from_error(reply["error"])
-            return refused
+            # from_error raises the error (a subclass by code) rather than returning it.
+            try:
+                nats.js.errors.APIError.from_error(reply["error"])
+            except nats.js.errors.APIError as refused:
+                return refused
         if "stream" in reply and "seq" in reply and not reply.get("duplicate"):
             return ""  # a routine ack (nearly all of them): the PubAck nats-py would build says nothing more
         return _answer(PubAck.from_response(reply))
