@@ -69,6 +69,14 @@ class _Link:
         if batch.left == 0 and not batch.finished.done():
             batch.finished.set_result(None)
 
+    def closed(self) -> None:
+        """The connection is gone, and with it every reply still to come: the batches waiting for
+        one end now as a lost connection instead of waiting out their attempts' timeouts."""
+        for batch, _ in self.waiting.values():
+            if not batch.finished.done():
+                batch.finished.set_exception(nats.errors.ConnectionClosedError())
+        self.waiting.clear()
+
 
 def _answer(ack: PubAck) -> str:
     """What the attempt log keeps of an ack: only what an operator needs to see. A routine ack
@@ -115,6 +123,12 @@ class NatsSink(BrokerSink[_Link]):
         async def quiet() -> None:
             return None
 
+        made: list[_Link] = []
+
+        async def closed() -> None:
+            for link in made:
+                link.closed()
+
         try:
             # Two quick tries (a restarting server), then the sink's own backoff; nats-py's
             # reconnect loop stays off: a broken connection fails its attempts and is made anew.
@@ -130,11 +144,12 @@ class NatsSink(BrokerSink[_Link]):
                 tls=client_context(),
                 error_cb=on_error,
                 disconnected_cb=quiet,
-                closed_cb=quiet,
+                closed_cb=closed,
             )
         except nats.errors.NoServersError:
             raise failures[-1] if failures else DeliveryError(f"cannot connect to the {self.kind}") from None
         link = _Link(client, client.jetstream(timeout=self.config.timeout), inbox=client.new_inbox() + ".")
+        made.append(link)
         try:
             await client.subscribe(link.inbox + "*", cb=link.on_reply)
         except BaseException:
@@ -172,6 +187,8 @@ class NatsSink(BrokerSink[_Link]):
             if batch.left:
                 await batch.finished
         finally:
+            if batch.finished.done() and not batch.finished.cancelled():
+                batch.finished.exception()  # seen: a close while still sending ends the attempt by its own error
             for i, sent in enumerate(subjects):
                 if sent is None:
                     continue
