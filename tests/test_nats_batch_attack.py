@@ -98,3 +98,45 @@ def test_a_connection_lost_mid_batch_fails_its_attempt_at_once(tmp_path: Path) -
         asyncio.run(go())
     finally:
         server.stop()
+
+
+def test_a_late_ack_for_a_timed_out_publish_is_not_taken_for_the_next_attempts() -> None:
+    """Attempt one's publish of an update goes unanswered and times out (a stored created event
+    keeps the connection); during attempt two, on the same connection, for the same event, the ack
+    to attempt one's reply subject arrives: it is not this publish's ack, so attempt two still fails."""
+    import nats
+    from nats.aio.msg import Msg
+
+    brokers.require(4222, "NATS")
+    stream = brokers.name("CW")
+    prefix = stream.lower()
+
+    async def go() -> None:
+        nc = await nats.connect(NATS_URL, allow_reconnect=False)
+        js = nc.jetstream()
+        await js.add_stream(name=stream, subjects=[prefix + ".lead.created"])
+        replies: list[str] = []
+
+        async def answers_the_first_one_late(msg: Msg) -> None:
+            replies.append(msg.reply)
+            if len(replies) == 2:  # attempt two's publish is in: now attempt one's ack comes
+                await nc.publish(replies[0], b'{"stream": "%s", "seq": 1}' % stream.encode())
+
+        await nc.subscribe(prefix + ".lead.updated", cb=answers_the_first_one_late)
+        await nc.flush()
+        sink = _sink(NATS_URL, prefix + ".{type}", timeout=1.0)
+        update = _event(2, "lead.updated", "v2")
+        try:
+            first = await sink.deliver_each([_event(1), update])
+            link = sink._link
+            second = await sink.deliver_each([_event(3), update])
+            assert sink._link is link is not None  # the same connection and reply subscription
+        finally:
+            await sink.aclose()
+            await js.delete_stream(stream)
+            await nc.close()
+        assert [isinstance(r, Attempt) for r in first] == [True, False]
+        assert [isinstance(r, Attempt) for r in second] == [True, False]
+        assert len(replies) == 2 and replies[0] != replies[1]
+
+    asyncio.run(go())
