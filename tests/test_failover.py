@@ -25,10 +25,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from tests.conftest import serving
 from tests.support.daemon import WEBHOOK_KEY, Daemon, cli, wait_until, webhook_sink, write_config
+from tests.support.leaders import live_lease_pid
 from tests.support.postgres import Database
 from tests.support.receiver import Receiver
 from tests.support.tcpproxy import PIPELINE_FLUSH, TcpProxy
@@ -98,22 +98,6 @@ def _daemon(config: Path, name: str) -> Daemon:
     return daemon
 
 
-def _pid(daemon: Daemon) -> int:
-    assert daemon.proc is not None
-    return daemon.proc.pid
-
-
-def _lease_pid(db: Database) -> int | None:
-    """The pid holding a live lease, read straight from the database (None: no table, no row, expired)."""
-    query = sql.SQL("SELECT pid FROM {}.leadership WHERE expires_at > clock_timestamp()").format(sql.Identifier(SCHEMA))
-    try:
-        with psycopg.connect(db.url, connect_timeout=5) as conn:
-            row = conn.execute(query).fetchone()
-    except psycopg.errors.UndefinedTable:
-        return None
-    return None if row is None else int(row[0])
-
-
 def _stuck_in_client_read(db: Database) -> bool:
     """A daemon's state session is what a cut mid-pipeline leaves: active, waiting to read the rest."""
     with psycopg.connect(db.url, connect_timeout=5) as conn:
@@ -178,8 +162,10 @@ def test_the_standby_takes_over_from_a_sigkilled_leader_and_nothing_is_missed_or
     simulator, server = sim
     config = _config(tmp_path, server, receiver, postgres_db.url)
     with _daemon(config, "a") as a, _daemon(config, "b") as b:
-        leader, standby = (a, b) if wait_until(lambda: _lease_pid(postgres_db), 30, "a leader") == _pid(a) else (b, a)
-        wait_until(lambda: _pid(standby) in _standby_pids(config), 30, "the other daemon standing by")
+        leader, standby = (
+            (a, b) if wait_until(lambda: live_lease_pid(postgres_db.url, SCHEMA), 30, "a leader") == a.pid() else (b, a)
+        )
+        wait_until(lambda: standby.pid() in _standby_pids(config), 30, "the other daemon standing by")
         wait_until(lambda: _all_delivered(simulator, receiver), 60, "the backfill")
         with Feed(simulator) as feed:
             started = time.monotonic()
@@ -190,7 +176,9 @@ def test_the_standby_takes_over_from_a_sigkilled_leader_and_nothing_is_missed_or
             )
             leader.stop(signal.SIGKILL)  #: no clean hand-over, the kernel closes its sockets
             killed = time.monotonic()
-            wait_until(lambda: _lease_pid(postgres_db) == _pid(standby), TAKEOVER_DEADLINE, "the takeover")
+            wait_until(
+                lambda: live_lease_pid(postgres_db.url, SCHEMA) == standby.pid(), TAKEOVER_DEADLINE, "the takeover"
+            )
             led = time.monotonic()
             first = wait_until(lambda: _first_post_after(killed, receiver), 30, "a delivery by the new leader")
             wait_until(lambda: len(feed.since(led)) >= 5, 10, "more leads after the takeover")
@@ -221,9 +209,11 @@ def test_the_standby_takes_over_from_a_leader_cut_off_by_a_silent_network_and_no
         config_a = _config(tmp_path / "a", server, receiver, via_proxy)
         config_b = _config(tmp_path / "b", server, receiver, postgres_db.url)
         with _daemon(config_a, "a") as leader:
-            wait_until(lambda: _lease_pid(postgres_db) == _pid(leader), 30, "the proxied daemon to lead")
+            wait_until(
+                lambda: live_lease_pid(postgres_db.url, SCHEMA) == leader.pid(), 30, "the proxied daemon to lead"
+            )
             with _daemon(config_b, "b") as standby:
-                wait_until(lambda: _pid(standby) in _standby_pids(config_b), 30, "the other daemon standing by")
+                wait_until(lambda: standby.pid() in _standby_pids(config_b), 30, "the other daemon standing by")
                 wait_until(lambda: _all_delivered(simulator, receiver), 60, "the backfill")
                 with Feed(simulator) as feed:
                     started = time.monotonic()
@@ -244,10 +234,14 @@ def test_the_standby_takes_over_from_a_leader_cut_off_by_a_silent_network_and_no
                     def stuck_or_taken_over() -> bool:
                         nonlocal seen_stuck
                         seen_stuck = seen_stuck or _stuck_in_client_read(postgres_db)
-                        return seen_stuck or _lease_pid(postgres_db) == _pid(standby)
+                        return seen_stuck or live_lease_pid(postgres_db.url, SCHEMA) == standby.pid()
 
                     wait_until(stuck_or_taken_over, TAKEOVER_DEADLINE, "a backend in ClientRead or the takeover")
-                    wait_until(lambda: _lease_pid(postgres_db) == _pid(standby), TAKEOVER_DEADLINE, "the takeover")
+                    wait_until(
+                        lambda: live_lease_pid(postgres_db.url, SCHEMA) == standby.pid(),
+                        TAKEOVER_DEADLINE,
+                        "the takeover",
+                    )
                     led = time.monotonic()
                     first = wait_until(lambda: _first_post_after(led, receiver), 30, "a delivery by the new leader")
                     wait_until(lambda: len(feed.since(led)) >= 5, 10, "more leads after the takeover")
@@ -257,8 +251,8 @@ def test_the_standby_takes_over_from_a_leader_cut_off_by_a_silent_network_and_no
                 # and on timing (the lock held or not by then); the takeover above is what must hold.
                 ended_sessions = "ended the sessions the previous leader left open" in standby.log()
                 proxy.heal()  # the old leader hears the network again: it stands by, it does not lead
-                wait_until(lambda: _pid(leader) in _standby_pids(config_b), 60, "the old leader standing by")
-                assert _lease_pid(postgres_db) == _pid(standby)
+                wait_until(lambda: leader.pid() in _standby_pids(config_b), 60, "the old leader standing by")
+                assert live_lease_pid(postgres_db.url, SCHEMA) == standby.pid()
                 # Back to standing by after a term: a reload request is answered, not the default action's
                 # death. Sent while the other daemon still leads: once it stops, this one may lead again
                 # within a look, and the SIGHUP would land on a leader (seen on a loaded machine).

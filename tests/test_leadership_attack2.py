@@ -16,6 +16,7 @@ from psycopg import sql
 
 from tests.conftest import serving
 from tests.support.daemon import Daemon, wait_until, webhook_sink, write_config
+from tests.support.leaders import live_lease_pid
 from tests.support.postgres import Database
 from tests.support.receiver import Receiver
 from tests.support.tcpproxy import TcpProxy
@@ -45,16 +46,6 @@ def _config(folder: Path, server: SimulatorServer, receiver: Receiver, url: str)
     )
 
 
-def _lease_pid(db: Database) -> int | None:
-    query = sql.SQL("SELECT pid FROM {}.leadership WHERE expires_at > clock_timestamp()").format(sql.Identifier(SCHEMA))
-    try:
-        with psycopg.connect(db.url, connect_timeout=5) as conn:
-            row = conn.execute(query).fetchone()
-    except psycopg.errors.UndefinedTable:
-        return None
-    return None if row is None else int(row[0])
-
-
 def _member_of(db: Database, pid: int) -> str | None:
     query = sql.SQL("SELECT member FROM {}.leadership_members WHERE pid = %s").format(sql.Identifier(SCHEMA))
     try:
@@ -63,11 +54,6 @@ def _member_of(db: Database, pid: int) -> str | None:
     except psycopg.errors.UndefinedTable:
         return None
     return None if row is None else str(row[0])
-
-
-def _pid(daemon: Daemon) -> int:
-    assert daemon.proc is not None
-    return daemon.proc.pid
 
 
 def _daemon(config: Path, name: str) -> Daemon:
@@ -89,15 +75,19 @@ def test_a_daemon_that_wins_the_lease_while_its_store_cannot_connect_stands_by_i
         config_a = _config(tmp_path / "a", server, receiver, postgres_db.url)
         config_b = _config(tmp_path / "b", server, receiver, via_proxy)
         with _daemon(config_a, "a") as a:
-            wait_until(lambda: _lease_pid(postgres_db) == _pid(a), PATIENCE, "a to lead")
+            wait_until(lambda: live_lease_pid(postgres_db.url, SCHEMA) == a.pid(), PATIENCE, "a to lead")
             with _daemon(config_b, "b") as b:
-                member = wait_until(lambda: _member_of(postgres_db, _pid(b)), PATIENCE, "b standing by")
+                member = wait_until(lambda: _member_of(postgres_db, b.pid()), PATIENCE, "b standing by")
                 proxy.blackhole_after(f"convertr-watcher state {member}".encode())  # b's term's store connecting
                 a.stop(signal.SIGKILL)
                 wait_until(lambda: proxy.silenced_at or not b.running(), PATIENCE, "b's term to open its store")
                 time.sleep(TIMINGS.ttl)
                 proxy.heal()
-                wait_until(lambda: _lease_pid(postgres_db) == _pid(b) or not b.running(), PATIENCE, "b to lead again")
+                wait_until(
+                    lambda: live_lease_pid(postgres_db.url, SCHEMA) == b.pid() or not b.running(),
+                    PATIENCE,
+                    "b to lead again",
+                )
                 assert b.running(), b.log()[-3000:]
                 wait_until(lambda: '"event": "started"' in b.log(), PATIENCE, "b's term to start")
                 assert b.stop() == 0, b.log()[-3000:]
@@ -152,9 +142,9 @@ def test_a_standby_sent_sighup_takes_over_on_the_configuration_it_was_told_to_lo
     with Receiver() as moved_to:
         config = _config(tmp_path, server, receiver, postgres_db.url)
         with _daemon(config, "a") as a:
-            wait_until(lambda: _lease_pid(postgres_db) == _pid(a), PATIENCE, "a to lead")
+            wait_until(lambda: live_lease_pid(postgres_db.url, SCHEMA) == a.pid(), PATIENCE, "a to lead")
             with _daemon(config, "b") as b:
-                wait_until(lambda: _member_of(postgres_db, _pid(b)), PATIENCE, "b standing by")
+                wait_until(lambda: _member_of(postgres_db, b.pid()), PATIENCE, "b standing by")
                 wait_until(lambda: _posts(receiver) >= len(simulator.lead_ids()), PATIENCE, "the backfill")
                 config.write_text(config.read_text().replace(receiver.url, moved_to.url))
                 for daemon in (a, b):
@@ -163,7 +153,7 @@ def test_a_standby_sent_sighup_takes_over_on_the_configuration_it_was_told_to_lo
                 wait_until(lambda: "SIGHUP" in a.log() and "SIGHUP" in b.log(), PATIENCE, "both to hear SIGHUP")
                 before = _posts(receiver)
                 a.stop(signal.SIGKILL)
-                wait_until(lambda: _lease_pid(postgres_db) == _pid(b), PATIENCE, "b to take over")
+                wait_until(lambda: live_lease_pid(postgres_db.url, SCHEMA) == b.pid(), PATIENCE, "b to take over")
                 simulator.add_lead(simulator.campaign_ids()[0])
                 wait_until(lambda: _posts(moved_to) >= 1 or _posts(receiver) > before, PATIENCE, "the next delivery")
                 assert _posts(receiver) == before, (
@@ -182,9 +172,9 @@ def test_a_standby_refuses_an_invalid_configuration_on_sighup_and_leads_on_the_o
     config = _config(tmp_path, server, receiver, postgres_db.url)
     good = config.read_text()
     with _daemon(config, "a") as a:
-        wait_until(lambda: _lease_pid(postgres_db) == _pid(a), PATIENCE, "a to lead")
+        wait_until(lambda: live_lease_pid(postgres_db.url, SCHEMA) == a.pid(), PATIENCE, "a to lead")
         with _daemon(config, "b") as b:
-            wait_until(lambda: _member_of(postgres_db, _pid(b)), PATIENCE, "b standing by")
+            wait_until(lambda: _member_of(postgres_db, b.pid()), PATIENCE, "b standing by")
             assert b.proc is not None
             for bad, says in (("[sinks\n", "REFUSED"), (good.replace('lease = "3s"', 'lease = "4s"'), "state.lease")):
                 config.write_text(bad)
@@ -192,7 +182,7 @@ def test_a_standby_refuses_an_invalid_configuration_on_sighup_and_leads_on_the_o
                 wait_until(lambda says=says: says in b.log(), PATIENCE, f"the standby to refuse ({says})")
             config.write_text(good)
             a.stop(signal.SIGKILL)
-            wait_until(lambda: _lease_pid(postgres_db) == _pid(b), PATIENCE, "b to take over")
+            wait_until(lambda: live_lease_pid(postgres_db.url, SCHEMA) == b.pid(), PATIENCE, "b to take over")
             wait_until(lambda: _posts(receiver) >= len(simulator.lead_ids()), PATIENCE, "deliveries by b")
             assert b.running(), b.log()[-3000:]
             assert b.stop() == 0, b.log()[-3000:]

@@ -29,11 +29,6 @@ TIMINGS = LeaseTimings(LEASE)
 SLACK = 15.0  # beyond a stated bound, for a loaded CI machine (two cores, several suites): not a speed check
 
 
-def _pid(daemon: Daemon) -> int:
-    assert daemon.proc is not None
-    return daemon.proc.pid
-
-
 @pytest.fixture
 def sim() -> Iterator[tuple[Simulator, SimulatorServer]]:
     with serving(seed=5, campaigns=2, leads=12) as pair:
@@ -136,7 +131,7 @@ def test_run_leads_by_the_configured_lease_and_keeps_it_on_reload(
                 seen.append(row())
             return seen
 
-        wait_until(lambda: (_status(config)["leadership"]["leader"] or {}).get("pid") == _pid(daemon), 30, "a leader")
+        wait_until(lambda: (_status(config)["leadership"]["leader"] or {}).get("pid") == daemon.pid(), 30, "a leader")
         for renewed_at, expires_at, _ in renewals(3):
             assert (expires_at - renewed_at).total_seconds() == pytest.approx(LEASE, abs=0.05)
         shown = datetime.fromisoformat(_status(config)["leadership"]["leader"]["lease_expires_at"])
@@ -177,11 +172,11 @@ def test_run_on_postgresql_leads_delivers_and_a_second_stands_by(
             wait_until(lambda: len(roles()["leadership"]["standbys"]) == 1, 20, "the second daemon standing by")
             report = roles()
             assert report["role"] == "leader"
-            assert report["leadership"]["leader"]["pid"] == _pid(first)
-            assert report["leadership"]["standbys"][0]["pid"] == _pid(second)
+            assert report["leadership"]["leader"]["pid"] == first.pid()
+            assert report["leadership"]["standbys"][0]["pid"] == second.pid()
             assert first.stop() == 0
             wait_until(
-                lambda: (roles()["leadership"]["leader"] or {}).get("pid") == _pid(second),
+                lambda: (roles()["leadership"]["leader"] or {}).get("pid") == second.pid(),
                 TIMINGS.takeover_bound + SLACK,
                 "the takeover",
             )
@@ -225,6 +220,6 @@ def test_a_standby_asks_convertr_nothing_and_leads_once_the_lease_expires(
             conn.execute(f"UPDATE {SCHEMA}.leadership SET expires_at = now()")  # host-b is gone
         wait_until(lambda: len(set(receiver.event_ids())) >= len(simulator.lead_ids()), 30, "the backfill")
         leader = report()["leadership"]["leader"]
-        assert (leader["pid"], leader["epoch"]) == (_pid(daemon), 5)
+        assert (leader["pid"], leader["epoch"]) == (daemon.pid(), 5)
         assert daemon.stop() == 0
     assert len(set(receiver.event_ids())) == len(receiver.event_ids())

@@ -160,6 +160,10 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -32,6 +32,17 @@ from watcher.lease import LeaseTimings, Role
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
+def live_lease_pid(url: str, schema: str) -> int | None:
+    """The pid holding a live lease, read straight from the database (None: no table, no row, expired)."""
+    query = sql.SQL("SELECT pid FROM {}.leadership WHERE expires_at > clock_timestamp()").format(sql.Identifier(schema))
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            row = conn.execute(query).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return None if row is None else int(row[0])
+
+
 def another_hosts_lease(url: str, schema: str) -> None:
     """A live lease (epoch 4, pid 4242 on host-b, ten minutes left) held by a daemon on another host,
     written raw on purpose: no second daemon is needed to be led by one."""
